@@ -1,0 +1,276 @@
+//! [`Ctx`]: what a port or listener uses to reach the rest of the mesh, and the [`Dispatch`]
+//! trait that backs it (the node's in-process host now, the mesh router later).
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::time::Instant;
+
+use crate::{Arg, BoxFuture, CallError, Event, GearName, Payload, Principal, TraceId};
+
+/// Routes calls and events. Implemented by the node's local host and by the mesh router; a
+/// [`Ctx`] holds one behind an `Arc` so gear code never knows which.
+pub trait Dispatch: Send + Sync + 'static {
+    /// Runs one call to completion (reply, typed error, or timeout at `call.meta.deadline`).
+    ///
+    /// # Cancel safety
+    /// Dropping the returned future cancels the call: a local port's future is dropped, and a
+    /// remote call is cancelled on the node running it.
+    fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>>;
+
+    /// Publishes an event to every listener of its topic. Never waits for listeners: delivery to a
+    /// listener whose queue is full is dropped and counted (at-most-once, like NATS core).
+    ///
+    /// # Errors
+    /// `bad_request` for an invalid topic name.
+    fn publish(&self, publish: Publish) -> Result<(), CallError>;
+}
+
+/// One call, as handed to a [`Dispatch`].
+#[derive(Debug)]
+pub struct Call<'a> {
+    /// The target gear's name (validated by whoever resolves it).
+    pub gear: &'a str,
+    /// The target port's name.
+    pub port: &'a str,
+    /// The input.
+    pub arg: Arg<'a>,
+    /// Who calls, until when, and under which trace.
+    pub meta: CallMeta,
+}
+
+/// Everything about a call but its target and input.
+#[derive(Debug, Clone)]
+pub struct CallMeta {
+    /// The caller's identity, checked by the node that runs the port.
+    pub caller: Principal,
+    /// The absolute deadline; `None` lets the port's default apply. Always capped by the host.
+    pub deadline: Option<Instant>,
+    /// The trace this call belongs to.
+    pub trace_id: TraceId,
+}
+
+impl CallMeta {
+    /// Metadata for a new call tree: a fresh trace id and the given caller and deadline.
+    pub fn new(caller: Principal, deadline: Option<Instant>) -> Self {
+        Self {
+            caller,
+            deadline,
+            trace_id: TraceId::random(),
+        }
+    }
+}
+
+/// One event publication, as handed to a [`Dispatch`].
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The topic (validated by the dispatcher).
+    pub topic: String,
+    /// The event.
+    pub event: Event,
+    /// Who published it.
+    pub publisher: Principal,
+    /// The trace it belongs to.
+    pub trace_id: TraceId,
+}
+
+/// Options for [`Ctx::call_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// A timeout for this call, counted from now; the result is never later than the caller's
+    /// own deadline.
+    pub timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Sets the call's timeout.
+    #[must_use]
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+}
+
+/// The context of a running port or listener (or of an outside caller, see [`Ctx::new`]).
+///
+/// Cheap to clone. Calls made through it carry the gear's own identity (`gear:<name>`), the
+/// remaining deadline and the trace id.
+#[derive(Clone)]
+pub struct Ctx {
+    dispatch: Arc<dyn Dispatch>,
+    caller: Principal,
+    acting_as: Principal,
+    gear: Option<GearName>,
+    deadline: Option<Instant>,
+    trace_id: TraceId,
+}
+
+impl fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ctx")
+            .field("caller", &self.caller)
+            .field("acting_as", &self.acting_as)
+            .field("gear", &self.gear)
+            .field("deadline", &self.deadline)
+            .field("trace_id", &self.trace_id)
+            .finish()
+    }
+}
+
+impl Ctx {
+    /// A context for code outside any gear (an application embedding a node, a test): calls are
+    /// made as `principal`, with no deadline of their own (each port's default applies) and a new
+    /// trace.
+    pub fn new(dispatch: Arc<dyn Dispatch>, principal: Principal) -> Self {
+        Self {
+            dispatch,
+            caller: principal.clone(),
+            acting_as: principal,
+            gear: None,
+            deadline: None,
+            trace_id: TraceId::random(),
+        }
+    }
+
+    /// The context handed to a port of `gear` (called by `meta.caller`), acting as `acting_as`.
+    pub(crate) fn for_gear(
+        dispatch: Arc<dyn Dispatch>,
+        gear: GearName,
+        acting_as: Principal,
+        meta: CallMeta,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            dispatch,
+            caller: meta.caller,
+            acting_as,
+            gear: Some(gear),
+            deadline: Some(deadline),
+            trace_id: meta.trace_id,
+        }
+    }
+
+    /// Calls `gear/port` with `req` and decodes the reply as `Resp`. Local or remote: the same code.
+    ///
+    /// # Errors
+    /// The callee's error, or `not_found`, `timeout`, `overloaded`, `unavailable`, ... from the way.
+    pub async fn call<Req, Resp>(
+        &self,
+        gear: &str,
+        port: &str,
+        req: &Req,
+    ) -> Result<Resp, CallError>
+    where
+        Req: Serialize + Send + Sync + 'static,
+        Resp: DeserializeOwned + Send + 'static,
+    {
+        self.call_payload(gear, port, Arg::typed(req), None)
+            .await?
+            .take()
+    }
+
+    /// Like [`Ctx::call`], with options (a timeout now; strategies later).
+    ///
+    /// # Errors
+    /// As [`Ctx::call`].
+    pub async fn call_with<Req, Resp>(
+        &self,
+        gear: &str,
+        port: &str,
+        req: &Req,
+        options: CallOptions,
+    ) -> Result<Resp, CallError>
+    where
+        Req: Serialize + Send + Sync + 'static,
+        Resp: DeserializeOwned + Send + 'static,
+    {
+        self.call_payload(gear, port, Arg::typed(req), options.timeout)
+            .await?
+            .take()
+    }
+
+    /// Calls with an untyped [`Arg`] and returns the untyped [`Payload`] (for adapters).
+    ///
+    /// # Errors
+    /// As [`Ctx::call`].
+    pub async fn call_payload(
+        &self,
+        gear: &str,
+        port: &str,
+        arg: Arg<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<Payload, CallError> {
+        let deadline = match (self.deadline, timeout) {
+            (d, None) => d,
+            (None, Some(t)) => Some(Instant::now() + t),
+            (Some(d), Some(t)) => Some(d.min(Instant::now() + t)),
+        };
+        let meta = CallMeta {
+            caller: self.acting_as.clone(),
+            deadline,
+            trace_id: self.trace_id,
+        };
+        self.dispatch
+            .call(Call {
+                gear,
+                port,
+                arg,
+                meta,
+            })
+            .await
+    }
+
+    /// Publishes `event` on `topic` to every listener, wherever it runs. Returns once the event is
+    /// queued; it never waits for listeners.
+    ///
+    /// # Errors
+    /// `bad_request` for an invalid topic name.
+    pub async fn notify<E>(&self, topic: &str, event: &E) -> Result<(), CallError>
+    where
+        E: Serialize + Clone + Send + Sync + 'static,
+    {
+        self.dispatch.publish(Publish {
+            topic: topic.to_owned(),
+            event: Event::typed(event.clone()),
+            publisher: self.acting_as.clone(),
+            trace_id: self.trace_id,
+        })
+    }
+
+    /// Who called this port (for a listener: who published the event).
+    pub fn caller(&self) -> &Principal {
+        &self.caller
+    }
+
+    /// The identity this context's own calls carry (`gear:<name>` inside a gear).
+    pub fn acting_as(&self) -> &Principal {
+        &self.acting_as
+    }
+
+    /// The gear this context belongs to, if any.
+    pub fn gear(&self) -> Option<&GearName> {
+        self.gear.as_ref()
+    }
+
+    /// The absolute deadline of the current call, if any.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The time left until the deadline (zero once it passed), if there is one.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// The trace id shared by every call of this request tree.
+    pub fn trace_id(&self) -> TraceId {
+        self.trace_id
+    }
+
+    /// The dispatcher behind this context.
+    pub fn dispatch(&self) -> &Arc<dyn Dispatch> {
+        &self.dispatch
+    }
+}

@@ -1,0 +1,5 @@
+//! gearmesh membership, routing and switching.
+//!
+//! This crate will hold the sans-IO mesh core (membership gossip, failure detection, topology and
+//! routing decisions, call bookkeeping) and the async driver that connects it to transport links and
+//! to the node. It is empty until the mesh work lands.
