@@ -1,0 +1,278 @@
+//! The HTTP API (axum): calls, events, node and gear listings, health, metrics.
+//!
+//! Every error has the same JSON shape, `{"error":{"code":"...","message":"..."}}` (plus
+//! `"app_code"` for a port's own errors), with the status of [`ErrorCode::http_status`]. Every
+//! response carries an `x-request-id` (the caller's, or a new one).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, Query, Request, State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use gearmesh_gears::{
+    Arg, Call, CallError, CallMeta, ErrorCode, Event, Principal, Publish, TraceId, WireBody,
+};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::node::NodeShared;
+
+type Shared = Arc<NodeShared>;
+
+/// The header carrying a request id.
+const REQUEST_ID: &str = "x-request-id";
+/// The header carrying the call's trace id back.
+const TRACE_ID: &str = "x-trace-id";
+
+pub(crate) fn router(shared: Shared) -> Router {
+    let limit = shared.config.http.max_body_bytes;
+    Router::new()
+        .route("/v1/call/{gear}/{port}", post(call))
+        .route("/v1/events/{topic}", post(publish))
+        .route("/v1/node", get(node_info))
+        .route("/v1/gears", get(gears))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(request_id))
+        .with_state(shared)
+}
+
+/// An error response in the common shape.
+pub(crate) struct ApiError(pub(crate) CallError, pub(crate) StatusCode);
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        let status = StatusCode::from_u16(e.code().http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self(e, status)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.1, Json(json!({ "error": self.0 }))).into_response()
+    }
+}
+
+fn body_error(rejection: &BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let e = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        CallError::bad_request("request body is larger than the node's limit (http.max_body_bytes)")
+    } else {
+        CallError::bad_request(format!(
+            "cannot read request body: {}",
+            rejection.body_text()
+        ))
+    };
+    ApiError(e, status)
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
+                .unwrap_or(HeaderValue::from_static("0"))
+        });
+    req.headers_mut().insert(REQUEST_ID, id.clone());
+    let span =
+        tracing::debug_span!("request", id = ?id, method = %req.method(), path = %req.uri().path());
+    let started = Instant::now();
+    let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "served"
+        );
+    });
+    resp.headers_mut().insert(REQUEST_ID, id);
+    resp
+}
+
+/// The body's kind from its content type: JSON unless it says octet-stream.
+fn is_raw(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/octet-stream"))
+}
+
+/// A JSON body, checked at the edge so malformed JSON is a 400 whatever the port takes.
+/// An empty body stands for `null`.
+fn json_body(body: Bytes) -> Result<Bytes, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Bytes::from_static(b"null"));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        .map_err(|e| ApiError::from(CallError::bad_request(format!("malformed JSON: {e}"))))?;
+    Ok(body)
+}
+
+/// The trace id from a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if valid.
+fn trace_from(headers: &HeaderMap) -> Option<TraceId> {
+    let tp = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = tp.split('-');
+    let _version = parts.next()?;
+    TraceId::parse(parts.next()?)
+}
+
+#[derive(Debug, Deserialize)]
+struct CallQuery {
+    timeout_ms: Option<u64>,
+}
+
+async fn call(
+    State(s): State<Shared>,
+    Path((gear, port)): Path<(String, String)>,
+    query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::from(CallError::bad_request(e.body_text())))?;
+    let body = body.map_err(|r| body_error(&r))?;
+    let arg = if is_raw(&headers) {
+        Arg::bytes(body)
+    } else {
+        Arg::json(json_body(body)?)
+    };
+    let deadline = match q.timeout_ms {
+        Some(0) => return Err(CallError::bad_request("timeout_ms must be greater than 0").into()),
+        Some(ms) => Some(Instant::now() + Duration::from_millis(ms)),
+        None => None,
+    };
+    let mut meta = CallMeta::new(principal(&s), deadline);
+    if let Some(t) = trace_from(&headers) {
+        meta.trace_id = t;
+    }
+    let trace = HeaderValue::from_str(&meta.trace_id.to_string()).ok();
+    let dispatch = s.dispatch();
+    let result = dispatch
+        .call(Call {
+            gear: &gear,
+            port: &port,
+            arg,
+            meta,
+        })
+        .await;
+    let mut resp = match result.and_then(gearmesh_gears::Payload::into_wire) {
+        Ok(WireBody::Json(b)) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Ok(WireBody::Bytes(b)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    };
+    if let Some(t) = trace {
+        resp.headers_mut().insert(TRACE_ID, t);
+    }
+    Ok(resp)
+}
+
+async fn publish(
+    State(s): State<Shared>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| body_error(&r))?;
+    let event = if is_raw(&headers) {
+        Event::bytes(body)
+    } else {
+        Event::json(json_body(body)?)
+    };
+    let trace_id = trace_from(&headers).unwrap_or_else(TraceId::random);
+    s.dispatch().publish(Publish {
+        topic: topic.clone(),
+        event,
+        publisher: principal(&s),
+        trace_id,
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "topic": topic, "trace_id": trace_id })),
+    )
+        .into_response())
+}
+
+/// The caller's identity. Token authentication is not in this build yet, so every caller of a
+/// node (which then runs with `--insecure-dev`) is anonymous.
+fn principal(_s: &NodeShared) -> Principal {
+    Principal::anonymous()
+}
+
+async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {
+    let started_unix = s
+        .started_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    Json(json!({
+        "id": s.id,
+        "name": s.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": s.started.elapsed().as_secs_f64(),
+        "started_at_unix": started_unix,
+        "addresses": [format!("http://{}", s.local_addr)],
+        "gears": s.host.gears().iter().map(|g| g.name.to_string()).collect::<Vec<_>>(),
+        "calls_in_flight": s.host.in_flight(),
+        "insecure_dev": s.config.insecure_dev,
+    }))
+}
+
+async fn gears(State(s): State<Shared>) -> Json<serde_json::Value> {
+    Json(json!({ "node": s.id, "gears": s.host.gears() }))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    if s.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining" })),
+        )
+            .into_response()
+    } else {
+        Json(json!({ "status": "ready" })).into_response()
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::from(CallError::new(
+        ErrorCode::NotFound,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    let e = CallError::bad_request(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ));
+    ApiError(e, StatusCode::METHOD_NOT_ALLOWED)
+}

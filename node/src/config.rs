@@ -1,0 +1,229 @@
+//! Node configuration: one plain struct with defaults, loadable from TOML.
+//!
+//! Precedence, highest first: command-line flags, `GEARMESH_*` environment variables (handled by
+//! the CLI, one per flag), the `--config` TOML file, then the defaults below. Every flag has a key
+//! here; unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, for terminals.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's human-readable name (defaults to `node-<short id>`).
+    pub name: Option<String>,
+    /// The one address the node listens on (HTTP API, WebSocket interface, mesh links).
+    pub listen: SocketAddr,
+    /// Seed URLs of an existing mesh to join (`wss://host:port`, `quic://host:port`).
+    pub seeds: Vec<String>,
+    /// Built-in gears to host (see `docs/gears.md`).
+    pub gears: Vec<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Run without authentication (development only; logged loudly).
+    pub insecure_dev: bool,
+    /// HTTP limits.
+    pub http: HttpConfig,
+    /// Call deadlines and queues.
+    pub calls: CallsConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            seeds: Vec::new(),
+            gears: Vec::new(),
+            log_format: LogFormat::Pretty,
+            insecure_dev: false,
+            http: HttpConfig::default(),
+            calls: CallsConfig::default(),
+        }
+    }
+}
+
+/// HTTP limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// The largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// The most HTTP connections served at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Call deadlines and queue bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallsConfig {
+    /// The deadline of a call when neither the caller nor the port sets one, in milliseconds.
+    pub default_timeout_ms: u64,
+    /// The cap on every call's deadline, in milliseconds.
+    pub max_timeout_ms: u64,
+    /// How long a shutdown waits for calls in flight, in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// Events queued per local listener before new ones are dropped for it.
+    pub listener_queue: NonZeroUsize,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: 30_000,
+            max_timeout_ms: 300_000,
+            drain_timeout_ms: 10_000,
+            listener_queue: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+impl CallsConfig {
+    /// The drain timeout as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// A configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a wrong or unknown key (the message names it).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, naming the key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {key}: {reason}")]
+    Invalid {
+        /// The key at fault.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl NodeConfig {
+    /// Reads a TOML file.
+    ///
+    /// # Errors
+    /// The file is unreadable, not TOML, has an unknown key, or a value out of range.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// Not TOML, an unknown key, or a value out of range.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string().trim().to_owned(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks value ranges.
+    ///
+    /// # Errors
+    /// The first key out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |key, v: u64| {
+            if v == 0 {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("calls.default_timeout_ms", self.calls.default_timeout_ms)?;
+        positive("calls.max_timeout_ms", self.calls.max_timeout_ms)?;
+        positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
+        positive("http.max_connections", self.http.max_connections as u64)?;
+        if self.calls.default_timeout_ms > self.calls.max_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "calls.default_timeout_ms",
+                reason: format!(
+                    "must not exceed calls.max_timeout_ms ({})",
+                    self.calls.max_timeout_ms
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_partial_files_keep_them() {
+        NodeConfig::default()
+            .validate()
+            .expect("defaults are valid");
+        let c =
+            NodeConfig::from_toml("name = \"a\"\n[http]\nmax_body_bytes = 10\n").expect("valid");
+        assert_eq!(c.name.as_deref(), Some("a"));
+        assert_eq!(c.http.max_body_bytes, 10);
+        assert_eq!(c.calls, CallsConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = NodeConfig::from_toml("lisen = \"1.2.3.4:5\"").expect_err("typo");
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = NodeConfig::from_toml("[calls]\ndefault_timeout_ms = \"soon\"").expect_err("type");
+        assert!(e.to_string().contains("default_timeout_ms"), "{e}");
+        let e = NodeConfig::from_toml("[calls]\nmax_timeout_ms = 0").expect_err("range");
+        assert!(e.to_string().contains("calls.max_timeout_ms"), "{e}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The node: hosts gears, routes calls, and serves everything it exposes on one listening port.
+//!
+//! [`Node::builder`] collects configuration and gears; [`NodeBuilder::build`] validates them;
+//! [`Node::start`] binds the port and returns a [`RunningNode`], which is shut down gracefully
+//! (stop accepting, let calls in flight finish up to the drain timeout) by [`RunningNode::shutdown`].
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use gearmesh_gears::{
+    BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish,
+    host::{Host, HostConfig},
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{NodeConfig, builtin, config::ConfigError, server};
+
+/// Latency histogram buckets, in seconds: from 1 us (in-process calls) to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    1e-6, 5e-6, 25e-6, 100e-6, 250e-6, 1e-3, 2.5e-3, 10e-3, 25e-3, 100e-3, 250e-3, 1.0, 2.5, 10.0,
+    30.0,
+];
+
+/// Building a node failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A gear definition is invalid.
+    #[error(transparent)]
+    Gear(#[from] GearError),
+    /// `--gears` named a built-in gear that does not exist.
+    #[error("unknown built-in gear {0:?} (known: {known})", known = builtin::NAMES.join(", "))]
+    UnknownBuiltin(String),
+    /// No authentication is configured and insecure development mode was not asked for.
+    #[error(
+        "refusing to start without authentication: this build has no token authentication yet, so a node \
+         runs only with --insecure-dev (GEARMESH_INSECURE_DEV=1, or insecure_dev = true), for local development"
+    )]
+    NoAuth,
+}
+
+/// Starting a node failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The listening address could not be bound (in use, not local, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A gear could not be hosted.
+    #[error(transparent)]
+    Gear(#[from] GearError),
+}
+
+/// Collects a node's configuration and gears.
+#[derive(Debug, Default)]
+pub struct NodeBuilder {
+    config: NodeConfig,
+    gears: Vec<Gear>,
+}
+
+impl NodeBuilder {
+    /// Replaces the whole configuration.
+    #[must_use]
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the node's name.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
+    /// Sets the listening address (port 0 picks a free port).
+    #[must_use]
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+
+    /// Runs without authentication (development only; logged loudly at start).
+    #[must_use]
+    pub fn insecure_dev(mut self, yes: bool) -> Self {
+        self.config.insecure_dev = yes;
+        self
+    }
+
+    /// Hosts a gear.
+    #[must_use]
+    pub fn gear(mut self, gear: Gear) -> Self {
+        self.gears.push(gear);
+        self
+    }
+
+    /// Validates everything and produces a node ready to start.
+    ///
+    /// # Errors
+    /// Invalid configuration, an invalid gear, an unknown built-in gear, or no authentication.
+    pub fn build(self) -> Result<Node, BuildError> {
+        let Self { config, mut gears } = self;
+        config.validate()?;
+        if !config.insecure_dev {
+            return Err(BuildError::NoAuth);
+        }
+        for name in builtin::expand(&config.gears).map_err(BuildError::UnknownBuiltin)? {
+            gears.extend(builtin::by_name(name));
+        }
+        for g in &gears {
+            g.validate()?;
+        }
+        let mut names: Vec<&str> = gears.iter().map(Gear::name).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(GearError::DuplicateGear(w[0].to_owned()).into());
+        }
+        Ok(Node { config, gears })
+    }
+}
+
+/// A validated node, not yet listening.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    gears: Vec<Gear>,
+}
+
+/// Routes calls: to a gear hosted here, else (once the mesh is wired in) across the mesh.
+pub(crate) struct Router {
+    host: Arc<Host>,
+}
+
+impl Dispatch for Router {
+    fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
+        match self.host.start(call) {
+            Ok(fut) => fut,
+            Err(call) => {
+                let e = CallError::not_found(format!("no gear named {:?} in the mesh", call.gear));
+                Box::pin(std::future::ready(Err(e)))
+            }
+        }
+    }
+
+    fn publish(&self, publish: Publish) -> Result<(), CallError> {
+        self.host.publish_local(&publish).map(|_| ())
+    }
+}
+
+/// What request handlers share.
+pub(crate) struct NodeShared {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) config: NodeConfig,
+    pub(crate) host: Arc<Host>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) metrics: PrometheusHandle,
+    pub(crate) started: Instant,
+    pub(crate) started_at: SystemTime,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) draining: AtomicBool,
+}
+
+impl NodeShared {
+    pub(crate) fn dispatch(&self) -> Arc<dyn Dispatch> {
+        self.router.clone()
+    }
+}
+
+fn random_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Node {
+    /// A builder with the default configuration and no gears.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// Binds the listening port, hosts the gears and starts serving.
+    ///
+    /// # Errors
+    /// The port cannot be bound, or a gear cannot be hosted.
+    pub async fn start(self) -> Result<RunningNode, StartError> {
+        let Self { config, gears } = self;
+        if config.insecure_dev {
+            tracing::warn!(
+                "INSECURE DEVELOPMENT MODE: no authentication; anyone who can reach {} can call every gear",
+                config.listen
+            );
+        }
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let metrics = recorder.handle();
+        let recorder: Arc<PrometheusRecorder> = Arc::new(recorder);
+        let host_config = HostConfig {
+            default_timeout: Duration::from_millis(config.calls.default_timeout_ms),
+            max_timeout: Duration::from_millis(config.calls.max_timeout_ms),
+            listener_queue: config.calls.listener_queue,
+            ..HostConfig::default()
+        };
+        let host = Host::new(host_config, Some(recorder));
+        let router = Arc::new(Router { host: host.clone() });
+        let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
+        host.set_front(front);
+        for g in gears {
+            let meta = host.add_gear(g)?;
+            tracing::info!(gear = %meta.name, version = %meta.version, ports = meta.ports.len(), "gear hosted");
+        }
+
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let id = random_id();
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", &id[..8]));
+        let shared = Arc::new(NodeShared {
+            id,
+            name,
+            config,
+            host,
+            router,
+            metrics,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            local_addr,
+            draining: AtomicBool::new(false),
+        });
+        let shutdown = CancellationToken::new();
+        let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
+        let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown.clone()));
+        tracing::info!(node = %shared.name, id = %shared.id, addr = %local_addr, "node listening");
+        Ok(RunningNode {
+            shared,
+            shutdown,
+            server,
+            upkeep,
+        })
+    }
+}
+
+/// Histograms accumulate samples until they are summarized; do that periodically so memory stays
+/// bounded even when nobody scrapes `/metrics`.
+async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// A node that is serving. Dropping it does not stop it; call [`RunningNode::shutdown`].
+#[derive(Debug)]
+pub struct RunningNode {
+    shared: Arc<NodeShared>,
+    shutdown: CancellationToken,
+    server: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for NodeShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeShared")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningNode {
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The node's id (random per start).
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The dispatcher behind every call made on this node.
+    pub fn dispatch(&self) -> Arc<dyn Dispatch> {
+        self.shared.dispatch()
+    }
+
+    /// A context for calling gears from outside any gear, as `principal`.
+    pub fn ctx(&self, principal: Principal) -> Ctx {
+        Ctx::new(self.dispatch(), principal)
+    }
+
+    /// The in-process gear host.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.shared.host
+    }
+
+    /// A token that, when cancelled, starts a graceful shutdown (for signal handlers).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Shuts down gracefully: `/readyz` turns 503, the port stops accepting, requests in flight
+    /// finish (up to the drain timeout), then the server stops.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until the node has stopped (after [`RunningNode::shutdown_token`] was cancelled).
+    pub async fn wait(self) {
+        if let Err(e) = self.server.await {
+            tracing::error!(error = %e, "server task failed");
+        }
+        self.upkeep.abort();
+        tracing::info!(node = %self.shared.name, "node stopped");
+    }
+
+    /// Whether a shutdown has started.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+}
