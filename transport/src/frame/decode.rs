@@ -1,0 +1,346 @@
+//! Decoding: a pure, panic-free function from bytes to a [`Frame`].
+
+use bytes::Bytes;
+
+use super::encode::ROUTE_LEN;
+use super::{
+    BodyKind, Call, Cancel, Close, CloseCode, Event, Frame, FrameKind, HEADER_LEN, Hello,
+    PROTOCOL_VERSION, Reply, ReplyResult, Route,
+};
+use crate::NodeId;
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The input ends before the frame does.
+    #[error("truncated frame: needed {needed} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed at least.
+        needed: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// The version byte is not one this crate speaks.
+    #[error("unknown protocol version {0}")]
+    UnknownVersion(u8),
+    /// The kind byte is not a known frame kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// The frame is longer than the configured limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    Oversized {
+        /// The frame's total length, from its header.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Bytes follow the end of the frame.
+    #[error("{0} unexpected bytes after the frame")]
+    TrailingBytes(usize),
+    /// A field runs past the end of the payload.
+    #[error("field {0} runs past the end of the frame")]
+    FieldOverrun(&'static str),
+    /// A string field is not UTF-8.
+    #[error("field {0} is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    /// A body-kind or reply-status byte has an unknown value.
+    #[error("field {field} has unknown value {value}")]
+    InvalidEnum {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        value: u8,
+    },
+}
+
+/// The fixed header of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The frame's kind.
+    pub kind: FrameKind,
+    /// Length of the payload after the header.
+    pub payload_len: usize,
+}
+
+impl Header {
+    /// Total frame length, header included.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload_len
+    }
+}
+
+/// Reads and validates a frame header from the start of `buf` (for stream framing):
+/// `Ok(None)` if fewer than [`HEADER_LEN`] bytes are present.
+pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<Header>, DecodeError> {
+    let Some(h) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    if h[0] != PROTOCOL_VERSION {
+        return Err(DecodeError::UnknownVersion(h[0]));
+    }
+    let kind = FrameKind::from_u8(h[1]).ok_or(DecodeError::UnknownKind(h[1]))?;
+    let payload_len = u32::from_le_bytes([h[2], h[3], h[4], h[5]]) as usize;
+    let len = HEADER_LEN.saturating_add(payload_len);
+    if len > max_len {
+        return Err(DecodeError::Oversized { len, max: max_len });
+    }
+    Ok(Some(Header { kind, payload_len }))
+}
+
+/// The route of an encoded routed frame, without decoding the rest; `Ok(None)` for kinds that
+/// have no route.
+pub fn peek_route(buf: &[u8]) -> Result<Option<Route>, DecodeError> {
+    let header = peek_header(buf, usize::MAX)?.ok_or(DecodeError::Truncated {
+        needed: HEADER_LEN,
+        have: buf.len(),
+    })?;
+    if !header.kind.is_routed() {
+        return Ok(None);
+    }
+    let r = buf
+        .get(HEADER_LEN..HEADER_LEN + ROUTE_LEN)
+        .ok_or(DecodeError::Truncated {
+            needed: HEADER_LEN + ROUTE_LEN,
+            have: buf.len(),
+        })?;
+    if header.payload_len < ROUTE_LEN {
+        return Err(DecodeError::FieldOverrun("route"));
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&r[..16]);
+    dst.copy_from_slice(&r[16..32]);
+    Ok(Some(Route {
+        src: NodeId(src),
+        dst: NodeId(dst),
+        hops: r[32],
+    }))
+}
+
+/// Rewrites the hop count of an encoded routed frame in place; returns false (and changes
+/// nothing) if `buf` is not a routed frame.
+pub fn set_hops(buf: &mut [u8], hops: u8) -> bool {
+    match peek_route(buf) {
+        Ok(Some(_)) => match buf.get_mut(HEADER_LEN + ROUTE_LEN - 1) {
+            Some(b) => {
+                *b = hops;
+                true
+            }
+            None => false,
+        },
+        Ok(None) | Err(_) => false,
+    }
+}
+
+/// Decodes one complete frame occupying all of `buf`. Never panics. Byte bodies are slices of
+/// `buf` (no copy).
+pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
+    let header = peek_header(buf, max_len)?.ok_or(DecodeError::Truncated {
+        needed: HEADER_LEN,
+        have: buf.len(),
+    })?;
+    let len = header.frame_len();
+    if buf.len() < len {
+        return Err(DecodeError::Truncated {
+            needed: len,
+            have: buf.len(),
+        });
+    }
+    if buf.len() > len {
+        return Err(DecodeError::TrailingBytes(buf.len() - len));
+    }
+    let mut r = Reader {
+        buf,
+        pos: HEADER_LEN,
+    };
+    let frame = match header.kind {
+        FrameKind::Hello => Frame::Hello(Hello {
+            version: r.u16("version")?,
+            node_id: r.node_id("node_id")?,
+            incarnation: r.u64("incarnation")?,
+            features: r.u32("features")?,
+            token: {
+                let n = r.u32("token")? as usize;
+                r.bytes("token", n)?
+            },
+            listen_addrs: r.list("listen_addrs")?,
+        }),
+        FrameKind::Ping => Frame::Ping {
+            seq: r.u64("seq")?,
+            sent_at_micros: r.u64("sent_at_micros")?,
+        },
+        FrameKind::Pong => Frame::Pong {
+            seq: r.u64("seq")?,
+            echo: r.u64("echo")?,
+        },
+        FrameKind::Call => Frame::Call(Call {
+            route: r.route()?,
+            call_id: r.u64("call_id")?,
+            deadline_ms: r.u32("deadline_ms")?,
+            trace_id: r.u128("trace_id")?,
+            caller: r.string("caller")?,
+            scopes: r.list("scopes")?,
+            gear: r.string("gear")?,
+            port: r.string("port")?,
+            body_kind: r.body_kind()?,
+            body: r.rest(),
+        }),
+        FrameKind::Reply => {
+            let route = r.route()?;
+            let call_id = r.u64("call_id")?;
+            let result = match r.u8("status")? {
+                0 => ReplyResult::Ok {
+                    kind: BodyKind::Json,
+                    body: r.rest(),
+                },
+                1 => ReplyResult::Ok {
+                    kind: BodyKind::Bytes,
+                    body: r.rest(),
+                },
+                2 => ReplyResult::Err(r.rest()),
+                value => {
+                    return Err(DecodeError::InvalidEnum {
+                        field: "status",
+                        value,
+                    });
+                }
+            };
+            Frame::Reply(Reply {
+                route,
+                call_id,
+                result,
+            })
+        }
+        FrameKind::Cancel => Frame::Cancel(Cancel {
+            route: r.route()?,
+            call_id: r.u64("call_id")?,
+        }),
+        FrameKind::Event => Frame::Event(Event {
+            route: r.route()?,
+            trace_id: r.u128("trace_id")?,
+            topic: r.string("topic")?,
+            publisher: r.string("publisher")?,
+            body_kind: r.body_kind()?,
+            body: r.rest(),
+        }),
+        FrameKind::Gossip => Frame::Gossip { payload: r.rest() },
+        FrameKind::Close => Frame::Close(Close {
+            code: CloseCode(r.u16("code")?),
+            reason: r.string("reason")?,
+        }),
+    };
+    if r.pos != len {
+        return Err(DecodeError::TrailingBytes(len - r.pos));
+    }
+    Ok(frame)
+}
+
+/// [`decode`] over a borrowed slice (copies it once); convenient for fuzzing and tests.
+pub fn decode_slice(buf: &[u8], max_len: usize) -> Result<Frame, DecodeError> {
+    decode(&Bytes::copy_from_slice(buf), max_len)
+}
+
+/// A cursor over the payload.
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError::FieldOverrun(field))?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(DecodeError::FieldOverrun(field))?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(field, N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    fn u128(&mut self, field: &'static str) -> Result<u128, DecodeError> {
+        Ok(u128::from_le_bytes(self.array(field)?))
+    }
+
+    fn node_id(&mut self, field: &'static str) -> Result<NodeId, DecodeError> {
+        Ok(NodeId(self.array(field)?))
+    }
+
+    fn route(&mut self) -> Result<Route, DecodeError> {
+        Ok(Route {
+            src: self.node_id("src")?,
+            dst: self.node_id("dst")?,
+            hops: self.u8("hops")?,
+        })
+    }
+
+    fn bytes(&mut self, field: &'static str, n: usize) -> Result<Bytes, DecodeError> {
+        let start = self.pos;
+        self.take(field, n)?;
+        Ok(self.buf.slice(start..self.pos))
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let n = self.u16(field)? as usize;
+        let s = self.take(field, n)?;
+        std::str::from_utf8(s)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::InvalidUtf8(field))
+    }
+
+    fn list(&mut self, field: &'static str) -> Result<Vec<String>, DecodeError> {
+        let n = self.u16(field)? as usize;
+        // Each item takes at least two bytes: refuse counts the payload cannot hold before
+        // allocating.
+        if n.saturating_mul(2) > self.buf.len().saturating_sub(self.pos) {
+            return Err(DecodeError::FieldOverrun(field));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.string(field)?);
+        }
+        Ok(out)
+    }
+
+    fn body_kind(&mut self) -> Result<BodyKind, DecodeError> {
+        match self.u8("body_kind")? {
+            0 => Ok(BodyKind::Json),
+            1 => Ok(BodyKind::Bytes),
+            value => Err(DecodeError::InvalidEnum {
+                field: "body_kind",
+                value,
+            }),
+        }
+    }
+
+    fn rest(&mut self) -> Bytes {
+        let start = self.pos.min(self.buf.len());
+        self.pos = self.buf.len();
+        self.buf.slice(start..)
+    }
+}
