@@ -1,0 +1,414 @@
+//! Membership: merging gossiped node records, suspicion and refutation (SWIM with Lifeguard-style
+//! confirmations), flooding new versions to links, and digest-based anti-entropy.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::id::NodeId;
+use super::types::{MeshEvent, NodeRecord, NodeState, Time};
+use super::wire::{self, DIGEST_ENTRY_LEN, DigestEntry, HEADER_LEN};
+use super::{Core, DisconnectReason, Entry};
+
+/// The id just before `id` in byte order (saturating at zero).
+fn pred(id: NodeId) -> NodeId {
+    let mut b = *id.as_bytes();
+    for x in b.iter_mut().rev() {
+        if *x == 0 {
+            *x = 0xff;
+        } else {
+            *x -= 1;
+            return NodeId::from_bytes(b);
+        }
+    }
+    NodeId::from_bytes([0; 16])
+}
+
+impl Core {
+    /// Merges a record heard from `from` (or produced locally when `from` is `None`).
+    pub(super) fn merge(&mut self, now: Time, rec: NodeRecord, from: Option<NodeId>) {
+        if rec.id == self.id {
+            self.merge_self(rec);
+            return;
+        }
+        if let Some((tkey, _)) = self.tombstones.get(&rec.id) {
+            if rec.key() <= *tkey {
+                return;
+            }
+            self.tombstones.remove(&rec.id);
+        }
+        let id = rec.id;
+        let Some(entry) = self.others.get_mut(&id) else {
+            if rec.state.is_up() {
+                self.push_event(MeshEvent::NodeJoined(id));
+                for g in &rec.gears {
+                    self.push_event(MeshEvent::GearAdded {
+                        node: id,
+                        gear: g.clone(),
+                    });
+                }
+                self.routes_dirty = true;
+            }
+            if rec.state == NodeState::Suspect {
+                self.suspicions.insert(id, now);
+            }
+            self.others.insert(id, Entry { rec, since: now });
+            self.order.push(id);
+            self.pending.insert(id, from);
+            return;
+        };
+        let old = &mut entry.rec;
+        if rec.key() == old.key() {
+            // Same claim: only suspicion confirmations can grow (a set union, capped).
+            if rec.state != NodeState::Suspect {
+                return;
+            }
+            let cap = self.config.suspicion_confirmations + 1;
+            let mut grew = false;
+            for s in rec.suspecters {
+                if old.suspecters.len() < cap && !old.suspecters.contains(&s) {
+                    old.suspecters.push(s);
+                    grew = true;
+                }
+            }
+            if grew {
+                self.pending.insert(id, from);
+            }
+            return;
+        }
+        if rec.key() < old.key() {
+            return;
+        }
+        let prev = std::mem::replace(old, rec);
+        if prev.state != entry.rec.state {
+            entry.since = now;
+        }
+        let new = entry.rec.clone();
+        self.pending.insert(id, from);
+        self.record_changed(now, &prev, &new);
+    }
+
+    /// Events, suspicion timers and routing after a node's record changed from `prev` to `new`.
+    fn record_changed(&mut self, now: Time, prev: &NodeRecord, new: &NodeRecord) {
+        let id = new.id;
+        match (prev.state.is_up(), new.state.is_up()) {
+            (true, false) => {
+                let graceful = new.state == NodeState::Left;
+                self.push_event(MeshEvent::NodeLeft { id, graceful });
+                for g in &prev.gears {
+                    self.push_event(MeshEvent::GearRemoved {
+                        node: id,
+                        gear: g.clone(),
+                    });
+                }
+                self.routes_dirty = true;
+                self.routes_urgent = true;
+            }
+            (false, true) => {
+                self.push_event(MeshEvent::NodeAlive(id));
+                for g in &new.gears {
+                    self.push_event(MeshEvent::GearAdded {
+                        node: id,
+                        gear: g.clone(),
+                    });
+                }
+                self.routes_dirty = true;
+                self.routes_urgent = true;
+            }
+            (true, true) => {
+                if prev.state == NodeState::Alive && new.state == NodeState::Suspect {
+                    self.push_event(MeshEvent::NodeSuspected(id));
+                } else if prev.state == NodeState::Suspect && new.state == NodeState::Alive {
+                    self.push_event(MeshEvent::NodeAlive(id));
+                }
+                for g in &prev.gears {
+                    if !new.gears.contains(g) {
+                        self.push_event(MeshEvent::GearRemoved {
+                            node: id,
+                            gear: g.clone(),
+                        });
+                    }
+                }
+                for g in &new.gears {
+                    if !prev.gears.contains(g) {
+                        self.push_event(MeshEvent::GearAdded {
+                            node: id,
+                            gear: g.clone(),
+                        });
+                    }
+                }
+                if prev.gears != new.gears || prev.topics != new.topics || prev.addrs != new.addrs {
+                    self.push_event(MeshEvent::NodeUpdated(id));
+                }
+                if prev.links != new.links {
+                    self.routes_dirty = true;
+                }
+            }
+            (false, false) => {}
+        }
+        if new.state == NodeState::Suspect {
+            if prev.state != NodeState::Suspect || prev.incarnation != new.incarnation {
+                self.suspicions.insert(id, now);
+            }
+        } else {
+            self.suspicions.remove(&id);
+        }
+    }
+
+    /// A claim about this node: refute anything newer than what we publish.
+    fn merge_self(&mut self, rec: NodeRecord) {
+        if self.leaving.is_some() || rec.key() <= self.me.key() {
+            return;
+        }
+        self.me.incarnation = self.me.incarnation.max(rec.incarnation) + 1;
+        self.me.version += 1;
+        self.me.state = NodeState::Alive;
+        self.me.suspecters.clear();
+        self.pending.insert(self.id, None);
+    }
+
+    /// We suspect `id` (its link failed or went silent).
+    pub(super) fn suspect(&mut self, now: Time, id: NodeId) {
+        let me = self.id;
+        let cap = self.config.suspicion_confirmations + 1;
+        let Some(entry) = self.others.get_mut(&id) else {
+            return;
+        };
+        match entry.rec.state {
+            NodeState::Alive => {
+                let prev = entry.rec.clone();
+                entry.rec.state = NodeState::Suspect;
+                entry.rec.suspecters = vec![me];
+                entry.since = now;
+                let new = entry.rec.clone();
+                self.pending.insert(id, None);
+                self.record_changed(now, &prev, &new);
+            }
+            NodeState::Suspect => {
+                if entry.rec.suspecters.len() < cap && !entry.rec.suspecters.contains(&me) {
+                    entry.rec.suspecters.push(me);
+                    self.pending.insert(id, None);
+                }
+            }
+            NodeState::Dead | NodeState::Left => {}
+        }
+    }
+
+    /// The suspicion timeout for a node with `n` distinct suspecters (Lifeguard: shrinks
+    /// logarithmically from `suspicion_max` to `suspicion_min` as confirmations arrive).
+    fn suspicion_timeout(&self, n: usize) -> Duration {
+        let k = self.config.suspicion_confirmations as f64;
+        let c = n.saturating_sub(1) as f64;
+        let (min, max) = (
+            self.config.suspicion_min.as_secs_f64(),
+            self.config.suspicion_max.as_secs_f64(),
+        );
+        let frac = ((c + 1.0).ln() / (k + 1.0).ln()).min(1.0);
+        Duration::from_secs_f64((max - (max - min) * frac).max(min))
+    }
+
+    /// Declares dead every suspect whose suspicion timed out.
+    pub(super) fn check_suspicions(&mut self, now: Time) {
+        let mut expired = Vec::new();
+        for (id, since) in &self.suspicions {
+            let n = self.others.get(id).map_or(1, |e| e.rec.suspecters.len());
+            if now >= *since + self.suspicion_timeout(n) {
+                expired.push(*id);
+            }
+        }
+        for id in expired {
+            self.suspicions.remove(&id);
+            let Some(entry) = self.others.get_mut(&id) else {
+                continue;
+            };
+            if entry.rec.state != NodeState::Suspect {
+                continue;
+            }
+            let prev = entry.rec.clone();
+            entry.rec.state = NodeState::Dead;
+            entry.rec.suspecters.clear();
+            entry.since = now;
+            let new = entry.rec.clone();
+            self.pending.insert(id, None);
+            self.record_changed(now, &prev, &new);
+        }
+    }
+
+    /// Closes links that were silent for `link_timeout` and suspects their peers.
+    pub(super) fn check_links(&mut self, now: Time) {
+        let timeout = self.config.link_timeout;
+        let silent: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| now.since(l.last_heard) > timeout)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in silent {
+            self.links.remove(&peer);
+            self.push_action(super::Action::Disconnect {
+                peer,
+                reason: DisconnectReason::Timeout,
+            });
+            self.push_event(MeshEvent::LinkDown(peer));
+            self.links_changed();
+            self.suspect(now, peer);
+        }
+    }
+
+    /// Publishes a new version of our own record (current links included).
+    pub(super) fn publish_own(&mut self) {
+        self.own_dirty = false;
+        self.me.links = self.links.keys().copied().collect();
+        self.me.version += 1;
+        self.pending.insert(self.id, None);
+    }
+
+    /// Sends every pending record to every link but the one it came from.
+    pub(super) fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut encoded: Vec<(NodeId, Option<NodeId>, Vec<u8>)> = Vec::with_capacity(pending.len());
+        for (id, from) in pending {
+            if let Some(rec) = self.node(id) {
+                let mut b = Vec::new();
+                wire::encode_record(&mut b, rec);
+                encoded.push((id, from, b));
+            }
+        }
+        let peers: Vec<NodeId> = self.links.keys().copied().collect();
+        for peer in peers {
+            let items: Vec<&[u8]> = encoded
+                .iter()
+                .filter(|(_, from, _)| *from != Some(peer))
+                .map(|(_, _, b)| b.as_slice())
+                .collect();
+            let msgs = self.pack_records(&items);
+            for m in msgs {
+                self.push_transmit(peer, m);
+            }
+        }
+    }
+
+    /// Packs encoded records into messages no larger than `max_message_size`.
+    fn pack_records(&self, items: &[&[u8]]) -> Vec<Vec<u8>> {
+        let budget = self.config.max_message_size - HEADER_LEN - 2;
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < items.len() {
+            let mut size = 0;
+            let mut end = start;
+            while end < items.len() && (end == start || size + items[end].len() <= budget) {
+                size += items[end].len();
+                end += 1;
+            }
+            out.push(wire::encode_records(items[start..end].iter().copied()));
+            start = end;
+        }
+        out
+    }
+
+    /// Sends our digest to `peer`, chunked by id range. With `want_reply` the peer answers with its
+    /// own digest (periodic anti-entropy is push-pull; on link up both sides send one anyway).
+    pub(super) fn send_digest(&mut self, peer: NodeId, want_reply: bool) {
+        let per_msg = (self.config.max_message_size - HEADER_LEN - 35) / DIGEST_ENTRY_LEN;
+        let mut all: Vec<DigestEntry> = self
+            .others
+            .values()
+            .map(|e| DigestEntry {
+                id: e.rec.id,
+                key: e.rec.key(),
+            })
+            .collect();
+        let me = DigestEntry {
+            id: self.id,
+            key: self.me.key(),
+        };
+        let pos = all.partition_point(|e| e.id < self.id);
+        all.insert(pos, me);
+        let chunks: Vec<&[DigestEntry]> = all.chunks(per_msg.max(1)).collect();
+        let mut msgs = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let lo = if i == 0 {
+                NodeId::from_bytes([0; 16])
+            } else {
+                chunk[0].id
+            };
+            let hi = match chunks.get(i + 1) {
+                Some(next) => pred(next[0].id),
+                None => NodeId::from_bytes([0xff; 16]),
+            };
+            msgs.push(wire::encode_digest(lo, hi, chunk, want_reply));
+        }
+        for m in msgs {
+            self.push_transmit(peer, m);
+        }
+    }
+
+    /// A digest from `from`: send it every record in `lo..=hi` it lacks or holds older.
+    pub(super) fn on_digest(
+        &mut self,
+        from: NodeId,
+        lo: NodeId,
+        hi: NodeId,
+        entries: &[DigestEntry],
+        want_reply: bool,
+    ) {
+        let theirs: rustc_hash::FxHashMap<NodeId, (u64, u8, u64)> =
+            entries.iter().map(|e| (e.id, e.key)).collect();
+        let mut items: Vec<Vec<u8>> = Vec::new();
+        let newer = |rec: &NodeRecord| theirs.get(&rec.id).is_none_or(|k| *k < rec.key());
+        if self.id >= lo && self.id <= hi && newer(&self.me) {
+            let mut b = Vec::new();
+            wire::encode_record(&mut b, &self.me);
+            items.push(b);
+        }
+        for e in self.others.range(lo..=hi).map(|(_, e)| e) {
+            if newer(&e.rec) {
+                let mut b = Vec::new();
+                wire::encode_record(&mut b, &e.rec);
+                items.push(b);
+            }
+        }
+        let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        for m in self.pack_records(&refs) {
+            self.push_transmit(from, m);
+        }
+        if want_reply && lo == NodeId::from_bytes([0; 16]) {
+            self.send_digest(from, false);
+        }
+    }
+
+    /// Periodic push-pull with one random link.
+    pub(super) fn anti_entropy(&mut self) {
+        if self.links.is_empty() {
+            return;
+        }
+        let i = self.rng.random_range(0..self.links.len());
+        if let Some(peer) = self.links.keys().nth(i).copied() {
+            self.send_digest(peer, true);
+        }
+    }
+
+    /// Forgets dead records older than `dead_gc` (keeping a tombstone) and expired tombstones.
+    pub(super) fn gc(&mut self, now: Time) {
+        let ttl = self.config.dead_gc;
+        let old: Vec<NodeId> = self
+            .others
+            .values()
+            .filter(|e| !e.rec.state.is_up() && now.since(e.since) > ttl)
+            .map(|e| e.rec.id)
+            .collect();
+        if !old.is_empty() {
+            for id in &old {
+                if let Some(e) = self.others.remove(id) {
+                    self.tombstones.insert(*id, (e.rec.key(), now));
+                }
+            }
+            self.order = self.others.keys().copied().collect();
+        }
+        self.tombstones.retain(|_, (_, t)| now.since(*t) <= ttl * 6);
+        self.cooldown.retain(|_, t| *t > now);
+    }
+}
