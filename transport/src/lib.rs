@@ -4,12 +4,33 @@
 //! - [`frame`]: the versioned binary frame format (specified in `docs/protocol.md`) and its
 //!   pure, panic-free codec.
 //! - [`NodeId`]: the 16-byte node identity the mesh re-uses.
+//! - [`Link`]: one API over every transport: send (with back-pressure), receive, close with a
+//!   reason, peer info, RTT. Heartbeats and limits live in the link driver.
+//! - [`memory`]: in-memory links for tests of the layers above.
+//! - [`Dialer`] and [`Acceptor`]: establishing links over WSS ([`ws`], accepted through an
+//!   axum router) and QUIC ([`quic::QuicEndpoint`]).
+//! - [`https`]: a TLS server loop for the node's axum router with slow-loris deadlines.
+//! - [`tls`]: development CA, PEM loading, the swappable certificate resolver, rustls configs.
 
+mod accept;
+mod dial;
 pub mod frame;
+pub mod https;
+mod link;
+pub mod memory;
 mod node_id;
+pub mod quic;
+pub mod tls;
+pub mod ws;
 
+pub use accept::{AcceptConfig, Acceptor, Incoming};
+pub use dial::{DialError, Dialer, InvalidPeerUrl, PeerUrl, Scheme};
 pub use frame::{
     BodyKind, Call, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind,
     Hello, Reply, ReplyResult, Route,
+};
+pub use link::{
+    CloseReason, HandshakeError, HelloCheck, Initiator, Link, LinkConfig, LinkError, LinkReceiver,
+    LinkSender, LinkSetup, PeerInfo, SendError, TransportKind, TrySendError,
 };
 pub use node_id::{InvalidNodeId, NodeId};

@@ -240,7 +240,10 @@ fn hello_len(h: &Hello) -> usize {
         + h.listen_addrs.iter().map(|s| str_len(s)).sum::<usize>()
 }
 
-/// The kind of an already-encoded frame, used by links to validate raw frames.
-pub(crate) fn raw_kind(buf: &[u8]) -> Option<FrameKind> {
-    buf.get(1).copied().and_then(FrameKind::from_u8)
+/// The kind of an already-encoded, already-validated frame (gossip if unreadable).
+pub(crate) fn encode_raw_kind(buf: &[u8]) -> FrameKind {
+    buf.get(1)
+        .copied()
+        .and_then(FrameKind::from_u8)
+        .unwrap_or(FrameKind::Gossip)
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 pub use decode::{DecodeError, Header, decode, decode_slice, peek_header, peek_route, set_hops};
 pub use encode::EncodeError;
+pub(crate) use encode::encode_raw_kind;
 
 use crate::NodeId;
 

@@ -1,0 +1,153 @@
+//! Accepting links: the [`Acceptor`] shared by the WebSocket endpoint (an axum route) and the
+//! QUIC endpoint, which limits the number of links, runs the hello exchange with a deadline, and
+//! delivers established links to [`Incoming`].
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::link::handshake::{self, LinkSetup, Role};
+use crate::link::wire::{WireRx, WireTx};
+use crate::link::{Link, PeerInfo, driver};
+
+/// Limits of an acceptor.
+#[derive(Debug, Clone)]
+pub struct AcceptConfig {
+    /// Most links (handshaking or established) accepted at once; more are refused.
+    pub max_links: usize,
+    /// Established links waiting for [`Incoming::accept`] before the acceptor waits.
+    pub backlog: usize,
+}
+
+impl Default for AcceptConfig {
+    fn default() -> Self {
+        AcceptConfig {
+            max_links: 1024,
+            backlog: 64,
+        }
+    }
+}
+
+struct Inner {
+    setup: LinkSetup,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<Link>,
+}
+
+/// Accepts links from any transport; cheap to clone.
+#[derive(Clone)]
+pub struct Acceptor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("setup", &self.inner.setup)
+            .field("free_slots", &self.inner.permits.available_permits())
+            .finish()
+    }
+}
+
+/// Established incoming links.
+#[derive(Debug)]
+pub struct Incoming {
+    rx: mpsc::Receiver<Link>,
+}
+
+impl Incoming {
+    /// The next established link; `None` once every [`Acceptor`] clone is gone.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub async fn accept(&mut self) -> Option<Link> {
+        self.rx.recv().await
+    }
+}
+
+impl Acceptor {
+    /// An acceptor answering with `setup` (our hello, config, and the check of peers' hellos).
+    pub fn new(setup: LinkSetup, limits: AcceptConfig) -> (Acceptor, Incoming) {
+        let (tx, rx) = mpsc::channel(limits.backlog.max(1));
+        let inner = Inner {
+            setup,
+            permits: Arc::new(Semaphore::new(limits.max_links)),
+            tx,
+        };
+        (
+            Acceptor {
+                inner: Arc::new(inner),
+            },
+            Incoming { rx },
+        )
+    }
+
+    /// An axum router serving WebSocket links at [`crate::ws::LINK_PATH`]; merge it into the
+    /// node's router. The peer's address is read from axum's `ConnectInfo<SocketAddr>` if the
+    /// server provides it.
+    pub fn router<S>(&self) -> axum::Router<S>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        let acceptor = self.clone();
+        axum::Router::new().route(
+            crate::ws::LINK_PATH,
+            axum::routing::get(move |req: axum::extract::Request| {
+                let acceptor = acceptor.clone();
+                async move { crate::ws::upgrade(&acceptor, req) }
+            }),
+        )
+    }
+
+    /// Links accepted and not yet closed.
+    pub fn free_slots(&self) -> usize {
+        self.inner.permits.available_permits()
+    }
+
+    pub(crate) fn setup(&self) -> &LinkSetup {
+        &self.inner.setup
+    }
+
+    pub(crate) fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.inner.permits).try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                tracing::warn!("refusing a link: too many links");
+                None
+            }
+        }
+    }
+
+    /// Runs the hello exchange (by `deadline`) and delivers the link.
+    pub(crate) async fn establish<T: WireTx, R: WireRx>(
+        &self,
+        mut tx: T,
+        mut rx: R,
+        peer: PeerInfo,
+        permit: OwnedSemaphorePermit,
+        deadline: Instant,
+    ) {
+        let setup = &self.inner.setup;
+        let remote = peer.remote_addr;
+        let transport = peer.transport;
+        let exchange = handshake::exchange(&mut tx, &mut rx, setup, Role::Acceptor, peer);
+        let peer = match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::info!(?remote, %transport, error = %e, "incoming link refused");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(?remote, %transport, "incoming link: handshake timed out");
+                tx.shutdown().await;
+                return;
+            }
+        };
+        tracing::debug!(peer = %peer.node_id, ?remote, %transport, "link accepted");
+        let link = driver::start(tx, rx, peer, &setup.config, Some(permit));
+        if self.inner.tx.send(link).await.is_err() {
+            tracing::debug!("incoming link dropped: nobody accepts links");
+        }
+    }
+}

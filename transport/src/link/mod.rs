@@ -1,0 +1,419 @@
+//! The [`Link`]: one API for a framed, authenticated pipe to a peer node, whatever carries it
+//! (WebSocket over TLS, QUIC, or memory).
+//!
+//! A link is established by a transport (see [`crate::ws`], [`crate::quic`], [`crate::memory`]),
+//! which performs the hello exchange ([`handshake`]) and then hands the connection to the
+//! transport-independent driver ([`driver`]) that owns heartbeats, limits and closing. This file
+//! holds the public types only.
+
+pub(crate) mod driver;
+pub(crate) mod handshake;
+pub(crate) mod wire;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+
+pub use handshake::{HandshakeError, HelloCheck, LinkSetup};
+
+use crate::NodeId;
+use crate::frame::{self, Close, CloseCode, EncodeError, Frame, FrameKind, HEADER_LEN};
+
+/// Tunables of a link. Plain fields; [`LinkConfig::default`] suits a LAN.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Largest frame accepted or sent, header included (default 16 MiB).
+    pub max_frame_len: usize,
+    /// Frames queued for sending before `send` waits (back-pressure) and `try_send` fails.
+    pub send_queue: usize,
+    /// Frames received and not yet taken by `recv` before the link stops reading.
+    pub recv_queue: usize,
+    /// How often a ping is sent (default 500 ms).
+    pub heartbeat_interval: Duration,
+    /// How long the link may receive nothing before it is closed as frozen (default 2.5 s, so a
+    /// frozen peer is detected within 3 s).
+    pub idle_timeout: Duration,
+    /// Limit on connecting plus the hello exchange (default 10 s).
+    pub handshake_timeout: Duration,
+    /// How long closing may spend telling the peer why (default 1 s).
+    pub close_timeout: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
+            send_queue: 256,
+            recv_queue: 256,
+            heartbeat_interval: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(2500),
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which transport carries a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// WebSocket over TLS.
+    Wss,
+    /// WebSocket without TLS (development only).
+    Ws,
+    /// QUIC.
+    Quic,
+    /// In-process channels.
+    Memory,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::Wss => "wss",
+            TransportKind::Ws => "ws",
+            TransportKind::Quic => "quic",
+            TransportKind::Memory => "memory",
+        })
+    }
+}
+
+/// What a link knows about its peer, learned from its hello and the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's node id.
+    pub node_id: NodeId,
+    /// The peer's incarnation.
+    pub incarnation: u64,
+    /// Where the peer says it can be dialled.
+    pub listen_addrs: Vec<String>,
+    /// The peer's feature bits.
+    pub features: u32,
+    /// The transport.
+    pub transport: TransportKind,
+    /// The peer's socket address (none in memory).
+    pub remote_addr: Option<SocketAddr>,
+    /// Our socket address (none in memory).
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// Which side ended a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// This node (a `close` call, a timeout, or a bad frame from the peer).
+    Local,
+    /// The peer (it sent a close frame).
+    Remote,
+}
+
+/// Why a link closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The code.
+    pub code: CloseCode,
+    /// Human-readable detail.
+    pub reason: String,
+    /// Which side decided.
+    pub initiator: Initiator,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let by = match self.initiator {
+            Initiator::Local => "locally",
+            Initiator::Remote => "by the peer",
+        };
+        write!(f, "closed {by}: {} ({})", self.code, self.reason)
+    }
+}
+
+/// The link is closed; received from [`LinkReceiver::recv`] once, when it closed abnormally.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The link closed for this reason.
+    #[error("link {0}")]
+    Closed(CloseReason),
+}
+
+/// Why a frame was not queued by [`LinkSender::send`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The link is closed.
+    #[error("link closed")]
+    Closed,
+    /// The frame cannot be encoded (too large, or a field too long).
+    #[error("cannot send frame: {0}")]
+    Encode(#[from] EncodeError),
+    /// Hello, ping, pong and close frames belong to the link itself.
+    #[error("{0:?} frames are sent by the link itself")]
+    NotAllowed(FrameKind),
+    /// Raw bytes given to `send_raw` are not a valid frame header.
+    #[error("raw frame is invalid: {0}")]
+    InvalidRaw(#[from] frame::DecodeError),
+}
+
+/// Why a frame was not queued by [`LinkSender::try_send`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The send queue is full; the frame was not sent.
+    #[error("send queue full")]
+    Full,
+    /// Any other reason, as for `send`.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// State shared by the halves of a link and its driver.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) peer: PeerInfo,
+    /// Smoothed RTT in microseconds; 0 until the first pong.
+    pub(crate) rtt_micros: AtomicU64,
+    /// Set once, by the driver, when the link has closed.
+    pub(crate) closed: watch::Sender<Option<CloseReason>>,
+    /// Set by `close`: asks the driver to close with this frame.
+    pub(crate) close_req: watch::Sender<Option<Close>>,
+    pub(crate) max_frame_len: usize,
+}
+
+impl Shared {
+    fn rtt(&self) -> Option<Duration> {
+        match self.rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn request_close(&self, code: CloseCode, reason: &str) {
+        self.close_req.send_if_modified(|req| {
+            if req.is_some() {
+                return false;
+            }
+            *req = Some(Close {
+                code,
+                reason: reason.to_owned(),
+            });
+            true
+        });
+    }
+
+    async fn closed(&self) -> CloseReason {
+        let mut rx = self.closed.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().unwrap_or_else(lost),
+            Err(_) => lost(),
+        }
+    }
+}
+
+fn lost() -> CloseReason {
+    CloseReason {
+        code: CloseCode::TRANSPORT_ERROR,
+        reason: "link driver stopped".into(),
+        initiator: Initiator::Local,
+    }
+}
+
+/// The sending half of a link: cheap to clone, shared by every task that sends to the peer.
+#[derive(Debug, Clone)]
+pub struct LinkSender {
+    out: mpsc::Sender<Bytes>,
+    shared: Arc<Shared>,
+}
+
+impl LinkSender {
+    fn encode(&self, frame: &Frame) -> Result<Bytes, SendError> {
+        if frame.kind().is_link_control() {
+            return Err(SendError::NotAllowed(frame.kind()));
+        }
+        let mut buf = BytesMut::with_capacity(frame.encoded_len());
+        frame.encode(&mut buf, self.shared.max_frame_len)?;
+        Ok(buf.freeze())
+    }
+
+    fn check_raw(&self, raw: &[u8]) -> Result<(), SendError> {
+        let header = frame::peek_header(raw, self.shared.max_frame_len)?.ok_or(
+            frame::DecodeError::Truncated {
+                needed: HEADER_LEN,
+                have: raw.len(),
+            },
+        )?;
+        if header.frame_len() != raw.len() {
+            return Err(frame::DecodeError::Truncated {
+                needed: header.frame_len(),
+                have: raw.len(),
+            }
+            .into());
+        }
+        if header.kind.is_link_control() {
+            return Err(SendError::NotAllowed(header.kind));
+        }
+        Ok(())
+    }
+
+    /// Queues a frame, waiting while the send queue is full (back-pressure).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if the future is dropped the frame was either queued whole or not at all.
+    pub async fn send(&self, frame: &Frame) -> Result<(), SendError> {
+        let bytes = self.encode(frame)?;
+        self.out.send(bytes).await.map_err(|_| SendError::Closed)
+    }
+
+    /// Queues a frame if there is room now; fails with [`TrySendError::Full`] otherwise.
+    pub fn try_send(&self, frame: &Frame) -> Result<(), TrySendError> {
+        let bytes = self.encode(frame)?;
+        self.out.try_send(bytes).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TrySendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed.into(),
+        })
+    }
+
+    /// Queues an already-encoded frame (for example one received on another link, forwarded
+    /// after [`frame::set_hops`]) without decoding it again. Its header is checked.
+    pub async fn send_raw(&self, raw: Bytes) -> Result<(), SendError> {
+        self.check_raw(&raw)?;
+        self.out.send(raw).await.map_err(|_| SendError::Closed)
+    }
+
+    /// Asks the link to close, telling the peer `code` and `reason`, and waits until it has.
+    pub async fn close(&self, code: CloseCode, reason: &str) -> CloseReason {
+        self.shared.request_close(code, reason);
+        self.shared.closed().await
+    }
+
+    /// Waits until the link is closed and says why.
+    pub async fn closed(&self) -> CloseReason {
+        self.shared.closed().await
+    }
+
+    /// Why the link closed, if it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.closed.borrow().clone()
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.shared.peer
+    }
+
+    /// The smoothed round-trip time from heartbeats; `None` before the first pong.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.shared.rtt()
+    }
+}
+
+/// The receiving half of a link.
+#[derive(Debug)]
+pub struct LinkReceiver {
+    inbound: mpsc::Receiver<Result<Frame, LinkError>>,
+    shared: Arc<Shared>,
+}
+
+impl LinkReceiver {
+    /// The next frame from the peer. After an abnormal close it yields the reason once as
+    /// `Err`; then (and after an orderly close) `None`.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: no frame is lost if the future is dropped.
+    pub async fn recv(&mut self) -> Option<Result<Frame, LinkError>> {
+        self.inbound.recv().await
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.shared.peer
+    }
+}
+
+/// A link to a peer node: a [`LinkSender`] and a [`LinkReceiver`]. Dropping both closes it.
+#[derive(Debug)]
+pub struct Link {
+    sender: LinkSender,
+    receiver: LinkReceiver,
+}
+
+impl Link {
+    /// Two in-memory links connected to each other, with default config and random node ids,
+    /// for tests of the layers above. Must be called inside a tokio runtime.
+    pub fn pair() -> (Link, Link) {
+        crate::memory::pair_unchecked(&LinkConfig::default())
+    }
+
+    /// Splits into the sending and receiving halves.
+    pub fn split(self) -> (LinkSender, LinkReceiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// The sending half (clone it to send from several tasks).
+    pub fn sender(&self) -> &LinkSender {
+        &self.sender
+    }
+
+    /// See [`LinkSender::send`].
+    pub async fn send(&self, frame: &Frame) -> Result<(), SendError> {
+        self.sender.send(frame).await
+    }
+
+    /// See [`LinkSender::try_send`].
+    pub fn try_send(&self, frame: &Frame) -> Result<(), TrySendError> {
+        self.sender.try_send(frame)
+    }
+
+    /// See [`LinkReceiver::recv`].
+    pub async fn recv(&mut self) -> Option<Result<Frame, LinkError>> {
+        self.receiver.recv().await
+    }
+
+    /// See [`LinkSender::close`].
+    pub async fn close(&self, code: CloseCode, reason: &str) -> CloseReason {
+        self.sender.close(code, reason).await
+    }
+
+    /// See [`LinkSender::closed`].
+    pub async fn closed(&self) -> CloseReason {
+        self.sender.closed().await
+    }
+
+    /// See [`LinkSender::close_reason`].
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.sender.close_reason()
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &PeerInfo {
+        self.sender.peer()
+    }
+
+    /// See [`LinkSender::rtt`].
+    pub fn rtt(&self) -> Option<Duration> {
+        self.sender.rtt()
+    }
+}
+
+impl PeerInfo {
+    /// Peer info before the hello: transport facts only.
+    pub(crate) fn connecting(
+        transport: TransportKind,
+        remote_addr: Option<SocketAddr>,
+        local_addr: Option<SocketAddr>,
+    ) -> Self {
+        PeerInfo {
+            node_id: NodeId::ZERO,
+            incarnation: 0,
+            listen_addrs: Vec::new(),
+            features: 0,
+            transport,
+            remote_addr,
+            local_addr,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The internal seam between the link driver and a transport: a sink and a source of encoded
+//! frames. Each transport implements it; nothing here is public.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::frame::{DecodeError, FrameKind};
+
+/// A transport failure seen by the driver.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum WireError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(String),
+    /// The transport's framing saw an invalid or oversized frame.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// The peer sent something that is not a frame at all (e.g. a text message).
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Sends encoded frames.
+pub(crate) trait WireTx: Send + 'static {
+    /// Sends one complete encoded frame of the given kind.
+    fn send(
+        &mut self,
+        frame: Bytes,
+        kind: FrameKind,
+    ) -> impl Future<Output = Result<(), WireError>> + Send;
+
+    /// Flushes and closes the sending direction (best effort).
+    fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Receives encoded frames.
+pub(crate) trait WireRx: Send + 'static {
+    /// The next complete frame; `Ok(None)` when the peer ended the connection cleanly.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, WireError>> + Send;
+}

@@ -1,0 +1,394 @@
+//! QUIC links (quinn): an endpoint on the node's UDP port that accepts and dials links.
+//!
+//! Stream layout (see `docs/protocol.md`): each side opens one ordered control stream (type byte
+//! 0) for hello, ping, pong, gossip and close, and one unidirectional stream per call, reply,
+//! cancel or event (type byte 1), so a large body never holds up later small frames.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::accept::Acceptor;
+use crate::dial::{DialError, Dialer, PeerUrl};
+use crate::frame::{self, DecodeError, FrameKind, HEADER_LEN};
+use crate::link::wire::{WireError, WireRx, WireTx};
+use crate::link::{PeerInfo, TransportKind};
+use crate::tls::{CertResolver, ClientTls, TlsError, quic_server_config};
+
+const STREAM_CONTROL: u8 = 0;
+const STREAM_FRAME: u8 = 1;
+/// Frames larger than this are written by a separate task so the link's writer moves on.
+const SPAWN_WRITE_ABOVE: usize = 64 * 1024;
+/// Large frames being written at once per link.
+const MAX_LARGE_WRITES: usize = 16;
+/// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
+pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why a QUIC endpoint could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuicError {
+    /// Binding or configuring the UDP socket failed.
+    #[error("UDP socket {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The TLS configuration is not usable for QUIC.
+    #[error("QUIC TLS: {0}")]
+    Tls(String),
+}
+
+impl From<TlsError> for QuicError {
+    fn from(e: TlsError) -> Self {
+        QuicError::Tls(e.to_string())
+    }
+}
+
+/// A QUIC endpoint: one UDP socket that accepts links (if given a certificate) and dials them.
+#[derive(Debug, Clone)]
+pub struct QuicEndpoint {
+    endpoint: quinn::Endpoint,
+    client: Option<quinn::ClientConfig>,
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(1024u32.into())
+        .max_concurrent_bidi_streams(0u32.into())
+        .stream_receive_window((8u32 * 1024 * 1024).into())
+        .receive_window((64u32 * 1024 * 1024).into())
+        .send_window(64 * 1024 * 1024)
+        .keep_alive_interval(None)
+        .max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+        ));
+    Arc::new(t)
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, QuicError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| QuicError::Socket { addr, source };
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too where the platform allows it.
+        if let Err(e) = sock.set_only_v6(false) {
+            tracing::debug!(error = %e, "dual-stack UDP socket unavailable");
+        }
+    }
+    for (what, r) in [
+        ("receive", sock.set_recv_buffer_size(UDP_BUFFER_BYTES)),
+        ("send", sock.set_send_buffer_size(UDP_BUFFER_BYTES)),
+    ] {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "could not enlarge the UDP {what} buffer");
+        }
+    }
+    sock.bind(&addr.into()).map_err(err)?;
+    let got = sock.recv_buffer_size().unwrap_or(0);
+    if got < UDP_BUFFER_BYTES / 2 {
+        tracing::info!(
+            requested = UDP_BUFFER_BYTES,
+            got,
+            "UDP receive buffer is small; raise net.core.rmem_max for QUIC under load"
+        );
+    }
+    Ok(sock.into())
+}
+
+impl QuicEndpoint {
+    /// Binds `addr` (use the node's TCP port number). With `server`, the endpoint accepts links
+    /// presenting that resolver's certificate (the same one HTTPS serves); with `client`, it can
+    /// dial.
+    pub fn bind(
+        addr: SocketAddr,
+        server: Option<Arc<CertResolver>>,
+        client: Option<&ClientTls>,
+    ) -> Result<Self, QuicError> {
+        let server_config = match server {
+            Some(resolver) => {
+                let tls = QuicServerConfig::try_from(quic_server_config(resolver)?)
+                    .map_err(|e| QuicError::Tls(e.to_string()))?;
+                let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(tls));
+                cfg.transport_config(transport_config());
+                Some(cfg)
+            }
+            None => None,
+        };
+        let client = match client {
+            Some(c) => {
+                let tls = QuicClientConfig::try_from(Arc::clone(&c.quic))
+                    .map_err(|e| QuicError::Tls(e.to_string()))?;
+                let mut cfg = quinn::ClientConfig::new(Arc::new(tls));
+                cfg.transport_config(transport_config());
+                Some(cfg)
+            }
+            None => None,
+        };
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| QuicError::Tls("no async runtime for quinn".into()))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server_config,
+            udp_socket(addr)?,
+            runtime,
+        )
+        .map_err(|source| QuicError::Socket { addr, source })?;
+        Ok(QuicEndpoint { endpoint, client })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Accepts incoming links until the endpoint closes, handing them to `acceptor`. Spawn it.
+    #[must_use = "the accept loop does nothing unless awaited or spawned"]
+    pub async fn serve(self, acceptor: Acceptor) {
+        let local = self.endpoint.local_addr().ok();
+        while let Some(incoming) = self.endpoint.accept().await {
+            let Some(permit) = acceptor.try_permit() else {
+                incoming.refuse();
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let config = acceptor.setup().config.clone();
+                let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+                let remote = incoming.remote_address();
+                let conn =
+                    match tokio::time::timeout_at(deadline, async { incoming.accept()?.await })
+                        .await
+                    {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "QUIC handshake timed out");
+                            return;
+                        }
+                    };
+                let (tx, rx) = wire(conn, config.max_frame_len);
+                let peer = PeerInfo::connecting(TransportKind::Quic, Some(remote), local);
+                acceptor.establish(tx, rx, peer, permit, deadline).await;
+            });
+        }
+    }
+
+    pub(crate) async fn dial(
+        &self,
+        addr: SocketAddr,
+        url: &PeerUrl,
+        dialer: &Dialer,
+    ) -> Result<crate::Link, DialError> {
+        let client = self.client.clone().ok_or(DialError::NotAllowed(
+            "this QUIC endpoint has no client TLS configuration",
+        ))?;
+        let quic_err = |reason: String| DialError::Quic { addr, reason };
+        let conn = self
+            .endpoint
+            .connect_with(client, addr, &url.host)
+            .map_err(|e| quic_err(e.to_string()))?
+            .await
+            .map_err(|e| quic_err(e.to_string()))?;
+        let (tx, rx) = wire(conn, dialer.setup().config.max_frame_len);
+        let peer = PeerInfo::connecting(TransportKind::Quic, Some(addr), self.local_addr().ok());
+        dialer.finish(tx, rx, peer, url).await
+    }
+
+    /// Closes every connection of this endpoint.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"endpoint closed");
+    }
+}
+
+fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
+    let (items_tx, items) = mpsc::channel(64);
+    let task = tokio::spawn(receive(conn.clone(), items_tx, max_frame_len));
+    (
+        QuicTx {
+            conn,
+            control: None,
+            large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)),
+        },
+        QuicRx { items, task },
+    )
+}
+
+struct QuicTx {
+    conn: quinn::Connection,
+    control: Option<quinn::SendStream>,
+    large: Arc<Semaphore>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> WireError {
+    WireError::Io(format!("quic: {e}"))
+}
+
+impl WireTx for QuicTx {
+    async fn send(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
+        if !kind.is_routed() {
+            let control = match &mut self.control {
+                Some(s) => s,
+                None => {
+                    let mut s = self.conn.open_uni().await.map_err(io_err)?;
+                    s.write_all(&[STREAM_CONTROL]).await.map_err(io_err)?;
+                    self.control.insert(s)
+                }
+            };
+            return control.write_all(&frame).await.map_err(io_err);
+        }
+        let mut stream = self.conn.open_uni().await.map_err(io_err)?;
+        let mut chunks = [Bytes::from_static(&[STREAM_FRAME]), frame];
+        if chunks[1].len() <= SPAWN_WRITE_ABOVE {
+            stream.write_all_chunks(&mut chunks).await.map_err(io_err)?;
+            return stream.finish().map_err(io_err);
+        }
+        let permit = Arc::clone(&self.large)
+            .acquire_owned()
+            .await
+            .map_err(io_err)?;
+        tokio::spawn(async move {
+            let r = async {
+                stream.write_all_chunks(&mut chunks).await.map_err(io_err)?;
+                stream.finish().map_err(io_err)
+            };
+            if let Err(e) = r.await {
+                tracing::debug!(error = %e, "large QUIC frame not delivered");
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(mut s) = self.control.take() {
+            if s.finish().is_ok() {
+                // Wait until the peer has our close frame before tearing the connection down.
+                if let Err(e) = s.stopped().await {
+                    tracing::trace!(error = %e, "control stream");
+                }
+            }
+        }
+        self.conn.close(0u32.into(), b"link closed");
+    }
+}
+
+type Item = Result<Option<Bytes>, WireError>;
+
+struct QuicRx {
+    items: mpsc::Receiver<Item>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QuicRx {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WireRx for QuicRx {
+    async fn recv(&mut self) -> Result<Option<Bytes>, WireError> {
+        match self.items.recv().await {
+            Some(item) => item,
+            None => Ok(None),
+        }
+    }
+}
+
+/// Accepts the peer's streams and feeds their frames, in arrival order, to the link.
+async fn receive(conn: quinn::Connection, items: mpsc::Sender<Item>, max: usize) {
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept_uni() => match accepted {
+                Ok(stream) => {
+                    streams.spawn(read_stream(stream, items.clone(), max));
+                }
+                Err(e) => {
+                    let item = match e {
+                        quinn::ConnectionError::ApplicationClosed(_)
+                        | quinn::ConnectionError::LocallyClosed => Ok(None),
+                        other => Err(io_err(other)),
+                    };
+                    // Let frames already read reach the link before the end.
+                    while streams.join_next().await.is_some() {}
+                    if items.send(item).await.is_err() {
+                        tracing::trace!("link gone");
+                    }
+                    return;
+                }
+            },
+            Some(_) = streams.join_next() => {}
+        }
+    }
+}
+
+async fn read_stream(mut s: quinn::RecvStream, items: mpsc::Sender<Item>, max: usize) {
+    let mut kind = [0u8; 1];
+    if s.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    let result = match kind[0] {
+        STREAM_CONTROL => read_control(&mut s, &items, max).await,
+        STREAM_FRAME => match s.read_to_end(max).await {
+            Ok(b) => {
+                if items.send(Ok(Some(Bytes::from(b)))).await.is_err() {
+                    return;
+                }
+                Ok(())
+            }
+            Err(quinn::ReadToEndError::TooLong) => Err(WireError::Decode(DecodeError::Oversized {
+                len: max.saturating_add(1),
+                max,
+            })),
+            Err(e) => Err(io_err(e)),
+        },
+        other => Err(WireError::Protocol(format!(
+            "unknown QUIC stream type {other}"
+        ))),
+    };
+    if let Err(e) = result {
+        if items.send(Err(e)).await.is_err() {
+            tracing::trace!("link gone");
+        }
+    }
+}
+
+async fn read_control(
+    s: &mut quinn::RecvStream,
+    items: &mpsc::Sender<Item>,
+    max: usize,
+) -> Result<(), WireError> {
+    let mut header = [0u8; HEADER_LEN];
+    loop {
+        match s.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
+            Err(e) => return Err(io_err(e)),
+        }
+        let h =
+            frame::peek_header(&header, max)?.ok_or(WireError::Decode(DecodeError::Truncated {
+                needed: HEADER_LEN,
+                have: 0,
+            }))?;
+        let mut buf = vec![0u8; h.frame_len()];
+        buf[..HEADER_LEN].copy_from_slice(&header);
+        s.read_exact(&mut buf[HEADER_LEN..]).await.map_err(io_err)?;
+        if items.send(Ok(Some(Bytes::from(buf)))).await.is_err() {
+            return Ok(());
+        }
+    }
+}

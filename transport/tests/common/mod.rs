@@ -1,0 +1,62 @@
+//! Shared test fixtures: connecting a pair of links over each transport, and node hellos.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use gearmesh_transport::{Hello, Link, LinkConfig, LinkSetup, NodeId, memory};
+
+/// The transports the conformance suite runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Memory,
+    Wss,
+    Quic,
+}
+
+/// Keeps servers and endpoints alive for as long as the links are used.
+pub struct Fixture {
+    pub guards: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+pub fn hello(tag: u8) -> Hello {
+    Hello {
+        version: 1,
+        node_id: NodeId([tag; 16]),
+        incarnation: u64::from(tag),
+        token: bytes::Bytes::from_static(b"secret-token"),
+        listen_addrs: vec![format!("wss://node{tag}:443")],
+        features: 0,
+    }
+}
+
+/// Fast heartbeats so tests that wait for an RTT or a timeout finish quickly.
+pub fn fast_config() -> LinkConfig {
+    LinkConfig {
+        heartbeat_interval: Duration::from_millis(50),
+        idle_timeout: Duration::from_millis(600),
+        handshake_timeout: Duration::from_secs(5),
+        ..LinkConfig::default()
+    }
+}
+
+pub fn setup(tag: u8) -> LinkSetup {
+    LinkSetup::new(hello(tag)).with_config(fast_config())
+}
+
+/// Connects `a` (dialing) to `b` (accepting) over `t`.
+pub async fn connect(
+    t: Transport,
+    a: LinkSetup,
+    b: LinkSetup,
+) -> Result<(Link, Link, Fixture), String> {
+    match t {
+        Transport::Memory => {
+            let (x, y) = memory::connect(&a, &b).await.map_err(|e| e.to_string())?;
+            Ok((x, y, Fixture { guards: Vec::new() }))
+        }
+        Transport::Wss => crate::common::net::connect_wss(a, b).await,
+        Transport::Quic => crate::common::net::connect_quic(a, b).await,
+    }
+}
+
+pub mod net;
