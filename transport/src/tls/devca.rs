@@ -218,6 +218,27 @@ impl DevCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<NodeCert, TlsError> {
+        let (cert, key) = self.sign(names, not_before, not_after)?;
+        Ok(NodeCert {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        })
+    }
+
+    /// Issues a node certificate (as [`DevCa::issue`]) as PEM text: `(certificate, key)`, for
+    /// writing `--tls-cert` / `--tls-key` files.
+    pub fn issue_pem(&self, names: &[String]) -> Result<(String, String), TlsError> {
+        let now = OffsetDateTime::now_utc();
+        let (cert, key) = self.sign(names, now - Duration::hours(1), now + Duration::days(365))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn sign(
+        &self,
+        names: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
         let mut p = CertificateParams::new(names.to_vec()).map_err(rcgen_err)?;
         let mut dn = DistinguishedName::new();
         dn.push(
@@ -236,9 +257,6 @@ impl DevCa {
         let key = KeyPair::generate().map_err(rcgen_err)?;
         let issuer = Issuer::new(ca_params(), &self.key);
         let cert = p.signed_by(&key, &issuer).map_err(rcgen_err)?;
-        Ok(NodeCert {
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        })
+        Ok((cert, key))
     }
 }
