@@ -7,6 +7,6 @@
 pub mod core;
 
 pub use crate::core::{
-    Action, Config, Core, DecodeError, DisconnectReason, GearAd, LinkDownReason, LinkInfo,
-    MeshEvent, NodeId, NodeRecord, NodeState, Route, SetLocalError, Time,
+    Action, Config, Core, DecodeError, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId,
+    NodeRecord, NodeState, Route, SetLocalError, Time,
 };

@@ -10,6 +10,20 @@ use super::types::{MeshEvent, NodeRecord, NodeState, Time};
 use super::wire::{self, DIGEST_ENTRY_LEN, DigestEntry, HEADER_LEN};
 use super::{Core, DisconnectReason, Entry};
 
+/// An order-independent hash of one record version, summed per bucket in summaries.
+fn record_hash(rec: &NodeRecord) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    rec.id.hash(&mut h);
+    rec.key().hash(&mut h);
+    // Fx is weak on its own; finish with a 64-bit mix so sums of hashes rarely collide.
+    let mut x = h.finish();
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
 /// The id just before `id` in byte order (saturating at zero).
 fn pred(id: NodeId) -> NodeId {
     let mut b = *id.as_bytes();
@@ -42,10 +56,7 @@ impl Core {
             if rec.state.is_up() {
                 self.push_event(MeshEvent::NodeJoined(id));
                 for g in &rec.gears {
-                    self.push_event(MeshEvent::GearAdded {
-                        node: id,
-                        gear: g.clone(),
-                    });
+                    self.push_event(MeshEvent::GearAdded { node: id, gear: g.clone() });
                 }
                 self.routes_dirty = true;
             }
@@ -96,10 +107,7 @@ impl Core {
                 let graceful = new.state == NodeState::Left;
                 self.push_event(MeshEvent::NodeLeft { id, graceful });
                 for g in &prev.gears {
-                    self.push_event(MeshEvent::GearRemoved {
-                        node: id,
-                        gear: g.clone(),
-                    });
+                    self.push_event(MeshEvent::GearRemoved { node: id, gear: g.clone() });
                 }
                 self.routes_dirty = true;
                 self.routes_urgent = true;
@@ -107,10 +115,7 @@ impl Core {
             (false, true) => {
                 self.push_event(MeshEvent::NodeAlive(id));
                 for g in &new.gears {
-                    self.push_event(MeshEvent::GearAdded {
-                        node: id,
-                        gear: g.clone(),
-                    });
+                    self.push_event(MeshEvent::GearAdded { node: id, gear: g.clone() });
                 }
                 self.routes_dirty = true;
                 self.routes_urgent = true;
@@ -123,18 +128,12 @@ impl Core {
                 }
                 for g in &prev.gears {
                     if !new.gears.contains(g) {
-                        self.push_event(MeshEvent::GearRemoved {
-                            node: id,
-                            gear: g.clone(),
-                        });
+                        self.push_event(MeshEvent::GearRemoved { node: id, gear: g.clone() });
                     }
                 }
                 for g in &new.gears {
                     if !prev.gears.contains(g) {
-                        self.push_event(MeshEvent::GearAdded {
-                            node: id,
-                            gear: g.clone(),
-                        });
+                        self.push_event(MeshEvent::GearAdded { node: id, gear: g.clone() });
                     }
                 }
                 if prev.gears != new.gears || prev.topics != new.topics || prev.addrs != new.addrs {
@@ -199,12 +198,20 @@ impl Core {
     fn suspicion_timeout(&self, n: usize) -> Duration {
         let k = self.config.suspicion_confirmations as f64;
         let c = n.saturating_sub(1) as f64;
-        let (min, max) = (
-            self.config.suspicion_min.as_secs_f64(),
-            self.config.suspicion_max.as_secs_f64(),
-        );
+        let (min, max) = (self.config.suspicion_min.as_secs_f64(), self.config.suspicion_max.as_secs_f64());
         let frac = ((c + 1.0).ln() / (k + 1.0).ln()).min(1.0);
         Duration::from_secs_f64((max - (max - min) * frac).max(min))
+    }
+
+    /// When the earliest suspicion times out.
+    pub(super) fn next_suspicion_deadline(&self) -> Option<Time> {
+        self.suspicions
+            .iter()
+            .map(|(id, since)| {
+                let n = self.others.get(id).map_or(1, |e| e.rec.suspecters.len());
+                *since + self.suspicion_timeout(n)
+            })
+            .min()
     }
 
     /// Declares dead every suspect whose suspicion timed out.
@@ -237,20 +244,13 @@ impl Core {
     /// Closes links that were silent for `link_timeout` and suspects their peers.
     pub(super) fn check_links(&mut self, now: Time) {
         let timeout = self.config.link_timeout;
-        let silent: Vec<NodeId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| now.since(l.last_heard) > timeout)
-            .map(|(p, _)| *p)
-            .collect();
+        let silent: Vec<NodeId> =
+            self.links.iter().filter(|(_, l)| now.since(l.last_heard) > timeout).map(|(p, _)| *p).collect();
         for peer in silent {
             self.links.remove(&peer);
-            self.push_action(super::Action::Disconnect {
-                peer,
-                reason: DisconnectReason::Timeout,
-            });
+            self.push_action(super::Action::Disconnect { peer, reason: DisconnectReason::Timeout });
             self.push_event(MeshEvent::LinkDown(peer));
-            self.links_changed();
+            self.links_changed(true);
             self.suspect(now, peer);
         }
     }
@@ -279,11 +279,8 @@ impl Core {
         }
         let peers: Vec<NodeId> = self.links.keys().copied().collect();
         for peer in peers {
-            let items: Vec<&[u8]> = encoded
-                .iter()
-                .filter(|(_, from, _)| *from != Some(peer))
-                .map(|(_, _, b)| b.as_slice())
-                .collect();
+            let items: Vec<&[u8]> =
+                encoded.iter().filter(|(_, from, _)| *from != Some(peer)).map(|(_, _, b)| b.as_slice()).collect();
             let msgs = self.pack_records(&items);
             for m in msgs {
                 self.push_transmit(peer, m);
@@ -309,44 +306,63 @@ impl Core {
         out
     }
 
-    /// Sends our digest to `peer`, chunked by id range. With `want_reply` the peer answers with its
-    /// own digest (periodic anti-entropy is push-pull; on link up both sides send one anyway).
-    pub(super) fn send_digest(&mut self, peer: NodeId, want_reply: bool) {
-        let per_msg = (self.config.max_message_size - HEADER_LEN - 35) / DIGEST_ENTRY_LEN;
-        let mut all: Vec<DigestEntry> = self
-            .others
-            .values()
-            .map(|e| DigestEntry {
-                id: e.rec.id,
-                key: e.rec.key(),
-            })
-            .collect();
-        let me = DigestEntry {
-            id: self.id,
-            key: self.me.key(),
-        };
-        let pos = all.partition_point(|e| e.id < self.id);
-        all.insert(pos, me);
-        let chunks: Vec<&[DigestEntry]> = all.chunks(per_msg.max(1)).collect();
+    /// Per-bucket hashes of every record version we hold (see [`wire::SUMMARY_BUCKETS`]).
+    fn summary(&self) -> Vec<u64> {
+        let mut h = vec![0u64; wire::SUMMARY_BUCKETS];
+        for rec in self.nodes() {
+            h[wire::bucket_of(rec.id)] = h[wire::bucket_of(rec.id)].wrapping_add(record_hash(rec));
+        }
+        h
+    }
+
+    /// Starts an anti-entropy exchange with `peer`: our bucket hashes.
+    pub(super) fn send_summary(&mut self, peer: NodeId) {
+        let h = self.summary();
+        self.push_transmit(peer, wire::encode_summary(&h));
+    }
+
+    /// The peer's bucket hashes: for each bucket that differs, send our digest of it (asking for
+    /// the peer's in return, so both sides end up with the newest of everything).
+    pub(super) fn on_summary(&mut self, from: NodeId, hashes: &[u64]) {
+        let mine = self.summary();
+        for (b, (m, t)) in mine.iter().zip(hashes).enumerate() {
+            if m != t {
+                let (lo, hi) = wire::bucket_range(b);
+                self.send_digest(from, lo, hi, true);
+            }
+        }
+    }
+
+    /// Sends our digest of ids in `lo..=hi` to `peer`, chunked into sub-ranges that fit a message.
+    pub(super) fn send_digest(&mut self, peer: NodeId, lo: NodeId, hi: NodeId, want_reply: bool) {
+        let per_msg = ((self.config.max_message_size - HEADER_LEN - 35) / DIGEST_ENTRY_LEN).max(1);
+        let mut all: Vec<DigestEntry> =
+            self.others.range(lo..=hi).map(|(_, e)| DigestEntry { id: e.rec.id, key: e.rec.key() }).collect();
+        if self.id >= lo && self.id <= hi {
+            let pos = all.partition_point(|e| e.id < self.id);
+            all.insert(pos, DigestEntry { id: self.id, key: self.me.key() });
+        }
+        if all.is_empty() {
+            self.push_transmit(peer, wire::encode_digest(lo, hi, &[], want_reply));
+            return;
+        }
+        let chunks: Vec<&[DigestEntry]> = all.chunks(per_msg).collect();
         let mut msgs = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
-            let lo = if i == 0 {
-                NodeId::from_bytes([0; 16])
-            } else {
-                chunk[0].id
-            };
-            let hi = match chunks.get(i + 1) {
+            let clo = if i == 0 { lo } else { chunk[0].id };
+            let chi = match chunks.get(i + 1) {
                 Some(next) => pred(next[0].id),
-                None => NodeId::from_bytes([0xff; 16]),
+                None => hi,
             };
-            msgs.push(wire::encode_digest(lo, hi, chunk, want_reply));
+            msgs.push(wire::encode_digest(clo, chi, chunk, want_reply));
         }
         for m in msgs {
             self.push_transmit(peer, m);
         }
     }
 
-    /// A digest from `from`: send it every record in `lo..=hi` it lacks or holds older.
+    /// A digest from `from`: send it every record in `lo..=hi` it lacks or holds older, and our own
+    /// digest of the range if it asks (then it sends us what we lack).
     pub(super) fn on_digest(
         &mut self,
         from: NodeId,
@@ -355,28 +371,29 @@ impl Core {
         entries: &[DigestEntry],
         want_reply: bool,
     ) {
-        let theirs: rustc_hash::FxHashMap<NodeId, (u64, u8, u64)> =
-            entries.iter().map(|e| (e.id, e.key)).collect();
+        let theirs: rustc_hash::FxHashMap<NodeId, (u64, u8, u64)> = entries.iter().map(|e| (e.id, e.key)).collect();
         let mut items: Vec<Vec<u8>> = Vec::new();
-        let newer = |rec: &NodeRecord| theirs.get(&rec.id).is_none_or(|k| *k < rec.key());
-        if self.id >= lo && self.id <= hi && newer(&self.me) {
-            let mut b = Vec::new();
-            wire::encode_record(&mut b, &self.me);
-            items.push(b);
-        }
-        for e in self.others.range(lo..=hi).map(|(_, e)| e) {
-            if newer(&e.rec) {
-                let mut b = Vec::new();
-                wire::encode_record(&mut b, &e.rec);
-                items.push(b);
+        let mut they_have_newer = false;
+        for rec in self.nodes() {
+            if rec.id < lo || rec.id > hi {
+                continue;
+            }
+            match theirs.get(&rec.id) {
+                Some(k) if *k >= rec.key() => they_have_newer |= *k > rec.key(),
+                _ => {
+                    let mut b = Vec::new();
+                    wire::encode_record(&mut b, rec);
+                    items.push(b);
+                }
             }
         }
         let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
         for m in self.pack_records(&refs) {
             self.push_transmit(from, m);
         }
-        if want_reply && lo == NodeId::from_bytes([0; 16]) {
-            self.send_digest(from, false);
+        let unknown = entries.iter().any(|e| e.id != self.id && !self.others.contains_key(&e.id));
+        if want_reply && (they_have_newer || unknown) {
+            self.send_digest(from, lo, hi, false);
         }
     }
 
@@ -387,7 +404,7 @@ impl Core {
         }
         let i = self.rng.random_range(0..self.links.len());
         if let Some(peer) = self.links.keys().nth(i).copied() {
-            self.send_digest(peer, true);
+            self.send_summary(peer);
         }
     }
 

@@ -32,8 +32,7 @@ use rustc_hash::FxHashMap;
 
 pub use id::{NodeId, ParseNodeIdError};
 pub use types::{
-    Action, Config, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeRecord,
-    NodeState, Route, Time,
+    Action, Config, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeRecord, NodeState, Route, Time,
 };
 pub use wire::{DecodeError, WIRE_VERSION};
 
@@ -98,6 +97,8 @@ pub struct Core {
     own_dirty: bool,
     routes: FxHashMap<NodeId, Route>,
     routes_dirty: bool,
+    /// Alive nodes missing from the routes, and since when.
+    unreachable: FxHashMap<NodeId, Time>,
     routes_urgent: bool,
     transmits: VecDeque<(NodeId, Bytes)>,
     actions: VecDeque<Action>,
@@ -107,6 +108,8 @@ pub struct Core {
     next_sync: Time,
     next_dead_retry: Time,
     next_gc: Time,
+    next_publish: Time,
+    next_route: Time,
     leaving: Option<Time>,
     stopped: bool,
 }
@@ -122,9 +125,7 @@ impl Core {
         config.hard_max_links = config.hard_max_links.max(config.max_links);
         config.suspicion_confirmations = config.suspicion_confirmations.max(1);
         config.max_message_size = config.max_message_size.max(1024);
-        config.max_record_size = config
-            .max_record_size
-            .clamp(256, config.max_message_size - 64);
+        config.max_record_size = config.max_record_size.clamp(256, config.max_message_size - 64);
         let rng = StdRng::seed_from_u64(config.rng_seed);
         let me = NodeRecord {
             id,
@@ -154,6 +155,7 @@ impl Core {
             own_dirty: false,
             routes: FxHashMap::default(),
             routes_dirty: false,
+            unreachable: FxHashMap::default(),
             routes_urgent: false,
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
@@ -163,6 +165,8 @@ impl Core {
             next_sync: now + config.sync_interval,
             next_dead_retry: now + config.dead_retry_interval,
             next_gc: now + config.dead_gc,
+            next_publish: now,
+            next_route: now,
             leaving: None,
             stopped: false,
             config,
@@ -178,10 +182,7 @@ impl Core {
             return;
         }
         if self.leaving.is_some() {
-            self.push_action(Action::Disconnect {
-                peer,
-                reason: DisconnectReason::Leaving,
-            });
+            self.push_action(Action::Disconnect { peer, reason: DisconnectReason::Leaving });
             return;
         }
         if self.links.contains_key(&peer) {
@@ -190,23 +191,15 @@ impl Core {
         if self.links.len() >= self.config.hard_max_links {
             let referrals = self.referral_addrs(4);
             self.push_transmit(peer, wire::encode_prune(&referrals));
-            self.push_action(Action::Disconnect {
-                peer,
-                reason: DisconnectReason::Full,
-            });
+            self.push_action(Action::Disconnect { peer, reason: DisconnectReason::Full });
             return;
         }
-        self.links.insert(
-            peer,
-            Link {
-                since: now,
-                last_heard: now,
-                sent_this_tick: false,
-            },
-        );
+        self.links.insert(peer, Link { since: now, last_heard: now, sent_this_tick: false });
         self.push_event(MeshEvent::LinkUp(peer));
-        self.links_changed();
-        self.send_digest(peer, false);
+        self.links_changed(false);
+        if self.id < peer {
+            self.send_summary(peer);
+        }
         self.finish(now);
     }
 
@@ -216,7 +209,7 @@ impl Core {
             return;
         }
         self.push_event(MeshEvent::LinkDown(peer));
-        self.links_changed();
+        self.links_changed(true);
         if reason != LinkDownReason::Closed {
             self.suspect(now, peer);
         }
@@ -225,12 +218,7 @@ impl Core {
 
     /// Gossip bytes arrived from linked peer `from`. Bytes from a peer that is not linked are
     /// ignored. On error nothing changed; the driver should close the link (it is misbehaving).
-    pub fn handle_message(
-        &mut self,
-        now: Time,
-        from: NodeId,
-        bytes: &[u8],
-    ) -> Result<(), DecodeError> {
+    pub fn handle_message(&mut self, now: Time, from: NodeId, bytes: &[u8]) -> Result<(), DecodeError> {
         let Some(link) = self.links.get_mut(&from) else {
             return Ok(());
         };
@@ -243,17 +231,13 @@ impl Core {
                     self.merge(now, rec, Some(from));
                 }
             }
-            wire::Msg::Digest {
-                lo,
-                hi,
-                entries,
-                want_reply,
-            } => self.on_digest(from, lo, hi, &entries, want_reply),
+            wire::Msg::Digest { lo, hi, entries, want_reply } => self.on_digest(from, lo, hi, &entries, want_reply),
+            wire::Msg::Summary { hashes } => self.on_summary(from, &hashes),
             wire::Msg::Prune { referrals } => {
                 self.links.remove(&from);
                 self.cooldown.insert(from, now + self.config.prune_cooldown);
                 self.push_event(MeshEvent::LinkDown(from));
-                self.links_changed();
+                self.links_changed(true);
                 for r in referrals {
                     if self.referrals.len() >= 16 {
                         self.referrals.pop_front();
@@ -275,23 +259,22 @@ impl Core {
             if now >= deadline {
                 let peers: Vec<NodeId> = self.links.keys().copied().collect();
                 for peer in peers {
-                    self.push_action(Action::Disconnect {
-                        peer,
-                        reason: DisconnectReason::Leaving,
-                    });
+                    self.push_action(Action::Disconnect { peer, reason: DisconnectReason::Leaving });
                 }
                 self.links.clear();
                 self.stopped = true;
             }
             return;
         }
+        self.check_suspicions(now);
         if now < self.next_tick {
+            self.finish(now);
             return;
         }
         self.next_tick = now + self.config.gossip_interval;
         self.check_links(now);
-        self.check_suspicions(now);
-        if self.own_dirty {
+        if self.own_dirty && now >= self.next_publish {
+            self.next_publish = now + self.config.publish_interval;
             self.publish_own();
         }
         self.maintain(now);
@@ -304,29 +287,21 @@ impl Core {
             self.gc(now);
         }
         self.flush();
-        let idle: Vec<NodeId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| !l.sent_this_tick)
-            .map(|(p, _)| *p)
-            .collect();
+        let idle: Vec<NodeId> = self.links.iter().filter(|(_, l)| !l.sent_this_tick).map(|(p, _)| *p).collect();
         for peer in idle {
             self.push_transmit(peer, wire::encode_heartbeat());
         }
         for l in self.links.values_mut() {
             l.sent_this_tick = false;
         }
-        if self.routes_dirty {
-            self.recompute_routes();
+        if self.routes_urgent || (self.routes_dirty && now >= self.next_route) {
+            self.next_route = now + self.config.route_interval;
+            self.recompute_routes(now);
         }
     }
 
     /// Sets what this node hosts and listens to; spreads at once.
-    pub fn set_local(
-        &mut self,
-        gears: Vec<GearAd>,
-        topics: Vec<String>,
-    ) -> Result<(), SetLocalError> {
+    pub fn set_local(&mut self, gears: Vec<GearAd>, topics: Vec<String>) -> Result<(), SetLocalError> {
         let mut candidate = self.me.clone();
         candidate.gears = gears;
         candidate.gears.sort();
@@ -337,10 +312,7 @@ impl Core {
         let mut buf = Vec::new();
         wire::encode_record(&mut buf, &candidate);
         if buf.len() > self.config.max_record_size {
-            return Err(SetLocalError::RecordTooLarge {
-                size: buf.len(),
-                limit: self.config.max_record_size,
-            });
+            return Err(SetLocalError::RecordTooLarge { size: buf.len(), limit: self.config.max_record_size });
         }
         self.me = candidate;
         self.publish_own();
@@ -390,17 +362,18 @@ impl Core {
     }
 
     /// End of every input: forward what is new, and reroute now if it cannot wait for the tick.
-    fn finish(&mut self, _now: Time) {
+    fn finish(&mut self, now: Time) {
         self.flush();
         if self.routes_urgent {
-            self.recompute_routes();
+            self.recompute_routes(now);
         }
     }
 
-    fn links_changed(&mut self) {
+    /// Our links changed; a lost link reroutes at once.
+    fn links_changed(&mut self, lost: bool) {
         self.own_dirty = true;
         self.routes_dirty = true;
-        self.routes_urgent = true;
+        self.routes_urgent |= lost;
     }
 }
 
@@ -427,7 +400,10 @@ impl Core {
         if self.stopped {
             return None;
         }
-        Some(self.leaving.unwrap_or(self.next_tick))
+        if let Some(t) = self.leaving {
+            return Some(t);
+        }
+        Some(self.next_suspicion_deadline().map_or(self.next_tick, |d| d.min(self.next_tick)))
     }
 
     /// Outputs dropped because a queue was full (the consumer did not drain it).
@@ -479,13 +455,10 @@ impl Core {
     /// The linked peer to send a frame for `dst` through: `dst` itself when linked, else the first
     /// hop of a shortest path over the link graph known from records. `None` if unreachable.
     pub fn next_hop(&self, dst: NodeId) -> Option<NodeId> {
-        if self.links.contains_key(&dst) {
+        if self.links.contains_key(&dst) && self.others.get(&dst).is_none_or(|e| e.rec.state.is_up()) {
             return Some(dst);
         }
-        self.routes
-            .get(&dst)
-            .map(|r| r.next_hop)
-            .filter(|h| self.links.contains_key(h))
+        self.routes.get(&dst).map(|r| r.next_hop).filter(|h| self.links.contains_key(h))
     }
 
     /// Every record this node holds, its own first (dead and left ones included, until GC).
@@ -495,11 +468,7 @@ impl Core {
 
     /// The record of one node.
     pub fn node(&self, id: NodeId) -> Option<&NodeRecord> {
-        if id == self.id {
-            Some(&self.me)
-        } else {
-            self.others.get(&id).map(|e| &e.rec)
-        }
+        if id == self.id { Some(&self.me) } else { self.others.get(&id).map(|e| &e.rec) }
     }
 
     /// What this node believes about `id`'s state.
@@ -509,18 +478,12 @@ impl Core {
 
     /// Up (alive or suspect) nodes hosting a gear of that name, this node included.
     pub fn replicas_of(&self, gear: &str) -> Vec<NodeId> {
-        self.nodes()
-            .filter(|r| r.state.is_up() && r.gears.iter().any(|g| g.name == gear))
-            .map(|r| r.id)
-            .collect()
+        self.nodes().filter(|r| r.state.is_up() && r.gears.iter().any(|g| g.name == gear)).map(|r| r.id).collect()
     }
 
     /// Up nodes with listeners for `topic`, this node included.
     pub fn interested_in(&self, topic: &str) -> Vec<NodeId> {
-        self.nodes()
-            .filter(|r| r.state.is_up() && r.topics.iter().any(|t| t == topic))
-            .map(|r| r.id)
-            .collect()
+        self.nodes().filter(|r| r.state.is_up() && r.topics.iter().any(|t| t == topic)).map(|r| r.id).collect()
     }
 
     /// The current direct peers.

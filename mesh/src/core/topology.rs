@@ -76,9 +76,7 @@ impl Core {
         if self.me.addrs.iter().any(|a| a == addr) {
             return false;
         }
-        self.dials
-            .get(addr)
-            .is_none_or(|d| d.pending.is_none() && d.not_before <= now)
+        self.dials.get(addr).is_none_or(|d| d.pending.is_none() && d.not_before <= now)
     }
 
     fn dial(&mut self, now: Time, addr: String) {
@@ -184,32 +182,29 @@ impl Core {
         let peer = victims[0].1;
         let referrals = self.referral_addrs(4);
         self.push_transmit(peer, wire::encode_prune(&referrals));
-        self.push_action(Action::Disconnect {
-            peer,
-            reason: DisconnectReason::Pruned,
-        });
+        self.push_action(Action::Disconnect { peer, reason: DisconnectReason::Pruned });
         self.links.remove(&peer);
         self.cooldown.insert(peer, now + self.config.prune_cooldown);
         self.push_event(MeshEvent::LinkDown(peer));
-        self.links_changed();
+        self.links_changed(true);
     }
 
     /// Breadth-first shortest paths from this node. An edge between two other nodes counts only if
     /// both are up and both list it (so a dead node's stale record cannot attract traffic); our own
     /// edges are our live links.
-    pub(super) fn recompute_routes(&mut self) {
+    ///
+    /// Alive nodes that stay unreachable for `link_timeout + suspicion_min` are suspected: nobody
+    /// may be linked to them any more (a partition, or a crash no linked peer saw).
+    pub(super) fn recompute_routes(&mut self, now: Time) {
         self.routes_dirty = false;
         self.routes_urgent = false;
         let mut routes: FxHashMap<NodeId, Route> = FxHashMap::default();
         let mut queue: VecDeque<NodeId> = VecDeque::new();
         for peer in self.links.keys() {
-            routes.insert(
-                *peer,
-                Route {
-                    next_hop: *peer,
-                    hops: 1,
-                },
-            );
+            if self.others.get(peer).is_some_and(|e| !e.rec.state.is_up()) {
+                continue;
+            }
+            routes.insert(*peer, Route { next_hop: *peer, hops: 1 });
             queue.push_back(*peer);
         }
         while let Some(u) = queue.pop_front() {
@@ -232,19 +227,29 @@ impl Core {
                 if !ve.rec.state.is_up() || !ve.rec.links.contains(&u) {
                     continue;
                 }
-                routes.insert(
-                    *v,
-                    Route {
-                        next_hop: r.next_hop,
-                        hops: r.hops + 1,
-                    },
-                );
+                routes.insert(*v, Route { next_hop: r.next_hop, hops: r.hops + 1 });
                 queue.push_back(*v);
             }
         }
         if routes != self.routes {
             self.routes = routes;
             self.push_event(MeshEvent::RoutesChanged);
+        }
+        let grace = self.config.link_timeout + self.config.suspicion_min;
+        let mut lost = Vec::new();
+        for (id, e) in &self.others {
+            if e.rec.state != NodeState::Alive || self.routes.contains_key(id) {
+                self.unreachable.remove(id);
+                continue;
+            }
+            let since = *self.unreachable.entry(*id).or_insert(now);
+            if now.since(since) >= grace {
+                lost.push(*id);
+            }
+        }
+        for id in lost {
+            self.unreachable.remove(&id);
+            self.suspect(now, id);
         }
     }
 }

@@ -70,8 +70,14 @@ pub struct Config {
     pub suspicion_max: Duration,
     /// Independent suspecters needed to shrink suspicion to `suspicion_min` (default 3).
     pub suspicion_confirmations: usize,
-    /// Period of the anti-entropy digest exchange with one random linked peer (default 2 s).
+    /// Period of the anti-entropy exchange with one random linked peer (default 2 s).
     pub sync_interval: Duration,
+    /// Changes of this node's own links are published at most this often (default 1 s); gear,
+    /// topic and state changes go out at once.
+    pub publish_interval: Duration,
+    /// Routes are recomputed at most this often for remote link changes (default 1 s); the loss of
+    /// a node or of one of our links reroutes at once.
+    pub route_interval: Duration,
     /// How long a dead node's record (and address, for reconnection) is kept (default 10 min).
     pub dead_gc: Duration,
     /// Period of redials of dead nodes' addresses, to heal partitions (default 1 s, one dial a time).
@@ -110,6 +116,8 @@ impl Default for Config {
             suspicion_max: Duration::from_secs(4),
             suspicion_confirmations: 3,
             sync_interval: Duration::from_secs(2),
+            publish_interval: Duration::from_secs(1),
+            route_interval: Duration::from_secs(1),
             dead_gc: Duration::from_secs(600),
             dead_retry_interval: Duration::from_secs(1),
             dial_backoff_base: Duration::from_millis(250),
@@ -128,10 +136,7 @@ impl Default for Config {
 impl Config {
     /// The default configuration with the given RNG seed (what simulations use).
     pub fn with_seed(rng_seed: u64) -> Self {
-        Self {
-            rng_seed,
-            ..Self::default()
-        }
+        Self { rng_seed, ..Self::default() }
     }
 }
 

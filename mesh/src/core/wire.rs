@@ -16,6 +16,25 @@ const KIND_HEARTBEAT: u8 = 1;
 const KIND_RECORDS: u8 = 2;
 const KIND_DIGEST: u8 = 3;
 const KIND_PRUNE: u8 = 4;
+const KIND_SUMMARY: u8 = 5;
+
+/// Anti-entropy splits the id space into this many buckets by the first byte of the id.
+pub(crate) const SUMMARY_BUCKETS: usize = 64;
+
+/// The bucket of an id.
+pub(crate) fn bucket_of(id: NodeId) -> usize {
+    usize::from(id.as_bytes()[0] >> 2)
+}
+
+/// The inclusive id range of a bucket.
+pub(crate) fn bucket_range(b: usize) -> (NodeId, NodeId) {
+    let first = (b as u8) << 2;
+    let mut lo = [0u8; 16];
+    lo[0] = first;
+    let mut hi = [0xffu8; 16];
+    hi[0] = first | 3;
+    (NodeId::from_bytes(lo), NodeId::from_bytes(hi))
+}
 
 const MAX_STR: usize = 1024;
 const MAX_ADDRS: usize = 16;
@@ -76,14 +95,20 @@ pub(crate) enum Msg {
     /// Records the receiver may not have.
     Records(Vec<NodeRecord>),
     /// The sender's record versions for every node with an id in `lo..=hi`.
-    Digest {
-        lo: NodeId,
-        hi: NodeId,
-        entries: Vec<DigestEntry>,
-        want_reply: bool,
-    },
+    Digest { lo: NodeId, hi: NodeId, entries: Vec<DigestEntry>, want_reply: bool },
     /// The sender drops this link; the addresses are other nodes to try.
     Prune { referrals: Vec<String> },
+    /// Per-bucket hashes of the sender's record versions (starts anti-entropy).
+    Summary { hashes: Vec<u64> },
+}
+
+pub(crate) fn encode_summary(hashes: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HEADER_LEN + hashes.len() * 8);
+    header(&mut b, KIND_SUMMARY);
+    for h in hashes.iter().take(SUMMARY_BUCKETS) {
+        b.extend_from_slice(&h.to_be_bytes());
+    }
+    b
 }
 
 /// Starts a message of the given kind in `buf`.
@@ -110,12 +135,7 @@ pub(crate) fn encode_records<'a>(records: impl ExactSizeIterator<Item = &'a [u8]
     b
 }
 
-pub(crate) fn encode_digest(
-    lo: NodeId,
-    hi: NodeId,
-    entries: &[DigestEntry],
-    want_reply: bool,
-) -> Vec<u8> {
+pub(crate) fn encode_digest(lo: NodeId, hi: NodeId, entries: &[DigestEntry], want_reply: bool) -> Vec<u8> {
     let mut b = Vec::with_capacity(HEADER_LEN + 35 + entries.len() * DIGEST_ENTRY_LEN);
     header(&mut b, KIND_DIGEST);
     b.push(u8::from(want_reply));
@@ -231,21 +251,18 @@ pub(crate) fn decode(bytes: &[u8], max_size: usize) -> Result<Msg, DecodeError> 
                     return Err(DecodeError::Invalid("state"));
                 }
                 let ver = r.u64()?;
-                entries.push(DigestEntry {
-                    id,
-                    key: (inc, rank, ver),
-                });
+                entries.push(DigestEntry { id, key: (inc, rank, ver) });
             }
-            Msg::Digest {
-                lo,
-                hi,
-                entries,
-                want_reply,
-            }
+            Msg::Digest { lo, hi, entries, want_reply }
         }
-        KIND_PRUNE => Msg::Prune {
-            referrals: r.strs(MAX_ADDRS, "referrals")?,
-        },
+        KIND_PRUNE => Msg::Prune { referrals: r.strs(MAX_ADDRS, "referrals")? },
+        KIND_SUMMARY => {
+            let mut hashes = Vec::with_capacity(SUMMARY_BUCKETS);
+            for _ in 0..SUMMARY_BUCKETS {
+                hashes.push(r.u64()?);
+            }
+            Msg::Summary { hashes }
+        }
         k => return Err(DecodeError::UnknownKind(k)),
     };
     if !r.b.is_empty() {
@@ -293,12 +310,7 @@ impl<'a> Reader<'a> {
 
     /// A u16 count, checked against `max` and against the bytes left (each item is at least
     /// `min_item` bytes), so a forged count cannot make us allocate.
-    fn count(
-        &mut self,
-        min_item: usize,
-        max: usize,
-        what: &'static str,
-    ) -> Result<usize, DecodeError> {
+    fn count(&mut self, min_item: usize, max: usize, what: &'static str) -> Result<usize, DecodeError> {
         let n = usize::from(self.u16()?);
         if n > max {
             return Err(DecodeError::Limit(what));
@@ -355,25 +367,11 @@ impl<'a> Reader<'a> {
             let name = self.str()?;
             let version = self.str()?;
             let ports = self.strs(MAX_PORTS, "ports")?;
-            gears.push(GearAd {
-                name,
-                version,
-                ports,
-            });
+            gears.push(GearAd { name, version, ports });
         }
         let topics = self.strs(usize::from(u16::MAX), "topics")?;
         let links = self.ids(MAX_LINKS, "links")?;
-        Ok(NodeRecord {
-            id,
-            incarnation,
-            version,
-            state,
-            suspecters,
-            addrs,
-            gears,
-            topics,
-            links,
-        })
+        Ok(NodeRecord { id, incarnation, version, state, suspecters, addrs, gears, topics, links })
     }
 }
 
@@ -390,11 +388,7 @@ mod tests {
             state: NodeState::Suspect,
             suspecters: vec![NodeId::from_bytes([1; 16])],
             addrs: vec!["wss://a:1".into()],
-            gears: vec![GearAd {
-                name: "billing".into(),
-                version: "1.2.0".into(),
-                ports: vec!["charge".into()],
-            }],
+            gears: vec![GearAd { name: "billing".into(), version: "1.2.0".into(), ports: vec!["charge".into()] }],
             topics: vec!["orders.cancelled".into()],
             links: vec![NodeId::from_bytes([2; 16]), NodeId::from_bytes([3; 16])],
         }
@@ -407,29 +401,18 @@ mod tests {
         encode_record(&mut enc, &r);
         let msg = encode_records([enc.as_slice()].into_iter());
         assert_eq!(decode(&msg, 1 << 16), Ok(Msg::Records(vec![r])));
-        let e = DigestEntry {
-            id: NodeId::from_bytes([5; 16]),
-            key: (1, 2, 3),
-        };
+        let e = DigestEntry { id: NodeId::from_bytes([5; 16]), key: (1, 2, 3) };
         let hi = NodeId::from_bytes([255; 16]);
         let d = encode_digest(NodeId::default(), hi, &[e], true);
         assert_eq!(
             decode(&d, 1 << 16),
-            Ok(Msg::Digest {
-                lo: NodeId::default(),
-                hi,
-                entries: vec![e],
-                want_reply: true
-            })
+            Ok(Msg::Digest { lo: NodeId::default(), hi, entries: vec![e], want_reply: true })
         );
         let p = encode_prune(&["x".into()]);
-        assert_eq!(
-            decode(&p, 1 << 16),
-            Ok(Msg::Prune {
-                referrals: vec!["x".into()]
-            })
-        );
+        assert_eq!(decode(&p, 1 << 16), Ok(Msg::Prune { referrals: vec!["x".into()] }));
         assert_eq!(decode(&encode_heartbeat(), 16), Ok(Msg::Heartbeat));
+        let h: Vec<u64> = (0..SUMMARY_BUCKETS as u64).collect();
+        assert_eq!(decode(&encode_summary(&h), 1 << 16), Ok(Msg::Summary { hashes: h }));
         assert_eq!(decode(&msg, 8), Err(DecodeError::TooLarge(msg.len())));
     }
 

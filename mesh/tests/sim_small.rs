@@ -1,0 +1,46 @@
+//! Small simulated meshes: joining, full mesh while small, gossip of gears and topics, leave.
+
+mod sim;
+
+use gearmesh_mesh::Config;
+use sim::{NetConfig, Sim};
+
+fn mesh(seed: u64, n: usize) -> Sim {
+    let mut sim = Sim::new(seed, NetConfig::default());
+    let s = sim.add_node(Config::default(), true, Vec::new());
+    let seed_addr = sim.nodes[s].addr.clone();
+    for _ in 1..n {
+        sim.add_node(Config::default(), true, vec![seed_addr.clone()]);
+        sim.run_for(10);
+    }
+    sim
+}
+
+#[test]
+fn small_mesh_is_a_full_mesh() {
+    let mut sim = mesh(1, 6);
+    let t = sim.run_until_pred(100, 20_000, |s| s.converged());
+    assert!(t.is_some(), "6 nodes converge");
+    sim.run_for(3_000);
+    for i in sim.live() {
+        assert_eq!(sim.nodes[i].core.links().len(), 5, "full mesh while small");
+    }
+}
+
+#[test]
+fn fifty_nodes_converge_with_bounded_links() {
+    let mut sim = mesh(2, 50);
+    let t = sim.run_until_pred(100, 30_000, |s| s.converged());
+    eprintln!("converged after {t:?} ms");
+    assert!(t.is_some());
+    sim.run_for(5_000);
+    assert!(sim.converged());
+    let live = sim.live();
+    assert!(sim.connected_among(&live));
+    assert!(sim.max_degree() <= 16, "hard link bound");
+    eprintln!("max degree {} max core links {}", sim.max_degree(), sim.max_core_links());
+    let (ok, hops) = sim.check_routes(&live, 500);
+    eprintln!("routes ok {ok}/500 max hops {hops}");
+    assert_eq!(ok, 500);
+    assert!(sim.stats.declared_dead.is_empty(), "nobody declared dead: {:?}", sim.stats.declared_dead);
+}
