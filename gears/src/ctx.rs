@@ -8,6 +8,22 @@ use tokio::time::Instant;
 
 use crate::{Arg, BoxFuture, CallError, Event, GearName, Payload, Principal, TraceId};
 
+/// A hosted gear's own identity, shared by every context of that gear.
+#[derive(Debug)]
+pub(crate) struct GearIdentity {
+    pub(crate) name: GearName,
+    pub(crate) principal: Principal,
+}
+
+/// Whom a context acts for.
+#[derive(Clone)]
+enum Me {
+    /// A hosted gear: its calls carry `gear:<name>`.
+    Gear(Arc<GearIdentity>),
+    /// Code outside any gear, acting as this principal.
+    Outside(Principal),
+}
+
 /// Routes calls and events. Implemented by the node's local host and by the mesh router; a
 /// [`Ctx`] holds one behind an `Arc` so gear code never knows which.
 pub trait Dispatch: Send + Sync + 'static {
@@ -48,16 +64,15 @@ pub struct CallMeta {
     pub deadline: Option<Instant>,
     /// The trace this call belongs to.
     pub trace_id: TraceId,
+    /// Whether `deadline` was derived from one a host already capped (so the host need not read
+    /// the clock to cap it again).
+    pub(crate) capped: bool,
 }
 
 impl CallMeta {
     /// Metadata for a new call tree: a fresh trace id and the given caller and deadline.
     pub fn new(caller: Principal, deadline: Option<Instant>) -> Self {
-        Self {
-            caller,
-            deadline,
-            trace_id: TraceId::random(),
-        }
+        Self { caller, deadline, trace_id: TraceId::random(), capped: false }
     }
 }
 
@@ -100,9 +115,10 @@ impl CallOptions {
 pub struct Ctx {
     dispatch: Arc<dyn Dispatch>,
     caller: Principal,
-    acting_as: Principal,
-    gear: Option<GearName>,
+    me: Me,
     deadline: Option<Instant>,
+    /// Whether `deadline` was capped by a host (true inside gears).
+    capped: bool,
     trace_id: TraceId,
 }
 
@@ -110,8 +126,7 @@ impl fmt::Debug for Ctx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ctx")
             .field("caller", &self.caller)
-            .field("acting_as", &self.acting_as)
-            .field("gear", &self.gear)
+            .field("acting_as", self.acting_as())
             .field("deadline", &self.deadline)
             .field("trace_id", &self.trace_id)
             .finish()
@@ -126,27 +141,26 @@ impl Ctx {
         Self {
             dispatch,
             caller: principal.clone(),
-            acting_as: principal,
-            gear: None,
+            me: Me::Outside(principal),
             deadline: None,
+            capped: false,
             trace_id: TraceId::random(),
         }
     }
 
-    /// The context handed to a port of `gear` (called by `meta.caller`), acting as `acting_as`.
+    /// The context handed to a port or listener of a hosted gear (called by `meta.caller`).
     pub(crate) fn for_gear(
         dispatch: Arc<dyn Dispatch>,
-        gear: GearName,
-        acting_as: Principal,
+        me: Arc<GearIdentity>,
         meta: CallMeta,
         deadline: Instant,
     ) -> Self {
         Self {
             dispatch,
             caller: meta.caller,
-            acting_as,
-            gear: Some(gear),
+            me: Me::Gear(me),
             deadline: Some(deadline),
+            capped: true,
             trace_id: meta.trace_id,
         }
     }
@@ -155,19 +169,12 @@ impl Ctx {
     ///
     /// # Errors
     /// The callee's error, or `not_found`, `timeout`, `overloaded`, `unavailable`, ... from the way.
-    pub async fn call<Req, Resp>(
-        &self,
-        gear: &str,
-        port: &str,
-        req: &Req,
-    ) -> Result<Resp, CallError>
+    pub async fn call<Req, Resp>(&self, gear: &str, port: &str, req: &Req) -> Result<Resp, CallError>
     where
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload(gear, port, Arg::typed(req), None)
-            .await?
-            .take()
+        self.call_payload(gear, port, Arg::typed(req), None).await?.take()
     }
 
     /// Like [`Ctx::call`], with options (a timeout now; strategies later).
@@ -185,9 +192,7 @@ impl Ctx {
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload(gear, port, Arg::typed(req), options.timeout)
-            .await?
-            .take()
+        self.call_payload(gear, port, Arg::typed(req), options.timeout).await?.take()
     }
 
     /// Calls with an untyped [`Arg`] and returns the untyped [`Payload`] (for adapters).
@@ -206,19 +211,10 @@ impl Ctx {
             (None, Some(t)) => Some(Instant::now() + t),
             (Some(d), Some(t)) => Some(d.min(Instant::now() + t)),
         };
-        let meta = CallMeta {
-            caller: self.acting_as.clone(),
-            deadline,
-            trace_id: self.trace_id,
-        };
-        self.dispatch
-            .call(Call {
-                gear,
-                port,
-                arg,
-                meta,
-            })
-            .await
+        // An earlier deadline than a capped one is capped too.
+        let capped = self.capped && self.deadline.is_some();
+        let meta = CallMeta { caller: self.acting_as().clone(), deadline, trace_id: self.trace_id, capped };
+        self.dispatch.call(Call { gear, port, arg, meta }).await
     }
 
     /// Publishes `event` on `topic` to every listener, wherever it runs. Returns once the event is
@@ -233,7 +229,7 @@ impl Ctx {
         self.dispatch.publish(Publish {
             topic: topic.to_owned(),
             event: Event::typed(event.clone()),
-            publisher: self.acting_as.clone(),
+            publisher: self.acting_as().clone(),
             trace_id: self.trace_id,
         })
     }
@@ -245,12 +241,18 @@ impl Ctx {
 
     /// The identity this context's own calls carry (`gear:<name>` inside a gear).
     pub fn acting_as(&self) -> &Principal {
-        &self.acting_as
+        match &self.me {
+            Me::Gear(g) => &g.principal,
+            Me::Outside(p) => p,
+        }
     }
 
     /// The gear this context belongs to, if any.
     pub fn gear(&self) -> Option<&GearName> {
-        self.gear.as_ref()
+        match &self.me {
+            Me::Gear(g) => Some(&g.name),
+            Me::Outside(_) => None,
+        }
     }
 
     /// The absolute deadline of the current call, if any.
@@ -260,8 +262,7 @@ impl Ctx {
 
     /// The time left until the deadline (zero once it passed), if there is one.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
+        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// The trace id shared by every call of this request tree.

@@ -114,20 +114,12 @@ macro_rules! constructors {
 impl CallError {
     /// An error with the given code and message. For [`ErrorCode::App`] prefer [`CallError::app`].
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            app_code: None,
-            message: message.into(),
-        }
+        Self { code, app_code: None, message: message.into() }
     }
 
     /// A port's own error: `code` is the application's stable code, e.g. `"insufficient_funds"`.
     pub fn app(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            code: ErrorCode::App,
-            app_code: Some(code.into()),
-            message: message.into(),
-        }
+        Self { code: ErrorCode::App, app_code: Some(code.into()), message: message.into() }
     }
 
     constructors! {
@@ -214,8 +206,7 @@ mod tests {
 
     #[test]
     fn every_code_has_a_distinct_fitting_status() {
-        let statuses: std::collections::HashSet<u16> =
-            ErrorCode::ALL.iter().map(|c| c.http_status()).collect();
+        let statuses: std::collections::HashSet<u16> = ErrorCode::ALL.iter().map(|c| c.http_status()).collect();
         assert_eq!(statuses.len(), ErrorCode::ALL.len());
         assert_eq!(ErrorCode::Overloaded.http_status(), 429);
         assert_eq!(ErrorCode::Timeout.http_status(), 504);

@@ -5,31 +5,23 @@ use std::{future::Future, num::NonZeroUsize, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::{
-    Arg, BoxFuture, CallError, Ctx, Event, GearName, InvalidName, Payload, PortName, Topic,
-};
+use crate::{Arg, BoxFuture, CallError, Ctx, Event, GearName, InvalidName, Payload, PortName, Topic, host::Run};
 
-/// A type-erased port: converts the argument, then returns the port's future.
-pub(crate) type ErasedPort = dyn Fn(Ctx, Arg<'_>) -> Result<BoxFuture<'static, Result<Payload, CallError>>, CallError>
-    + Send
-    + Sync;
+/// A type-erased port: converts the argument, then returns the port's future, already wrapped by
+/// the host's [`Run`] (deadline, panic isolation, bookkeeping) so a call costs one allocation.
+pub(crate) type ErasedPort =
+    dyn Fn(Ctx, Arg<'_>, Run) -> Result<BoxFuture<'static, Result<Payload, CallError>>, CallError> + Send + Sync;
 
 /// A type-erased listener.
-pub(crate) type ErasedListener = dyn Fn(Ctx, &Event) -> Result<BoxFuture<'static, Result<(), CallError>>, CallError>
-    + Send
-    + Sync;
+pub(crate) type ErasedListener =
+    dyn Fn(Ctx, &Event) -> Result<BoxFuture<'static, Result<(), CallError>>, CallError> + Send + Sync;
 
 /// Per-port options.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortOptions {
     /// The default deadline of a call to this port when the caller sets none (else the host's
     /// default applies). Always capped by the host's maximum.
-    #[serde(
-        default,
-        with = "opt_millis",
-        rename = "timeout_ms",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "opt_millis", rename = "timeout_ms", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
     /// How many calls may run at once; one more gets `overloaded` at once (no queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,9 +43,7 @@ mod opt_millis {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
     }
 }
@@ -230,14 +220,8 @@ impl std::fmt::Debug for Gear {
         f.debug_struct("Gear")
             .field("name", &self.name)
             .field("version", &self.version)
-            .field(
-                "ports",
-                &self.ports.iter().map(|(s, _)| &s.name).collect::<Vec<_>>(),
-            )
-            .field(
-                "listens",
-                &self.listeners.iter().map(|(t, _)| t).collect::<Vec<_>>(),
-            )
+            .field("ports", &self.ports.iter().map(|(s, _)| &s.name).collect::<Vec<_>>())
+            .field("listens", &self.listeners.iter().map(|(t, _)| t).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -298,10 +282,10 @@ impl Gear {
         F: Fn(Ctx, Req) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, CallError>> + Send + 'static,
     {
-        let handler: Arc<ErasedPort> = Arc::new(move |ctx: Ctx, arg: Arg<'_>| {
+        let handler: Arc<ErasedPort> = Arc::new(move |ctx: Ctx, arg: Arg<'_>, run: Run| {
             let req = arg.take::<Req>()?;
             let fut = f(ctx, req);
-            Ok(Box::pin(async move { fut.await.map(Payload::typed) }) as BoxFuture<'static, _>)
+            Ok(Box::pin(run.drive(async move { fut.await.map(Payload::typed) })) as BoxFuture<'static, _>)
         });
         self.ports.push((spec, handler));
         self
@@ -317,7 +301,11 @@ impl Gear {
             + Sync
             + 'static,
     {
-        self.ports.push((spec, Arc::new(f)));
+        let handler: Arc<ErasedPort> = Arc::new(move |ctx: Ctx, arg: Arg<'_>, run: Run| {
+            let fut = f(ctx, arg)?;
+            Ok(Box::pin(run.drive(fut)) as BoxFuture<'static, _>)
+        });
+        self.ports.push((spec, handler));
         self
     }
 
@@ -355,28 +343,16 @@ impl Gear {
         }
         let mut listeners = Vec::with_capacity(self.listeners.len());
         for (topic, handler) in self.listeners {
-            listeners.push(ListenerDef {
-                topic: Topic::new(&topic)?,
-                handler,
-            });
+            listeners.push(ListenerDef { topic: Topic::new(&topic)?, handler });
         }
         let meta = GearMeta {
             name,
             version,
             description: self.description,
             ports: ports.iter().map(|p| p.meta.clone()).collect(),
-            listens: listeners
-                .iter()
-                .map(|l| ListenerMeta {
-                    topic: l.topic.clone(),
-                })
-                .collect(),
+            listens: listeners.iter().map(|l| ListenerMeta { topic: l.topic.clone() }).collect(),
         };
-        Ok(GearParts {
-            meta,
-            ports,
-            listeners,
-        })
+        Ok(GearParts { meta, ports, listeners })
     }
 
     /// Checks the definition without hosting it.
@@ -393,10 +369,7 @@ impl Gear {
         for (i, (spec, _)) in self.ports.iter().enumerate() {
             PortName::new(&spec.name)?;
             if self.ports[..i].iter().any(|(s, _)| s.name == spec.name) {
-                return Err(GearError::DuplicatePort {
-                    gear: self.name.clone(),
-                    port: spec.name.clone(),
-                });
+                return Err(GearError::DuplicatePort { gear: self.name.clone(), port: spec.name.clone() });
             }
         }
         for (topic, _) in &self.listeners {

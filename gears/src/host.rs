@@ -26,16 +26,28 @@ use std::{
     time::Duration,
 };
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics::{Counter, Key, Label, Recorder};
 use rustc_hash::FxHashMap;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    BoxFuture, Call, CallError, CallMeta, Ctx, Dispatch, ErrorCode, Event, Gear, GearError,
-    GearMeta, GearName, Payload, Principal, Publish, Topic, TraceId,
-    gear::{ErasedListener, ErasedPort},
+    BoxFuture, Call, CallError, CallMeta, Ctx, Dispatch, Event, Gear, GearError, GearMeta, GearName, Payload,
+    Principal, Publish, Topic, TraceId,
+    ctx::GearIdentity,
+    gear::ErasedListener,
     panic::{Isolated, install_panic_hook, isolate},
 };
+
+mod run;
+
+pub(crate) use run::Run;
+mod stats;
+
+use run::{PortState, panicked};
+use stats::PortStats;
+
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new("gearmesh", metrics::Level::INFO, Some(module_path!()));
 
 /// Host-wide limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,106 +73,6 @@ impl Default for HostConfig {
     }
 }
 
-static METADATA: Metadata<'static> =
-    Metadata::new("gearmesh", metrics::Level::INFO, Some(module_path!()));
-
-/// Metric handles of one port, registered once so the call path never looks a metric up.
-struct PortMetrics {
-    calls: Counter,
-    errors: [Counter; ErrorCode::ALL.len()],
-    duration: Histogram,
-    in_flight: Gauge,
-}
-
-impl PortMetrics {
-    fn new(recorder: Option<&dyn Recorder>, gear: &GearName, port: &str) -> Self {
-        let labels = || {
-            vec![
-                Label::new("gear", gear.to_string()),
-                Label::new("port", port.to_owned()),
-            ]
-        };
-        match recorder {
-            None => Self {
-                calls: Counter::noop(),
-                errors: std::array::from_fn(|_| Counter::noop()),
-                duration: Histogram::noop(),
-                in_flight: Gauge::noop(),
-            },
-            Some(r) => Self {
-                calls: r.register_counter(
-                    &Key::from_parts("gearmesh_calls_total", labels()),
-                    &METADATA,
-                ),
-                errors: std::array::from_fn(|i| {
-                    let mut l = labels();
-                    l.push(Label::new("code", ErrorCode::ALL[i].as_str()));
-                    r.register_counter(&Key::from_parts("gearmesh_call_errors_total", l), &METADATA)
-                }),
-                duration: r.register_histogram(
-                    &Key::from_parts("gearmesh_call_duration_seconds", labels()),
-                    &METADATA,
-                ),
-                in_flight: r.register_gauge(
-                    &Key::from_parts("gearmesh_calls_in_flight", labels()),
-                    &METADATA,
-                ),
-            },
-        }
-    }
-}
-
-/// One hosted port.
-struct PortState {
-    gear: GearName,
-    principal: Principal,
-    name: crate::PortName,
-    handler: Arc<ErasedPort>,
-    timeout: Option<Duration>,
-    max_concurrency: usize,
-    in_flight: AtomicUsize,
-    metrics: PortMetrics,
-}
-
-/// Decrements a port's in-flight count when a call ends, however it ends.
-struct InFlight(Arc<PortState>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.in_flight.decrement(1.0);
-    }
-}
-
-impl PortState {
-    fn enter(self: &Arc<Self>) -> Result<InFlight, CallError> {
-        let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        if before >= self.max_concurrency {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(CallError::overloaded(format!(
-                "{}/{} is at its concurrency limit ({})",
-                self.gear, self.name, self.max_concurrency
-            )));
-        }
-        self.metrics.in_flight.increment(1.0);
-        Ok(InFlight(Arc::clone(self)))
-    }
-
-    fn record(&self, started: Instant, result: &Result<Payload, CallError>) {
-        self.metrics.calls.increment(1);
-        self.metrics
-            .duration
-            .record(started.elapsed().as_secs_f64());
-        if let Err(e) = result {
-            let i = ErrorCode::ALL
-                .iter()
-                .position(|c| *c == e.code())
-                .unwrap_or(0);
-            self.metrics.errors[i].increment(1);
-        }
-    }
-}
-
 struct HostedGear {
     meta: GearMeta,
     ports: FxHashMap<crate::PortName, Arc<PortState>>,
@@ -172,6 +84,24 @@ struct ListenerSlot {
     tx: mpsc::Sender<(Event, Principal, TraceId)>,
     lagging: AtomicBool,
     dropped: Counter,
+}
+
+/// What [`Host::start`] did with a call.
+pub enum Start<'a> {
+    /// The gear is hosted here: the call's future (which may already hold an error such as
+    /// `not_found` for an unknown port, or `overloaded`).
+    Running(BoxFuture<'static, Result<Payload, CallError>>),
+    /// No gear of that name is hosted here: the call, untouched, for a router to send elsewhere.
+    NotHosted(Call<'a>),
+}
+
+impl fmt::Debug for Start<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Start::Running(_) => f.write_str("Start::Running"),
+            Start::NotHosted(c) => f.debug_tuple("Start::NotHosted").field(c).finish(),
+        }
+    }
 }
 
 /// Hosts gears in-process. See the module docs for limits.
@@ -186,10 +116,7 @@ pub struct Host {
 
 impl fmt::Debug for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Host")
-            .field("config", &self.config)
-            .field("gears", &self.gear_names())
-            .finish()
+        f.debug_struct("Host").field("config", &self.config).field("gears", &self.gear_names()).finish()
     }
 }
 
@@ -204,7 +131,8 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Host {
-    /// A host with no gears. `recorder` receives the call metrics (none: metrics are off).
+    /// A host with no gears. Per-port call metrics are kept by the host itself (see
+    /// [`Host::render_metrics`]); `recorder`, if any, receives the other metrics (dropped events).
     ///
     /// Installs the panic hook of [`crate::install_panic_hook`].
     pub fn new(config: HostConfig, recorder: Option<Arc<dyn Recorder + Send + Sync>>) -> Arc<Self> {
@@ -249,46 +177,32 @@ impl Host {
         let runtime = if parts.listeners.is_empty() {
             None
         } else {
-            Some(
-                tokio::runtime::Handle::try_current()
-                    .map_err(|_| GearError::NoRuntime(name.to_string()))?,
-            )
+            Some(tokio::runtime::Handle::try_current().map_err(|_| GearError::NoRuntime(name.to_string()))?)
         };
         let mut gears = write(&self.gears);
         if gears.contains_key(&name) {
             return Err(GearError::DuplicateGear(name.to_string()));
         }
-        let principal = Principal::gear(&name);
+        let identity = Arc::new(GearIdentity { name: name.clone(), principal: Principal::gear(&name) });
         let recorder = self.recorder.as_deref().map(|r| r as &dyn Recorder);
         let ports = parts
             .ports
             .into_iter()
             .map(|p| {
                 let state = PortState {
-                    gear: name.clone(),
-                    principal: principal.clone(),
-                    metrics: PortMetrics::new(recorder, &name, p.meta.name.as_str()),
+                    identity: identity.clone(),
+                    stats: PortStats::default(),
                     name: p.meta.name.clone(),
                     handler: p.handler,
                     timeout: p.meta.options.timeout,
-                    max_concurrency: p
-                        .meta
-                        .options
-                        .max_concurrency
-                        .map_or(usize::MAX, NonZeroUsize::get),
+                    max_concurrency: p.meta.options.max_concurrency.map_or(usize::MAX, NonZeroUsize::get),
                     in_flight: AtomicUsize::new(0),
                 };
                 (p.meta.name, Arc::new(state))
             })
             .collect();
         let meta = parts.meta;
-        gears.insert(
-            name.clone(),
-            Arc::new(HostedGear {
-                meta: meta.clone(),
-                ports,
-            }),
-        );
+        gears.insert(name.clone(), Arc::new(HostedGear { meta: meta.clone(), ports }));
         drop(gears);
 
         if let Some(runtime) = runtime {
@@ -299,33 +213,16 @@ impl Host {
                     Some(r) => r.register_counter(
                         &Key::from_parts(
                             "gearmesh_events_dropped_total",
-                            vec![
-                                Label::new("gear", name.to_string()),
-                                Label::new("topic", l.topic.to_string()),
-                            ],
+                            vec![Label::new("gear", name.to_string()), Label::new("topic", l.topic.to_string())],
                         ),
                         &METADATA,
                     ),
                     None => Counter::noop(),
                 };
-                let slot = Arc::new(ListenerSlot {
-                    gear: name.clone(),
-                    tx,
-                    lagging: AtomicBool::new(false),
-                    dropped,
-                });
-                let list = topics
-                    .entry(l.topic.clone())
-                    .or_insert_with(|| Arc::from(Vec::new()));
+                let slot = Arc::new(ListenerSlot { gear: name.clone(), tx, lagging: AtomicBool::new(false), dropped });
+                let list = topics.entry(l.topic.clone()).or_insert_with(|| Arc::from(Vec::new()));
                 *list = list.iter().cloned().chain(std::iter::once(slot)).collect();
-                runtime.spawn(run_listener(
-                    self.me.clone(),
-                    name.clone(),
-                    principal.clone(),
-                    l.topic,
-                    l.handler,
-                    rx,
-                ));
+                runtime.spawn(run_listener(self.me.clone(), identity.clone(), l.topic, l.handler, rx));
             }
         }
         Ok(meta)
@@ -338,11 +235,7 @@ impl Host {
         let mut topics = write(&self.topics);
         topics.retain(|_, list| {
             if list.iter().any(|s| s.gear.as_str() == name) {
-                *list = list
-                    .iter()
-                    .filter(|s| s.gear.as_str() != name)
-                    .cloned()
-                    .collect();
+                *list = list.iter().filter(|s| s.gear.as_str() != name).cloned().collect();
             }
             !list.is_empty()
         });
@@ -370,13 +263,32 @@ impl Host {
         read(&self.topics).keys().cloned().collect()
     }
 
+    /// Appends the per-port call metrics (calls, errors by code, latency histogram, calls in
+    /// flight) in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let gears = read(&self.gears);
+        let mut names: Vec<&GearName> = gears.keys().collect();
+        names.sort();
+        let mut samples = Vec::new();
+        for g in names {
+            let hosted = &gears[g];
+            for p in &hosted.meta.ports {
+                if let Some(state) = hosted.ports.get(&p.name) {
+                    samples.push(stats::PortSample {
+                        gear: g.as_str(),
+                        port: p.name.as_str(),
+                        stats: &state.stats,
+                        in_flight: state.in_flight.load(Ordering::Relaxed),
+                    });
+                }
+            }
+        }
+        stats::render(out, &samples);
+    }
+
     /// The number of calls running on hosted ports.
     pub fn in_flight(&self) -> usize {
-        read(&self.gears)
-            .values()
-            .flat_map(|g| g.ports.values())
-            .map(|p| p.in_flight.load(Ordering::Relaxed))
-            .sum()
+        read(&self.gears).values().flat_map(|g| g.ports.values()).map(|p| p.in_flight.load(Ordering::Relaxed)).sum()
     }
 
     /// Starts a call on a hosted gear and returns its future, or gives the call back untouched
@@ -385,38 +297,26 @@ impl Host {
     /// Everything that can fail before the port runs (unknown port, concurrency limit, a request
     /// that does not decode) fails inside the returned future.
     ///
-    /// # Errors
-    /// `Err(call)`: the gear is not hosted here.
-    pub fn start<'a>(
-        &self,
-        call: Call<'a>,
-    ) -> Result<BoxFuture<'static, Result<Payload, CallError>>, Call<'a>> {
+    pub fn start<'a>(&self, call: Call<'a>) -> Start<'a> {
         let port = {
             let gears = read(&self.gears);
             let Some(gear) = gears.get(call.gear) else {
                 drop(gears);
-                return Err(call);
+                return Start::NotHosted(call);
             };
             match gear.ports.get(call.port) {
                 Some(p) => Arc::clone(p),
                 None => {
-                    let e = CallError::not_found(format!(
-                        "gear {} has no port {:?}",
-                        call.gear, call.port
-                    ));
-                    return Ok(Box::pin(std::future::ready(Err(e))));
+                    let e = CallError::not_found(format!("gear {} has no port {:?}", call.gear, call.port));
+                    return Start::Running(Box::pin(std::future::ready(Err(e))));
                 }
             }
         };
-        Ok(self.run(port, call))
+        Start::Running(self.run(port, call))
     }
 
-    fn run(
-        &self,
-        port: Arc<PortState>,
-        call: Call<'_>,
-    ) -> BoxFuture<'static, Result<Payload, CallError>> {
-        let started = Instant::now();
+    fn run(&self, port: Arc<PortState>, call: Call<'_>) -> BoxFuture<'static, Result<Payload, CallError>> {
+        let started = quanta::Instant::now();
         let fail = |port: &PortState, e: CallError| -> BoxFuture<'static, _> {
             let r = Err(e);
             port.record(started, &r);
@@ -429,37 +329,22 @@ impl Host {
         let Some(front) = self.front() else {
             return fail(&port, CallError::unavailable("node is shutting down"));
         };
-        let cap = started + self.config.max_timeout;
-        let deadline = call
-            .meta
-            .deadline
-            .unwrap_or_else(|| started + port.timeout.unwrap_or(self.config.default_timeout))
-            .min(cap);
-        let ctx = Ctx::for_gear(
-            front,
-            port.gear.clone(),
-            port.principal.clone(),
-            call.meta,
-            deadline,
-        );
-        let fut = match isolate(|| (port.handler)(ctx, call.arg)) {
-            Ok(Ok(fut)) => fut,
-            Ok(Err(e)) => return fail(&port, e),
-            Err(panic) => return fail(&port, panicked(&port.gear, port.name.as_str(), &panic)),
+        // The timer clock is read only when the deadline is not one a host already capped.
+        let deadline = match call.meta.deadline {
+            Some(d) if call.meta.capped => d,
+            Some(d) => d.min(Instant::now() + self.config.max_timeout),
+            None => {
+                let now = Instant::now();
+                now + port.timeout.unwrap_or(self.config.default_timeout).min(self.config.max_timeout)
+            }
         };
-        Box::pin(async move {
-            let r = match tokio::time::timeout_at(deadline, Isolated::new(fut)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(panic)) => Err(panicked(&port.gear, port.name.as_str(), &panic)),
-                Err(_elapsed) => Err(CallError::timeout(format!(
-                    "{}/{} did not reply before its deadline",
-                    port.gear, port.name
-                ))),
-            };
-            guard.0.record(started, &r);
-            drop(guard);
-            r
-        })
+        let ctx = Ctx::for_gear(front, port.identity.clone(), call.meta, deadline);
+        let run = Run::new(guard, deadline, started);
+        match isolate(|| (port.handler)(ctx, call.arg, run)) {
+            Ok(Ok(fut)) => fut,
+            Ok(Err(e)) => fail(&port, e),
+            Err(panic) => fail(&port, panicked(&port.identity.name, port.name.as_str(), &panic)),
+        }
     }
 
     /// Queues an event for every local listener of its topic. Returns how many listeners got it.
@@ -473,10 +358,7 @@ impl Host {
         };
         let mut delivered = 0;
         for slot in list.iter() {
-            match slot
-                .tx
-                .try_send((p.event.clone(), p.publisher.clone(), p.trace_id))
-            {
+            match slot.tx.try_send((p.event.clone(), p.publisher.clone(), p.trace_id)) {
                 Ok(()) => {
                     delivered += 1;
                     slot.lagging.store(false, Ordering::Relaxed);
@@ -498,15 +380,9 @@ impl Host {
     }
 }
 
-fn panicked(gear: &GearName, port: &str, panic: &str) -> CallError {
-    tracing::error!(%gear, port, panic, "port panicked; the call fails with internal");
-    CallError::internal(format!("{gear}/{port} panicked"))
-}
-
 async fn run_listener(
     host: Weak<Host>,
-    gear: GearName,
-    principal: Principal,
+    me: Arc<GearIdentity>,
     topic: Topic,
     handler: Arc<ErasedListener>,
     mut rx: mpsc::Receiver<(Event, Principal, TraceId)>,
@@ -516,22 +392,17 @@ async fn run_listener(
         let Some(front) = host.front() else { return };
         let deadline = Instant::now() + host.config.listener_timeout;
         drop(host);
-        let meta = CallMeta {
-            caller: publisher,
-            deadline: Some(deadline),
-            trace_id,
-        };
-        let ctx = Ctx::for_gear(front, gear.clone(), principal.clone(), meta, deadline);
+        let meta = CallMeta { caller: publisher, deadline: Some(deadline), trace_id, capped: true };
+        let ctx = Ctx::for_gear(front, me.clone(), meta, deadline);
+        let gear = &me.name;
         let outcome = match isolate(|| handler(ctx, &event)) {
             Ok(Ok(fut)) => match tokio::time::timeout_at(deadline, Isolated::new(fut)).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(panic)) => Err(panicked(&gear, &format!("listener of {topic}"), &panic)),
-                Err(_elapsed) => Err(CallError::timeout(
-                    "listener did not finish before its deadline",
-                )),
+                Ok(Err(panic)) => Err(panicked(gear, &format!("listener of {topic}"), &panic)),
+                Err(_elapsed) => Err(CallError::timeout("listener did not finish before its deadline")),
             },
             Ok(Err(e)) => Err(e),
-            Err(panic) => Err(panicked(&gear, &format!("listener of {topic}"), &panic)),
+            Err(panic) => Err(panicked(gear, &format!("listener of {topic}"), &panic)),
         };
         if let Err(e) = outcome {
             tracing::warn!(%gear, %topic, error = %e, "listener failed");
@@ -542,8 +413,8 @@ async fn run_listener(
 impl Dispatch for Host {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
         match self.start(call) {
-            Ok(fut) => fut,
-            Err(call) => {
+            Start::Running(fut) => fut,
+            Start::NotHosted(call) => {
                 let e = CallError::not_found(format!("no gear named {:?}", call.gear));
                 Box::pin(std::future::ready(Err(e)))
             }

@@ -45,9 +45,7 @@ mod payload;
 pub use ctx::{Call, CallMeta, CallOptions, Ctx, Dispatch, Publish};
 pub use error::{CallError, ErrorCode};
 pub use gear::{Gear, GearError, GearMeta, ListenerMeta, PortMeta, PortOptions, PortSpec};
-pub use names::{
-    GearName, InvalidName, MAX_NAME_LEN, PortName, Principal, PrincipalKind, Topic, TraceId,
-};
+pub use names::{GearName, InvalidName, MAX_NAME_LEN, PortName, Principal, PrincipalKind, Topic, TraceId};
 pub use panic::install_panic_hook;
 pub use payload::{Arg, Event, Payload, WireBody};
 

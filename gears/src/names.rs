@@ -23,20 +23,14 @@ pub struct InvalidName {
 }
 
 fn validate(kind: &'static str, s: &str, allow_dot: bool) -> Result<(), InvalidName> {
-    let fail = |reason| InvalidName {
-        kind,
-        name: s.chars().take(MAX_NAME_LEN).collect(),
-        reason,
-    };
+    let fail = |reason| InvalidName { kind, name: s.chars().take(MAX_NAME_LEN).collect(), reason };
     if s.is_empty() {
         return Err(fail("must not be empty"));
     }
     if s.len() > MAX_NAME_LEN {
         return Err(fail("longer than 128 bytes"));
     }
-    let ok = s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (allow_dot && b == b'.'));
+    let ok = s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (allow_dot && b == b'.'));
     if !ok {
         return Err(fail(if allow_dot {
             "only ASCII letters, digits, '_', '-' and '.' are allowed"
@@ -156,11 +150,7 @@ pub struct Principal(Arc<PrincipalInner>);
 
 impl Principal {
     fn make(kind: PrincipalKind, id: impl Into<String>, scopes: Vec<String>) -> Self {
-        Self(Arc::new(PrincipalInner {
-            kind,
-            id: id.into(),
-            scopes,
-        }))
+        Self(Arc::new(PrincipalInner { kind, id: id.into(), scopes }))
     }
 
     /// The caller that presented no credentials.
@@ -242,10 +232,7 @@ impl TraceId {
         if s.len() != 32 {
             return None;
         }
-        u128::from_str_radix(s, 16)
-            .ok()
-            .filter(|v| *v != 0)
-            .map(Self)
+        u128::from_str_radix(s, 16).ok().filter(|v| *v != 0).map(Self)
     }
 }
 

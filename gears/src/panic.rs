@@ -28,10 +28,7 @@ pub fn install_panic_hook() {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if IN_PORT.with(Cell::get) {
-                let location = info
-                    .location()
-                    .map(|l| format!(" at {}:{}", l.file(), l.line()))
-                    .unwrap_or_default();
+                let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
                 let msg = format!("{}{location}", payload_message(info.payload()));
                 LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
             } else {
@@ -56,11 +53,7 @@ pub(crate) fn isolate<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     let prev = IN_PORT.with(|c| c.replace(true));
     let r = catch_unwind(AssertUnwindSafe(f));
     IN_PORT.with(|c| c.set(prev));
-    r.map_err(|payload| {
-        LAST_PANIC
-            .with(|p| p.borrow_mut().take())
-            .unwrap_or_else(|| payload_message(&*payload))
-    })
+    r.map_err(|payload| LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| payload_message(&*payload)))
 }
 
 pin_project_lite::pin_project! {

@@ -43,10 +43,7 @@ impl<T: Serialize + Send + Sync + 'static> ErasedValue for T {
 /// Moves `v` out as a `U` if `T` and `U` are the same type, else gives it back.
 fn cast_owned<T: 'static, U: 'static>(v: T) -> Result<U, T> {
     let mut slot = Some(v);
-    if let Some(u) = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<U>>()
-        .and_then(Option::take)
-    {
+    if let Some(u) = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take) {
         return Ok(u);
     }
     // Not the same type, so `slot` was not touched.
@@ -85,27 +82,19 @@ impl<'a> Arg<'a> {
     /// Lends a typed value. A `Bytes` value becomes a raw-bytes argument.
     pub fn typed<T: Serialize + Send + Sync + 'static>(v: &'a T) -> Self {
         if let Some(b) = (v as &dyn Any).downcast_ref::<Bytes>() {
-            return Self {
-                repr: ArgRepr::Bytes(b.clone()),
-            };
+            return Self { repr: ArgRepr::Bytes(b.clone()) };
         }
-        Self {
-            repr: ArgRepr::Typed(v),
-        }
+        Self { repr: ArgRepr::Typed(v) }
     }
 
     /// An argument given as JSON text (e.g. an HTTP body or a frame). It is not parsed here.
     pub fn json(json: Bytes) -> Arg<'static> {
-        Arg {
-            repr: ArgRepr::Json(json),
-        }
+        Arg { repr: ArgRepr::Json(json) }
     }
 
     /// An argument given as raw bytes.
     pub fn bytes(bytes: Bytes) -> Arg<'static> {
-        Arg {
-            repr: ArgRepr::Bytes(bytes),
-        }
+        Arg { repr: ArgRepr::Bytes(bytes) }
     }
 
     /// Converts into the port's input type: a clone when the types agree, otherwise through JSON.
@@ -119,30 +108,17 @@ impl<'a> Arg<'a> {
                     return Ok(t.clone());
                 }
                 let json = v.to_json().map_err(|e| {
-                    CallError::bad_request(conversion_error(
-                        v.type_name(),
-                        std::any::type_name::<T>(),
-                        &e,
-                    ))
+                    CallError::bad_request(conversion_error(v.type_name(), std::any::type_name::<T>(), &e))
                 })?;
                 from_json(Bytes::from(json)).map_err(|e| {
-                    CallError::bad_request(conversion_error(
-                        v.type_name(),
-                        std::any::type_name::<T>(),
-                        &e,
-                    ))
+                    CallError::bad_request(conversion_error(v.type_name(), std::any::type_name::<T>(), &e))
                 })
             }
-            ArgRepr::Json(json) => {
-                from_json(json).map_err(|e| CallError::bad_request(format!("invalid request: {e}")))
-            }
+            ArgRepr::Json(json) => from_json(json).map_err(|e| CallError::bad_request(format!("invalid request: {e}"))),
             ArgRepr::Bytes(b) => match cast_owned::<Bytes, T>(b) {
                 Ok(t) => Ok(t),
-                Err(b) => serde_json::from_slice(&b).map_err(|e| {
-                    CallError::bad_request(format!(
-                        "port takes JSON; raw bytes did not decode: {e}"
-                    ))
-                }),
+                Err(b) => serde_json::from_slice(&b)
+                    .map_err(|e| CallError::bad_request(format!("port takes JSON; raw bytes did not decode: {e}"))),
             },
         }
     }
@@ -200,24 +176,18 @@ impl Payload {
     pub fn typed<T: Serialize + Send + Sync + 'static>(v: T) -> Self {
         match cast_owned::<T, Bytes>(v) {
             Ok(b) => Self::bytes(b),
-            Err(v) => Self {
-                repr: PayloadRepr::Typed(Box::new(v)),
-            },
+            Err(v) => Self { repr: PayloadRepr::Typed(Box::new(v)) },
         }
     }
 
     /// A payload of JSON text (not checked here).
     pub fn json(json: Bytes) -> Self {
-        Self {
-            repr: PayloadRepr::Json(json),
-        }
+        Self { repr: PayloadRepr::Json(json) }
     }
 
     /// A payload of raw bytes.
     pub fn bytes(bytes: Bytes) -> Self {
-        Self {
-            repr: PayloadRepr::Bytes(bytes),
-        }
+        Self { repr: PayloadRepr::Bytes(bytes) }
     }
 
     /// Converts into the caller's type: a move when the types agree, otherwise through JSON.
@@ -237,19 +207,16 @@ impl Payload {
                         .map_err(|_| CallError::internal("typed reply changed type"));
                 }
                 let name = v.type_name();
-                let json = v
-                    .to_json()
-                    .map_err(|e| CallError::internal(conversion_error(name, to, &e)))?;
-                from_json(Bytes::from(json))
-                    .map_err(|e| CallError::internal(conversion_error(name, to, &e)))
+                let json = v.to_json().map_err(|e| CallError::internal(conversion_error(name, to, &e)))?;
+                from_json(Bytes::from(json)).map_err(|e| CallError::internal(conversion_error(name, to, &e)))
             }
-            PayloadRepr::Json(j) => from_json(j)
-                .map_err(|e| CallError::internal(conversion_error("the JSON reply", to, &e))),
+            PayloadRepr::Json(j) => {
+                from_json(j).map_err(|e| CallError::internal(conversion_error("the JSON reply", to, &e)))
+            }
             PayloadRepr::Bytes(b) => match cast_owned::<Bytes, T>(b) {
                 Ok(t) => Ok(t),
-                Err(b) => serde_json::from_slice(&b).map_err(|e| {
-                    CallError::internal(conversion_error("a raw-bytes reply", to, &e))
-                }),
+                Err(b) => serde_json::from_slice(&b)
+                    .map_err(|e| CallError::internal(conversion_error("a raw-bytes reply", to, &e))),
             },
         }
     }
@@ -300,32 +267,24 @@ impl Event {
     pub fn typed<T: Serialize + Send + Sync + 'static>(v: T) -> Self {
         match cast_owned::<T, Bytes>(v) {
             Ok(b) => Self::bytes(b),
-            Err(v) => Self {
-                repr: EventRepr::Typed(Arc::new(v)),
-            },
+            Err(v) => Self { repr: EventRepr::Typed(Arc::new(v)) },
         }
     }
 
     /// An event of JSON text (not checked here).
     pub fn json(json: Bytes) -> Self {
-        Self {
-            repr: EventRepr::Json(json),
-        }
+        Self { repr: EventRepr::Json(json) }
     }
 
     /// An event of raw bytes.
     pub fn bytes(bytes: Bytes) -> Self {
-        Self {
-            repr: EventRepr::Bytes(bytes),
-        }
+        Self { repr: EventRepr::Bytes(bytes) }
     }
 
     /// Lends the event as a port-style argument (for conversion into a listener's type).
     pub fn as_arg(&self) -> Arg<'_> {
         match &self.repr {
-            EventRepr::Typed(v) => Arg {
-                repr: ArgRepr::Typed(&**v),
-            },
+            EventRepr::Typed(v) => Arg { repr: ArgRepr::Typed(&**v) },
             EventRepr::Json(j) => Arg::json(j.clone()),
             EventRepr::Bytes(b) => Arg::bytes(b.clone()),
         }
@@ -371,33 +330,21 @@ mod tests {
         assert_eq!(q, OtherPoint { x: 3, y: 4 });
         let v: serde_json::Value = Arg::typed(&p).take().expect("to value");
         assert_eq!(v, serde_json::json!({"x": 3, "y": 4}));
-        let e = Arg::typed(&"text")
-            .take::<Point>()
-            .expect_err("incompatible");
+        let e = Arg::typed(&"text").take::<Point>().expect_err("incompatible");
         assert_eq!(e.code(), crate::ErrorCode::BadRequest);
     }
 
     #[test]
     fn json_and_bytes_args() {
-        let p: Point = Arg::json(Bytes::from_static(br#"{"x":5,"y":6}"#))
-            .take()
-            .expect("json");
+        let p: Point = Arg::json(Bytes::from_static(br#"{"x":5,"y":6}"#)).take().expect("json");
         assert_eq!(p, Point { x: 5, y: 6 });
-        let raw: Bytes = Arg::json(Bytes::from_static(b"[1]"))
-            .take()
-            .expect("json as bytes");
+        let raw: Bytes = Arg::json(Bytes::from_static(b"[1]")).take().expect("json as bytes");
         assert_eq!(&raw[..], b"[1]");
-        let b: Bytes = Arg::bytes(Bytes::from_static(b"\x00\xff"))
-            .take()
-            .expect("bytes");
+        let b: Bytes = Arg::bytes(Bytes::from_static(b"\x00\xff")).take().expect("bytes");
         assert_eq!(&b[..], b"\x00\xff");
-        let e = Arg::bytes(Bytes::from_static(b"\x00\xff"))
-            .take::<Point>()
-            .expect_err("not json");
+        let e = Arg::bytes(Bytes::from_static(b"\x00\xff")).take::<Point>().expect_err("not json");
         assert_eq!(e.code(), crate::ErrorCode::BadRequest);
-        let e = Arg::json(Bytes::from_static(b"{"))
-            .take::<Point>()
-            .expect_err("malformed");
+        let e = Arg::json(Bytes::from_static(b"{")).take::<Point>().expect_err("malformed");
         assert_eq!(e.code(), crate::ErrorCode::BadRequest);
     }
 
@@ -412,17 +359,11 @@ mod tests {
     fn payload_moves_when_types_agree_and_converts_otherwise() {
         let p = Payload::typed(Point { x: 7, y: 8 });
         assert_eq!(p.take::<Point>().expect("same"), Point { x: 7, y: 8 });
-        let o: OtherPoint = Payload::typed(Point { x: 1, y: 1 })
-            .take()
-            .expect("convert");
+        let o: OtherPoint = Payload::typed(Point { x: 1, y: 1 }).take().expect("convert");
         assert_eq!(o.x, 1);
-        let w = Payload::typed(Point { x: 1, y: 2 })
-            .into_wire()
-            .expect("wire");
+        let w = Payload::typed(Point { x: 1, y: 2 }).into_wire().expect("wire");
         assert_eq!(w, WireBody::Json(Bytes::from_static(br#"{"x":1,"y":2}"#)));
-        let e = Payload::json(Bytes::from_static(b"\"s\""))
-            .take::<Point>()
-            .expect_err("mismatch");
+        let e = Payload::json(Bytes::from_static(b"\"s\"")).take::<Point>().expect_err("mismatch");
         assert_eq!(e.code(), crate::ErrorCode::Internal);
     }
 

@@ -15,9 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use gearmesh_gears::{
-    Arg, Call, CallError, CallMeta, ErrorCode, Event, Principal, Publish, TraceId, WireBody,
-};
+use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Principal, Publish, TraceId, WireBody};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
@@ -53,8 +51,7 @@ pub(crate) struct ApiError(pub(crate) CallError, pub(crate) StatusCode);
 
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
-        let status = StatusCode::from_u16(e.code().http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(e.code().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self(e, status)
     }
 }
@@ -70,35 +67,21 @@ fn body_error(rejection: &BytesRejection) -> ApiError {
     let e = if status == StatusCode::PAYLOAD_TOO_LARGE {
         CallError::bad_request("request body is larger than the node's limit (http.max_body_bytes)")
     } else {
-        CallError::bad_request(format!(
-            "cannot read request body: {}",
-            rejection.body_text()
-        ))
+        CallError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
     };
     ApiError(e, status)
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(REQUEST_ID)
-        .filter(|v| v.len() <= 128)
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
-                .unwrap_or(HeaderValue::from_static("0"))
-        });
+    let id = req.headers().get(REQUEST_ID).filter(|v| v.len() <= 128).cloned().unwrap_or_else(|| {
+        HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>())).unwrap_or(HeaderValue::from_static("0"))
+    });
     req.headers_mut().insert(REQUEST_ID, id.clone());
-    let span =
-        tracing::debug_span!("request", id = ?id, method = %req.method(), path = %req.uri().path());
+    let span = tracing::debug_span!("request", id = ?id, method = %req.method(), path = %req.uri().path());
     let started = Instant::now();
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     span.in_scope(|| {
-        tracing::debug!(
-            status = resp.status().as_u16(),
-            micros = started.elapsed().as_micros() as u64,
-            "served"
-        );
+        tracing::debug!(status = resp.status().as_u16(), micros = started.elapsed().as_micros() as u64, "served");
     });
     resp.headers_mut().insert(REQUEST_ID, id);
     resp
@@ -145,11 +128,7 @@ async fn call(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::from(CallError::bad_request(e.body_text())))?;
     let body = body.map_err(|r| body_error(&r))?;
-    let arg = if is_raw(&headers) {
-        Arg::bytes(body)
-    } else {
-        Arg::json(json_body(body)?)
-    };
+    let arg = if is_raw(&headers) { Arg::bytes(body) } else { Arg::json(json_body(body)?) };
     let deadline = match q.timeout_ms {
         Some(0) => return Err(CallError::bad_request("timeout_ms must be greater than 0").into()),
         Some(ms) => Some(Instant::now() + Duration::from_millis(ms)),
@@ -161,19 +140,10 @@ async fn call(
     }
     let trace = HeaderValue::from_str(&meta.trace_id.to_string()).ok();
     let dispatch = s.dispatch();
-    let result = dispatch
-        .call(Call {
-            gear: &gear,
-            port: &port,
-            arg,
-            meta,
-        })
-        .await;
+    let result = dispatch.call(Call { gear: &gear, port: &port, arg, meta }).await;
     let mut resp = match result.and_then(gearmesh_gears::Payload::into_wire) {
         Ok(WireBody::Json(b)) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
-        Ok(WireBody::Bytes(b)) => {
-            ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response()
-        }
+        Ok(WireBody::Bytes(b)) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     };
     if let Some(t) = trace {
@@ -189,23 +159,10 @@ async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| body_error(&r))?;
-    let event = if is_raw(&headers) {
-        Event::bytes(body)
-    } else {
-        Event::json(json_body(body)?)
-    };
+    let event = if is_raw(&headers) { Event::bytes(body) } else { Event::json(json_body(body)?) };
     let trace_id = trace_from(&headers).unwrap_or_else(TraceId::random);
-    s.dispatch().publish(Publish {
-        topic: topic.clone(),
-        event,
-        publisher: principal(&s),
-        trace_id,
-    })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "topic": topic, "trace_id": trace_id })),
-    )
-        .into_response())
+    s.dispatch().publish(Publish { topic: topic.clone(), event, publisher: principal(&s), trace_id })?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "topic": topic, "trace_id": trace_id }))).into_response())
 }
 
 /// The caller's identity. Token authentication is not in this build yet, so every caller of a
@@ -215,11 +172,7 @@ fn principal(_s: &NodeShared) -> Principal {
 }
 
 async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {
-    let started_unix = s
-        .started_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
+    let started_unix = s.started_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     Json(json!({
         "id": s.id,
         "name": s.name,
@@ -243,36 +196,23 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(s): State<Shared>) -> Response {
     if s.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "draining" })),
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" }))).into_response()
     } else {
         Json(json!({ "status": "ready" })).into_response()
     }
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-        .into_response()
+    let mut text = s.metrics.render();
+    s.host.render_metrics(&mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::from(CallError::new(
-        ErrorCode::NotFound,
-        format!("no route for {} {}", req.method(), req.uri().path()),
-    ))
+    ApiError::from(CallError::new(ErrorCode::NotFound, format!("no route for {} {}", req.method(), req.uri().path())))
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    let e = CallError::bad_request(format!(
-        "{} is not allowed on {}",
-        req.method(),
-        req.uri().path()
-    ));
+    let e = CallError::bad_request(format!("{} is not allowed on {}", req.method(), req.uri().path()));
     ApiError(e, StatusCode::METHOD_NOT_ALLOWED)
 }

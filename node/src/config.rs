@@ -68,10 +68,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self {
-            max_body_bytes: 1024 * 1024,
-            max_connections: 10_000,
-        }
+        Self { max_body_bytes: 1024 * 1024, max_connections: 10_000 }
     }
 }
 
@@ -143,15 +140,10 @@ impl NodeConfig {
     /// # Errors
     /// The file is unreadable, not TOML, has an unknown key, or a value out of range.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
             other => other,
         })
     }
@@ -161,10 +153,8 @@ impl NodeConfig {
     /// # Errors
     /// Not TOML, an unknown key, or a value out of range.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<text>".into(),
-            message: e.to_string().trim().to_owned(),
-        })?;
+        let c: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: "<text>".into(), message: e.to_string().trim().to_owned() })?;
         c.validate()?;
         Ok(c)
     }
@@ -175,14 +165,7 @@ impl NodeConfig {
     /// The first key out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = |key, v: u64| {
-            if v == 0 {
-                Err(ConfigError::Invalid {
-                    key,
-                    reason: "must be greater than 0".into(),
-                })
-            } else {
-                Ok(())
-            }
+            if v == 0 { Err(ConfigError::Invalid { key, reason: "must be greater than 0".into() }) } else { Ok(()) }
         };
         positive("calls.default_timeout_ms", self.calls.default_timeout_ms)?;
         positive("calls.max_timeout_ms", self.calls.max_timeout_ms)?;
@@ -191,10 +174,7 @@ impl NodeConfig {
         if self.calls.default_timeout_ms > self.calls.max_timeout_ms {
             return Err(ConfigError::Invalid {
                 key: "calls.default_timeout_ms",
-                reason: format!(
-                    "must not exceed calls.max_timeout_ms ({})",
-                    self.calls.max_timeout_ms
-                ),
+                reason: format!("must not exceed calls.max_timeout_ms ({})", self.calls.max_timeout_ms),
             });
         }
         Ok(())
@@ -207,11 +187,8 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_partial_files_keep_them() {
-        NodeConfig::default()
-            .validate()
-            .expect("defaults are valid");
-        let c =
-            NodeConfig::from_toml("name = \"a\"\n[http]\nmax_body_bytes = 10\n").expect("valid");
+        NodeConfig::default().validate().expect("defaults are valid");
+        let c = NodeConfig::from_toml("name = \"a\"\n[http]\nmax_body_bytes = 10\n").expect("valid");
         assert_eq!(c.name.as_deref(), Some("a"));
         assert_eq!(c.http.max_body_bytes, 10);
         assert_eq!(c.calls, CallsConfig::default());

@@ -7,11 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use gearmesh::{LogFormat, Node, NodeConfig, RunningNode};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gearmesh",
-    version,
-    about = "An in-process service mesh: gears, ports, one node per process"
-)]
+#[command(name = "gearmesh", version, about = "An in-process service mesh: gears, ports, one node per process")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,10 +130,7 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GEARMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -185,11 +178,7 @@ async fn start(args: StartArgs) -> Result<()> {
         tracing::warn!(seeds = ?config.seeds, "--seed is accepted but this build has no mesh yet; running standalone");
     }
     let node = Node::builder().config(config).build()?.start().await?;
-    println!(
-        "gearmesh node {} listening on http://{}",
-        node.name(),
-        node.local_addr()
-    );
+    println!("gearmesh node {} listening on http://{}", node.name(), node.local_addr());
     run_until_signal(node).await;
     Ok(())
 }
@@ -205,10 +194,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     };
     let node = Node::builder().config(config).build()?.start().await?;
     let url = format!("http://{}", node.local_addr());
-    println!(
-        "gearmesh demo: one node ({}) hosting every built-in gear",
-        node.name()
-    );
+    println!("gearmesh demo: one node ({}) hosting every built-in gear", node.name());
     println!("  node:    {url}/v1/node");
     println!("  gears:   {url}/v1/gears");
     println!("  metrics: {url}/metrics");
@@ -234,9 +220,7 @@ async fn call(args: CallArgs) -> Result<ExitCode> {
     if let Some(ms) = args.timeout_ms {
         url.push_str(&format!("?timeout_ms={ms}"));
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(330))
-        .build()?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(330)).build()?;
     let resp = client
         .post(&url)
         .header("content-type", "application/json")

@@ -15,19 +15,13 @@ use std::{
 
 use gearmesh_gears::{
     BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish,
-    host::{Host, HostConfig},
+    host::{Host, HostConfig, Start},
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{NodeConfig, builtin, config::ConfigError, server};
-
-/// Latency histogram buckets, in seconds: from 1 us (in-process calls) to 30 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    1e-6, 5e-6, 25e-6, 100e-6, 250e-6, 1e-3, 2.5e-3, 10e-3, 25e-3, 100e-3, 250e-3, 1.0, 2.5, 10.0,
-    30.0,
-];
 
 /// Building a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +144,8 @@ pub(crate) struct Router {
 impl Dispatch for Router {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
         match self.host.start(call) {
-            Ok(fut) => fut,
-            Err(call) => {
+            Start::Running(fut) => fut,
+            Start::NotHosted(call) => {
                 let e = CallError::not_found(format!("no gear named {:?} in the mesh", call.gear));
                 Box::pin(std::future::ready(Err(e)))
             }
@@ -205,10 +199,7 @@ impl Node {
                 config.listen
             );
         }
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(LATENCY_BUCKETS)
-            .map(PrometheusBuilder::build_recorder)
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let recorder = PrometheusBuilder::new().build_recorder();
         let metrics = recorder.handle();
         let recorder: Arc<PrometheusRecorder> = Arc::new(recorder);
         let host_config = HostConfig {
@@ -226,22 +217,12 @@ impl Node {
             tracing::info!(gear = %meta.name, version = %meta.version, ports = meta.ports.len(), "gear hosted");
         }
 
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let id = random_id();
-        let name = config
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("node-{}", &id[..8]));
+        let name = config.name.clone().unwrap_or_else(|| format!("node-{}", &id[..8]));
         let shared = Arc::new(NodeShared {
             id,
             name,
@@ -258,12 +239,7 @@ impl Node {
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
         let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown.clone()));
         tracing::info!(node = %shared.name, id = %shared.id, addr = %local_addr, "node listening");
-        Ok(RunningNode {
-            shared,
-            shutdown,
-            server,
-            upkeep,
-        })
+        Ok(RunningNode { shared, shutdown, server, upkeep })
     }
 }
 
@@ -290,10 +266,7 @@ pub struct RunningNode {
 
 impl std::fmt::Debug for NodeShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeShared")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("NodeShared").field("id", &self.id).field("name", &self.name).finish_non_exhaustive()
     }
 }
 

@@ -16,11 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{api, node::NodeShared};
 
-pub(crate) async fn serve(
-    listener: TcpListener,
-    shared: Arc<NodeShared>,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<NodeShared>, shutdown: CancellationToken) {
     let app = api::router(shared.clone());
     let limit = Arc::new(Semaphore::new(shared.config.http.max_connections));
     let graceful = GracefulShutdown::new();
@@ -49,9 +45,7 @@ pub(crate) async fn serve(
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
         let svc = TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -63,14 +57,8 @@ pub(crate) async fn serve(
     shared.draining.store(true, Ordering::Relaxed);
     drop(listener);
     let drain = shared.config.calls.drain_timeout();
-    tracing::info!(
-        drain_timeout_ms = drain.as_millis() as u64,
-        "draining: no new connections, finishing requests"
-    );
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!(drain_timeout_ms = drain.as_millis() as u64, "draining: no new connections, finishing requests");
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!("drain timeout passed; closing the remaining connections");
     }
 }

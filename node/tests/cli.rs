@@ -77,7 +77,8 @@ async fn start_then_call_then_sigterm_exits_cleanly() {
     assert_ne!(code, 0);
     assert!(err.contains("GEAR/PORT"), "{err}");
     sigterm(&node.child);
-    let status = tokio::time::timeout(Duration::from_secs(30), node.child.wait()).await.expect("exited").expect("status");
+    let status =
+        tokio::time::timeout(Duration::from_secs(30), node.child.wait()).await.expect("exited").expect("status");
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
 }
 
@@ -98,7 +99,8 @@ async fn sigterm_waits_for_calls_in_flight() {
     let (code, out, err) = call.await.expect("join");
     assert_eq!(code, 0, "the call in flight finished: {err}");
     assert!(out.contains("slept_ms"));
-    let status = tokio::time::timeout(Duration::from_secs(30), node.child.wait()).await.expect("exited").expect("status");
+    let status =
+        tokio::time::timeout(Duration::from_secs(30), node.child.wait()).await.expect("exited").expect("status");
     assert!(status.success());
 }
 
@@ -119,14 +121,9 @@ async fn reqwest_free_get(url: &str, path: &str) -> String {
 #[tokio::test]
 async fn demo_serves_the_shop_and_prints_how_to_try_it() {
     let node = spawn(&["demo", "--listen", "127.0.0.1:0"]).await;
-    let (code, out, err) = run(&[
-        "call",
-        "orders/place",
-        r#"{"user_id":"alice","product_id":"widget","qty":1}"#,
-        "--node",
-        &node.url,
-    ])
-    .await;
+    let (code, out, err) =
+        run(&["call", "orders/place", r#"{"user_id":"alice","product_id":"widget","qty":1}"#, "--node", &node.url])
+            .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"order_id\""), "{out}");
     drop(node);

@@ -30,9 +30,9 @@ pub fn echo() -> Gear {
             |_ctx: Ctx, v: Value| async move { Ok(v) },
         )
         .port_with(
-            PortSpec::new("sleep")
-                .describe("Sleeps {\"ms\"} milliseconds, then returns {\"slept_ms\"}")
-                .input_schema(json!({"type":"object","required":["ms"],"properties":{"ms":{"type":"integer","minimum":0}}})),
+            PortSpec::new("sleep").describe("Sleeps {\"ms\"} milliseconds, then returns {\"slept_ms\"}").input_schema(
+                json!({"type":"object","required":["ms"],"properties":{"ms":{"type":"integer","minimum":0}}}),
+            ),
             |_ctx: Ctx, s: Sleep| async move {
                 tokio::time::sleep(Duration::from_millis(s.ms)).await;
                 Ok(json!({ "slept_ms": s.ms }))

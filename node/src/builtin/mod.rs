@@ -14,9 +14,7 @@ pub use shop::{audit, billing, orders, products, users};
 use gearmesh_gears::Gear;
 
 /// The names `--gears` accepts: each gear, plus `shop` (the five shop gears) and `all`.
-pub const NAMES: &[&str] = &[
-    "echo", "kv", "users", "products", "billing", "orders", "audit", "shop", "all",
-];
+pub const NAMES: &[&str] = &["echo", "kv", "users", "products", "billing", "orders", "audit", "shop", "all"];
 
 const SHOP: &[&str] = &["users", "products", "billing", "orders", "audit"];
 
@@ -29,9 +27,7 @@ pub fn expand(names: &[String]) -> Result<Vec<&'static str>, String> {
     for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
         let group: &[&'static str] = match n {
             "shop" => SHOP,
-            "all" => &[
-                "echo", "kv", "users", "products", "billing", "orders", "audit",
-            ],
+            "all" => &["echo", "kv", "users", "products", "billing", "orders", "audit"],
             other => match NAMES.iter().find(|k| **k == other) {
                 Some(k) => std::slice::from_ref(k),
                 None => return Err(other.to_owned()),
@@ -67,10 +63,7 @@ mod tests {
     #[test]
     fn groups_expand_without_duplicates() {
         let got = expand(&["echo".into(), "shop".into(), "users".into()]).expect("known");
-        assert_eq!(
-            got,
-            vec!["echo", "users", "products", "billing", "orders", "audit"]
-        );
+        assert_eq!(got, vec!["echo", "users", "products", "billing", "orders", "audit"]);
         assert_eq!(expand(&["nope".into()]), Err("nope".into()));
         for n in expand(&["all".into()]).expect("known") {
             assert!(by_name(n).is_some(), "{n}");

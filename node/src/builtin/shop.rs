@@ -109,27 +109,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// `users.find {"id"}` → a [`User`]; knows `alice`, `bob` and `mallory`.
 pub fn users() -> Gear {
-    Gear::new("users")
-        .version(env!("CARGO_PKG_VERSION"))
-        .describe("The shop's customers")
-        .port_with(
-            PortSpec::new("find")
-                .describe("Finds a user by {\"id\"}")
-                .idempotent(true),
-            |_ctx: Ctx, req: FindUser| async move {
-                let name = match req.id.as_str() {
-                    "alice" => "Alice Liddell",
-                    "bob" => "Bob Builder",
-                    "mallory" => "Mallory Malicious",
-                    _ => return Err(CallError::not_found(format!("no user {:?}", req.id))),
-                };
-                Ok(User {
-                    email: format!("{}@example.com", req.id),
-                    id: req.id,
-                    name: name.to_owned(),
-                })
-            },
-        )
+    Gear::new("users").version(env!("CARGO_PKG_VERSION")).describe("The shop's customers").port_with(
+        PortSpec::new("find").describe("Finds a user by {\"id\"}").idempotent(true),
+        |_ctx: Ctx, req: FindUser| async move {
+            let name = match req.id.as_str() {
+                "alice" => "Alice Liddell",
+                "bob" => "Bob Builder",
+                "mallory" => "Mallory Malicious",
+                _ => return Err(CallError::not_found(format!("no user {:?}", req.id))),
+            };
+            Ok(User { email: format!("{}@example.com", req.id), id: req.id, name: name.to_owned() })
+        },
+    )
 }
 
 /// `products.reserve` / `products.release` `{"product_id","qty"}` → [`Stock`]. Stock: `widget`
@@ -154,16 +145,10 @@ pub fn products() -> Gear {
                     }
                     let mut stock = lock(&s_res);
                     let Some((left, price)) = stock.get_mut(&r.product_id) else {
-                        return Err(CallError::not_found(format!(
-                            "no product {:?}",
-                            r.product_id
-                        )));
+                        return Err(CallError::not_found(format!("no product {:?}", r.product_id)));
                     };
                     if *left < r.qty {
-                        return Err(CallError::app(
-                            "out_of_stock",
-                            format!("only {left} {} left", r.product_id),
-                        ));
+                        return Err(CallError::app("out_of_stock", format!("only {left} {} left", r.product_id)));
                     }
                     *left -= r.qty;
                     Ok(Stock {
@@ -182,10 +167,7 @@ pub fn products() -> Gear {
                 let result = (|| {
                     let mut stock = lock(&s_rel);
                     let Some((left, price)) = stock.get_mut(&r.product_id) else {
-                        return Err(CallError::not_found(format!(
-                            "no product {:?}",
-                            r.product_id
-                        )));
+                        return Err(CallError::not_found(format!("no product {:?}", r.product_id)));
                     };
                     *left = left.saturating_add(r.qty);
                     Ok(Stock {
@@ -204,30 +186,23 @@ pub fn products() -> Gear {
 /// Refuses `mallory` with the app code `insufficient_funds`.
 pub fn billing() -> Gear {
     let next = Arc::new(AtomicU64::new(1));
-    Gear::new("billing")
-        .version(env!("CARGO_PKG_VERSION"))
-        .describe("Charges customers")
-        .port_with(
-            PortSpec::new("charge").describe("Charges {\"user_id\"} {\"cents\"}"),
-            move |ctx: Ctx, req: Charge| {
-                let id = next.fetch_add(1, Ordering::Relaxed);
-                async move {
-                    if req.user_id == "mallory" {
-                        return Err(CallError::app(
-                            "insufficient_funds",
-                            format!("{} cannot pay {} cents", req.user_id, req.cents),
-                        ));
-                    }
-                    let receipt = Receipt {
-                        charge_id: format!("ch-{id}"),
-                        user_id: req.user_id,
-                        cents: req.cents,
-                    };
-                    ctx.notify("billing.charged", &receipt).await?;
-                    Ok(receipt)
+    Gear::new("billing").version(env!("CARGO_PKG_VERSION")).describe("Charges customers").port_with(
+        PortSpec::new("charge").describe("Charges {\"user_id\"} {\"cents\"}"),
+        move |ctx: Ctx, req: Charge| {
+            let id = next.fetch_add(1, Ordering::Relaxed);
+            async move {
+                if req.user_id == "mallory" {
+                    return Err(CallError::app(
+                        "insufficient_funds",
+                        format!("{} cannot pay {} cents", req.user_id, req.cents),
+                    ));
                 }
-            },
-        )
+                let receipt = Receipt { charge_id: format!("ch-{id}"), user_id: req.user_id, cents: req.cents };
+                ctx.notify("billing.charged", &receipt).await?;
+                Ok(receipt)
+            }
+        },
+    )
 }
 
 /// `orders.place {"user_id","product_id","qty"}` → an [`Order`], published on `orders.placed`.
@@ -291,11 +266,7 @@ pub fn audit() -> Gear {
         .listen("orders.placed", record(log.clone(), "orders.placed"))
         .listen("billing.charged", record(log, "billing.charged"))
         .port_with(
-            PortSpec::new("recent")
-                .describe("The last 100 events")
-                .idempotent(true),
-            move |_ctx: Ctx, _: Value| {
-                std::future::ready(Ok(lock(&reader).iter().cloned().collect::<Vec<_>>()))
-            },
+            PortSpec::new("recent").describe("The last 100 events").idempotent(true),
+            move |_ctx: Ctx, _: Value| std::future::ready(Ok(lock(&reader).iter().cloned().collect::<Vec<_>>())),
         )
 }

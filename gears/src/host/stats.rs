@@ -1,0 +1,187 @@
+//! Per-port call metrics: `metrics` crate handles backed by fixed, lock-free storage, and their
+//! Prometheus text rendering.
+//!
+//! Why not a recorder's histograms: the Prometheus exporter keeps every latency sample until its
+//! next upkeep, which costs an allocation-prone push per call and memory proportional to the call
+//! rate. Here a latency lands in one of a fixed set of buckets (two atomic adds), so memory per port
+//! is constant whatever the rate. Calls in flight are read from the host's own counter at render
+//! time, so they cost nothing per call.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use metrics::{Counter, Histogram, HistogramFn};
+
+use crate::ErrorCode;
+
+/// Bucket upper bounds, in nanoseconds: from 250 ns (in-process calls) to 30 s.
+const BOUNDS_NANOS: [u64; 16] = [
+    250,
+    1_000,
+    5_000,
+    25_000,
+    100_000,
+    250_000,
+    1_000_000,
+    2_500_000,
+    10_000_000,
+    25_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    10_000_000_000,
+    30_000_000_000,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub(super) struct FixedHistogram {
+    /// Non-cumulative counts; the last slot is `+Inf`.
+    buckets: [AtomicU64; BOUNDS_NANOS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl FixedHistogram {
+    fn observe(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = BOUNDS_NANOS.iter().position(|b| nanos <= *b).unwrap_or(BOUNDS_NANOS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl HistogramFn for FixedHistogram {
+    fn record(&self, seconds: f64) {
+        self.observe(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
+    }
+}
+
+/// The metrics of one port.
+#[derive(Debug)]
+pub(super) struct PortStats {
+    calls: Arc<AtomicU64>,
+    errors: [Arc<AtomicU64>; ErrorCode::ALL.len()],
+    latency: Arc<FixedHistogram>,
+    calls_handle: Counter,
+    latency_handle: Histogram,
+}
+
+impl Default for PortStats {
+    fn default() -> Self {
+        let calls = Arc::new(AtomicU64::new(0));
+        let latency = Arc::new(FixedHistogram::default());
+        Self {
+            calls_handle: Counter::from_arc(calls.clone()),
+            latency_handle: Histogram::from_arc(latency.clone()),
+            calls,
+            errors: std::array::from_fn(|_| Arc::new(AtomicU64::new(0))),
+            latency,
+        }
+    }
+}
+
+impl PortStats {
+    /// Records a finished call.
+    pub(super) fn record(&self, elapsed: Duration, error: Option<ErrorCode>) {
+        self.calls_handle.increment(1);
+        self.latency_handle.record(elapsed);
+        if let Some(code) = error {
+            let i = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One port's figures, labelled, for rendering.
+pub(super) struct PortSample<'a> {
+    pub(super) gear: &'a str,
+    pub(super) port: &'a str,
+    pub(super) stats: &'a PortStats,
+    pub(super) in_flight: usize,
+}
+
+/// Renders the per-port families in the Prometheus text format.
+pub(super) fn render(out: &mut String, ports: &[PortSample<'_>]) {
+    // Writing into a String cannot fail, so the fmt::Results below are ignored on purpose.
+    let _ = writeln!(out, "# HELP gearmesh_calls_total Calls to a port that finished, however.");
+    let _ = writeln!(out, "# TYPE gearmesh_calls_total counter");
+    for p in ports {
+        let _ = writeln!(
+            out,
+            "gearmesh_calls_total{{gear=\"{}\",port=\"{}\"}} {}",
+            p.gear,
+            p.port,
+            p.stats.calls.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP gearmesh_call_errors_total Failed calls to a port, by error code.");
+    let _ = writeln!(out, "# TYPE gearmesh_call_errors_total counter");
+    for p in ports {
+        for (code, n) in ErrorCode::ALL.iter().zip(&p.stats.errors) {
+            let _ = writeln!(
+                out,
+                "gearmesh_call_errors_total{{gear=\"{}\",port=\"{}\",code=\"{code}\"}} {}",
+                p.gear,
+                p.port,
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP gearmesh_call_duration_seconds Latency of calls to a port.");
+    let _ = writeln!(out, "# TYPE gearmesh_call_duration_seconds histogram");
+    for p in ports {
+        let mut cumulative = 0u64;
+        for (i, b) in p.stats.latency.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = BOUNDS_NANOS.get(i).map_or_else(|| "+Inf".to_owned(), |n| format!("{}", *n as f64 / 1e9));
+            let _ = writeln!(
+                out,
+                "gearmesh_call_duration_seconds_bucket{{gear=\"{}\",port=\"{}\",le=\"{le}\"}} {cumulative}",
+                p.gear, p.port
+            );
+        }
+        let sum = p.stats.latency.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "gearmesh_call_duration_seconds_sum{{gear=\"{}\",port=\"{}\"}} {sum}", p.gear, p.port);
+        let _ = writeln!(
+            out,
+            "gearmesh_call_duration_seconds_count{{gear=\"{}\",port=\"{}\"}} {cumulative}",
+            p.gear, p.port
+        );
+    }
+    let _ = writeln!(out, "# HELP gearmesh_calls_in_flight Calls running on a port now.");
+    let _ = writeln!(out, "# TYPE gearmesh_calls_in_flight gauge");
+    for p in ports {
+        let _ = writeln!(out, "gearmesh_calls_in_flight{{gear=\"{}\",port=\"{}\"}} {}", p.gear, p.port, p.in_flight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_land_in_their_bucket_and_render_cumulatively() {
+        let s = PortStats::default();
+        s.record(Duration::from_nanos(200), None);
+        s.record(Duration::from_micros(3), Some(ErrorCode::Timeout));
+        s.record(Duration::from_secs(100), None);
+        let mut out = String::new();
+        render(&mut out, &[PortSample { gear: "g", port: "p", stats: &s, in_flight: 2 }]);
+        assert!(out.contains("gearmesh_calls_total{gear=\"g\",port=\"p\"} 3"), "{out}");
+        assert!(out.contains("gearmesh_call_errors_total{gear=\"g\",port=\"p\",code=\"timeout\"} 1"));
+        assert!(out.contains("gearmesh_call_errors_total{gear=\"g\",port=\"p\",code=\"internal\"} 0"));
+        assert!(out.contains("le=\"0.00000025\"} 1"), "{out}");
+        assert!(out.contains("le=\"0.000005\"} 2"), "{out}");
+        assert!(out.contains("le=\"30\"} 2"), "{out}");
+        assert!(out.contains("le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("gearmesh_call_duration_seconds_count{gear=\"g\",port=\"p\"} 3"));
+        assert!(out.contains("gearmesh_calls_in_flight{gear=\"g\",port=\"p\"} 2"));
+    }
+}
