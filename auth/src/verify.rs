@@ -157,7 +157,7 @@ fn verify_with_sets(token: &str, now: i64, sets: &[&KeySet], config: &VerifierCo
     let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(AuthError::Malformed("not three dot-separated parts"));
     };
-    if !(is_b64url(h64) && is_b64url(p64) && is_b64url(s64)) || h64.is_empty() || s64.is_empty() {
+    if !(is_b64url(h64) && is_b64url(p64) && is_b64url(s64)) || h64.is_empty() {
         return Err(AuthError::Malformed("not base64url"));
     }
     let header_bytes = B64.decode(h64).map_err(|_| AuthError::Malformed("header is not base64url"))?;
@@ -166,6 +166,9 @@ fn verify_with_sets(token: &str, now: i64, sets: &[&KeySet], config: &VerifierCo
     let alg: Algorithm = header.alg.parse().map_err(|_| AuthError::AlgorithmNotAllowed(sanitize(&header.alg)))?;
     if header.crit.is_some() {
         return Err(AuthError::Malformed("unsupported crit header"));
+    }
+    if s64.is_empty() {
+        return Err(AuthError::Malformed("empty signature"));
     }
 
     let signing_input = &token[..h64.len() + 1 + p64.len()];
