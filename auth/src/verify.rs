@@ -18,7 +18,7 @@ use std::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use serde::Deserialize;
 
-use crate::{Algorithm, AuthError, Claims, Identity, KeySet, RemoteJwks, VerifyKey, error::sanitize};
+use crate::{Algorithm, AuthError, Claims, Identity, KeySet, Permission, RemoteJwks, VerifyKey, error::sanitize};
 
 /// The default limit on a token's length, in bytes.
 pub const DEFAULT_MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -123,6 +123,26 @@ impl Verifier {
         let remote_sets: Vec<Arc<KeySet>> = self.inner.remotes.iter().map(RemoteJwks::keys).collect();
         let sets: Vec<&KeySet> = std::iter::once(&self.inner.keys).chain(remote_sets.iter().map(|s| &**s)).collect();
         verify_with_sets(token, now, &sets, &self.inner.config)
+    }
+
+    /// Verifies `token` and checks that it grants `needed` (401 or 403 errors). No I/O.
+    pub fn verify_for(&self, token: &str, needed: &Permission) -> Result<Identity, AuthError> {
+        let id = self.verify(token)?;
+        id.check(needed)?;
+        Ok(id)
+    }
+
+    /// Checks a peer node's link token (the `Hello` frame): valid, `aud` contains
+    /// `mesh_audience` (whatever [`VerifierConfig::audience`] says), and scope `mesh:link`.
+    /// An empty token is [`AuthError::Missing`]. No I/O.
+    pub fn verify_mesh_link(&self, token: &str, mesh_audience: &str) -> Result<Identity, AuthError> {
+        let id = self.verify(token)?;
+        let aud = id.claims().aud.as_ref().ok_or(AuthError::MissingClaim("aud"))?;
+        if !aud.contains(mesh_audience) {
+            return Err(AuthError::WrongAudience);
+        }
+        id.check(&Permission::MeshLink)?;
+        Ok(id)
     }
 
     /// Like [`Verifier::verify`], but when the token names a kid that no key set knows, refreshes

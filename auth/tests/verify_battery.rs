@@ -293,3 +293,24 @@ fn mesh_link_tokens() {
     id.check(&Permission::MeshLink).expect("mesh:link");
     assert!(id.check(&Permission::Admin).is_err());
 }
+
+#[test]
+fn link_tokens_need_the_mesh_audience_and_mesh_link() {
+    // The verifier itself has no audience configured: the link check still demands it.
+    let (issuer, verifier) = issuer_and_verifier(Algorithm::ES256, VerifierConfig::default());
+    let ok = issuer.mesh_link_token("n2", "mesh-a", Duration::from_secs(60)).expect("issue");
+    assert_eq!(verifier.verify_mesh_link(&ok, "mesh-a").expect("valid").subject(), "node:n2");
+    assert_eq!(verifier.verify_mesh_link(&ok, "mesh-b").map(|_| ()), Err(AuthError::WrongAudience));
+    let no_aud = issuer
+        .issue(&TokenRequest::new("node:n3", Scopes::parse("mesh:link"), Duration::from_secs(60)))
+        .expect("issue");
+    assert_eq!(verifier.verify_mesh_link(&no_aud, "mesh-a").map(|_| ()), Err(AuthError::MissingClaim("aud")));
+    let user = issuer.issue(&req("call:*").audience("mesh-a")).expect("issue");
+    let err = verifier.verify_mesh_link(&user, "mesh-a").expect_err("no mesh:link");
+    assert_eq!(err.status(), AuthStatus::Forbidden);
+    assert_eq!(verifier.verify_mesh_link("", "mesh-a").map(|_| ()), Err(AuthError::Missing));
+    // verify_for: 401 before 403.
+    assert!(verifier.verify_for(&user, &Permission::call("a", "b")).is_ok());
+    assert!(matches!(verifier.verify_for(&user, &Permission::Admin), Err(AuthError::Forbidden { .. })));
+    assert!(matches!(verifier.verify_for("x.y.z", &Permission::Admin), Err(AuthError::Malformed(_))));
+}
