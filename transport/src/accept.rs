@@ -22,10 +22,7 @@ pub struct AcceptConfig {
 
 impl Default for AcceptConfig {
     fn default() -> Self {
-        AcceptConfig {
-            max_links: 1024,
-            backlog: 64,
-        }
+        AcceptConfig { max_links: 1024, backlog: 64 }
     }
 }
 
@@ -70,17 +67,8 @@ impl Acceptor {
     /// An acceptor answering with `setup` (our hello, config, and the check of peers' hellos).
     pub fn new(setup: LinkSetup, limits: AcceptConfig) -> (Acceptor, Incoming) {
         let (tx, rx) = mpsc::channel(limits.backlog.max(1));
-        let inner = Inner {
-            setup,
-            permits: Arc::new(Semaphore::new(limits.max_links)),
-            tx,
-        };
-        (
-            Acceptor {
-                inner: Arc::new(inner),
-            },
-            Incoming { rx },
-        )
+        let inner = Inner { setup, permits: Arc::new(Semaphore::new(limits.max_links)), tx };
+        (Acceptor { inner: Arc::new(inner) }, Incoming { rx })
     }
 
     /// An axum router serving WebSocket links at [`crate::ws::LINK_PATH`]; merge it into the

@@ -62,11 +62,7 @@ impl FromStr for PeerUrl {
         if host.is_empty() {
             return Err(bad());
         }
-        Ok(PeerUrl {
-            scheme,
-            host: host.to_owned(),
-            port,
-        })
+        Ok(PeerUrl { scheme, host: host.to_owned(), port })
     }
 }
 
@@ -163,12 +159,7 @@ pub struct Dialer {
 impl Dialer {
     /// A dialer that verifies servers with `tls`.
     pub fn new(setup: LinkSetup, tls: ClientTls) -> Self {
-        Dialer {
-            setup,
-            tls: Some(tls),
-            quic: None,
-            allow_plaintext: false,
-        }
+        Dialer { setup, tls: Some(tls), quic: None, allow_plaintext: false }
     }
 
     /// Also allows `ws://` (no TLS). Development on loopback only: logs a warning.
@@ -199,6 +190,12 @@ impl Dialer {
         self.dial_url(&url.parse()?).await
     }
 
+    /// Dials until it succeeds (or `backoff.max_attempts` failures), sleeping per `backoff`
+    /// between attempts.
+    pub async fn dial_with_retry(&self, url: &PeerUrl, backoff: &crate::backoff::Backoff) -> Result<Link, DialError> {
+        crate::backoff::retry(backoff, rand::random(), |_| self.dial_url(url)).await
+    }
+
     /// Connects, verifies the server, exchanges hellos and starts the link, all within the
     /// handshake timeout.
     pub async fn dial_url(&self, url: &PeerUrl) -> Result<Link, DialError> {
@@ -221,44 +218,27 @@ impl Dialer {
     }
 
     async fn dial_ws(&self, addr: SocketAddr, url: &PeerUrl) -> Result<Link, DialError> {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| DialError::Connect { addr, source })?;
+        let tcp = TcpStream::connect(addr).await.map_err(|source| DialError::Connect { addr, source })?;
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay");
         }
         let local = tcp.local_addr().ok();
         let request = format!("{}{}", url, ws::LINK_PATH)
             .into_client_request()
-            .map_err(|e| DialError::WebSocket {
-                addr,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| DialError::WebSocket { addr, reason: e.to_string() })?;
         let cfg = Some(ws::ws_config(&self.setup.config));
-        let ws_err = |e: tokio_tungstenite::tungstenite::Error| DialError::WebSocket {
-            addr,
-            reason: e.to_string(),
-        };
+        let ws_err = |e: tokio_tungstenite::tungstenite::Error| DialError::WebSocket { addr, reason: e.to_string() };
         match url.scheme {
             Scheme::Wss => {
-                let tls = self
-                    .tls
-                    .as_ref()
-                    .ok_or(DialError::NotAllowed("wss:// needs a TLS configuration"))?;
-                let name = ServerName::try_from(url.host.clone()).map_err(|e| DialError::Tls {
-                    addr,
-                    reason: e.to_string(),
-                })?;
+                let tls = self.tls.as_ref().ok_or(DialError::NotAllowed("wss:// needs a TLS configuration"))?;
+                let name = ServerName::try_from(url.host.clone())
+                    .map_err(|e| DialError::Tls { addr, reason: e.to_string() })?;
                 let stream = tokio_rustls::TlsConnector::from(tls.wss_config())
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| DialError::Tls {
-                        addr,
-                        reason: e.to_string(),
-                    })?;
-                let (ws, _resp) = tokio_tungstenite::client_async_with_config(request, stream, cfg)
-                    .await
-                    .map_err(ws_err)?;
+                    .map_err(|e| DialError::Tls { addr, reason: e.to_string() })?;
+                let (ws, _resp) =
+                    tokio_tungstenite::client_async_with_config(request, stream, cfg).await.map_err(ws_err)?;
                 let (tx, rx) = ws::split(ws, &self.setup.config);
                 let peer = PeerInfo::connecting(TransportKind::Wss, Some(addr), local);
                 self.finish(tx, rx, peer, url).await
@@ -269,9 +249,8 @@ impl Dialer {
                         "ws:// (no TLS) is only allowed with the development plaintext flag",
                     ));
                 }
-                let (ws, _resp) = tokio_tungstenite::client_async_with_config(request, tcp, cfg)
-                    .await
-                    .map_err(ws_err)?;
+                let (ws, _resp) =
+                    tokio_tungstenite::client_async_with_config(request, tcp, cfg).await.map_err(ws_err)?;
                 let (tx, rx) = ws::split(ws, &self.setup.config);
                 let peer = PeerInfo::connecting(TransportKind::Ws, Some(addr), local);
                 self.finish(tx, rx, peer, url).await
@@ -290,10 +269,7 @@ impl Dialer {
     ) -> Result<Link, DialError> {
         let peer = handshake::exchange(&mut tx, &mut rx, &self.setup, Role::Dialer, peer)
             .await
-            .map_err(|source| DialError::Handshake {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(|source| DialError::Handshake { url: url.to_string(), source })?;
         Ok(driver::start(tx, rx, peer, &self.setup.config, None))
     }
 }
@@ -304,10 +280,7 @@ async fn resolve(url: &PeerUrl) -> Result<SocketAddr, DialError> {
     }
     let mut addrs = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await
-        .map_err(|source| DialError::Resolve {
-            host: url.host.clone(),
-            source,
-        })?;
+        .map_err(|source| DialError::Resolve { host: url.host.clone(), source })?;
     addrs.next().ok_or_else(|| DialError::Resolve {
         host: url.host.clone(),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),

@@ -20,9 +20,7 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions {
-            handshake_timeout: Duration::from_secs(10),
-        }
+        ServeOptions { handshake_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -59,21 +57,13 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc =
-                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo::<SocketAddr>(remote));
-                    router.clone().oneshot(req)
-                });
+            let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(axum::extract::ConnectInfo::<SocketAddr>(remote));
+                router.clone().oneshot(req)
+            });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout);
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                .await
-            {
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
+            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await {
                 tracing::debug!(%remote, error = %e, "HTTP connection ended");
             }
         });

@@ -10,9 +10,11 @@
 //! - [`Dialer`] and [`Acceptor`]: establishing links over WSS ([`ws`], accepted through an
 //!   axum router) and QUIC ([`quic::QuicEndpoint`]).
 //! - [`https`]: a TLS server loop for the node's axum router with slow-loris deadlines.
+//! - [`backoff`]: capped exponential backoff with jitter for reconnecting.
 //! - [`tls`]: development CA, PEM loading, the swappable certificate resolver, rustls configs.
 
 mod accept;
+pub mod backoff;
 mod dial;
 pub mod frame;
 pub mod https;
@@ -26,11 +28,11 @@ pub mod ws;
 pub use accept::{AcceptConfig, Acceptor, Incoming};
 pub use dial::{DialError, Dialer, InvalidPeerUrl, PeerUrl, Scheme};
 pub use frame::{
-    BodyKind, Call, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind,
-    Hello, Reply, ReplyResult, Route,
+    BodyKind, Call, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind, Hello, Reply,
+    ReplyResult, Route,
 };
 pub use link::{
-    CloseReason, HandshakeError, HelloCheck, Initiator, Link, LinkConfig, LinkError, LinkReceiver,
-    LinkSender, LinkSetup, PeerInfo, SendError, TransportKind, TrySendError,
+    CloseReason, HandshakeError, HelloCheck, Initiator, Link, LinkConfig, LinkError, LinkReceiver, LinkSender,
+    LinkSetup, PeerInfo, SendError, TransportKind, TrySendError,
 };
 pub use node_id::{InvalidNodeId, NodeId};

@@ -25,10 +25,7 @@ impl WireTx for MemTx {
             return Err(WireError::Io("frame over the size limit".into()));
         }
         match &self.tx {
-            Some(tx) => tx
-                .send(frame)
-                .await
-                .map_err(|_| WireError::Io("peer gone".into())),
+            Some(tx) => tx.send(frame).await.map_err(|_| WireError::Io("peer gone".into())),
             None => Err(WireError::Io("shut down".into())),
         }
     }
@@ -51,15 +48,7 @@ impl WireRx for MemRx {
 fn wires(config: &LinkConfig) -> ((MemTx, MemRx), (MemTx, MemRx)) {
     let (a_tx, b_rx) = mpsc::channel(CHANNEL_FRAMES);
     let (b_tx, a_rx) = mpsc::channel(CHANNEL_FRAMES);
-    let side = |tx, rx| {
-        (
-            MemTx {
-                tx: Some(tx),
-                max_frame_len: config.max_frame_len,
-            },
-            MemRx { rx },
-        )
-    };
+    let side = |tx, rx| (MemTx { tx: Some(tx), max_frame_len: config.max_frame_len }, MemRx { rx });
     (side(a_tx, a_rx), side(b_tx, b_rx))
 }
 
@@ -76,14 +65,9 @@ pub async fn connect(a: &LinkSetup, b: &LinkSetup) -> Result<(Link, Link), Hands
             handshake::exchange(&mut b_tx, &mut b_rx, b, Role::Acceptor, peer()),
         )
     };
-    let (pa, pb) = tokio::time::timeout(timeout, both)
-        .await
-        .map_err(|_| HandshakeError::Timeout)?;
+    let (pa, pb) = tokio::time::timeout(timeout, both).await.map_err(|_| HandshakeError::Timeout)?;
     let (pa, pb) = (pa?, pb?);
-    Ok((
-        driver::start(a_tx, a_rx, pa, &a.config, None),
-        driver::start(b_tx, b_rx, pb, &b.config, None),
-    ))
+    Ok((driver::start(a_tx, a_rx, pa, &a.config, None), driver::start(b_tx, b_rx, pb, &b.config, None)))
 }
 
 /// Two connected links with random node ids and no hello on the wire (see [`Link::pair`]).
@@ -98,16 +82,7 @@ pub(crate) fn pair_unchecked(config: &LinkConfig) -> (Link, Link) {
         remote_addr: None,
         local_addr: None,
     };
-    let ha = Hello {
-        node_id: NodeId::random(),
-        ..Hello::default()
-    };
-    let hb = Hello {
-        node_id: NodeId::random(),
-        ..Hello::default()
-    };
-    (
-        driver::start(a_tx, a_rx, info(&hb), config, None),
-        driver::start(b_tx, b_rx, info(&ha), config, None),
-    )
+    let ha = Hello { node_id: NodeId::random(), ..Hello::default() };
+    let hb = Hello { node_id: NodeId::random(), ..Hello::default() };
+    (driver::start(a_tx, a_rx, info(&hb), config, None), driver::start(b_tx, b_rx, info(&ha), config, None))
 }

@@ -26,6 +26,10 @@ const STREAM_FRAME: u8 = 1;
 const SPAWN_WRITE_ABOVE: usize = 64 * 1024;
 /// Large frames being written at once per link.
 const MAX_LARGE_WRITES: usize = 16;
+/// Frame streams read at once per link; bounds the memory a peer can make us buffer.
+const MAX_STREAM_READERS: usize = 8;
+/// Frames read from streams and not yet taken by the link driver.
+const READ_AHEAD: usize = 16;
 /// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
 pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
@@ -63,14 +67,12 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(1024u32.into())
         .max_concurrent_bidi_streams(0u32.into())
-        .stream_receive_window((8u32 * 1024 * 1024).into())
-        .receive_window((64u32 * 1024 * 1024).into())
-        .send_window(64 * 1024 * 1024)
+        .stream_receive_window((2u32 * 1024 * 1024).into())
+        .receive_window((16u32 * 1024 * 1024).into())
+        .send_window(16 * 1024 * 1024)
         .keep_alive_interval(None)
         .max_idle_timeout(Some(
-            Duration::from_secs(30)
-                .try_into()
-                .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+            Duration::from_secs(30).try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
         ));
     Arc::new(t)
 }
@@ -78,8 +80,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, QuicError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| QuicError::Socket { addr, source };
-    let sock =
-        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
     if addr.is_ipv6() {
         // Accept IPv4 too where the platform allows it.
         if let Err(e) = sock.set_only_v6(false) {
@@ -127,23 +128,17 @@ impl QuicEndpoint {
         };
         let client = match client {
             Some(c) => {
-                let tls = QuicClientConfig::try_from(Arc::clone(&c.quic))
-                    .map_err(|e| QuicError::Tls(e.to_string()))?;
+                let tls = QuicClientConfig::try_from(Arc::clone(&c.quic)).map_err(|e| QuicError::Tls(e.to_string()))?;
                 let mut cfg = quinn::ClientConfig::new(Arc::new(tls));
                 cfg.transport_config(transport_config());
                 Some(cfg)
             }
             None => None,
         };
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| QuicError::Tls("no async runtime for quinn".into()))?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            server_config,
-            udp_socket(addr)?,
-            runtime,
-        )
-        .map_err(|source| QuicError::Socket { addr, source })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime for quinn".into()))?;
+        let endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), server_config, udp_socket(addr)?, runtime)
+                .map_err(|source| QuicError::Socket { addr, source })?;
         Ok(QuicEndpoint { endpoint, client })
     }
 
@@ -166,20 +161,17 @@ impl QuicEndpoint {
                 let config = acceptor.setup().config.clone();
                 let deadline = tokio::time::Instant::now() + config.handshake_timeout;
                 let remote = incoming.remote_address();
-                let conn =
-                    match tokio::time::timeout_at(deadline, async { incoming.accept()?.await })
-                        .await
-                    {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "QUIC handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "QUIC handshake timed out");
-                            return;
-                        }
-                    };
+                let conn = match tokio::time::timeout_at(deadline, async { incoming.accept()?.await }).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "QUIC handshake timed out");
+                        return;
+                    }
+                };
                 let (tx, rx) = wire(conn, config.max_frame_len);
                 let peer = PeerInfo::connecting(TransportKind::Quic, Some(remote), local);
                 acceptor.establish(tx, rx, peer, permit, deadline).await;
@@ -193,9 +185,8 @@ impl QuicEndpoint {
         url: &PeerUrl,
         dialer: &Dialer,
     ) -> Result<crate::Link, DialError> {
-        let client = self.client.clone().ok_or(DialError::NotAllowed(
-            "this QUIC endpoint has no client TLS configuration",
-        ))?;
+        let client =
+            self.client.clone().ok_or(DialError::NotAllowed("this QUIC endpoint has no client TLS configuration"))?;
         let quic_err = |reason: String| DialError::Quic { addr, reason };
         let conn = self
             .endpoint
@@ -215,16 +206,9 @@ impl QuicEndpoint {
 }
 
 fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
-    let (items_tx, items) = mpsc::channel(64);
+    let (items_tx, items) = mpsc::channel(READ_AHEAD);
     let task = tokio::spawn(receive(conn.clone(), items_tx, max_frame_len));
-    (
-        QuicTx {
-            conn,
-            control: None,
-            large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)),
-        },
-        QuicRx { items, task },
-    )
+    (QuicTx { conn, control: None, large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)) }, QuicRx { items, task })
 }
 
 struct QuicTx {
@@ -256,10 +240,7 @@ impl WireTx for QuicTx {
             stream.write_all_chunks(&mut chunks).await.map_err(io_err)?;
             return stream.finish().map_err(io_err);
         }
-        let permit = Arc::clone(&self.large)
-            .acquire_owned()
-            .await
-            .map_err(io_err)?;
+        let permit = Arc::clone(&self.large).acquire_owned().await.map_err(io_err)?;
         tokio::spawn(async move {
             let r = async {
                 stream.write_all_chunks(&mut chunks).await.map_err(io_err)?;
@@ -274,13 +255,12 @@ impl WireTx for QuicTx {
     }
 
     async fn shutdown(&mut self) {
-        if let Some(mut s) = self.control.take() {
-            if s.finish().is_ok() {
-                // Wait until the peer has our close frame before tearing the connection down.
-                if let Err(e) = s.stopped().await {
-                    tracing::trace!(error = %e, "control stream");
-                }
-            }
+        if let Some(mut s) = self.control.take()
+            && s.finish().is_ok()
+            && let Err(e) = s.stopped().await
+        {
+            // We waited until the peer had our close frame before tearing the connection down.
+            tracing::trace!(error = %e, "control stream");
         }
         self.conn.close(0u32.into(), b"link closed");
     }
@@ -308,70 +288,87 @@ impl WireRx for QuicRx {
     }
 }
 
-/// Accepts the peer's streams and feeds their frames, in arrival order, to the link.
+/// Accepts the peer's streams and feeds their frames, in arrival order, to the link. At most
+/// [`MAX_STREAM_READERS`] frame streams are read at once; further streams wait in quinn, under
+/// its flow control, so a peer cannot make us buffer more than that many frames.
 async fn receive(conn: quinn::Connection, items: mpsc::Sender<Item>, max: usize) {
     let mut streams = JoinSet::new();
+    let readers = Arc::new(Semaphore::new(MAX_STREAM_READERS));
     loop {
-        tokio::select! {
-            accepted = conn.accept_uni() => match accepted {
-                Ok(stream) => {
-                    streams.spawn(read_stream(stream, items.clone(), max));
-                }
-                Err(e) => {
-                    let item = match e {
-                        quinn::ConnectionError::ApplicationClosed(_)
-                        | quinn::ConnectionError::LocallyClosed => Ok(None),
-                        other => Err(io_err(other)),
-                    };
-                    // Let frames already read reach the link before the end.
-                    while streams.join_next().await.is_some() {}
-                    if items.send(item).await.is_err() {
-                        tracing::trace!("link gone");
-                    }
-                    return;
-                }
+        let permit = tokio::select! {
+            p = Arc::clone(&readers).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
             },
-            Some(_) = streams.join_next() => {}
+            Some(_) = streams.join_next() => continue,
+        };
+        let accepted = loop {
+            tokio::select! {
+                a = conn.accept_uni() => break a,
+                Some(_) = streams.join_next() => {}
+            }
+        };
+        match accepted {
+            Ok(stream) => {
+                streams.spawn(read_stream(stream, items.clone(), max, permit));
+            }
+            Err(e) => {
+                let item = match e {
+                    quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => Ok(None),
+                    other => Err(io_err(other)),
+                };
+                // Let frames already read reach the link before the end.
+                while streams.join_next().await.is_some() {}
+                if items.send(item).await.is_err() {
+                    tracing::trace!("link gone");
+                }
+                return;
+            }
         }
     }
 }
 
-async fn read_stream(mut s: quinn::RecvStream, items: mpsc::Sender<Item>, max: usize) {
+async fn read_stream(
+    mut s: quinn::RecvStream,
+    items: mpsc::Sender<Item>,
+    max: usize,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let mut kind = [0u8; 1];
     if s.read_exact(&mut kind).await.is_err() {
         return;
     }
     let result = match kind[0] {
-        STREAM_CONTROL => read_control(&mut s, &items, max).await,
+        STREAM_CONTROL => {
+            // The control stream lives as long as the link: it takes no reader slot.
+            drop(permit);
+            read_control(&mut s, &items, max).await
+        }
         STREAM_FRAME => match s.read_to_end(max).await {
             Ok(b) => {
-                if items.send(Ok(Some(Bytes::from(b)))).await.is_err() {
+                // The slot is held until the frame is queued, so blocked readers stay bounded.
+                let sent = items.send(Ok(Some(Bytes::from(b)))).await;
+                drop(permit);
+                if sent.is_err() {
                     return;
                 }
                 Ok(())
             }
-            Err(quinn::ReadToEndError::TooLong) => Err(WireError::Decode(DecodeError::Oversized {
-                len: max.saturating_add(1),
-                max,
-            })),
+            Err(quinn::ReadToEndError::TooLong) => {
+                Err(WireError::Decode(DecodeError::Oversized { len: max.saturating_add(1), max }))
+            }
             Err(e) => Err(io_err(e)),
         },
-        other => Err(WireError::Protocol(format!(
-            "unknown QUIC stream type {other}"
-        ))),
+        other => Err(WireError::Protocol(format!("unknown QUIC stream type {other}"))),
     };
-    if let Err(e) = result {
-        if items.send(Err(e)).await.is_err() {
-            tracing::trace!("link gone");
-        }
+    if let Err(e) = result
+        && items.send(Err(e)).await.is_err()
+    {
+        tracing::trace!("link gone");
     }
 }
 
-async fn read_control(
-    s: &mut quinn::RecvStream,
-    items: &mpsc::Sender<Item>,
-    max: usize,
-) -> Result<(), WireError> {
+async fn read_control(s: &mut quinn::RecvStream, items: &mpsc::Sender<Item>, max: usize) -> Result<(), WireError> {
     let mut header = [0u8; HEADER_LEN];
     loop {
         match s.read_exact(&mut header).await {
@@ -379,11 +376,8 @@ async fn read_control(
             Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
             Err(e) => return Err(io_err(e)),
         }
-        let h =
-            frame::peek_header(&header, max)?.ok_or(WireError::Decode(DecodeError::Truncated {
-                needed: HEADER_LEN,
-                have: 0,
-            }))?;
+        let h = frame::peek_header(&header, max)?
+            .ok_or(WireError::Decode(DecodeError::Truncated { needed: HEADER_LEN, have: 0 }))?;
         let mut buf = vec![0u8; h.frame_len()];
         buf[..HEADER_LEN].copy_from_slice(&header);
         s.read_exact(&mut buf[HEADER_LEN..]).await.map_err(io_err)?;

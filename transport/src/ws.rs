@@ -44,13 +44,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, stream) = ws.split();
-    (
-        WsTx { sink },
-        WsRx {
-            stream,
-            max_frame_len: config.max_frame_len,
-        },
-    )
+    (WsTx { sink }, WsRx { stream, max_frame_len: config.max_frame_len })
 }
 
 impl<S> WireTx for WsTx<S>
@@ -58,10 +52,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn send(&mut self, frame: Bytes, _kind: FrameKind) -> Result<(), WireError> {
-        self.sink
-            .send(Message::Binary(frame))
-            .await
-            .map_err(|e| WireError::Io(format!("websocket: {e}")))
+        self.sink.send(Message::Binary(frame)).await.map_err(|e| WireError::Io(format!("websocket: {e}")))
     }
 
     async fn shutdown(&mut self) {
@@ -81,18 +72,14 @@ where
                 None | Some(Ok(Message::Close(_))) => Ok(None),
                 Some(Ok(Message::Binary(b))) => Ok(Some(b)),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Text(_))) => {
-                    Err(WireError::Protocol("text message on a link".into()))
-                }
+                Some(Ok(Message::Text(_))) => Err(WireError::Protocol("text message on a link".into())),
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. }))) => {
                     Err(WireError::Decode(DecodeError::Oversized {
                         len: size.max(HEADER_LEN),
                         max: self.max_frame_len,
                     }))
                 }
-                Some(Err(WsError::Protocol(p))) => {
-                    Err(WireError::Protocol(format!("websocket protocol: {p}")))
-                }
+                Some(Err(WsError::Protocol(p))) => Err(WireError::Protocol(format!("websocket protocol: {p}"))),
                 Some(Err(e)) => Err(WireError::Io(format!("websocket: {e}"))),
             };
         }
@@ -114,10 +101,10 @@ fn bad_request(msg: &'static str) -> Response<Body> {
 pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<Body> {
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
     };
     if req.method() != http::Method::GET
         || !has_token(header::CONNECTION, "upgrade")
@@ -125,11 +112,7 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
     {
         return bad_request("expected a websocket upgrade");
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return bad_request("unsupported websocket version");
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
@@ -141,10 +124,7 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         return r;
     };
-    let remote = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let remote = req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let acceptor = acceptor.clone();
     tokio::spawn(async move {
@@ -161,12 +141,7 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config(&config)),
-        )
-        .await;
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&config))).await;
         let (tx, rx) = split(ws, &config);
         let peer = PeerInfo::connecting(TransportKind::Wss, remote, None);
         acceptor.establish(tx, rx, peer, permit, deadline).await;

@@ -8,19 +8,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Transport, connect, setup};
 use gearmesh_transport::{
-    BodyKind, Call, CloseCode, Event, Frame, Initiator, LinkError, NodeId, Reply, ReplyResult,
-    Route, SendError, TrySendError,
+    BodyKind, Call, CloseCode, Event, Frame, Initiator, LinkError, NodeId, Reply, ReplyResult, Route, SendError,
+    TrySendError,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
 
 fn call(id: u64, body: Bytes) -> Frame {
     Frame::Call(Call {
-        route: Route {
-            src: NodeId([1; 16]),
-            dst: NodeId([2; 16]),
-            hops: 0,
-        },
+        route: Route { src: NodeId([1; 16]), dst: NodeId([2; 16]), hops: 0 },
         call_id: id,
         deadline_ms: 1000,
         trace_id: u128::from(id) << 64,
@@ -48,47 +44,27 @@ async fn frames_flow_both_ways(t: Transport) {
     let r = Frame::Reply(Reply {
         route: Route::default(),
         call_id: 7,
-        result: ReplyResult::Ok {
-            kind: BodyKind::Json,
-            body: Bytes::from_static(b"{}"),
-        },
+        result: ReplyResult::Ok { kind: BodyKind::Json, body: Bytes::from_static(b"{}") },
     });
     b.send(&r).await.expect("send reply");
     assert_eq!(recv(&mut a).await, r);
-    let e = Frame::Event(Event {
-        topic: "t".into(),
-        body: Bytes::from_static(b"[]"),
-        ..Event::default()
-    });
+    let e = Frame::Event(Event { topic: "t".into(), body: Bytes::from_static(b"[]"), ..Event::default() });
     b.send(&e).await.expect("send event");
     assert_eq!(recv(&mut a).await, e);
     // Gossip keeps its order.
     for i in 0..50u8 {
-        a.send(&Frame::Gossip {
-            payload: Bytes::from(vec![i]),
-        })
-        .await
-        .expect("gossip");
+        a.send(&Frame::Gossip { payload: Bytes::from(vec![i]) }).await.expect("gossip");
     }
     for i in 0..50u8 {
-        assert_eq!(
-            recv(&mut b).await,
-            Frame::Gossip {
-                payload: Bytes::from(vec![i])
-            }
-        );
+        assert_eq!(recv(&mut b).await, Frame::Gossip { payload: Bytes::from(vec![i]) });
     }
     // Many calls all arrive (order across calls is not promised on QUIC).
     for i in 0..200 {
-        a.send(&call(i, Bytes::from(vec![0u8; 100])))
-            .await
-            .expect("call");
+        a.send(&call(i, Bytes::from(vec![0u8; 100]))).await.expect("call");
     }
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..200 {
-        let Frame::Call(c) = recv(&mut b).await else {
-            panic!("not a call")
-        };
+        let Frame::Call(c) = recv(&mut b).await else { panic!("not a call") };
         seen.insert(c.call_id);
     }
     assert_eq!(seen.len(), 200);
@@ -108,10 +84,7 @@ async fn peer_info_after_hello(t: Transport) {
 
 async fn link_frames_are_refused(t: Transport) {
     let (a, _b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
-    let ping = Frame::Ping {
-        seq: 1,
-        sent_at_micros: 0,
-    };
+    let ping = Frame::Ping { seq: 1, sent_at_micros: 0 };
     assert!(matches!(a.send(&ping).await, Err(SendError::NotAllowed(_))));
 }
 
@@ -119,23 +92,13 @@ async fn close_with_reason_reaches_peer(t: Transport) {
     let (a, mut b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
     let mine = a.close(CloseCode::GOING_AWAY, "shutting down").await;
     assert_eq!(mine.initiator, Initiator::Local);
-    let theirs = tokio::time::timeout(WAIT, b.closed())
-        .await
-        .expect("peer sees close");
+    let theirs = tokio::time::timeout(WAIT, b.closed()).await.expect("peer sees close");
     assert_eq!(theirs.code, CloseCode::GOING_AWAY);
     assert_eq!(theirs.reason, "shutting down");
     assert_eq!(theirs.initiator, Initiator::Remote);
     // Orderly: no error, just the end.
-    assert!(
-        tokio::time::timeout(WAIT, b.recv())
-            .await
-            .expect("ends")
-            .is_none()
-    );
-    assert!(matches!(
-        a.send(&call(1, Bytes::new())).await,
-        Err(SendError::Closed)
-    ));
+    assert!(tokio::time::timeout(WAIT, b.recv()).await.expect("ends").is_none());
+    assert!(matches!(a.send(&call(1, Bytes::new())).await, Err(SendError::Closed)));
 }
 
 async fn abnormal_close_is_reported_once(t: Transport) {
@@ -151,9 +114,7 @@ async fn abnormal_close_is_reported_once(t: Transport) {
 async fn dropping_a_link_closes_the_peer(t: Transport) {
     let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
     drop(a);
-    let r = tokio::time::timeout(WAIT, b.closed())
-        .await
-        .expect("peer sees close");
+    let r = tokio::time::timeout(WAIT, b.closed()).await.expect("peer sees close");
     assert_eq!(r.code, CloseCode::NORMAL);
     assert_eq!(r.initiator, Initiator::Remote);
 }
@@ -161,17 +122,10 @@ async fn dropping_a_link_closes_the_peer(t: Transport) {
 async fn hello_check_can_refuse(t: Transport) {
     let picky = setup(2).with_check(
         |h: &gearmesh_transport::Hello, _: &gearmesh_transport::PeerInfo| {
-            if h.token.as_ref() == b"good" {
-                Ok(())
-            } else {
-                Err("bad token".to_string())
-            }
+            if h.token.as_ref() == b"good" { Ok(()) } else { Err("bad token".to_string()) }
         },
     );
-    let err = connect(t, setup(1), picky.clone())
-        .await
-        .err()
-        .expect("refused");
+    let err = connect(t, setup(1), picky.clone()).await.err().expect("refused");
     assert!(err.contains("bad token"), "{err}");
     let mut good = setup(1);
     good.hello.token = Bytes::from_static(b"good");
@@ -208,7 +162,12 @@ async fn back_pressure_then_try_send_full(t: Transport) {
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    assert!(full, "an unread peer must eventually fill the send queue");
+    assert!(
+        full,
+        "an unread peer must eventually fill the send queue (closed: {:?}, b: {:?})",
+        a.close_reason(),
+        b.close_reason()
+    );
     // The link is still healthy: the peer drains and frames arrive.
     assert!(matches!(recv(&mut b).await, Frame::Call(_)));
     assert!(a.close_reason().is_none());
@@ -219,9 +178,7 @@ async fn oversized_frame_closes_link(t: Transport) {
     let mut receiver = setup(2);
     receiver.config.max_frame_len = 64 * 1024;
     let (a, mut b, _f) = connect(t, sender, receiver).await.expect("connect");
-    a.send(&call(1, Bytes::from(vec![1u8; 100 * 1024])))
-        .await
-        .expect("queued");
+    a.send(&call(1, Bytes::from(vec![1u8; 100 * 1024]))).await.expect("queued");
     match tokio::time::timeout(WAIT, b.recv()).await.expect("closes") {
         Some(Err(LinkError::Closed(r))) => {
             assert_eq!(r.code, CloseCode::FRAME_TOO_LARGE, "{r}");
@@ -229,9 +186,7 @@ async fn oversized_frame_closes_link(t: Transport) {
         }
         other => panic!("expected a close, got {other:?}"),
     }
-    let theirs = tokio::time::timeout(WAIT, a.closed())
-        .await
-        .expect("sender sees close");
+    let theirs = tokio::time::timeout(WAIT, a.closed()).await.expect("sender sees close");
     assert!(!theirs.code.is_orderly());
 }
 

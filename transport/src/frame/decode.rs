@@ -4,8 +4,8 @@ use bytes::Bytes;
 
 use super::encode::ROUTE_LEN;
 use super::{
-    BodyKind, Call, Cancel, Close, CloseCode, Event, Frame, FrameKind, HEADER_LEN, Hello,
-    PROTOCOL_VERSION, Reply, ReplyResult, Route,
+    BodyKind, Call, Cancel, Close, CloseCode, Event, Frame, FrameKind, HEADER_LEN, Hello, PROTOCOL_VERSION, Reply,
+    ReplyResult, Route,
 };
 use crate::NodeId;
 
@@ -91,19 +91,13 @@ pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<Header>, DecodeE
 /// The route of an encoded routed frame, without decoding the rest; `Ok(None)` for kinds that
 /// have no route.
 pub fn peek_route(buf: &[u8]) -> Result<Option<Route>, DecodeError> {
-    let header = peek_header(buf, usize::MAX)?.ok_or(DecodeError::Truncated {
-        needed: HEADER_LEN,
-        have: buf.len(),
-    })?;
+    let header = peek_header(buf, usize::MAX)?.ok_or(DecodeError::Truncated { needed: HEADER_LEN, have: buf.len() })?;
     if !header.kind.is_routed() {
         return Ok(None);
     }
     let r = buf
         .get(HEADER_LEN..HEADER_LEN + ROUTE_LEN)
-        .ok_or(DecodeError::Truncated {
-            needed: HEADER_LEN + ROUTE_LEN,
-            have: buf.len(),
-        })?;
+        .ok_or(DecodeError::Truncated { needed: HEADER_LEN + ROUTE_LEN, have: buf.len() })?;
     if header.payload_len < ROUTE_LEN {
         return Err(DecodeError::FieldOverrun("route"));
     }
@@ -111,11 +105,7 @@ pub fn peek_route(buf: &[u8]) -> Result<Option<Route>, DecodeError> {
     let mut dst = [0u8; 16];
     src.copy_from_slice(&r[..16]);
     dst.copy_from_slice(&r[16..32]);
-    Ok(Some(Route {
-        src: NodeId(src),
-        dst: NodeId(dst),
-        hops: r[32],
-    }))
+    Ok(Some(Route { src: NodeId(src), dst: NodeId(dst), hops: r[32] }))
 }
 
 /// Rewrites the hop count of an encoded routed frame in place; returns false (and changes
@@ -136,24 +126,15 @@ pub fn set_hops(buf: &mut [u8], hops: u8) -> bool {
 /// Decodes one complete frame occupying all of `buf`. Never panics. Byte bodies are slices of
 /// `buf` (no copy).
 pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
-    let header = peek_header(buf, max_len)?.ok_or(DecodeError::Truncated {
-        needed: HEADER_LEN,
-        have: buf.len(),
-    })?;
+    let header = peek_header(buf, max_len)?.ok_or(DecodeError::Truncated { needed: HEADER_LEN, have: buf.len() })?;
     let len = header.frame_len();
     if buf.len() < len {
-        return Err(DecodeError::Truncated {
-            needed: len,
-            have: buf.len(),
-        });
+        return Err(DecodeError::Truncated { needed: len, have: buf.len() });
     }
     if buf.len() > len {
         return Err(DecodeError::TrailingBytes(buf.len() - len));
     }
-    let mut r = Reader {
-        buf,
-        pos: HEADER_LEN,
-    };
+    let mut r = Reader { buf, pos: HEADER_LEN };
     let frame = match header.kind {
         FrameKind::Hello => Frame::Hello(Hello {
             version: r.u16("version")?,
@@ -166,14 +147,8 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
             },
             listen_addrs: r.list("listen_addrs")?,
         }),
-        FrameKind::Ping => Frame::Ping {
-            seq: r.u64("seq")?,
-            sent_at_micros: r.u64("sent_at_micros")?,
-        },
-        FrameKind::Pong => Frame::Pong {
-            seq: r.u64("seq")?,
-            echo: r.u64("echo")?,
-        },
+        FrameKind::Ping => Frame::Ping { seq: r.u64("seq")?, sent_at_micros: r.u64("sent_at_micros")? },
+        FrameKind::Pong => Frame::Pong { seq: r.u64("seq")?, echo: r.u64("echo")? },
         FrameKind::Call => Frame::Call(Call {
             route: r.route()?,
             call_id: r.u64("call_id")?,
@@ -190,32 +165,16 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
             let route = r.route()?;
             let call_id = r.u64("call_id")?;
             let result = match r.u8("status")? {
-                0 => ReplyResult::Ok {
-                    kind: BodyKind::Json,
-                    body: r.rest(),
-                },
-                1 => ReplyResult::Ok {
-                    kind: BodyKind::Bytes,
-                    body: r.rest(),
-                },
+                0 => ReplyResult::Ok { kind: BodyKind::Json, body: r.rest() },
+                1 => ReplyResult::Ok { kind: BodyKind::Bytes, body: r.rest() },
                 2 => ReplyResult::Err(r.rest()),
                 value => {
-                    return Err(DecodeError::InvalidEnum {
-                        field: "status",
-                        value,
-                    });
+                    return Err(DecodeError::InvalidEnum { field: "status", value });
                 }
             };
-            Frame::Reply(Reply {
-                route,
-                call_id,
-                result,
-            })
+            Frame::Reply(Reply { route, call_id, result })
         }
-        FrameKind::Cancel => Frame::Cancel(Cancel {
-            route: r.route()?,
-            call_id: r.u64("call_id")?,
-        }),
+        FrameKind::Cancel => Frame::Cancel(Cancel { route: r.route()?, call_id: r.u64("call_id")? }),
         FrameKind::Event => Frame::Event(Event {
             route: r.route()?,
             trace_id: r.u128("trace_id")?,
@@ -225,10 +184,7 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
             body: r.rest(),
         }),
         FrameKind::Gossip => Frame::Gossip { payload: r.rest() },
-        FrameKind::Close => Frame::Close(Close {
-            code: CloseCode(r.u16("code")?),
-            reason: r.string("reason")?,
-        }),
+        FrameKind::Close => Frame::Close(Close { code: CloseCode(r.u16("code")?), reason: r.string("reason")? }),
     };
     if r.pos != len {
         return Err(DecodeError::TrailingBytes(len - r.pos));
@@ -249,14 +205,8 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, field: &'static str, n: usize) -> Result<&[u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(DecodeError::FieldOverrun(field))?;
-        let s = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(DecodeError::FieldOverrun(field))?;
+        let end = self.pos.checked_add(n).ok_or(DecodeError::FieldOverrun(field))?;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::FieldOverrun(field))?;
         self.pos = end;
         Ok(s)
     }
@@ -292,11 +242,7 @@ impl Reader<'_> {
     }
 
     fn route(&mut self) -> Result<Route, DecodeError> {
-        Ok(Route {
-            src: self.node_id("src")?,
-            dst: self.node_id("dst")?,
-            hops: self.u8("hops")?,
-        })
+        Ok(Route { src: self.node_id("src")?, dst: self.node_id("dst")?, hops: self.u8("hops")? })
     }
 
     fn bytes(&mut self, field: &'static str, n: usize) -> Result<Bytes, DecodeError> {
@@ -308,9 +254,7 @@ impl Reader<'_> {
     fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let n = self.u16(field)? as usize;
         let s = self.take(field, n)?;
-        std::str::from_utf8(s)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8(field))
+        std::str::from_utf8(s).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8(field))
     }
 
     fn list(&mut self, field: &'static str) -> Result<Vec<String>, DecodeError> {
@@ -331,10 +275,7 @@ impl Reader<'_> {
         match self.u8("body_kind")? {
             0 => Ok(BodyKind::Json),
             1 => Ok(BodyKind::Bytes),
-            value => Err(DecodeError::InvalidEnum {
-                field: "body_kind",
-                value,
-            }),
+            value => Err(DecodeError::InvalidEnum { field: "body_kind", value }),
         }
     }
 

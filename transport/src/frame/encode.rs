@@ -43,20 +43,14 @@ fn str_len(s: &str) -> usize {
 
 fn check_str(field: &'static str, s: &str) -> Result<(), EncodeError> {
     if s.len() > u16::MAX as usize {
-        return Err(EncodeError::StringTooLong {
-            field,
-            len: s.len(),
-        });
+        return Err(EncodeError::StringTooLong { field, len: s.len() });
     }
     Ok(())
 }
 
 fn check_list(field: &'static str, items: &[String]) -> Result<(), EncodeError> {
     if items.len() > u16::MAX as usize {
-        return Err(EncodeError::TooManyItems {
-            field,
-            len: items.len(),
-        });
+        return Err(EncodeError::TooManyItems { field, len: items.len() });
     }
     items.iter().try_for_each(|s| check_str(field, s))
 }
@@ -109,9 +103,7 @@ impl Frame {
                     }
             }
             Frame::Cancel(_) => ROUTE_LEN + 8,
-            Frame::Event(e) => {
-                ROUTE_LEN + 16 + str_len(&e.topic) + str_len(&e.publisher) + 1 + e.body.len()
-            }
+            Frame::Event(e) => ROUTE_LEN + 16 + str_len(&e.topic) + str_len(&e.publisher) + 1 + e.body.len(),
             Frame::Gossip { payload } => payload.len(),
             Frame::Close(c) => 2 + str_len(&c.reason),
         }
@@ -137,11 +129,9 @@ impl Frame {
                 check_str("publisher", &e.publisher)
             }
             Frame::Close(c) => check_str("reason", &c.reason),
-            Frame::Ping { .. }
-            | Frame::Pong { .. }
-            | Frame::Reply(_)
-            | Frame::Cancel(_)
-            | Frame::Gossip { .. } => Ok(()),
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Reply(_) | Frame::Cancel(_) | Frame::Gossip { .. } => {
+                Ok(())
+            }
         }
     }
 
@@ -168,10 +158,7 @@ impl Frame {
                 buf.put_slice(&h.token);
                 put_list(buf, &h.listen_addrs);
             }
-            Frame::Ping {
-                seq,
-                sent_at_micros,
-            } => {
+            Frame::Ping { seq, sent_at_micros } => {
                 buf.put_u64_le(*seq);
                 buf.put_u64_le(*sent_at_micros);
             }
@@ -231,19 +218,10 @@ impl Frame {
 }
 
 fn hello_len(h: &Hello) -> usize {
-    2 + 16
-        + 8
-        + 4
-        + 4
-        + h.token.len()
-        + 2
-        + h.listen_addrs.iter().map(|s| str_len(s)).sum::<usize>()
+    2 + 16 + 8 + 4 + 4 + h.token.len() + 2 + h.listen_addrs.iter().map(|s| str_len(s)).sum::<usize>()
 }
 
 /// The kind of an already-encoded, already-validated frame (gossip if unreadable).
 pub(crate) fn encode_raw_kind(buf: &[u8]) -> FrameKind {
-    buf.get(1)
-        .copied()
-        .and_then(FrameKind::from_u8)
-        .unwrap_or(FrameKind::Gossip)
+    buf.get(1).copied().and_then(FrameKind::from_u8).unwrap_or(FrameKind::Gossip)
 }

@@ -72,19 +72,13 @@ impl FrameKind {
 
     /// Whether frames of this kind start with a [`Route`] (call, reply, cancel, event).
     pub fn is_routed(self) -> bool {
-        matches!(
-            self,
-            FrameKind::Call | FrameKind::Reply | FrameKind::Cancel | FrameKind::Event
-        )
+        matches!(self, FrameKind::Call | FrameKind::Reply | FrameKind::Cancel | FrameKind::Event)
     }
 
     /// Whether the link itself owns this kind (hello, ping, pong, close): applications neither
     /// send nor receive it.
     pub fn is_link_control(self) -> bool {
-        matches!(
-            self,
-            FrameKind::Hello | FrameKind::Ping | FrameKind::Pong | FrameKind::Close
-        )
+        matches!(self, FrameKind::Hello | FrameKind::Ping | FrameKind::Pong | FrameKind::Close)
     }
 }
 
@@ -133,10 +127,7 @@ impl fmt::Debug for Hello {
             .field("version", &self.version)
             .field("node_id", &self.node_id)
             .field("incarnation", &self.incarnation)
-            .field(
-                "token",
-                &format_args!("<{} bytes redacted>", self.token.len()),
-            )
+            .field("token", &format_args!("<{} bytes redacted>", self.token.len()))
             .field("listen_addrs", &self.listen_addrs)
             .field("features", &self.features)
             .finish()
@@ -336,11 +327,7 @@ impl Frame {
             Frame::Reply(r) => Some(&r.route),
             Frame::Cancel(c) => Some(&c.route),
             Frame::Event(e) => Some(&e.route),
-            Frame::Hello(_)
-            | Frame::Ping { .. }
-            | Frame::Pong { .. }
-            | Frame::Gossip { .. }
-            | Frame::Close(_) => None,
+            Frame::Hello(_) | Frame::Ping { .. } | Frame::Pong { .. } | Frame::Gossip { .. } | Frame::Close(_) => None,
         }
     }
 }

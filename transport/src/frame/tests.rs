@@ -9,11 +9,7 @@ use super::*;
 const MAX: usize = DEFAULT_MAX_FRAME_LEN;
 
 pub(crate) fn samples() -> Vec<Frame> {
-    let route = Route {
-        src: NodeId([1; 16]),
-        dst: NodeId([2; 16]),
-        hops: 3,
-    };
+    let route = Route { src: NodeId([1; 16]), dst: NodeId([2; 16]), hops: 3 };
     vec![
         Frame::Hello(Hello {
             version: 1,
@@ -24,10 +20,7 @@ pub(crate) fn samples() -> Vec<Frame> {
             features: 0b101,
         }),
         Frame::Hello(Hello::default()),
-        Frame::Ping {
-            seq: 1,
-            sent_at_micros: u64::MAX,
-        },
+        Frame::Ping { seq: 1, sent_at_micros: u64::MAX },
         Frame::Pong { seq: 9, echo: 10 },
         Frame::Call(Call {
             route,
@@ -45,18 +38,12 @@ pub(crate) fn samples() -> Vec<Frame> {
         Frame::Reply(Reply {
             route,
             call_id: 77,
-            result: ReplyResult::Ok {
-                kind: BodyKind::Bytes,
-                body: Bytes::from_static(&[0, 1, 2]),
-            },
+            result: ReplyResult::Ok { kind: BodyKind::Bytes, body: Bytes::from_static(&[0, 1, 2]) },
         }),
         Frame::Reply(Reply {
             route,
             call_id: 78,
-            result: ReplyResult::Ok {
-                kind: BodyKind::Json,
-                body: Bytes::new(),
-            },
+            result: ReplyResult::Ok { kind: BodyKind::Json, body: Bytes::new() },
         }),
         Frame::Reply(Reply {
             route,
@@ -72,16 +59,9 @@ pub(crate) fn samples() -> Vec<Frame> {
             body_kind: BodyKind::Json,
             body: Bytes::from_static(b"{}"),
         }),
-        Frame::Gossip {
-            payload: Bytes::from_static(b"opaque"),
-        },
-        Frame::Gossip {
-            payload: Bytes::new(),
-        },
-        Frame::Close(Close {
-            code: CloseCode::GOING_AWAY,
-            reason: "bye".into(),
-        }),
+        Frame::Gossip { payload: Bytes::from_static(b"opaque") },
+        Frame::Gossip { payload: Bytes::new() },
+        Frame::Close(Close { code: CloseCode::GOING_AWAY, reason: "bye".into() }),
     ]
 }
 
@@ -114,15 +94,10 @@ fn encode_appends_and_reuses_buffer() {
 fn bodies_are_zero_copy_slices() {
     let f = &samples()[4];
     let b = enc(f);
-    let Frame::Call(c) = decode(&b, MAX).expect("decodes") else {
-        panic!("not a call")
-    };
+    let Frame::Call(c) = decode(&b, MAX).expect("decodes") else { panic!("not a call") };
     let base = b.as_ptr() as usize;
     let body = c.body.as_ptr() as usize;
-    assert!(
-        body >= base && body < base + b.len(),
-        "body points into the input"
-    );
+    assert!(body >= base && body < base + b.len(), "body points into the input");
 }
 
 #[test]
@@ -131,11 +106,7 @@ fn truncation_at_every_byte_is_rejected() {
         let b = enc(&f);
         for cut in 0..b.len() {
             let err = decode(&b.slice(..cut), MAX).expect_err("truncated must fail");
-            assert!(
-                matches!(err, DecodeError::Truncated { .. }),
-                "{:?} cut at {cut}: {err:?}",
-                f.kind()
-            );
+            assert!(matches!(err, DecodeError::Truncated { .. }), "{:?} cut at {cut}: {err:?}", f.kind());
         }
     }
 }
@@ -153,10 +124,8 @@ fn lying_length_fields_are_rejected() {
         v[2..6].copy_from_slice(&(payload - 1).to_le_bytes());
         v.pop();
         let r = decode_slice(&v, MAX);
-        let body_tail_kind = matches!(
-            f.kind(),
-            FrameKind::Call | FrameKind::Reply | FrameKind::Event | FrameKind::Gossip
-        );
+        let body_tail_kind =
+            matches!(f.kind(), FrameKind::Call | FrameKind::Reply | FrameKind::Event | FrameKind::Gossip);
         if !body_tail_kind {
             assert!(r.is_err(), "{:?}", f.kind());
         }
@@ -175,27 +144,13 @@ fn unknown_version_and_kind() {
 
 #[test]
 fn oversized_is_rejected_on_both_sides() {
-    let f = Frame::Gossip {
-        payload: Bytes::from(vec![0u8; 1000]),
-    };
+    let f = Frame::Gossip { payload: Bytes::from(vec![0u8; 1000]) };
     let b = enc(&f);
-    assert_eq!(
-        decode(&b, 500),
-        Err(DecodeError::Oversized {
-            len: 1006,
-            max: 500
-        })
-    );
+    assert_eq!(decode(&b, 500), Err(DecodeError::Oversized { len: 1006, max: 500 }));
     // The header alone is enough to refuse it.
-    assert!(matches!(
-        peek_header(&b[..HEADER_LEN], 500),
-        Err(DecodeError::Oversized { .. })
-    ));
+    assert!(matches!(peek_header(&b[..HEADER_LEN], 500), Err(DecodeError::Oversized { .. })));
     let mut buf = BytesMut::new();
-    assert!(matches!(
-        f.encode(&mut buf, 500),
-        Err(EncodeError::TooLarge { .. })
-    ));
+    assert!(matches!(f.encode(&mut buf, 500), Err(EncodeError::TooLarge { .. })));
     assert!(buf.is_empty());
 }
 
@@ -208,27 +163,15 @@ fn trailing_bytes_are_rejected() {
 
 #[test]
 fn bad_utf8_and_enums_are_rejected() {
-    let f = Frame::Close(Close {
-        code: CloseCode::NORMAL,
-        reason: "ab".into(),
-    });
+    let f = Frame::Close(Close { code: CloseCode::NORMAL, reason: "ab".into() });
     let mut v = enc(&f).to_vec();
     let n = v.len();
     v[n - 1] = 0xff;
-    assert_eq!(
-        decode_slice(&v, MAX),
-        Err(DecodeError::InvalidUtf8("reason"))
-    );
+    assert_eq!(decode_slice(&v, MAX), Err(DecodeError::InvalidUtf8("reason")));
 
     let mut v = enc(&samples()[6]).to_vec();
     v[HEADER_LEN + 33 + 8] = 9;
-    assert!(matches!(
-        decode_slice(&v, MAX),
-        Err(DecodeError::InvalidEnum {
-            field: "status",
-            ..
-        })
-    ));
+    assert!(matches!(decode_slice(&v, MAX), Err(DecodeError::InvalidEnum { field: "status", .. })));
 }
 
 #[test]
@@ -238,10 +181,7 @@ fn huge_list_count_does_not_allocate() {
     let mut v = enc(&f).to_vec();
     let n = v.len();
     v[n - 2..].copy_from_slice(&u16::MAX.to_le_bytes());
-    assert_eq!(
-        decode_slice(&v, MAX),
-        Err(DecodeError::FieldOverrun("listen_addrs"))
-    );
+    assert_eq!(decode_slice(&v, MAX), Err(DecodeError::FieldOverrun("listen_addrs")));
 }
 
 #[test]
@@ -251,9 +191,7 @@ fn peek_route_and_set_hops() {
     let r = peek_route(&v).expect("valid").expect("routed");
     assert_eq!(r, *f.route().expect("routed"));
     assert!(set_hops(&mut v, 9));
-    let Frame::Call(c) = decode_slice(&v, MAX).expect("decodes") else {
-        panic!("not a call")
-    };
+    let Frame::Call(c) = decode_slice(&v, MAX).expect("decodes") else { panic!("not a call") };
     assert_eq!(c.route.hops, 9);
     let mut ping = enc(&samples()[2]).to_vec();
     assert_eq!(peek_route(&ping), Ok(None));
@@ -263,17 +201,8 @@ fn peek_route_and_set_hops() {
 
 #[test]
 fn too_long_fields_fail_to_encode() {
-    let f = Frame::Close(Close {
-        code: CloseCode::NORMAL,
-        reason: "x".repeat(70_000),
-    });
-    assert!(matches!(
-        f.encode(&mut BytesMut::new(), MAX),
-        Err(EncodeError::StringTooLong {
-            field: "reason",
-            ..
-        })
-    ));
+    let f = Frame::Close(Close { code: CloseCode::NORMAL, reason: "x".repeat(70_000) });
+    assert!(matches!(f.encode(&mut BytesMut::new(), MAX), Err(EncodeError::StringTooLong { field: "reason", .. })));
 }
 
 /// A property test standing in for the fuzzer where nightly is not available: seeded random
@@ -317,10 +246,7 @@ fn random_and_mutated_inputs_never_panic() {
         }
         let _route = peek_route(&input);
     }
-    assert!(
-        decoded > 1000,
-        "mutations should often stay valid: {decoded}"
-    );
+    assert!(decoded > 1000, "mutations should often stay valid: {decoded}");
 }
 
 /// Writes one encoded frame of each sample into the fuzz seed corpus. Run by hand:

@@ -10,9 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::wire::{WireError, WireRx, WireTx};
-use super::{
-    CloseReason, Initiator, Link, LinkConfig, LinkError, LinkReceiver, LinkSender, PeerInfo, Shared,
-};
+use super::{CloseReason, Initiator, Link, LinkConfig, LinkError, LinkReceiver, LinkSender, PeerInfo, Shared};
 use crate::frame::{self, Close, CloseCode, DecodeError, Frame, FrameKind};
 
 /// How a link ended, and whether the peer should be told.
@@ -23,14 +21,7 @@ struct Outcome {
 
 impl Outcome {
     fn local(code: CloseCode, reason: impl Into<String>) -> Self {
-        Outcome {
-            reason: CloseReason {
-                code,
-                reason: reason.into(),
-                initiator: Initiator::Local,
-            },
-            tell_peer: true,
-        }
+        Outcome { reason: CloseReason { code, reason: reason.into(), initiator: Initiator::Local }, tell_peer: true }
     }
 
     fn transport(e: &WireError) -> Self {
@@ -74,24 +65,10 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
         close_req: watch::Sender::new(None),
         max_frame_len: config.max_frame_len,
     });
-    tokio::spawn(run(
-        tx,
-        rx,
-        Arc::clone(&shared),
-        out_rx,
-        in_tx,
-        config.clone(),
-        permit,
-    ));
+    tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, in_tx, config.clone(), permit));
     Link {
-        sender: LinkSender {
-            out: out_tx,
-            shared: Arc::clone(&shared),
-        },
-        receiver: LinkReceiver {
-            inbound: in_rx,
-            shared,
-        },
+        sender: LinkSender { out: out_tx, shared: Arc::clone(&shared) },
+        receiver: LinkReceiver { inbound: in_rx, shared },
     }
 }
 
@@ -123,11 +100,7 @@ async fn run<T: WireTx, R: WireRx>(
     config: LinkConfig,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let clock = Clock {
-        start: Instant::now(),
-        last_recv: AtomicU64::new(0),
-        reader_blocked: AtomicBool::new(false),
-    };
+    let clock = Clock { start: Instant::now(), last_recv: AtomicU64::new(0), reader_blocked: AtomicBool::new(false) };
     let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<Frame>(32);
     let mut close_rx = shared.close_req.subscribe();
     let outcome = tokio::select! {
@@ -143,34 +116,20 @@ async fn run<T: WireTx, R: WireRx>(
         tracing::warn!(%peer, transport = %shared.peer.transport, reason = %outcome.reason, "link closed");
     }
     if outcome.tell_peer {
-        let close = Frame::Close(Close {
-            code: outcome.reason.code,
-            reason: outcome.reason.reason.clone(),
-        });
+        let close = Frame::Close(Close { code: outcome.reason.code, reason: outcome.reason.reason.clone() });
         let mut buf = BytesMut::new();
         if close.encode(&mut buf, config.max_frame_len).is_ok() {
-            let sent = tokio::time::timeout(
-                config.close_timeout,
-                tx.send(buf.freeze(), FrameKind::Close),
-            )
-            .await;
+            let sent = tokio::time::timeout(config.close_timeout, tx.send(buf.freeze(), FrameKind::Close)).await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!(%peer, "could not send the close frame");
             }
         }
     }
-    if tokio::time::timeout(config.close_timeout, tx.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(config.close_timeout, tx.shutdown()).await.is_err() {
         tracing::debug!(%peer, "transport shutdown timed out");
     }
     shared.closed.send_replace(Some(outcome.reason.clone()));
-    if !outcome.reason.code.is_orderly()
-        && in_tx
-            .try_send(Err(LinkError::Closed(outcome.reason)))
-            .is_err()
-    {
+    if !outcome.reason.code.is_orderly() && in_tx.try_send(Err(LinkError::Closed(outcome.reason))).is_err() {
         tracing::trace!(%peer, "receiver gone or full; close reason not queued");
     }
     drop(permit);
@@ -197,14 +156,9 @@ async fn watchdog(config: &LinkConfig, clock: &Clock) -> Outcome {
             clock.touch();
             continue;
         }
-        let silent = clock
-            .now_micros()
-            .saturating_sub(clock.last_recv.load(Ordering::Relaxed));
+        let silent = clock.now_micros().saturating_sub(clock.last_recv.load(Ordering::Relaxed));
         if silent > idle {
-            return Outcome::local(
-                CloseCode::HEARTBEAT_TIMEOUT,
-                format!("nothing received for {} ms", silent / 1000),
-            );
+            return Outcome::local(CloseCode::HEARTBEAT_TIMEOUT, format!("nothing received for {} ms", silent / 1000));
         }
     }
 }
@@ -279,37 +233,20 @@ async fn read_loop<R: WireRx>(
             Err(e) => return Outcome::invalid(&e),
         };
         match frame {
-            Frame::Ping {
-                seq,
-                sent_at_micros,
-            } => {
-                if ctrl_tx
-                    .try_send(Frame::Pong {
-                        seq,
-                        echo: sent_at_micros,
-                    })
-                    .is_err()
-                {
+            Frame::Ping { seq, sent_at_micros } => {
+                if ctrl_tx.try_send(Frame::Pong { seq, echo: sent_at_micros }).is_err() {
                     tracing::trace!("pong dropped: control queue full");
                 }
             }
             Frame::Pong { echo, .. } => {
                 let sample = clock.now_micros().saturating_sub(echo).max(1);
                 let old = shared.rtt_micros.load(Ordering::Relaxed);
-                let srtt = if old == 0 {
-                    sample
-                } else {
-                    (old * 7 + sample) / 8
-                };
+                let srtt = if old == 0 { sample } else { (old * 7 + sample) / 8 };
                 shared.rtt_micros.store(srtt.max(1), Ordering::Relaxed);
             }
             Frame::Close(c) => {
                 return Outcome {
-                    reason: CloseReason {
-                        code: c.code,
-                        reason: c.reason,
-                        initiator: Initiator::Remote,
-                    },
+                    reason: CloseReason { code: c.code, reason: c.reason, initiator: Initiator::Remote },
                     tell_peer: false,
                 };
             }

@@ -52,11 +52,7 @@ impl fmt::Debug for LinkSetup {
 impl LinkSetup {
     /// A setup with default config, the given hello and no check.
     pub fn new(hello: Hello) -> Self {
-        LinkSetup {
-            config: LinkConfig::default(),
-            hello,
-            check: None,
-        }
+        LinkSetup { config: LinkConfig::default(), hello, check: None }
     }
 
     /// Sets the hello check.
@@ -115,11 +111,7 @@ pub(crate) enum Role {
     Acceptor,
 }
 
-async fn send_frame<T: WireTx>(
-    tx: &mut T,
-    frame: &Frame,
-    config: &LinkConfig,
-) -> Result<(), HandshakeError> {
+async fn send_frame<T: WireTx>(tx: &mut T, frame: &Frame, config: &LinkConfig) -> Result<(), HandshakeError> {
     let mut buf = BytesMut::with_capacity(frame.encoded_len());
     frame
         .encode(&mut buf, config.max_frame_len)
@@ -129,10 +121,7 @@ async fn send_frame<T: WireTx>(
 }
 
 async fn recv_hello<R: WireRx>(rx: &mut R, config: &LinkConfig) -> Result<Hello, HandshakeError> {
-    let bytes = rx
-        .recv()
-        .await?
-        .ok_or_else(|| HandshakeError::Transport("connection closed".into()))?;
+    let bytes = rx.recv().await?.ok_or_else(|| HandshakeError::Transport("connection closed".into()))?;
     match frame::decode(&bytes, config.max_frame_len)? {
         Frame::Hello(h) => Ok(h),
         Frame::Close(c) => Err(HandshakeError::RefusedByPeer(c)),
@@ -162,17 +151,12 @@ pub(crate) async fn exchange<T: WireTx, R: WireRx>(
     let verdict = if theirs.version != u16::from(frame::PROTOCOL_VERSION) {
         Err(HandshakeError::Version(theirs.version))
     } else if let Some(check) = &setup.check {
-        check
-            .check(&theirs, &peer)
-            .map_err(HandshakeError::Rejected)
+        check.check(&theirs, &peer).map_err(HandshakeError::Rejected)
     } else {
         Ok(())
     };
     if let Err(e) = verdict {
-        let close = Frame::Close(Close {
-            code: CloseCode::REJECTED,
-            reason: e.to_string(),
-        });
+        let close = Frame::Close(Close { code: CloseCode::REJECTED, reason: e.to_string() });
         if let Err(send_err) = send_frame(tx, &close, &setup.config).await {
             tracing::debug!(error = %send_err, "could not tell the peer why its hello was refused");
         }

@@ -197,10 +197,7 @@ impl Shared {
             if req.is_some() {
                 return false;
             }
-            *req = Some(Close {
-                code,
-                reason: reason.to_owned(),
-            });
+            *req = Some(Close { code, reason: reason.to_owned() });
             true
         });
     }
@@ -215,11 +212,7 @@ impl Shared {
 }
 
 fn lost() -> CloseReason {
-    CloseReason {
-        code: CloseCode::TRANSPORT_ERROR,
-        reason: "link driver stopped".into(),
-        initiator: Initiator::Local,
-    }
+    CloseReason { code: CloseCode::TRANSPORT_ERROR, reason: "link driver stopped".into(), initiator: Initiator::Local }
 }
 
 /// The sending half of a link: cheap to clone, shared by every task that sends to the peer.
@@ -240,18 +233,10 @@ impl LinkSender {
     }
 
     fn check_raw(&self, raw: &[u8]) -> Result<(), SendError> {
-        let header = frame::peek_header(raw, self.shared.max_frame_len)?.ok_or(
-            frame::DecodeError::Truncated {
-                needed: HEADER_LEN,
-                have: raw.len(),
-            },
-        )?;
+        let header = frame::peek_header(raw, self.shared.max_frame_len)?
+            .ok_or(frame::DecodeError::Truncated { needed: HEADER_LEN, have: raw.len() })?;
         if header.frame_len() != raw.len() {
-            return Err(frame::DecodeError::Truncated {
-                needed: header.frame_len(),
-                have: raw.len(),
-            }
-            .into());
+            return Err(frame::DecodeError::Truncated { needed: header.frame_len(), have: raw.len() }.into());
         }
         if header.kind.is_link_control() {
             return Err(SendError::NotAllowed(header.kind));

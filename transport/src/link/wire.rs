@@ -24,11 +24,7 @@ pub(crate) enum WireError {
 /// Sends encoded frames.
 pub(crate) trait WireTx: Send + 'static {
     /// Sends one complete encoded frame of the given kind.
-    fn send(
-        &mut self,
-        frame: Bytes,
-        kind: FrameKind,
-    ) -> impl Future<Output = Result<(), WireError>> + Send;
+    fn send(&mut self, frame: Bytes, kind: FrameKind) -> impl Future<Output = Result<(), WireError>> + Send;
 
     /// Flushes and closes the sending direction (best effort).
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;

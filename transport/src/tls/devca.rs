@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -31,10 +31,7 @@ pub struct NodeCert {
 
 impl Clone for NodeCert {
     fn clone(&self) -> Self {
-        NodeCert {
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
+        NodeCert { chain: self.chain.clone(), key: self.key.clone_key() }
     }
 }
 
@@ -44,10 +41,7 @@ impl NodeCert {
         let chain = load_certs(cert_path)?;
         let key_pem = read(key_path)?;
         let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| TlsError::Io {
-                path: key_path.to_owned(),
-                source: e,
-            })?
+            .map_err(|e| TlsError::Io { path: key_path.to_owned(), source: e })?
             .ok_or_else(|| TlsError::NoPrivateKey(key_path.to_owned()))?;
         Ok(NodeCert { chain, key })
     }
@@ -63,10 +57,7 @@ impl NodeCert {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
 }
 
 /// Loads every certificate of a PEM file (a chain, or CA certificates for `--tls-ca`).
@@ -74,10 +65,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     let pem = read(path)?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(|source| TlsError::Io { path: path.to_owned(), source })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificates(path.to_owned()));
     }
@@ -98,11 +86,7 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::CommonName, CA_COMMON_NAME);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();
     p.not_before = now - Duration::days(1);
     p.not_after = now + Duration::days(3650);
@@ -127,11 +111,7 @@ impl DevCa {
     pub fn generate() -> Result<Self, TlsError> {
         let key = KeyPair::generate().map_err(rcgen_err)?;
         let cert = ca_params().self_signed(&key).map_err(rcgen_err)?;
-        Ok(DevCa {
-            cert_pem: cert.pem(),
-            cert_der: cert.der().clone(),
-            key,
-        })
+        Ok(DevCa { cert_pem: cert.pem(), cert_der: cert.der().clone(), key })
     }
 
     /// Loads the CA from `dir`, creating it (and `dir`) on first use. Safe against several
@@ -141,10 +121,7 @@ impl DevCa {
         if path.exists() {
             return Self::load(&path);
         }
-        let io = |source| TlsError::Io {
-            path: dir.to_owned(),
-            source,
-        };
+        let io = |source| TlsError::Io { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let ca = Self::generate()?;
         let tmp = dir.join(format!("{DEV_CA_FILE}.{:016x}.tmp", rand::random::<u64>()));
@@ -173,25 +150,15 @@ impl DevCa {
 
     /// Loads a CA file written by [`DevCa::load_or_create`].
     pub fn load(path: &Path) -> Result<Self, TlsError> {
-        let pem =
-            String::from_utf8(read(path)?).map_err(|_| TlsError::NoPrivateKey(path.to_owned()))?;
-        let at = pem
-            .find(KEY_BEGIN)
-            .ok_or_else(|| TlsError::NoPrivateKey(path.to_owned()))?;
+        let pem = String::from_utf8(read(path)?).map_err(|_| TlsError::NoPrivateKey(path.to_owned()))?;
+        let at = pem.find(KEY_BEGIN).ok_or_else(|| TlsError::NoPrivateKey(path.to_owned()))?;
         let (cert_pem, key_pem) = pem.split_at(at);
         let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .ok_or_else(|| TlsError::NoCertificates(path.to_owned()))?
-            .map_err(|source| TlsError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|source| TlsError::Io { path: path.to_owned(), source })?;
         let key = KeyPair::from_pem(key_pem).map_err(rcgen_err)?;
-        Ok(DevCa {
-            cert_pem: cert_pem.to_owned(),
-            cert_der,
-            key,
-        })
+        Ok(DevCa { cert_pem: cert_pem.to_owned(), cert_der, key })
     }
 
     /// The CA certificate as PEM (what `gearmesh ca export` prints).
@@ -241,17 +208,11 @@ impl DevCa {
     ) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
         let mut p = CertificateParams::new(names.to_vec()).map_err(rcgen_err)?;
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            names.first().map_or("gearmesh node", String::as_str),
-        );
+        dn.push(DnType::CommonName, names.first().map_or("gearmesh node", String::as_str));
         p.distinguished_name = dn;
         p.is_ca = IsCa::NoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.not_before = not_before;
         p.not_after = not_after;
         let key = KeyPair::generate().map_err(rcgen_err)?;

@@ -66,9 +66,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// provider installed by someone else) are fine.
 pub fn install_crypto_provider() {
     if CryptoProvider::get_default().is_none()
-        && rustls::crypto::aws_lc_rs::default_provider()
-            .install_default()
-            .is_err()
+        && rustls::crypto::aws_lc_rs::default_provider().install_default().is_err()
     {
         tracing::trace!("a crypto provider was installed concurrently");
     }
@@ -91,9 +89,7 @@ impl fmt::Debug for CertResolver {
 impl CertResolver {
     /// A resolver serving `key`.
     pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
-        Arc::new(CertResolver {
-            current: RwLock::new(key),
-        })
+        Arc::new(CertResolver { current: RwLock::new(key) })
     }
 
     /// A resolver serving a node certificate.
@@ -125,10 +121,7 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// A rustls server config using `resolver`, TLS 1.2 and 1.3, with the given ALPN protocols.
-pub fn server_config(
-    resolver: Arc<CertResolver>,
-    alpn: &[&[u8]],
-) -> Result<ServerConfig, TlsError> {
+pub fn server_config(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -179,11 +172,8 @@ impl ClientTrust {
 
     /// Builds the client config for this trust, TLS 1.2+ if `tls12` else 1.3 only.
     fn build(&self, alpn: &[u8], tls12: bool) -> Result<ClientConfig, TlsError> {
-        let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
-            &[&rustls::version::TLS13, &rustls::version::TLS12]
-        } else {
-            &[&rustls::version::TLS13]
-        };
+        let versions: &[&rustls::SupportedProtocolVersion] =
+            if tls12 { &[&rustls::version::TLS13, &rustls::version::TLS12] } else { &[&rustls::version::TLS13] };
         let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -193,22 +183,14 @@ impl ClientTrust {
                 store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             }
             for c in extra {
-                store
-                    .add(c.clone())
-                    .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+                store.add(c.clone()).map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
             }
             Ok::<_, TlsError>(store)
         };
         let mut cfg = match self {
-            ClientTrust::Ca(cas) => builder
-                .with_root_certificates(roots(cas, false)?)
-                .with_no_client_auth(),
-            ClientTrust::WebpkiRoots => builder
-                .with_root_certificates(roots(&[], true)?)
-                .with_no_client_auth(),
-            ClientTrust::WebpkiRootsAnd(cas) => builder
-                .with_root_certificates(roots(cas, true)?)
-                .with_no_client_auth(),
+            ClientTrust::Ca(cas) => builder.with_root_certificates(roots(cas, false)?).with_no_client_auth(),
+            ClientTrust::WebpkiRoots => builder.with_root_certificates(roots(&[], true)?).with_no_client_auth(),
+            ClientTrust::WebpkiRootsAnd(cas) => builder.with_root_certificates(roots(cas, true)?).with_no_client_auth(),
             ClientTrust::InsecureAcceptAnyForDevelopment => {
                 tracing::warn!(
                     "TLS server verification is OFF (insecure development mode): any certificate is accepted"
@@ -269,12 +251,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -283,12 +260,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -44,11 +44,7 @@ pub fn setup(tag: u8) -> LinkSetup {
 }
 
 /// Connects `a` (dialing) to `b` (accepting) over `t`.
-pub async fn connect(
-    t: Transport,
-    a: LinkSetup,
-    b: LinkSetup,
-) -> Result<(Link, Link, Fixture), String> {
+pub async fn connect(t: Transport, a: LinkSetup, b: LinkSetup) -> Result<(Link, Link, Fixture), String> {
     match t {
         Transport::Memory => {
             let (x, y) = memory::connect(&a, &b).await.map_err(|e| e.to_string())?;
@@ -60,3 +56,4 @@ pub async fn connect(
 }
 
 pub mod net;
+pub mod proxy;

@@ -36,21 +36,12 @@ pub fn pki() -> Pki {
     let cert = ca.issue(&names()).expect("node cert");
     let resolver = CertResolver::from_cert(&cert).expect("resolver");
     let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
-    Pki {
-        ca,
-        resolver,
-        client,
-    }
+    Pki { ca, resolver, client }
 }
 
 /// Starts an HTTPS server with the acceptor's link router; returns its address.
-pub async fn wss_server(
-    acceptor: &Acceptor,
-    resolver: Arc<CertResolver>,
-) -> (SocketAddr, AbortOnDrop) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+pub async fn wss_server(acceptor: &Acceptor, resolver: Arc<CertResolver>) -> (SocketAddr, AbortOnDrop) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let tls = gearmesh_transport::tls::https_server_config(resolver).expect("server config");
     let router: axum::Router = acceptor.router();
@@ -62,19 +53,14 @@ pub async fn wss_server(
     (addr, AbortOnDrop(task))
 }
 
-pub fn quic_server(
-    acceptor: &Acceptor,
-    resolver: Arc<CertResolver>,
-) -> (QuicEndpoint, AbortOnDrop) {
-    let ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), Some(resolver), None)
-        .expect("quic endpoint");
+pub fn quic_server(acceptor: &Acceptor, resolver: Arc<CertResolver>) -> (QuicEndpoint, AbortOnDrop) {
+    let ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), Some(resolver), None).expect("quic endpoint");
     let task = tokio::spawn(ep.clone().serve(acceptor.clone()));
     (ep, AbortOnDrop(task))
 }
 
 pub fn quic_client(client: &ClientTls) -> QuicEndpoint {
-    QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(client))
-        .expect("quic client")
+    QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(client)).expect("quic client")
 }
 
 async fn accept_one(incoming: &mut Incoming) -> Result<Link, String> {
@@ -89,18 +75,9 @@ pub async fn connect_wss(a: LinkSetup, b: LinkSetup) -> Result<(Link, Link, Fixt
     let (acceptor, mut incoming) = Acceptor::new(b, AcceptConfig::default());
     let (addr, server) = wss_server(&acceptor, pki.resolver.clone()).await;
     let dialer = Dialer::new(a, pki.client.clone());
-    let la = dialer
-        .dial(&format!("wss://127.0.0.1:{}", addr.port()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let la = dialer.dial(&format!("wss://127.0.0.1:{}", addr.port())).await.map_err(|e| e.to_string())?;
     let lb = accept_one(&mut incoming).await?;
-    Ok((
-        la,
-        lb,
-        Fixture {
-            guards: vec![Box::new(server), Box::new(incoming)],
-        },
-    ))
+    Ok((la, lb, Fixture { guards: vec![Box::new(server), Box::new(incoming)] }))
 }
 
 pub async fn connect_quic(a: LinkSetup, b: LinkSetup) -> Result<(Link, Link, Fixture), String> {
@@ -110,21 +87,11 @@ pub async fn connect_quic(a: LinkSetup, b: LinkSetup) -> Result<(Link, Link, Fix
     let port = server_ep.local_addr().expect("addr").port();
     let client_ep = quic_client(&pki.client);
     let dialer = Dialer::new(a, pki.client.clone()).with_quic(client_ep.clone());
-    let la = dialer
-        .dial(&format!("quic://127.0.0.1:{port}"))
-        .await
-        .map_err(|e| e.to_string())?;
+    let la = dialer.dial(&format!("quic://127.0.0.1:{port}")).await.map_err(|e| e.to_string())?;
     let lb = accept_one(&mut incoming).await?;
     Ok((
         la,
         lb,
-        Fixture {
-            guards: vec![
-                Box::new(server),
-                Box::new(incoming),
-                Box::new(server_ep),
-                Box::new(client_ep),
-            ],
-        },
+        Fixture { guards: vec![Box::new(server), Box::new(incoming), Box::new(server_ep), Box::new(client_ep)] },
     ))
 }

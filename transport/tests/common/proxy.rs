@@ -1,0 +1,103 @@
+//! Loopback proxies that can blackhole traffic (forward nothing, close nothing), to freeze a
+//! peer as seen from the other side.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use super::net::AbortOnDrop;
+
+/// A running proxy; `blackhole()` silently drops everything from then on.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    hole: Arc<AtomicBool>,
+    _task: AbortOnDrop,
+}
+
+impl Proxy {
+    pub fn blackhole(&self) {
+        self.hole.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    hole: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            // A blackhole forwards no FIN either: keep the other side open.
+            _ if hole.load(Ordering::SeqCst) => {
+                let _keep = to;
+                std::future::pending::<()>().await;
+                return;
+            }
+            _ => return,
+        };
+        if hole.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+pub async fn tcp(upstream: SocketAddr) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hole = Arc::new(AtomicBool::new(false));
+    let h = hole.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((down, _)) = listener.accept().await {
+            let Ok(up) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (dr, dw) = down.into_split();
+            let (ur, uw) = up.into_split();
+            conns.spawn(pipe(dr, uw, h.clone()));
+            conns.spawn(pipe(ur, dw, h.clone()));
+        }
+    });
+    Proxy { addr, hole, _task: AbortOnDrop(task) }
+}
+
+/// A UDP proxy for one client.
+pub async fn udp(upstream: SocketAddr) -> Proxy {
+    let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = front.local_addr().expect("addr");
+    let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    back.connect(upstream).await.expect("connect");
+    let hole = Arc::new(AtomicBool::new(false));
+    let h = hole.clone();
+    let task = tokio::spawn(async move {
+        let mut client: Option<SocketAddr> = None;
+        let mut a = vec![0u8; 65536];
+        let mut b = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    if !h.load(Ordering::SeqCst) {
+                        let _sent = back.send(&a[..n]).await;
+                    }
+                }
+                r = back.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    if let (Some(c), false) = (client, h.load(Ordering::SeqCst)) {
+                        let _sent = front.send_to(&b[..n], c).await;
+                    }
+                }
+            }
+        }
+    });
+    Proxy { addr, hole, _task: AbortOnDrop(task) }
+}
