@@ -5,6 +5,9 @@
 //! to the node. It is empty until the mesh work lands.
 
 pub mod core;
+mod driver;
+
+pub use driver::{LinkView, Mesh, MeshConfig, MeshView, NodeView, RouteView};
 
 pub use crate::core::{
     Action, Config, Core, DecodeError, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId,

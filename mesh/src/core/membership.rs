@@ -6,7 +6,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::id::NodeId;
-use super::types::{MeshEvent, NodeRecord, NodeState, Time};
+use super::types::{Key, MeshEvent, NodeRecord, NodeState, Time};
 use super::wire::{self, DIGEST_ENTRY_LEN, DigestEntry, HEADER_LEN};
 use super::{Core, DisconnectReason, Entry};
 
@@ -39,8 +39,8 @@ fn pred(id: NodeId) -> NodeId {
 }
 
 impl Core {
-    /// Merges a record heard from `from` (or produced locally when `from` is `None`).
-    pub(super) fn merge(&mut self, now: Time, rec: NodeRecord, from: Option<NodeId>) {
+    /// Merges a record heard from a peer.
+    pub(super) fn merge(&mut self, now: Time, rec: NodeRecord) {
         if rec.id == self.id {
             self.merge_self(rec);
             return;
@@ -63,9 +63,14 @@ impl Core {
             if rec.state == NodeState::Suspect {
                 self.suspicions.insert(id, now);
             }
+            let rec_up_alive = rec.state == NodeState::Alive;
             self.others.insert(id, Entry { rec, since: now });
             self.order.push(id);
-            self.pending.insert(id, from);
+            if rec_up_alive {
+                self.lazy.insert(id);
+            } else {
+                self.urgent.insert(id);
+            }
             return;
         };
         let old = &mut entry.rec;
@@ -83,7 +88,7 @@ impl Core {
                 }
             }
             if grew {
-                self.pending.insert(id, from);
+                self.urgent.insert(id);
             }
             return;
         }
@@ -95,7 +100,11 @@ impl Core {
             entry.since = now;
         }
         let new = entry.rec.clone();
-        self.pending.insert(id, from);
+        if prev.state != new.state || prev.incarnation != new.incarnation {
+            self.urgent.insert(id);
+        } else {
+            self.lazy.insert(id);
+        }
         self.record_changed(now, &prev, &new);
     }
 
@@ -163,7 +172,7 @@ impl Core {
         self.me.version += 1;
         self.me.state = NodeState::Alive;
         self.me.suspecters.clear();
-        self.pending.insert(self.id, None);
+        self.urgent.insert(self.id);
     }
 
     /// We suspect `id` (its link failed or went silent).
@@ -180,13 +189,13 @@ impl Core {
                 entry.rec.suspecters = vec![me];
                 entry.since = now;
                 let new = entry.rec.clone();
-                self.pending.insert(id, None);
+                self.urgent.insert(id);
                 self.record_changed(now, &prev, &new);
             }
             NodeState::Suspect => {
                 if entry.rec.suspecters.len() < cap && !entry.rec.suspecters.contains(&me) {
                     entry.rec.suspecters.push(me);
-                    self.pending.insert(id, None);
+                    self.urgent.insert(id);
                 }
             }
             NodeState::Dead | NodeState::Left => {}
@@ -236,7 +245,7 @@ impl Core {
             entry.rec.suspecters.clear();
             entry.since = now;
             let new = entry.rec.clone();
-            self.pending.insert(id, None);
+            self.urgent.insert(id);
             self.record_changed(now, &prev, &new);
         }
     }
@@ -260,27 +269,45 @@ impl Core {
         self.own_dirty = false;
         self.me.links = self.links.keys().copied().collect();
         self.me.version += 1;
-        self.pending.insert(self.id, None);
+        self.lazy.insert(self.id);
     }
 
-    /// Sends every pending record to every link but the one it came from.
-    pub(super) fn flush(&mut self) {
-        if self.pending.is_empty() {
+    /// Sends urgent changes (state changes: suspicion, death, leave, refutation) now and, with
+    /// `lazy`, the batched content changes too, to every link that does not have them yet.
+    pub(super) fn flush(&mut self, lazy: bool) {
+        let mut ids: Vec<NodeId> = std::mem::take(&mut self.urgent).into_iter().collect();
+        if lazy {
+            ids.extend(std::mem::take(&mut self.lazy));
+            ids.sort();
+            ids.dedup();
+        }
+        if ids.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
-        let mut encoded: Vec<(NodeId, Option<NodeId>, Vec<u8>)> = Vec::with_capacity(pending.len());
-        for (id, from) in pending {
+        let mut encoded: Vec<(NodeId, Key, Vec<u8>)> = Vec::with_capacity(ids.len());
+        for id in ids {
             if let Some(rec) = self.node(id) {
                 let mut b = Vec::new();
                 wire::encode_record(&mut b, rec);
-                encoded.push((id, from, b));
+                encoded.push((id, rec.key(), b));
             }
         }
         let peers: Vec<NodeId> = self.links.keys().copied().collect();
         for peer in peers {
-            let items: Vec<&[u8]> =
-                encoded.iter().filter(|(_, from, _)| *from != Some(peer)).map(|(_, _, b)| b.as_slice()).collect();
+            let Some(link) = self.links.get_mut(&peer) else {
+                continue;
+            };
+            let mut items: Vec<&[u8]> = Vec::new();
+            for (id, key, b) in &encoded {
+                if link.known.get(id).is_some_and(|k| k >= key) {
+                    continue;
+                }
+                link.known.insert(*id, *key);
+                items.push(b.as_slice());
+            }
+            if items.is_empty() {
+                continue;
+            }
             let msgs = self.pack_records(&items);
             for m in msgs {
                 self.push_transmit(peer, m);
@@ -371,7 +398,7 @@ impl Core {
         entries: &[DigestEntry],
         want_reply: bool,
     ) {
-        let theirs: rustc_hash::FxHashMap<NodeId, (u64, u8, u64)> = entries.iter().map(|e| (e.id, e.key)).collect();
+        let theirs: rustc_hash::FxHashMap<NodeId, Key> = entries.iter().map(|e| (e.id, e.key)).collect();
         let mut items: Vec<Vec<u8>> = Vec::new();
         let mut they_have_newer = false;
         for rec in self.nodes() {

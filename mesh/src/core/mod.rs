@@ -23,7 +23,7 @@ mod topology;
 mod types;
 mod wire;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use rand::SeedableRng;
@@ -60,6 +60,8 @@ struct Entry {
 /// A direct link.
 #[derive(Debug, Clone)]
 struct Link {
+    /// The newest version of each record the peer is known to hold (sent by us or to us).
+    known: FxHashMap<NodeId, types::Key>,
     since: Time,
     last_heard: Time,
     sent_this_tick: bool,
@@ -84,7 +86,7 @@ pub struct Core {
     /// Ids in `others`, for random sampling (rebuilt on GC).
     order: Vec<NodeId>,
     /// Version keys of garbage-collected dead nodes, so old gossip cannot resurrect them.
-    tombstones: FxHashMap<NodeId, ((u64, u8, u64), Time)>,
+    tombstones: FxHashMap<NodeId, (types::Key, Time)>,
     links: BTreeMap<NodeId, Link>,
     /// Suspected nodes and when we learned of the suspicion.
     suspicions: BTreeMap<NodeId, Time>,
@@ -92,8 +94,10 @@ pub struct Core {
     seeds: Vec<String>,
     referrals: VecDeque<String>,
     cooldown: FxHashMap<NodeId, Time>,
-    /// Records to forward at the next flush, with the peer they came from (not sent back there).
-    pending: BTreeMap<NodeId, Option<NodeId>>,
+    /// Records whose state changed: forwarded at the end of the current input.
+    urgent: BTreeSet<NodeId>,
+    /// Records whose content changed: forwarded at the next tick, batched.
+    lazy: BTreeSet<NodeId>,
     own_dirty: bool,
     routes: FxHashMap<NodeId, Route>,
     routes_dirty: bool,
@@ -151,7 +155,8 @@ impl Core {
             seeds: Vec::new(),
             referrals: VecDeque::new(),
             cooldown: FxHashMap::default(),
-            pending: BTreeMap::new(),
+            urgent: BTreeSet::new(),
+            lazy: BTreeSet::new(),
             own_dirty: false,
             routes: FxHashMap::default(),
             routes_dirty: false,
@@ -194,7 +199,8 @@ impl Core {
             self.push_action(Action::Disconnect { peer, reason: DisconnectReason::Full });
             return;
         }
-        self.links.insert(peer, Link { since: now, last_heard: now, sent_this_tick: false });
+        let link = Link { known: FxHashMap::default(), since: now, last_heard: now, sent_this_tick: false };
+        self.links.insert(peer, link);
         self.push_event(MeshEvent::LinkUp(peer));
         self.links_changed(false);
         if self.id < peer {
@@ -227,8 +233,12 @@ impl Core {
         match msg {
             wire::Msg::Heartbeat => {}
             wire::Msg::Records(records) => {
+                for rec in &records {
+                    let k = link.known.entry(rec.id).or_insert(rec.key());
+                    *k = (*k).max(rec.key());
+                }
                 for rec in records {
-                    self.merge(now, rec, Some(from));
+                    self.merge(now, rec);
                 }
             }
             wire::Msg::Digest { lo, hi, entries, want_reply } => self.on_digest(from, lo, hi, &entries, want_reply),
@@ -286,7 +296,7 @@ impl Core {
             self.next_gc = now + self.config.dead_gc.min(std::time::Duration::from_secs(10));
             self.gc(now);
         }
-        self.flush();
+        self.flush(true);
         let idle: Vec<NodeId> = self.links.iter().filter(|(_, l)| !l.sent_this_tick).map(|(p, _)| *p).collect();
         for peer in idle {
             self.push_transmit(peer, wire::encode_heartbeat());
@@ -316,7 +326,8 @@ impl Core {
         }
         self.me = candidate;
         self.publish_own();
-        self.flush();
+        self.urgent.insert(self.id);
+        self.flush(false);
         Ok(())
     }
 
@@ -356,14 +367,14 @@ impl Core {
         }
         self.me.state = NodeState::Left;
         self.me.version += 1;
-        self.pending.insert(self.id, None);
-        self.flush();
+        self.urgent.insert(self.id);
+        self.flush(false);
         self.leaving = Some(now + self.config.leave_linger);
     }
 
     /// End of every input: forward what is new, and reroute now if it cannot wait for the tick.
     fn finish(&mut self, now: Time) {
-        self.flush();
+        self.flush(false);
         if self.routes_urgent {
             self.recompute_routes(now);
         }

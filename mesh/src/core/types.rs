@@ -207,9 +207,12 @@ pub struct NodeRecord {
     pub links: Vec<NodeId>,
 }
 
+/// The version key records are ordered by: (incarnation, state rank, version).
+pub(crate) type Key = (u64, u8, u64);
+
 impl NodeRecord {
     /// The version key records are ordered by.
-    pub(crate) fn key(&self) -> (u64, u8, u64) {
+    pub(crate) fn key(&self) -> Key {
         (self.incarnation, self.state.rank(), self.version)
     }
 }

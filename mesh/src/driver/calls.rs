@@ -1,0 +1,382 @@
+//! Remote calls and events: the outgoing call table (call ids, replies, cancellation, failing
+//! fast when the callee's node goes away), calls from other nodes run on the local host, and
+//! switching of frames addressed to other nodes.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use gearmesh_gears::{
+    Arg, Call as GearCall, CallError, CallMeta, ErrorCode, Event as GearEvent, Payload, Principal, Publish, TraceId,
+    WireBody, host::Start,
+};
+use gearmesh_transport::{BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError};
+use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
+
+use super::{Inner, Mesh, lock, to_core, to_link};
+use crate::core::NodeId;
+
+/// One outgoing call waiting for its reply.
+#[derive(Debug)]
+pub struct Pending {
+    dst: NodeId,
+    tx: oneshot::Sender<Result<Payload, CallError>>,
+}
+
+/// Outgoing calls by id, and calls from other nodes running here.
+#[derive(Debug, Default)]
+pub(crate) struct CallTable {
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, Pending>>,
+    outstanding: Mutex<HashMap<NodeId, usize>>,
+    inbound: Mutex<HashMap<(NodeId, u64), AbortHandle>>,
+}
+
+impl CallTable {
+    fn insert(
+        &self,
+        dst: NodeId,
+        max: usize,
+    ) -> Result<(u64, oneshot::Receiver<Result<Payload, CallError>>), CallError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut pending = lock(&self.pending);
+        if pending.len() >= max {
+            return Err(CallError::overloaded(format!("{max} remote calls are already waiting for replies")));
+        }
+        pending.insert(id, Pending { dst, tx });
+        drop(pending);
+        *lock(&self.outstanding).entry(dst).or_default() += 1;
+        Ok((id, rx))
+    }
+
+    /// Removes a pending call; `true` if it was still pending.
+    fn remove(&self, id: u64) -> Option<Pending> {
+        let p = lock(&self.pending).remove(&id)?;
+        let mut out = lock(&self.outstanding);
+        if let Some(n) = out.get_mut(&p.dst) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                out.remove(&p.dst);
+            }
+        }
+        Some(p)
+    }
+
+    fn complete(&self, id: u64, result: Result<Payload, CallError>) {
+        if let Some(p) = self.remove(id) {
+            // The caller may have given up already; then nobody wants the reply.
+            let _delivered = p.tx.send(result);
+        }
+    }
+
+    fn fail_where(&self, message: &str, mut pred: impl FnMut(NodeId) -> bool) {
+        let ids: Vec<u64> = lock(&self.pending).iter().filter(|(_, p)| pred(p.dst)).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.complete(id, Err(CallError::unavailable(message)));
+        }
+    }
+
+    /// Fails every call to `dst` with `unavailable`.
+    pub(crate) fn fail_to(&self, dst: NodeId, message: &str) {
+        self.fail_where(message, |d| d == dst);
+    }
+
+    /// Fails every call whose destination has no route any more.
+    pub(crate) fn fail_unroutable(&self, mut routable: impl FnMut(NodeId) -> bool) {
+        self.fail_where("no route to the node running the call", |d| !routable(d));
+    }
+
+    /// Fails every pending call.
+    pub(crate) fn fail_all(&self, message: &str) {
+        self.fail_where(message, |_| true);
+    }
+
+    fn outstanding(&self, node: NodeId) -> usize {
+        lock(&self.outstanding).get(&node).copied().unwrap_or(0)
+    }
+}
+
+/// Removes a pending call when its caller stops waiting, and tells the callee to stop.
+struct PendingGuard {
+    inner: Arc<Inner>,
+    id: u64,
+    dst: NodeId,
+    armed: bool,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if self.armed && self.inner.calls.remove(self.id).is_some() {
+            let route = Route { src: to_link(self.inner.id), dst: to_link(self.dst), hops: 0 };
+            if let Some(tx) = self.inner.route_to(self.dst) {
+                // Best effort: if the link is congested the callee's own deadline still stops it.
+                let _sent = tx.try_send(&Frame::Cancel(Cancel { route, call_id: self.id }));
+            }
+        }
+    }
+}
+
+fn wire_to_kind(w: WireBody) -> (BodyKind, Bytes) {
+    match w {
+        WireBody::Json(b) => (BodyKind::Json, b),
+        WireBody::Bytes(b) => (BodyKind::Bytes, b),
+    }
+}
+
+fn principal_to_wire(p: &Principal) -> String {
+    p.to_string()
+}
+
+fn principal_from_wire(s: &str, scopes: Vec<String>) -> Principal {
+    match s.split_once(':') {
+        Some(("user", id)) => Principal::user(id, scopes),
+        Some(("gear", id)) => match gearmesh_gears::GearName::new(id) {
+            Ok(g) => Principal::gear(&g),
+            Err(_) => Principal::anonymous(),
+        },
+        Some(("node", id)) => Principal::node(id),
+        _ => Principal::anonymous(),
+    }
+}
+
+impl Mesh {
+    /// Calls a gear on another node: picks the replica with the fewest outstanding calls from
+    /// here, sends the call along the shortest path, and waits for the reply until the deadline.
+    /// Dropping the future cancels the remote work.
+    ///
+    /// # Errors
+    /// `not_found` when no node hosts the gear, `unavailable` when none that does can be reached
+    /// (or it goes away during the call), `timeout`, `overloaded`, or the callee's own error.
+    pub async fn call(&self, call: GearCall<'_>) -> Result<Payload, CallError> {
+        let inner = &self.inner;
+        let (replicas, known) = inner.replicas_of(call.gear);
+        let Some(dst) = replicas.iter().copied().min_by_key(|n| inner.calls.outstanding(*n)) else {
+            return Err(if known {
+                CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear))
+            } else {
+                CallError::not_found(format!("no gear named {:?} in the mesh", call.gear))
+            });
+        };
+        let now = Instant::now();
+        let deadline = call.meta.deadline.unwrap_or(now + inner.config.default_timeout);
+        let remaining_ms = deadline.saturating_duration_since(now).as_millis();
+        if remaining_ms == 0 {
+            return Err(CallError::timeout("the deadline passed before the call was sent"));
+        }
+        let (kind, body) = wire_to_kind(call.arg.to_wire()?);
+        let (id, rx) = inner.calls.insert(dst, inner.config.max_pending_calls)?;
+        let mut guard = PendingGuard { inner: inner.clone(), id, dst, armed: true };
+        let frame = Frame::Call(Call {
+            route: Route { src: to_link(inner.id), dst: to_link(dst), hops: 0 },
+            call_id: id,
+            deadline_ms: u32::try_from(remaining_ms).unwrap_or(u32::MAX),
+            trace_id: call.meta.trace_id.as_u128(),
+            caller: principal_to_wire(&call.meta.caller),
+            scopes: call.meta.caller.scopes().to_vec(),
+            gear: call.gear.to_owned(),
+            port: call.port.to_owned(),
+            body_kind: kind,
+            body,
+        });
+        let Some(tx) = inner.route_to(dst) else {
+            return Err(CallError::unavailable(format!("no route to node {dst}")));
+        };
+        let outcome = tokio::time::timeout_at(deadline, async {
+            tx.send(&frame)
+                .await
+                .map_err(|e| CallError::unavailable(format!("link towards node {dst} failed: {e}")))?;
+            rx.await.unwrap_or_else(|_| Err(CallError::unavailable(format!("node {dst} went away"))))
+        })
+        .await;
+        match outcome {
+            Ok(result) => {
+                guard.armed = inner.calls.remove(id).is_some();
+                result
+            }
+            Err(_elapsed) => {
+                Err(CallError::timeout(format!("{}/{} on node {dst} did not reply in time", call.gear, call.port)))
+            }
+        }
+    }
+
+    /// Sends an event to every other node with a listener for its topic (never to the others).
+    /// At-most-once: a node whose link is congested misses it.
+    pub fn publish(&self, p: &Publish) {
+        let targets = self.inner.interested_in(&p.topic);
+        if targets.is_empty() {
+            return;
+        }
+        let (kind, body) = match p.event.as_arg().to_wire() {
+            Ok(w) => wire_to_kind(w),
+            Err(e) => {
+                tracing::warn!(topic = %p.topic, error = %e, "event does not serialize; not sent to other nodes");
+                return;
+            }
+        };
+        for dst in targets {
+            let frame = Frame::Event(Event {
+                route: Route { src: to_link(self.inner.id), dst: to_link(dst), hops: 0 },
+                topic: p.topic.clone(),
+                publisher: principal_to_wire(&p.publisher),
+                trace_id: p.trace_id.as_u128(),
+                body_kind: kind,
+                body: body.clone(),
+            });
+            match self.inner.route_to(dst) {
+                Some(tx) => {
+                    if let Err(e) = tx.try_send(&frame) {
+                        tracing::debug!(node = %dst, error = %e, "event dropped");
+                    }
+                }
+                None => tracing::debug!(node = %dst, "no route for an event"),
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Sends a routed frame one hop further, or handles it here.
+    fn forward(&self, route: &Route, frame: Frame) -> Result<(), TrySendError> {
+        let dst = to_core(route.dst);
+        match self.route_to(dst) {
+            Some(tx) => tx.try_send(&frame),
+            None => {
+                tracing::debug!(node = %dst, "no route; dropping a routed frame");
+                Ok(())
+            }
+        }
+    }
+
+    fn hop(&self, route: &mut Route) -> bool {
+        route.hops = route.hops.saturating_add(1);
+        route.hops <= self.config.max_hops
+    }
+
+    fn reply(&self, to: &Route, via: &LinkSender, call_id: u64, result: Result<Payload, CallError>) {
+        let result = match result.and_then(Payload::into_wire) {
+            Ok(w) => {
+                let (kind, body) = wire_to_kind(w);
+                ReplyResult::Ok { kind, body }
+            }
+            Err(e) => ReplyResult::Err(Bytes::from(serde_json::to_vec(&e).unwrap_or_default())),
+        };
+        let route = Route { src: to_link(self.id), dst: to.src, hops: 0 };
+        let frame = Frame::Reply(Reply { route, call_id, result });
+        // Prefer the shortest path; a caller we have no record of yet is answered on the link the
+        // call came in on.
+        let tx = self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone());
+        if let Err(e) = tx.try_send(&frame) {
+            tracing::debug!(error = %e, "reply dropped; the caller will time out");
+        }
+    }
+
+    pub(super) fn on_call(self: &Arc<Self>, from: &LinkSender, mut c: Call) {
+        if to_core(c.route.dst) != self.id {
+            if self.hop(&mut c.route) {
+                let route = c.route;
+                let call_id = c.call_id;
+                if self.forward(&route, Frame::Call(c)).is_err() {
+                    let e = CallError::overloaded("a switch on the way is congested");
+                    self.reply(&route, from, call_id, Err(e));
+                }
+            }
+            return;
+        }
+        let src = to_core(c.route.src);
+        let key = (src, c.call_id);
+        if lock(&self.calls.inbound).len() >= self.config.max_inbound_calls {
+            let e = CallError::overloaded("this node runs too many calls from other nodes");
+            self.reply(&c.route, from, c.call_id, Err(e));
+            return;
+        }
+        let inner = self.clone();
+        let from = from.clone();
+        let route = c.route;
+        let call_id = c.call_id;
+        let task = tokio::spawn(async move {
+            let caller = principal_from_wire(&c.caller, std::mem::take(&mut c.scopes));
+            let deadline = Instant::now() + std::time::Duration::from_millis(u64::from(c.deadline_ms));
+            let mut meta = CallMeta::new(caller, Some(deadline));
+            meta.trace_id = TraceId::from_u128(c.trace_id);
+            let arg = match c.body_kind {
+                BodyKind::Json => Arg::json(c.body),
+                BodyKind::Bytes => Arg::bytes(c.body),
+            };
+            let call = GearCall { gear: &c.gear, port: &c.port, arg, meta };
+            let result = match inner.host.start(call) {
+                Start::Running(fut) => fut.await,
+                Start::NotHosted(call) => {
+                    Err(CallError::not_found(format!("gear {:?} is not hosted on node {}", call.gear, inner.id)))
+                }
+            };
+            lock(&inner.calls.inbound).remove(&(src, call_id));
+            inner.reply(&route, &from, call_id, result);
+        });
+        lock(&self.calls.inbound).insert(key, task.abort_handle());
+        // The task may have finished before we registered it; then drop the stale entry.
+        if task.is_finished() {
+            lock(&self.calls.inbound).remove(&key);
+        }
+    }
+
+    pub(super) fn on_reply(&self, mut r: Reply) {
+        if to_core(r.route.dst) != self.id {
+            if self.hop(&mut r.route) {
+                let route = r.route;
+                if let Err(e) = self.forward(&route, Frame::Reply(r)) {
+                    tracing::debug!(error = %e, "forwarded reply dropped");
+                }
+            }
+            return;
+        }
+        let result = match r.result {
+            ReplyResult::Ok { kind: BodyKind::Json, body } => Ok(Payload::json(body)),
+            ReplyResult::Ok { kind: BodyKind::Bytes, body } => Ok(Payload::bytes(body)),
+            ReplyResult::Err(bytes) => Err(serde_json::from_slice::<CallError>(&bytes)
+                .unwrap_or_else(|_| CallError::new(ErrorCode::Internal, "the remote error did not decode"))),
+        };
+        self.calls.complete(r.call_id, result);
+    }
+
+    pub(super) fn on_cancel(&self, mut c: Cancel) {
+        if to_core(c.route.dst) != self.id {
+            if self.hop(&mut c.route) {
+                let route = c.route;
+                if let Err(e) = self.forward(&route, Frame::Cancel(c)) {
+                    tracing::debug!(error = %e, "forwarded cancel dropped");
+                }
+            }
+            return;
+        }
+        if let Some(task) = lock(&self.calls.inbound).remove(&(to_core(c.route.src), c.call_id)) {
+            task.abort();
+        }
+    }
+
+    pub(super) fn on_event(&self, mut e: Event) {
+        if to_core(e.route.dst) != self.id {
+            if self.hop(&mut e.route) {
+                let route = e.route;
+                if let Err(err) = self.forward(&route, Frame::Event(e)) {
+                    tracing::debug!(error = %err, "forwarded event dropped");
+                }
+            }
+            return;
+        }
+        let event = match e.body_kind {
+            BodyKind::Json => GearEvent::json(e.body),
+            BodyKind::Bytes => GearEvent::bytes(e.body),
+        };
+        let publisher = principal_from_wire(&e.publisher, Vec::new());
+        let p = Publish { topic: e.topic, event, publisher, trace_id: TraceId::from_u128(e.trace_id) };
+        if let Err(err) = self.host.publish_local(&p) {
+            tracing::debug!(error = %err, "event from another node rejected");
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The async driver: connects the sans-IO [`Core`] to transport links and to the node's gear
+//! host, and carries remote calls and events.
+//!
+//! Tasks: one driver loop (the core's timers), one reader per link (frames in), one task per
+//! dial, and one per inbound call. The core sits behind a `std::sync::Mutex` that is never held
+//! across an `.await`; after every input the driver drains the core's outputs at once
+//! ([`Inner::flush`]): gossip to send, links to dial or drop, and mesh events.
+//!
+//! What is bounded, and what happens at the bound:
+//! - outgoing remote calls waiting for a reply (`max_pending_calls`): one more fails at once
+//!   with `overloaded`;
+//! - calls from other nodes running here (`max_inbound_calls`): one more is answered
+//!   `overloaded`;
+//! - a link's send queue (the transport's): calls wait for room until their deadline; gossip,
+//!   events and forwarded frames are dropped when it is full (gossip repairs itself, events are
+//!   at-most-once, a forwarded call times out at its caller);
+//! - switching: a routed frame that has crossed `max_hops` links is dropped.
+
+mod calls;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex, MutexGuard, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use gearmesh_gears::host::Host;
+use gearmesh_transport::{
+    CloseCode, Dialer, Frame, Incoming, Initiator, Link, LinkReceiver, LinkSender, NodeId as LinkNodeId,
+};
+use serde::Serialize;
+use tokio::{
+    sync::{Notify, broadcast},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{
+    Action, Config as CoreConfig, Core, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId, NodeState, Time,
+};
+
+pub use calls::Pending;
+
+/// Driver settings around the core's own [`CoreConfig`].
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// The membership and topology core's settings.
+    pub core: CoreConfig,
+    /// Remote calls from this node waiting for a reply, at most.
+    pub max_pending_calls: usize,
+    /// Calls from other nodes running here at once, at most.
+    pub max_inbound_calls: usize,
+    /// A routed frame is dropped after crossing this many links.
+    pub max_hops: u8,
+    /// The deadline of a remote call whose caller set none.
+    pub default_timeout: Duration,
+    /// Mesh events buffered per observer before it lags.
+    pub event_buffer: usize,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            core: CoreConfig::default(),
+            max_pending_calls: 100_000,
+            max_inbound_calls: 100_000,
+            max_hops: 16,
+            default_timeout: Duration::from_secs(30),
+            event_buffer: 1024,
+        }
+    }
+}
+
+/// The mesh as one node sees it (for `/v1/nodes` and observers).
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshView {
+    /// This node.
+    pub me: String,
+    /// Every known node, this one included.
+    pub nodes: Vec<NodeView>,
+}
+
+/// One node in a [`MeshView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// The node id (32 hex digits).
+    pub id: String,
+    /// `alive`, `suspect`, `dead` or `left`.
+    pub state: &'static str,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Addresses it can be dialed at.
+    pub addrs: Vec<String>,
+    /// The gears it hosts.
+    pub gears: Vec<GearAd>,
+    /// The topics it listens to.
+    pub topics: Vec<String>,
+    /// Its direct links.
+    pub links: Vec<LinkView>,
+    /// How this node reaches it: `self`, `direct`, or `via <next hop>`, and the hop count.
+    pub route: Option<RouteView>,
+}
+
+/// A link in a [`NodeView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkView {
+    /// The peer.
+    pub peer: String,
+    /// The round-trip time in microseconds, when this node holds the link and has measured it.
+    pub rtt_us: Option<u64>,
+}
+
+/// A route in a [`NodeView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    /// The linked peer to send through.
+    pub next_hop: String,
+    /// Links on the path.
+    pub hops: u32,
+}
+
+fn state_name(s: NodeState) -> &'static str {
+    match s {
+        NodeState::Alive => "alive",
+        NodeState::Suspect => "suspect",
+        NodeState::Dead => "dead",
+        NodeState::Left => "left",
+    }
+}
+
+pub(crate) fn to_core(id: LinkNodeId) -> NodeId {
+    NodeId::from_bytes(id.0)
+}
+
+pub(crate) fn to_link(id: NodeId) -> LinkNodeId {
+    LinkNodeId(*id.as_bytes())
+}
+
+/// An established link in the link table; `generation` tells a stale reader from the current one.
+struct LinkEntry {
+    generation: u64,
+    tx: LinkSender,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
+    pub(crate) config: MeshConfig,
+    core: Mutex<Core>,
+    epoch: Instant,
+    pub(crate) host: Arc<Host>,
+    dialer: Dialer,
+    links: RwLock<HashMap<NodeId, LinkEntry>>,
+    link_generation: AtomicU64,
+    dialing: Mutex<HashSet<String>>,
+    pub(crate) calls: calls::CallTable,
+    wake: Notify,
+    events: broadcast::Sender<MeshEvent>,
+    shutdown: CancellationToken,
+}
+
+/// A running mesh membership: cheap to clone; stops with [`Mesh::leave`] or when its
+/// shutdown token is cancelled.
+#[derive(Clone)]
+pub struct Mesh {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("id", &self.inner.id).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a few map operations that leave the data consistent even if a
+    // panic interrupted the holder, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Mesh {
+    /// Starts the driver: our id and advertised addresses, the host whose gears we advertise and
+    /// run, a dialer (carrying our hello) and the incoming links of our acceptor, and the seeds.
+    pub fn start(
+        id: LinkNodeId,
+        addrs: Vec<String>,
+        config: MeshConfig,
+        host: Arc<Host>,
+        dialer: Dialer,
+        incoming: Incoming,
+        seeds: Vec<String>,
+    ) -> Mesh {
+        let epoch = Instant::now();
+        let mut core = Core::new(Time::ZERO, to_core(id), addrs, config.core.clone());
+        core.add_seeds(seeds);
+        let (events, _) = broadcast::channel(config.event_buffer.max(1));
+        let inner = Arc::new(Inner {
+            id: to_core(id),
+            calls: calls::CallTable::default(),
+            config,
+            core: Mutex::new(core),
+            epoch,
+            host,
+            dialer,
+            links: RwLock::default(),
+            link_generation: AtomicU64::new(0),
+            dialing: Mutex::default(),
+            wake: Notify::new(),
+            events,
+            shutdown: CancellationToken::new(),
+        });
+        let mesh = Mesh { inner };
+        mesh.refresh_local();
+        tokio::spawn(drive(mesh.inner.clone()));
+        tokio::spawn(accept(mesh.inner.clone(), incoming));
+        mesh
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> LinkNodeId {
+        to_link(self.inner.id)
+    }
+
+    /// Re-reads the host's gears and topics and advertises them (call after adding or removing a
+    /// gear).
+    pub fn refresh_local(&self) {
+        let gears = self
+            .inner
+            .host
+            .gears()
+            .into_iter()
+            .map(|g| GearAd {
+                name: g.name.to_string(),
+                version: g.version.to_string(),
+                ports: g.ports.iter().map(|p| p.name.to_string()).collect(),
+            })
+            .collect();
+        let topics = self.inner.host.topics().into_iter().map(|t| t.to_string()).collect();
+        let result = self.inner.core().set_local(gears, topics);
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot advertise this node's gears");
+        }
+        self.inner.flush();
+    }
+
+    /// Mesh events as they happen (joins, leaves, suspicions, gears, links, routes). A receiver
+    /// that falls more than `event_buffer` behind gets a `Lagged` error and skips ahead.
+    pub fn subscribe(&self) -> broadcast::Receiver<MeshEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether some node that is up (this one excluded) hosts `gear`.
+    pub fn gear_is_remote(&self, gear: &str) -> bool {
+        let core = self.inner.core();
+        core.replicas_of(gear).into_iter().any(|n| n != self.inner.id)
+    }
+
+    /// The mesh as this node sees it.
+    pub fn view(&self) -> MeshView {
+        let core = self.inner.core();
+        let links = self.inner.links.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut nodes: Vec<NodeView> = core
+            .nodes()
+            .map(|r| NodeView {
+                id: r.id.to_string(),
+                state: state_name(r.state),
+                incarnation: r.incarnation,
+                addrs: r.addrs.clone(),
+                gears: r.gears.clone(),
+                topics: r.topics.clone(),
+                links: r
+                    .links
+                    .iter()
+                    .map(|p| LinkView {
+                        peer: p.to_string(),
+                        rtt_us: if r.id == self.inner.id {
+                            links.get(p).and_then(|l| l.tx.rtt()).map(|d| d.as_micros() as u64)
+                        } else {
+                            None
+                        },
+                    })
+                    .collect(),
+                route: if r.id == self.inner.id {
+                    Some(RouteView { next_hop: "self".into(), hops: 0 })
+                } else {
+                    core.routes()
+                        .into_iter()
+                        .find(|(dst, _)| *dst == r.id)
+                        .map(|(_, route)| RouteView { next_hop: route.next_hop.to_string(), hops: route.hops })
+                },
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        MeshView { me: self.inner.id.to_string(), nodes }
+    }
+
+    /// Announces a graceful leave (others reroute at once), then closes every link. Calls
+    /// already in flight here should be drained by the caller between the two steps; see
+    /// [`Mesh::announce_leave`] and [`Mesh::stop`].
+    pub async fn leave(&self) {
+        self.announce_leave().await;
+        self.stop().await;
+    }
+
+    /// Tells the mesh this node is leaving and gives the announcement a moment to go out.
+    pub async fn announce_leave(&self) {
+        let now = self.inner.now();
+        self.inner.core().leave(now);
+        self.inner.flush();
+        // The leave travels as gossip on our links; give their send queues a moment to drain.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Closes every link and stops the driver.
+    pub async fn stop(&self) {
+        self.inner.shutdown.cancel();
+        let senders: Vec<LinkSender> = {
+            let mut links = self.inner.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            links.drain().map(|(_, e)| e.tx).collect()
+        };
+        for tx in senders {
+            tx.close(CloseCode::GOING_AWAY, "node leaving").await;
+        }
+        self.inner.calls.fail_all("this node is shutting down");
+    }
+}
+
+impl Inner {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    pub(crate) fn now(&self) -> Time {
+        Time::from_millis(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn instant_of(&self, t: Time) -> Instant {
+        self.epoch + Duration::from_millis(t.as_millis())
+    }
+
+    /// The sender for the next hop towards `dst`.
+    pub(crate) fn route_to(&self, dst: NodeId) -> Option<LinkSender> {
+        let hop = self.core().next_hop(dst)?;
+        self.sender(hop)
+    }
+
+    pub(crate) fn sender(&self, peer: NodeId) -> Option<LinkSender> {
+        let links = self.links.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        links.get(&peer).map(|e| e.tx.clone())
+    }
+
+    pub(crate) fn replicas_of(&self, gear: &str) -> (Vec<NodeId>, bool) {
+        let core = self.core();
+        let up: Vec<NodeId> = core.replicas_of(gear).into_iter().filter(|n| *n != self.id).collect();
+        let known = !up.is_empty() || core.nodes().any(|r| r.gears.iter().any(|g| g.name == gear));
+        (up, known)
+    }
+
+    pub(crate) fn interested_in(&self, topic: &str) -> Vec<NodeId> {
+        self.core().interested_in(topic).into_iter().filter(|n| *n != self.id).collect()
+    }
+
+    /// Drains the core's outputs and acts on them. Never blocks.
+    pub(crate) fn flush(self: &Arc<Self>) {
+        let (transmits, actions, events) = {
+            let mut core = self.core();
+            let mut t = Vec::new();
+            while let Some(x) = core.poll_transmit() {
+                t.push(x);
+            }
+            let mut a = Vec::new();
+            while let Some(x) = core.poll_action() {
+                a.push(x);
+            }
+            let mut e = Vec::new();
+            while let Some(x) = core.poll_event() {
+                e.push(x);
+            }
+            (t, a, e)
+        };
+        for (peer, payload) in transmits {
+            if let Some(tx) = self.sender(peer) {
+                if let Err(e) = tx.try_send(&Frame::Gossip { payload }) {
+                    tracing::debug!(%peer, error = %e, "gossip dropped");
+                }
+            }
+        }
+        for action in actions {
+            match action {
+                Action::Dial { addr } => self.dial(addr),
+                Action::Disconnect { peer, reason } => {
+                    let entry = self.links.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
+                    if let Some(e) = entry {
+                        tracing::debug!(%peer, ?reason, "closing link");
+                        tokio::spawn(async move {
+                            e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
+                        });
+                    }
+                }
+                _ => tracing::debug!(?action, "unhandled core action"),
+            }
+        }
+        for event in events {
+            match &event {
+                MeshEvent::NodeLeft { id, graceful } => {
+                    self.calls.fail_to(*id, if *graceful { "the node left the mesh" } else { "the node is dead" });
+                }
+                MeshEvent::RoutesChanged => {
+                    let core = self.core();
+                    self.calls.fail_unroutable(|dst| core.next_hop(dst).is_some());
+                }
+                _ => {}
+            }
+            // Nobody listening is fine: observers come and go.
+            let _receivers = self.events.send(event);
+        }
+        self.wake.notify_one();
+    }
+
+    fn dial(self: &Arc<Self>, addr: String) {
+        if self.shutdown.is_cancelled() || !lock(&self.dialing).insert(addr.clone()) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let result = inner.dialer.dial(&addr).await;
+            lock(&inner.dialing).remove(&addr);
+            match result {
+                Ok(link) => inner.on_link(link, Some(addr)),
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                    let now = inner.now();
+                    inner.core().dial_failed(now, &addr);
+                    inner.flush();
+                }
+            }
+        });
+    }
+
+    fn on_link(self: &Arc<Self>, link: Link, dialed: Option<String>) {
+        let peer_info = link.peer().clone();
+        let peer = to_core(peer_info.node_id);
+        let (tx, rx) = link.split();
+        if peer == self.id || self.shutdown.is_cancelled() {
+            tokio::spawn(async move {
+                tx.close(CloseCode::REJECTED, "link to self or while shutting down").await;
+            });
+            return;
+        }
+        let generation = self.link_generation.fetch_add(1, Ordering::Relaxed);
+        let old = self
+            .links
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, LinkEntry { generation, tx: tx.clone() });
+        if let Some(old) = old {
+            tokio::spawn(async move {
+                old.tx.close(CloseCode::NORMAL, "replaced by a newer link").await;
+            });
+        }
+        let now = self.now();
+        self.core().handle_link_up(now, peer, LinkInfo { addrs: peer_info.listen_addrs, dialed });
+        self.flush();
+        tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
+    }
+}
+
+/// Reads one link's frames until it closes.
+async fn read_link(inner: Arc<Inner>, peer: NodeId, generation: u64, tx: LinkSender, mut rx: LinkReceiver) {
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(frame) => inner.on_frame(peer, &tx, frame),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "link failed");
+                break;
+            }
+        }
+    }
+    let reason = match tx.close_reason() {
+        Some(r) if r.code == CloseCode::HEARTBEAT_TIMEOUT => LinkDownReason::Timeout,
+        Some(r) if r.code.is_orderly() || r.initiator == Initiator::Local => LinkDownReason::Closed,
+        Some(_) | None => LinkDownReason::Error,
+    };
+    let current = {
+        let mut links = inner.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match links.get(&peer) {
+            Some(e) if e.generation == generation => {
+                links.remove(&peer);
+                true
+            }
+            _ => false,
+        }
+    };
+    if current && !inner.shutdown.is_cancelled() {
+        let now = inner.now();
+        inner.core().handle_link_down(now, peer, reason);
+        inner.flush();
+    }
+}
+
+impl Inner {
+    fn on_frame(self: &Arc<Self>, peer: NodeId, from: &LinkSender, frame: Frame) {
+        match frame {
+            Frame::Gossip { payload } => {
+                let now = self.now();
+                let result = self.core().handle_message(now, peer, &payload);
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "undecodable gossip");
+                }
+                self.flush();
+            }
+            Frame::Call(c) => self.on_call(from, c),
+            Frame::Reply(r) => self.on_reply(r),
+            Frame::Cancel(c) => self.on_cancel(c),
+            Frame::Event(e) => self.on_event(e),
+            other => tracing::debug!(%peer, kind = ?other.kind(), "unexpected frame on a mesh link"),
+        }
+    }
+}
+
+/// The core's timers.
+async fn drive(inner: Arc<Inner>) {
+    loop {
+        let next = inner.core().poll_timeout();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(inner.instant_of(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => {
+                let now = inner.now();
+                inner.core().handle_timeout(now);
+                inner.flush();
+            }
+            () = inner.wake.notified() => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Links accepted by the node's acceptor.
+async fn accept(inner: Arc<Inner>, mut incoming: Incoming) {
+    loop {
+        tokio::select! {
+            link = incoming.accept() => match link {
+                Some(link) => inner.on_link(link, None),
+                None => return,
+            },
+            () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
