@@ -40,6 +40,7 @@ mod node_token;
 mod policy;
 mod remote;
 mod scope;
+mod setup;
 mod verify;
 
 pub use algorithm::{Algorithm, UnsupportedAlgorithm};
@@ -55,4 +56,5 @@ pub use node_token::NodeToken;
 pub use policy::{GearPolicy, InvalidScope};
 pub use remote::{JwksError, RemoteJwks, RemoteJwksConfig, RemoteJwksStats};
 pub use scope::{NamePattern, Permission, Scope, Scopes};
+pub use setup::{Auth, AuthConfig, SetupError};
 pub use verify::{DEFAULT_MAX_TOKEN_LEN, Verifier, VerifierConfig, unix_now};
