@@ -6,6 +6,30 @@
 //! middleware, WebSocket upgrade and link handshake, and [`Issuer`] into `gearmesh token issue`.
 //! The whole model is described in `docs/security.md`.
 //!
+//! # Wiring it into the node
+//!
+//! - Start-up: `let auth = Auth::load(&config.auth)?;` (no key source and no `--insecure-dev`:
+//!   refuse to start), then `auth.refresh_remotes().await` (log failures) and spawn
+//!   `auth.run_refreshers(shutdown)`.
+//! - HTTP middleware: refuse `query_has_token(uri.query())`; then
+//!   `bearer_from_authorization(headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()))` and
+//!   `auth.verifier.verify_with_refresh(token).await`. On `Err(e)`: status
+//!   `e.status().http_status()`, header `WWW-Authenticate: e.www_authenticate(None)`. Put the
+//!   [`Identity`] in the request extensions; handlers call `identity.check(&Permission::call(gear,
+//!   port))?` (403 on `Forbidden`).
+//! - WebSocket: `WsProtocolOffer::parse(headers.get_all(SEC_WEBSOCKET_PROTOCOL))`; answer with
+//!   `offer.selected_protocol()`; token from `offer.token`, else the first message through
+//!   [`token_from_auth_message`]; close with `e.status().ws_close_code()` (4401/4403).
+//! - Links: send `auth.link_token(node_id, ttl)?` in `Hello`; check the peer's with
+//!   `auth.verifier.verify_mesh_link(token, auth.audience().unwrap_or_default())`.
+//! - Calls across the mesh: the `Call` frame carries `identity.subject()` and
+//!   `identity.scopes().to_strings()`; the node running the port rebuilds them with
+//!   [`Scopes::from_strs`] and checks [`Scopes::check`]. A gear calling a gear acts as
+//!   `GearPolicy::principal(gear)` with `auth.gears.scopes_for(gear)`.
+//! - `/.well-known/jwks.json`: `auth.jwks_document()` (404 when `None`).
+//! - CLI: `keygen(alg)` writes `GeneratedKey::contents`; `token issue` is
+//!   `load_key_file` + `Scopes::parse_strict` + [`Issuer::issue`].
+//!
 //! ```
 //! use std::time::Duration;
 //! use gearmesh_auth::*;

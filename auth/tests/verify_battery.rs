@@ -314,3 +314,21 @@ fn link_tokens_need_the_mesh_audience_and_mesh_link() {
     assert!(matches!(verifier.verify_for(&user, &Permission::Admin), Err(AuthError::Forbidden { .. })));
     assert!(matches!(verifier.verify_for("x.y.z", &Permission::Admin), Err(AuthError::Malformed(_))));
 }
+
+#[test]
+fn debug_output_never_shows_keys_or_tokens() {
+    let hs = keygen(Algorithm::HS256).expect("keygen");
+    let ed = keygen(Algorithm::EdDSA).expect("keygen");
+    let mut keys = KeySet::new();
+    keys.insert_signing(&hs.key);
+    keys.insert_signing(&ed.key);
+    let verifier = Verifier::new(keys, VerifierConfig::default());
+    let issuer = Issuer::new(hs.key.clone());
+    let token = issuer.issue_at(&req("observe"), NOW).expect("issue");
+    let node_token = gearmesh_auth::NodeToken::parse(&token).expect("node token");
+    let shown = format!("{verifier:?} {issuer:?} {hs:?} {ed:?} {node_token:?} {:?}", hs.key.verify_key());
+    let ed_body: String = ed.contents.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!shown.contains(hs.contents.trim()), "{shown}");
+    assert!(!shown.contains(&ed_body), "{shown}");
+    assert!(!shown.contains(&token), "{shown}");
+}
