@@ -22,6 +22,27 @@ pub enum IssueError {
     Signing(#[from] KeyError),
 }
 
+/// Parses a time-to-live such as `90s`, `15m`, `1h`, `7d` (or plain seconds, `3600`).
+pub fn parse_ttl(text: &str) -> Result<Duration, IssueError> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| IssueError::InvalidTtl)?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or(IssueError::InvalidTtl)?,
+        "h" => n.checked_mul(3600).ok_or(IssueError::InvalidTtl)?,
+        "d" => n.checked_mul(86_400).ok_or(IssueError::InvalidTtl)?,
+        _ => return Err(IssueError::InvalidTtl),
+    };
+    if secs == 0 {
+        return Err(IssueError::InvalidTtl);
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 /// What to put in a token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRequest {
@@ -131,4 +152,21 @@ fn random_jti() -> Result<String, KeyError> {
     let mut raw = [0u8; 16];
     aws_lc_rs::rand::SystemRandom::new().fill(&mut raw).map_err(|_| KeyError::Rejected("random source"))?;
     Ok(B64.encode(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_forms() {
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_ttl("3600"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "0", "0h", "h", "1w", "-1h", "1.5h", "99999999999999999999d"] {
+            assert_eq!(parse_ttl(bad), Err(IssueError::InvalidTtl), "{bad}");
+        }
+    }
 }

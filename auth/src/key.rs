@@ -323,7 +323,15 @@ pub fn load_key_file(path: impl AsRef<Path>, alg: Option<Algorithm>) -> Result<L
     let path = path.as_ref();
     let bytes =
         std::fs::read(path).map_err(|e| KeyError::Io { path: path.display().to_string(), reason: e.to_string() })?;
-    load_key(&bytes, alg)
+    let key = load_key(&bytes, alg)?;
+    #[cfg(unix)]
+    if let (LoadedKey::Signing(_), Ok(meta)) = (&key, std::fs::metadata(path)) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "key file is readable by group or others; chmod 600 it");
+        }
+    }
+    Ok(key)
 }
 
 /// Detects and loads a key from file contents; see the module docs.
@@ -429,6 +437,33 @@ impl fmt::Debug for GeneratedKey {
     }
 }
 
+impl GeneratedKey {
+    /// What `gearmesh keygen` prints after writing the key to `path`: how to use it.
+    pub fn usage(&self, path: &str) -> String {
+        let alg = self.key.algorithm();
+        let kind = if alg.is_symmetric() {
+            "a shared secret: copy the same file to every node and keep it private (chmod 600)"
+        } else {
+            "a private key: nodes holding it can verify and sign; others can verify with its \
+             public key from /.well-known/jwks.json"
+        };
+        format!(
+            "Wrote a {alg} key to {path} (kid {kid}), {kind}.\n\
+             \n\
+             Use it on a node:\n\
+             \x20 gearmesh start --auth-key {path} ...\n\
+             or in the config file:\n\
+             \x20 [auth]\n\
+             \x20 keys = [\"{path}\"]\n\
+             \x20 audience = \"<mesh name>\"\n\
+             \n\
+             Issue a token with it:\n\
+             \x20 gearmesh token issue --key {path} --sub alice --scope \"call:*\" --ttl 1h --aud <mesh name>\n",
+            kid = self.key.kid(),
+        )
+    }
+}
+
 /// Generates a key for `alg` (`gearmesh keygen`): HS256/384/512 get 48/64/64 random bytes written as
 /// base64url text; ES256 and EdDSA get a PKCS#8 PEM private key. RS256 is not generated (use an
 /// identity provider's keys or openssl).
@@ -487,6 +522,10 @@ mod tests {
             assert!(!dbg.contains(generated.contents.trim()), "{dbg}");
         }
         assert!(keygen(Algorithm::RS256).is_err());
+        let es = keygen(Algorithm::ES256).expect("keygen");
+        let usage = es.usage("mesh.pem");
+        assert!(usage.contains("--auth-key mesh.pem") && usage.contains(es.key.kid().as_str()), "{usage}");
+        assert!(!usage.contains(es.contents.trim()));
     }
 
     #[test]

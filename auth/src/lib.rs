@@ -73,7 +73,7 @@ pub use bearer::{
 };
 pub use claims::{Audience, Claims, Identity, ScpClaim};
 pub use error::{AuthError, AuthStatus, KeyError};
-pub use issue::{IssueError, Issuer, TokenRequest};
+pub use issue::{IssueError, Issuer, TokenRequest, parse_ttl};
 pub use jwks::{KeySet, MAX_JWKS_KEYS, MAX_JWKS_LEN, SecretKeys};
 pub use key::{GeneratedKey, KeyId, LoadedKey, MIN_SECRET_LEN, SigningKey, VerifyKey, keygen, load_key, load_key_file};
 pub use node_token::NodeToken;
