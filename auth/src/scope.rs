@@ -243,6 +243,19 @@ impl Scopes {
         self.scopes.iter().any(|s| s.allows(needed))
     }
 
+    /// Whether a call to `gear`/`port` is allowed, without building a [`Permission`] (hot path).
+    pub fn allows_call(&self, gear: &str, port: &str) -> bool {
+        self.scopes.iter().any(|s| match s {
+            Scope::Call { gear: g, port: p } => g.matches(gear) && p.as_ref().is_none_or(|p| p.matches(port)),
+            _ => false,
+        })
+    }
+
+    /// Whether publishing to `topic` is allowed, without building a [`Permission`].
+    pub fn allows_publish(&self, topic: &str) -> bool {
+        self.scopes.iter().any(|s| matches!(s, Scope::Publish(t) if t.matches(topic)))
+    }
+
     /// `Ok` if allowed, else [`crate::AuthError::Forbidden`] naming what was needed.
     pub fn check(&self, needed: &Permission) -> Result<(), crate::AuthError> {
         if self.allows(needed) { Ok(()) } else { Err(crate::AuthError::Forbidden { needed: needed.clone() }) }
@@ -358,6 +371,13 @@ mod tests {
         assert!(!s.allows(&Permission::publish("ordersx")));
         assert!(!s.allows(&Permission::Admin));
         assert!(!s.allows(&Permission::Observe));
+
+        for (gear, port) in [("billing", "charge"), ("billing", "refund"), ("inventory", "x"), ("b", "c")] {
+            assert_eq!(s.allows_call(gear, port), s.allows(&Permission::call(gear, port)));
+        }
+        for topic in ["orders.created", "orders", "x"] {
+            assert_eq!(s.allows_publish(topic), s.allows(&Permission::publish(topic)));
+        }
 
         let all = Scopes::parse("call:*");
         assert!(all.allows(&Permission::call("x", "y")));
