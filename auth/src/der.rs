@@ -110,6 +110,38 @@ pub(crate) fn rsa_public_key(der: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((n, e))
 }
 
+/// Encodes a PKCS#1 `RSAPublicKey` from unsigned big-endian `n` and `e`.
+pub(crate) fn encode_rsa_public_key(n: &[u8], e: &[u8]) -> Vec<u8> {
+    let mut body = encode_uint(n);
+    body.extend(encode_uint(e));
+    encode_tlv(SEQUENCE, &body)
+}
+
+fn encode_uint(v: &[u8]) -> Vec<u8> {
+    let v = strip_zeros(v);
+    let mut contents = Vec::with_capacity(v.len() + 1);
+    if v.first().is_none_or(|&b| b & 0x80 != 0) {
+        contents.push(0);
+    }
+    contents.extend_from_slice(v);
+    encode_tlv(INTEGER, &contents)
+}
+
+fn encode_tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = contents.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|&&b| b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(contents);
+    out
+}
+
 fn strip_zeros(mut b: &[u8]) -> &[u8] {
     while let [0, rest @ ..] = b {
         b = rest;
@@ -142,5 +174,14 @@ mod tests {
         for i in 0..valid.len() {
             assert!(rsa_public_key(&valid[..i]).is_none());
         }
+    }
+
+    #[test]
+    fn rsa_public_key_encoding_round_trips() {
+        let n: Vec<u8> = (0..=255u8).rev().collect(); // high bit set: needs a leading zero
+        let e = [1, 0, 1];
+        let der = encode_rsa_public_key(&n, &e);
+        assert_eq!(rsa_public_key(&der), Some((&n[..], &e[..])));
+        assert_eq!(&der[..4], &[0x30, 0x82, 0x01, 0x0a]);
     }
 }

@@ -233,5 +233,9 @@ mod tests {
         let (set, skipped) = KeySet::from_jwks(doc, SecretKeys::Allow).expect("parse");
         assert_eq!((set.len(), skipped), (2, 3));
         assert!(KeySet::from_jwks(b"{", SecretKeys::Allow).is_err());
+        // A point that is not on the curve is refused when the key is loaded, not at first use.
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": zero, "y": zero});
+        assert!(matches!(VerifyKey::from_jwk(&jwk, SecretKeys::Refuse), Err(KeyError::Rejected(_))));
     }
 }

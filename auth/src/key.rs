@@ -10,11 +10,15 @@
 use std::{fmt, path::Path, sync::Arc};
 
 use aws_lc_rs::{
+    hmac,
     rand::{SecureRandom, SystemRandom},
-    signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair},
+    signature::{
+        ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, ED25519, EcdsaKeyPair, Ed25519KeyPair, KeyPair,
+        ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
+    },
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-use jsonwebtoken::{DecodingKey, EncodingKey};
+use jsonwebtoken::EncodingKey;
 use rustls_pki_types::pem::{PemObject, SectionKind};
 
 use crate::{Algorithm, KeyError, der};
@@ -74,13 +78,23 @@ impl PublicParams {
         KeyId::new(B64.encode(digest.as_ref()))
     }
 
-    fn decoding_key(&self) -> Result<DecodingKey, KeyError> {
-        let key = match self {
-            PublicParams::Ec { x, y } => DecodingKey::from_ec_components(x, y),
-            PublicParams::Ed { x } => DecodingKey::from_ed_components(x),
-            PublicParams::Rsa { n, e } => DecodingKey::from_rsa_components(n, e),
+    /// Parses (and so validates: the point is on the curve, the modulus is sane) the public key
+    /// once, for every later verification.
+    fn checker(&self) -> Result<Checker, KeyError> {
+        let raw = |v: &str| B64.decode(v).map_err(|_| KeyError::Encoding("public key component"));
+        let parsed = match self {
+            PublicParams::Ec { x, y } => {
+                let mut point = vec![0x04];
+                point.extend(raw(x)?);
+                point.extend(raw(y)?);
+                ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+            }
+            PublicParams::Ed { x } => ParsedPublicKey::new(&ED25519, raw(x)?),
+            PublicParams::Rsa { n, e } => {
+                ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der::encode_rsa_public_key(&raw(n)?, &raw(e)?))
+            }
         };
-        key.map_err(|_| KeyError::Rejected("public key components"))
+        parsed.map(Checker::Public).map_err(|_| KeyError::Rejected("public key"))
     }
 
     fn kind(&self) -> &'static str {
@@ -146,6 +160,15 @@ fn allowed_for(alg: Algorithm, params: Option<&PublicParams>) -> bool {
     )
 }
 
+/// A parsed verification key, ready to check signatures without further parsing.
+#[derive(Clone)]
+enum Checker {
+    /// An HMAC key (HS256/384/512).
+    Hmac(Box<hmac::Key>),
+    /// A parsed public key (ES256, EdDSA, RS256).
+    Public(ParsedPublicKey),
+}
+
 /// A key that verifies signatures of exactly one [`Algorithm`].
 ///
 /// `Debug` shows the kid and algorithm, never key bytes.
@@ -153,7 +176,7 @@ fn allowed_for(alg: Algorithm, params: Option<&PublicParams>) -> bool {
 pub struct VerifyKey {
     pub(crate) kid: KeyId,
     pub(crate) alg: Algorithm,
-    pub(crate) key: DecodingKey,
+    checker: Checker,
     /// `None` for shared secrets (which are never published).
     pub(crate) public: Option<PublicParams>,
 }
@@ -172,7 +195,7 @@ impl VerifyKey {
         Ok(VerifyKey {
             kid: kid.unwrap_or_else(|| public.thumbprint()),
             alg,
-            key: public.decoding_key()?,
+            checker: public.checker()?,
             public: Some(public),
         })
     }
@@ -185,6 +208,15 @@ impl VerifyKey {
     /// The key id.
     pub fn kid(&self) -> &KeyId {
         &self.kid
+    }
+
+    /// Whether `signature` (raw bytes) is valid for `message` under this key (HMAC compared in
+    /// constant time). The caller has already checked that the token's `alg` is this key's.
+    pub(crate) fn verify_signature(&self, message: &[u8], signature: &[u8]) -> bool {
+        match &self.checker {
+            Checker::Hmac(key) => hmac::verify(key, message, signature).is_ok(),
+            Checker::Public(key) => key.verify_sig(message, signature).is_ok(),
+        }
     }
 
     /// The one algorithm this key verifies.
@@ -244,6 +276,11 @@ impl SigningKey {
         if secret.len() < MIN_SECRET_LEN {
             return Err(KeyError::SecretTooShort { len: secret.len(), min: MIN_SECRET_LEN });
         }
+        let hmac_alg = match alg {
+            Algorithm::HS384 => hmac::HMAC_SHA384,
+            Algorithm::HS512 => hmac::HMAC_SHA512,
+            _ => hmac::HMAC_SHA256,
+        };
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         ctx.update(b"gearmesh kid v1\0");
         ctx.update(secret);
@@ -254,7 +291,7 @@ impl SigningKey {
             verify: VerifyKey {
                 kid: KeyId::new(format!("hs-{kid}")),
                 alg,
-                key: DecodingKey::from_secret(secret),
+                checker: Checker::Hmac(Box::new(hmac::Key::new(hmac_alg, secret))),
                 public: None,
             },
         })

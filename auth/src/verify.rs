@@ -209,9 +209,8 @@ fn select_key<'a>(
     signing_input: &str,
     signature: &str,
 ) -> Result<&'a VerifyKey, AuthError> {
-    let check = |key: &VerifyKey| {
-        jsonwebtoken::crypto::verify(signature, signing_input.as_bytes(), &key.key, alg.to_jwt()).unwrap_or(false)
-    };
+    let signature = B64.decode(signature).map_err(|_| AuthError::Malformed("signature is not base64url"))?;
+    let check = |key: &VerifyKey| key.verify_signature(signing_input.as_bytes(), &signature);
     if let Some(kid) = kid {
         let key =
             sets.iter().find_map(|s| s.get(kid)).ok_or_else(|| AuthError::UnknownKey { kid: Some(sanitize(kid)) })?;
