@@ -55,6 +55,14 @@ where
         self.sink.send(Message::Binary(frame)).await.map_err(|e| WireError::Io(format!("websocket: {e}")))
     }
 
+    async fn feed(&mut self, frame: Bytes, _kind: FrameKind) -> Result<(), WireError> {
+        self.sink.feed(Message::Binary(frame)).await.map_err(|e| WireError::Io(format!("websocket: {e}")))
+    }
+
+    async fn flush(&mut self) -> Result<(), WireError> {
+        self.sink.flush().await.map_err(|e| WireError::Io(format!("websocket: {e}")))
+    }
+
     async fn shutdown(&mut self) {
         if let Err(e) = self.sink.close().await {
             tracing::trace!(error = %e, "websocket close");

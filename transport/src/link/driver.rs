@@ -184,8 +184,7 @@ async fn write_loop<T: WireTx>(
             }
             out = out_rx.recv() => match out {
                 Some(bytes) => {
-                    let kind = frame::encode_raw_kind(&bytes);
-                    if let Err(e) = tx.send(bytes, kind).await {
+                    if let Err(e) = write_batch(tx, out_rx, bytes).await {
                         return Outcome::transport(&e);
                     }
                     None
@@ -202,6 +201,21 @@ async fn write_loop<T: WireTx>(
             }
         }
     }
+}
+
+/// Frames written before one flush when the send queue has a backlog.
+const MAX_BATCH: usize = 64;
+
+/// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`]), then flushes once.
+async fn write_batch<T: WireTx>(tx: &mut T, out_rx: &mut mpsc::Receiver<Bytes>, first: Bytes) -> Result<(), WireError> {
+    let kind = frame::encode_raw_kind(&first);
+    tx.feed(first, kind).await?;
+    for _ in 1..MAX_BATCH {
+        let Ok(next) = out_rx.try_recv() else { break };
+        let kind = frame::encode_raw_kind(&next);
+        tx.feed(next, kind).await?;
+    }
+    tx.flush().await
 }
 
 async fn read_loop<R: WireRx>(

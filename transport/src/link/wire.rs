@@ -26,6 +26,17 @@ pub(crate) trait WireTx: Send + 'static {
     /// Sends one complete encoded frame of the given kind.
     fn send(&mut self, frame: Bytes, kind: FrameKind) -> impl Future<Output = Result<(), WireError>> + Send;
 
+    /// Queues one frame without necessarily writing it out; [`WireTx::flush`] must follow.
+    /// Transports without buffering send it at once.
+    fn feed(&mut self, frame: Bytes, kind: FrameKind) -> impl Future<Output = Result<(), WireError>> + Send {
+        self.send(frame, kind)
+    }
+
+    /// Writes out frames queued by [`WireTx::feed`].
+    fn flush(&mut self) -> impl Future<Output = Result<(), WireError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// Flushes and closes the sending direction (best effort).
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
 }

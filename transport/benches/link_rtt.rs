@@ -1,0 +1,300 @@
+//! Link benchmark: round-trip latency (p50/p99) of 64 B and 4 KiB frames over WSS and QUIC
+//! links, next to a raw TLS-over-TCP length-prefixed ping-pong measured in the same run, echo
+//! throughput, and the cost of encoding and decoding a frame.
+//!
+//! Each side runs on its own thread with a current-thread tokio runtime, over loopback with real
+//! TLS. Run unpinned and pinned:
+//!   cargo bench -p gearmesh-transport --bench link_rtt
+//!   taskset -c 0 cargo bench -p gearmesh-transport --bench link_rtt
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use gearmesh_transport::frame::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, decode};
+use gearmesh_transport::quic::QuicEndpoint;
+use gearmesh_transport::tls::{CertResolver, ClientTls, ClientTrust, DevCa};
+use gearmesh_transport::{
+    AcceptConfig, Acceptor, BodyKind, Call, Dialer, Frame, Hello, Link, LinkSetup, NodeId, Route, https,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RTT_ROUNDS: usize = 10_000;
+const WARMUP: usize = 1_000;
+const THROUGHPUT_FRAMES: usize = 50_000;
+const WINDOW: usize = 64;
+
+fn setup(tag: u8) -> LinkSetup {
+    LinkSetup::new(Hello { node_id: NodeId([tag; 16]), ..Hello::default() })
+}
+
+struct Servers {
+    tls_addr: SocketAddr,
+    wss_addr: SocketAddr,
+    quic_addr: SocketAddr,
+}
+
+/// Starts the echo servers on their own thread; returns their addresses.
+fn start_servers(resolver: Arc<CertResolver>) -> Servers {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            // Raw TLS echo.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let tls_addr = listener.local_addr().expect("addr");
+            let cfg = gearmesh_transport::tls::server_config(resolver.clone(), &[]).expect("cfg");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tcp.set_nodelay(true).expect("nodelay");
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                        let mut buf = vec![0u8; 1 << 20];
+                        loop {
+                            let mut len = [0u8; 4];
+                            if s.read_exact(&mut len).await.is_err() {
+                                return;
+                            }
+                            let n = u32::from_le_bytes(len) as usize;
+                            buf[..4].copy_from_slice(&len);
+                            if s.read_exact(&mut buf[4..4 + n]).await.is_err() {
+                                return;
+                            }
+                            if s.write_all(&buf[..4 + n]).await.is_err() || s.flush().await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            // Links: WSS through the axum router, and QUIC.
+            let (link_acceptor, mut incoming) = Acceptor::new(setup(2), AcceptConfig::default());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let wss_addr = listener.local_addr().expect("addr");
+            let https_cfg = gearmesh_transport::tls::https_server_config(resolver.clone()).expect("cfg");
+            let router: axum::Router = link_acceptor.router();
+            tokio::spawn(https::serve(listener, https_cfg, router, https::ServeOptions::default()));
+            let quic = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), Some(resolver), None).expect("quic");
+            let quic_addr = quic.local_addr().expect("addr");
+            tokio::spawn(quic.serve(link_acceptor));
+            tx.send(Servers { tls_addr, wss_addr, quic_addr }).expect("report");
+            while let Some(link) = incoming.accept().await {
+                tokio::spawn(async move {
+                    let (tx, mut rx) = link.split();
+                    while let Some(Ok(f)) = rx.recv().await {
+                        if tx.send(&f).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    rx.recv().expect("servers up")
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+struct Row {
+    system: &'static str,
+    size: usize,
+    p50: f64,
+    p99: f64,
+    fps: f64,
+}
+
+fn gossip(size: usize) -> Frame {
+    Frame::Gossip { payload: Bytes::from(vec![0xab; size - HEADER_LEN]) }
+}
+
+fn call(size: usize) -> Frame {
+    let mut c = Call {
+        route: Route::default(),
+        call_id: 1,
+        deadline_ms: 1000,
+        trace_id: 7,
+        caller: "user:alice".into(),
+        scopes: vec![],
+        gear: "echo".into(),
+        port: "ping".into(),
+        body_kind: BodyKind::Bytes,
+        body: Bytes::new(),
+    };
+    let fixed = Frame::Call(c.clone()).encoded_len();
+    c.body = Bytes::from(vec![0xcd; size.saturating_sub(fixed)]);
+    Frame::Call(c)
+}
+
+async fn link_rtt(link: &mut Link, frame: &Frame) -> (f64, f64) {
+    let mut samples = Vec::with_capacity(RTT_ROUNDS);
+    for i in 0..WARMUP + RTT_ROUNDS {
+        let t = Instant::now();
+        link.send(frame).await.expect("send");
+        link.recv().await.expect("open").expect("frame");
+        if i >= WARMUP {
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    samples.sort_unstable();
+    (pct(&samples, 0.5), pct(&samples, 0.99))
+}
+
+async fn link_throughput(link: Link, frame: &Frame) -> f64 {
+    let (tx, mut rx) = link.split();
+    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let t = Instant::now();
+    let sender = {
+        let frame = frame.clone();
+        let window = window.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            for _ in 0..THROUGHPUT_FRAMES {
+                window.acquire().await.expect("sem").forget();
+                tx.send(&frame).await.expect("send");
+            }
+        })
+    };
+    for _ in 0..THROUGHPUT_FRAMES {
+        rx.recv().await.expect("open").expect("frame");
+        window.add_permits(1);
+    }
+    let fps = THROUGHPUT_FRAMES as f64 / t.elapsed().as_secs_f64();
+    sender.await.expect("sender");
+    tx.close(gearmesh_transport::CloseCode::NORMAL, "done").await;
+    drop(rx);
+    fps
+}
+
+async fn tls_client(addr: SocketAddr, client: &ClientTls) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(client.wss_config()).connect(name, tcp).await.expect("tls")
+}
+
+async fn tls_rtt(addr: SocketAddr, client: &ClientTls, size: usize) -> (f64, f64, f64) {
+    let mut s = tls_client(addr, client).await;
+    let mut msg = vec![0xabu8; size];
+    msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
+    let mut back = vec![0u8; size];
+    let mut samples = Vec::with_capacity(RTT_ROUNDS);
+    for i in 0..WARMUP + RTT_ROUNDS {
+        let t = Instant::now();
+        s.write_all(&msg).await.expect("write");
+        s.flush().await.expect("flush");
+        s.read_exact(&mut back).await.expect("read");
+        if i >= WARMUP {
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    samples.sort_unstable();
+    // Echo throughput with a window of WINDOW messages in flight.
+    let (mut r, mut w) = tokio::io::split(s);
+    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let t = Instant::now();
+    let sender = {
+        let window = window.clone();
+        let msg = msg.clone();
+        tokio::spawn(async move {
+            for _ in 0..THROUGHPUT_FRAMES {
+                window.acquire().await.expect("sem").forget();
+                w.write_all(&msg).await.expect("write");
+                w.flush().await.expect("flush");
+            }
+        })
+    };
+    for _ in 0..THROUGHPUT_FRAMES {
+        r.read_exact(&mut back).await.expect("read");
+        window.add_permits(1);
+    }
+    let fps = THROUGHPUT_FRAMES as f64 / t.elapsed().as_secs_f64();
+    sender.await.expect("sender");
+    (pct(&samples, 0.5), pct(&samples, 0.99), fps)
+}
+
+fn codec_bench() {
+    let frame = call(64 + 76);
+    let mut buf = BytesMut::with_capacity(4096);
+    let n = 1_000_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        frame.encode(&mut buf, DEFAULT_MAX_FRAME_LEN).expect("encode");
+        buf.clear();
+    }
+    let enc = t.elapsed().as_nanos() as f64 / n as f64;
+    frame.encode(&mut buf, DEFAULT_MAX_FRAME_LEN).expect("encode");
+    let bytes = buf.split().freeze();
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(decode(std::hint::black_box(&bytes), DEFAULT_MAX_FRAME_LEN).expect("decode"));
+    }
+    let dec = t.elapsed().as_nanos() as f64 / n as f64;
+    println!("codec: Call frame of {} bytes (64 B body): encode {enc:.0} ns, decode {dec:.0} ns", bytes.len());
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    gearmesh_transport::tls::install_crypto_provider();
+    let ca = DevCa::generate().expect("ca");
+    let cert = ca.issue(&["localhost".into(), "127.0.0.1".into()]).expect("cert");
+    let resolver = CertResolver::from_cert(&cert).expect("resolver");
+    let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client");
+    let servers = start_servers(resolver);
+    codec_bench();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rows = rt.block_on(async {
+        let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(&client)).expect("quic");
+        let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep);
+        let mut rows = Vec::new();
+        for size in [64usize, 4096] {
+            // Alternate the systems within one run.
+            let (p50, p99, fps) = tls_rtt(servers.tls_addr, &client, size).await;
+            rows.push(Row { system: "raw TLS over TCP (length-prefixed)", size, p50, p99, fps });
+            let mut wss = dialer.dial(&format!("wss://localhost:{}", servers.wss_addr.port())).await.expect("wss");
+            let (p50, p99) = link_rtt(&mut wss, &gossip(size)).await;
+            let fps = link_throughput(wss, &gossip(size)).await;
+            rows.push(Row { system: "WSS link", size, p50, p99, fps });
+            let mut quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
+            let (p50, p99) = link_rtt(&mut quic, &gossip(size)).await;
+            let fps = link_throughput(quic, &gossip(size)).await;
+            rows.push(Row { system: "QUIC link, control stream (gossip)", size, p50, p99, fps });
+            let mut quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
+            let (p50, p99) = link_rtt(&mut quic, &call(size.max(140))).await;
+            let fps = link_throughput(quic, &call(size.max(140))).await;
+            rows.push(Row { system: "QUIC link, stream per call", size: size.max(140), p50, p99, fps });
+        }
+        rows
+    });
+    let pinned = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Cpus_allowed_list")).map(|l| l.to_string()))
+        .unwrap_or_default();
+    println!("\n{pinned}");
+    println!("| system | frame | p50 RTT | p99 RTT | echo throughput (window {WINDOW}) |");
+    println!("|---|---:|---:|---:|---:|");
+    let base: Vec<(usize, f64)> =
+        rows.iter().filter(|r| r.system.starts_with("raw")).map(|r| (r.size, r.p50)).collect();
+    for r in &rows {
+        let b =
+            base.iter().find(|(s, _)| *s == r.size || (*s == 64 && r.size == 140)).map(|(_, p)| *p).unwrap_or(r.p50);
+        println!(
+            "| {} | {} B | {:.1} us ({:.2}x) | {:.1} us | {:.0} frames/s, {:.1} MB/s |",
+            r.system,
+            r.size,
+            r.p50,
+            r.p50 / b,
+            r.p99,
+            r.fps,
+            r.fps * r.size as f64 / 1e6
+        );
+    }
+}
