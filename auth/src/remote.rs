@@ -129,6 +129,7 @@ struct Inner {
     current: RwLock<Arc<KeySet>>,
     fetch: tokio::sync::Mutex<FetchState>,
     fetches: AtomicU64,
+    generation: AtomicU64,
     failures: AtomicU64,
     rate_limited: AtomicU64,
 }
@@ -193,6 +194,7 @@ impl RemoteJwks {
                 current: RwLock::new(Arc::new(KeySet::new())),
                 fetch: tokio::sync::Mutex::new(FetchState::default()),
                 fetches: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
             }),
@@ -241,6 +243,7 @@ impl RemoteJwks {
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
                 }
                 state.last_success = Some(Instant::now());
+                self.inner.generation.fetch_add(1, Ordering::Release);
                 tracing::debug!(url = %self.inner.url, keys = n, "JWKS refreshed");
                 Ok(n)
             }
@@ -291,12 +294,18 @@ impl RemoteJwks {
         self.fetch_locked(&mut state).await.map(|_| true)
     }
 
-    /// Called when a token names `kid` and no set knows it. Returns true if the cache now holds
-    /// `kid` (after a fetch by this call or a concurrent one). At most one fetch per
+    /// How many successful fetches have replaced the cache so far.
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Called when a token names a kid that no set knows. `seen` is [`RemoteJwks::generation`]
+    /// from before the failed lookup. Returns true if the cache changed since then (by this call
+    /// or a concurrent one), so verifying again may succeed. At most one fetch per
     /// `min_refresh_interval` is made for unknown kids.
-    pub(crate) async fn refresh_for_unknown_kid(&self, kid: &str) -> bool {
+    pub(crate) async fn refresh_for_unknown_kid(&self, seen: u64) -> bool {
         let mut state = self.inner.fetch.lock().await;
-        if self.keys().get(kid).is_some() {
+        if self.generation() != seen {
             return true;
         }
         let limited = state.last_kid_refresh.is_some_and(|t| t.elapsed() < self.inner.config.min_refresh_interval);
@@ -306,8 +315,7 @@ impl RemoteJwks {
         }
         state.last_kid_refresh = Some(Instant::now());
         // A failure is logged inside and the last good set stays.
-        let fetched = self.fetch_locked(&mut state).await.is_ok();
-        fetched && self.keys().get(kid).is_some()
+        self.fetch_locked(&mut state).await.is_ok()
     }
 
     /// Keeps the cache fresh until `shutdown` completes: fetches when stale, retries failures

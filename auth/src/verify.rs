@@ -152,13 +152,14 @@ impl Verifier {
     /// # Cancel safety
     /// Cancel-safe: dropping the future at worst abandons a refresh, leaving the last good set.
     pub async fn verify_with_refresh(&self, token: &str) -> Result<Identity, AuthError> {
+        let seen: Vec<u64> = self.inner.remotes.iter().map(RemoteJwks::generation).collect();
         match self.verify(token) {
             Err(AuthError::UnknownKey { kid: Some(kid) }) if !self.inner.remotes.is_empty() => {
-                let mut refreshed = false;
-                for remote in &self.inner.remotes {
-                    refreshed |= remote.refresh_for_unknown_kid(&kid).await;
+                let mut changed = false;
+                for (remote, seen) in self.inner.remotes.iter().zip(seen) {
+                    changed |= remote.refresh_for_unknown_kid(seen).await;
                 }
-                if refreshed { self.verify(token) } else { Err(AuthError::UnknownKey { kid: Some(kid) }) }
+                if changed { self.verify(token) } else { Err(AuthError::UnknownKey { kid: Some(kid) }) }
             }
             other => other,
         }

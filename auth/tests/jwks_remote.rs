@@ -130,7 +130,10 @@ fn token(key: &SigningKey) -> String {
 async fn rotation_picks_up_new_kids_and_drops_removed_ones() {
     let server = JwksServer::start().await;
     let k1 = keygen(Algorithm::ES256).expect("k1").key;
-    let k2 = keygen(Algorithm::EdDSA).expect("k2").key;
+    // A long kid with odd characters: errors show it sanitized and truncated, but lookups and
+    // refreshes must use it exactly.
+    let long_kid = gearmesh_auth::KeyId::new(format!("{}\"é/{}", "k".repeat(80), "x"));
+    let k2 = keygen(Algorithm::EdDSA).expect("k2").key.with_kid(long_kid);
     server.publish(&[&k1]);
 
     let remote = RemoteJwks::new(&server.url(), config(&server, Duration::ZERO)).expect("remote");
@@ -211,7 +214,9 @@ async fn a_flood_of_unknown_kids_is_rate_limited() {
     }
     // The initial fetch plus exactly one refresh for the whole flood.
     assert_eq!(server.requests(), 2);
-    assert_eq!(remote.stats().rate_limited, 199);
+    // At least the 100 sequential ones hit the limit (concurrent waiters may instead see the
+    // one refresh that happened while they waited, and re-check against the new set).
+    assert!(remote.stats().rate_limited >= 100, "{:?}", remote.stats());
     // The real key is still accepted without any fetch.
     verifier.verify_with_refresh(&token(&k1)).await.expect("valid");
     assert_eq!(server.requests(), 2);
