@@ -318,6 +318,22 @@ impl RemoteJwks {
         self.fetch_locked(&mut state).await.is_ok()
     }
 
+    /// Fetches if the cache is stale; returns how long until the next fetch is due (the rest of
+    /// the TTL, or `min_refresh_interval` after a failure).
+    async fn refresh_when_due(&self) -> Duration {
+        let mut state = self.inner.fetch.lock().await;
+        let ttl = self.inner.config.cache_ttl;
+        if let Some(age) = state.last_success.map(|t| t.elapsed())
+            && age < ttl
+        {
+            return ttl - age;
+        }
+        match self.fetch_locked(&mut state).await {
+            Ok(_) => ttl,
+            Err(_) => self.inner.config.min_refresh_interval,
+        }
+    }
+
     /// Keeps the cache fresh until `shutdown` completes: fetches when stale, retries failures
     /// every `min_refresh_interval`. Spawn it once per remote set.
     ///
@@ -326,10 +342,7 @@ impl RemoteJwks {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let wait = match self.refresh_if_stale().await {
-                Ok(_) => self.inner.config.cache_ttl,
-                Err(_) => self.inner.config.min_refresh_interval,
-            };
+            let wait = self.refresh_when_due().await;
             tokio::select! {
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
