@@ -375,8 +375,16 @@ pub fn load_key_file(path: impl AsRef<Path>, alg: Option<Algorithm>) -> Result<L
 pub fn load_key(bytes: &[u8], alg: Option<Algorithm>) -> Result<LoadedKey, KeyError> {
     let trimmed = bytes.trim_ascii();
     if trimmed.starts_with(b"-----BEGIN ") {
-        let (kind, der) =
-            <(SectionKind, Vec<u8>)>::from_pem_slice(trimmed).map_err(|_| KeyError::Encoding("unreadable PEM"))?;
+        // The first key section; certificates (a combined cert + key file) are skipped.
+        let mut section = None;
+        for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(trimmed) {
+            let (kind, der) = item.map_err(|_| KeyError::Encoding("unreadable PEM"))?;
+            if kind != SectionKind::Certificate {
+                section = Some((kind, der));
+                break;
+            }
+        }
+        let (kind, der) = section.ok_or(KeyError::Encoding("no key in the PEM file"))?;
         let key = load_pem_section(kind, &der)?;
         if let Some(alg) = alg {
             let have = key.verify_key().alg;

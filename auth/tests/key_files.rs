@@ -79,6 +79,11 @@ fn unsupported_keys_are_refused() {
         .self_signed(&rcgen::KeyPair::generate().expect("key"))
         .expect("cert");
     assert!(load_key(cert.pem().as_bytes(), None).is_err(), "a certificate is not a key file");
+    // A combined file (certificate, then key) loads the key.
+    let generated = keygen(Algorithm::ES256).expect("keygen");
+    let combined = format!("{}{}", cert.pem(), generated.contents);
+    let key = load_key(combined.as_bytes(), None).expect("key after the certificate");
+    assert_eq!(key.verify_key().kid(), generated.key.kid());
     assert!(matches!(
         load_key(b"-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n", None),
         Err(KeyError::Encoding(_))
