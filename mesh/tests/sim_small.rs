@@ -44,3 +44,27 @@ fn fifty_nodes_converge_with_bounded_links() {
     assert_eq!(ok, 500);
     assert!(sim.stats.declared_dead.is_empty(), "nobody declared dead: {:?}", sim.stats.declared_dead);
 }
+
+#[test]
+fn oversized_catalogue_is_refused_and_nothing_changes() {
+    use gearmesh_mesh::{Core, GearAd, NodeId, SetLocalError, Time};
+    let mut core = Core::new(Time::ZERO, NodeId::from_bytes([1; 16]), vec!["wss://a:1".into()], Config::default());
+    let gears: Vec<GearAd> = (0..2_000)
+        .map(|i| GearAd { name: format!("gear-{i}"), version: "1.0.0".into(), ports: vec!["run".into()] })
+        .collect();
+    let err = core.set_local(gears, Vec::new()).expect_err("too large for one record");
+    assert!(matches!(err, SetLocalError::RecordTooLarge { .. }));
+    assert!(core.node(core.id()).expect("own record").gears.is_empty());
+}
+
+#[test]
+fn garbage_input_is_an_error_not_a_panic() {
+    let mut sim = mesh(3, 2);
+    sim.run_for(1_000);
+    let peer = sim.id(1);
+    let now = sim.now;
+    let core = &mut sim.nodes[0].core;
+    assert!(core.links().contains(&peer));
+    assert!(core.handle_message(now, peer, b"not gossip").is_err());
+    assert!(core.handle_message(now, peer, &[b'g', b'm', 9, 1]).is_err());
+}

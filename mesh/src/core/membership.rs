@@ -95,6 +95,16 @@ impl Core {
         if rec.key() < old.key() {
             return;
         }
+        let mut rec = rec;
+        if rec.state == NodeState::Suspect && old.state == NodeState::Suspect && rec.incarnation == old.incarnation {
+            // A newer content version of the same suspicion: keep the confirmations we had.
+            let cap = self.config.suspicion_confirmations + 1;
+            for s in &old.suspecters {
+                if rec.suspecters.len() < cap && !rec.suspecters.contains(s) {
+                    rec.suspecters.push(*s);
+                }
+            }
+        }
         let prev = std::mem::replace(old, rec);
         if prev.state != entry.rec.state {
             entry.since = now;

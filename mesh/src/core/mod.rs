@@ -36,6 +36,9 @@ pub use types::{
 };
 pub use wire::{DecodeError, WIRE_VERSION};
 
+/// Shortest gap between two urgent route recomputations (a burst of deaths reroutes once).
+const URGENT_ROUTE_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The error of [`Core::set_local`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -104,6 +107,8 @@ pub struct Core {
     /// Alive nodes missing from the routes, and since when.
     unreachable: FxHashMap<NodeId, Time>,
     routes_urgent: bool,
+    /// Urgent reroutes are coalesced: at most one per `URGENT_ROUTE_GAP`.
+    next_urgent_route: Time,
     transmits: VecDeque<(NodeId, Bytes)>,
     actions: VecDeque<Action>,
     events: VecDeque<MeshEvent>,
@@ -162,6 +167,7 @@ impl Core {
             routes_dirty: false,
             unreachable: FxHashMap::default(),
             routes_urgent: false,
+            next_urgent_route: now,
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -304,7 +310,8 @@ impl Core {
         for l in self.links.values_mut() {
             l.sent_this_tick = false;
         }
-        if self.routes_urgent || (self.routes_dirty && now >= self.next_route) {
+        self.finish(now);
+        if self.routes_dirty && now >= self.next_route {
             self.next_route = now + self.config.route_interval;
             self.recompute_routes(now);
         }
@@ -375,7 +382,8 @@ impl Core {
     /// End of every input: forward what is new, and reroute now if it cannot wait for the tick.
     fn finish(&mut self, now: Time) {
         self.flush(false);
-        if self.routes_urgent {
+        if self.routes_urgent && now >= self.next_urgent_route {
+            self.next_urgent_route = now + URGENT_ROUTE_GAP;
             self.recompute_routes(now);
         }
     }
@@ -414,7 +422,11 @@ impl Core {
         if let Some(t) = self.leaving {
             return Some(t);
         }
-        Some(self.next_suspicion_deadline().map_or(self.next_tick, |d| d.min(self.next_tick)))
+        let mut t = self.next_tick;
+        if self.routes_urgent {
+            t = t.min(self.next_urgent_route);
+        }
+        Some(self.next_suspicion_deadline().map_or(t, |d| d.min(t)))
     }
 
     /// Outputs dropped because a queue was full (the consumer did not drain it).

@@ -198,37 +198,42 @@ impl Core {
     pub(super) fn recompute_routes(&mut self, now: Time) {
         self.routes_dirty = false;
         self.routes_urgent = false;
+        // Links of every up node, in a hash map: the search does one lookup per edge.
+        let mut up: FxHashMap<NodeId, &[NodeId]> = FxHashMap::default();
+        up.reserve(self.others.len());
+        for (id, e) in &self.others {
+            if e.rec.state.is_up() {
+                up.insert(*id, e.rec.links.as_slice());
+            }
+        }
         let mut routes: FxHashMap<NodeId, Route> = FxHashMap::default();
-        let mut queue: VecDeque<NodeId> = VecDeque::new();
+        routes.reserve(up.len());
+        let mut queue: VecDeque<(NodeId, Route)> = VecDeque::new();
         for peer in self.links.keys() {
             if self.others.get(peer).is_some_and(|e| !e.rec.state.is_up()) {
                 continue;
             }
-            routes.insert(*peer, Route { next_hop: *peer, hops: 1 });
-            queue.push_back(*peer);
+            let r = Route { next_hop: *peer, hops: 1 };
+            routes.insert(*peer, r);
+            queue.push_back((*peer, r));
         }
-        while let Some(u) = queue.pop_front() {
-            let Some(ue) = self.others.get(&u) else {
+        while let Some((u, r)) = queue.pop_front() {
+            let Some(ulinks) = up.get(&u) else {
                 continue;
             };
-            if !ue.rec.state.is_up() {
-                continue;
-            }
-            let Some(r) = routes.get(&u).copied() else {
-                continue;
-            };
-            for v in &ue.rec.links {
+            for v in *ulinks {
                 if *v == self.id || routes.contains_key(v) {
                     continue;
                 }
-                let Some(ve) = self.others.get(v) else {
+                let Some(vlinks) = up.get(v) else {
                     continue;
                 };
-                if !ve.rec.state.is_up() || !ve.rec.links.contains(&u) {
+                if !vlinks.contains(&u) {
                     continue;
                 }
-                routes.insert(*v, Route { next_hop: r.next_hop, hops: r.hops + 1 });
-                queue.push_back(*v);
+                let rv = Route { next_hop: r.next_hop, hops: r.hops + 1 };
+                routes.insert(*v, rv);
+                queue.push_back((*v, rv));
             }
         }
         if routes != self.routes {
