@@ -259,6 +259,19 @@ fn main() {
             // Alternate the systems within one run.
             let (p50, p99, fps) = tls_rtt(servers.tls_addr, &client, size).await;
             rows.push(Row { system: "raw TLS over TCP (length-prefixed)", size, p50, p99, fps });
+            let (mut mem, echo) = Link::pair();
+            let echo_task = tokio::spawn(async move {
+                let (tx, mut rx) = echo.split();
+                while let Some(Ok(f)) = rx.recv().await {
+                    if tx.send(&f).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let (p50, p99) = link_rtt(&mut mem, &gossip(size)).await;
+            let fps = link_throughput(mem, &gossip(size)).await;
+            echo_task.abort();
+            rows.push(Row { system: "in-memory link (driver cost, no IO)", size, p50, p99, fps });
             let mut wss = dialer.dial(&format!("wss://localhost:{}", servers.wss_addr.port())).await.expect("wss");
             let (p50, p99) = link_rtt(&mut wss, &gossip(size)).await;
             let fps = link_throughput(wss, &gossip(size)).await;
