@@ -170,7 +170,8 @@ async fn write_loop<T: WireTx>(
     config: &LinkConfig,
     clock: &Clock,
 ) -> Outcome {
-    let mut ticker = tokio::time::interval(config.heartbeat_interval);
+    // A zero interval would panic in tokio: treat it as 1 ms.
+    let mut ticker = tokio::time::interval(config.heartbeat_interval.max(std::time::Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut buf = BytesMut::with_capacity(256);
