@@ -1,8 +1,9 @@
 //! gearmesh membership, routing and switching.
 //!
-//! This crate will hold the sans-IO mesh core (membership gossip, failure detection, topology and
-//! routing decisions, call bookkeeping) and the async driver that connects it to transport links and
-//! to the node. It is empty until the mesh work lands.
+//! - [`core`]: the sans-IO mesh core ([`Core`]): versioned node records spread over the link graph,
+//!   SWIM-style failure detection with Lifeguard suspicion, a bounded random topology and
+//!   shortest-path routing. No I/O, no clock, seeded randomness; see `docs/mesh.md`.
+//! - The async driver that connects the core to transport links and to the node.
 
 pub mod core;
 mod driver;

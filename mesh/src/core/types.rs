@@ -66,7 +66,7 @@ pub struct Config {
     pub link_grace: Duration,
     /// Shortest suspicion, reached with `suspicion_confirmations` independent suspecters (default 1.5 s).
     pub suspicion_min: Duration,
-    /// Longest suspicion, with a single suspecter (default 3 s).
+    /// Longest suspicion, with a single suspecter (default 2.5 s).
     pub suspicion_max: Duration,
     /// Independent suspecters needed to shrink suspicion to `suspicion_min` (default 3).
     pub suspicion_confirmations: usize,
@@ -113,7 +113,7 @@ impl Default for Config {
             link_timeout: Duration::from_secs(1),
             link_grace: Duration::from_secs(1),
             suspicion_min: Duration::from_millis(1500),
-            suspicion_max: Duration::from_secs(3),
+            suspicion_max: Duration::from_millis(2500),
             suspicion_confirmations: 3,
             sync_interval: Duration::from_secs(2),
             publish_interval: Duration::from_secs(1),
