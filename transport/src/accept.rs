@@ -128,7 +128,22 @@ impl Acceptor {
             }
             Err(_) => {
                 tracing::info!(?remote, %transport, "incoming link: handshake timed out");
-                tx.shutdown().await;
+                let close = crate::Frame::Close(crate::Close {
+                    code: crate::CloseCode::HANDSHAKE_TIMEOUT,
+                    reason: "no hello in time".into(),
+                });
+                let mut buf = bytes::BytesMut::new();
+                if close.encode(&mut buf, setup.config.max_frame_len).is_ok() {
+                    let bounded = setup.config.close_timeout;
+                    let sent = tokio::time::timeout(bounded, async {
+                        if tx.send(buf.freeze(), crate::FrameKind::Close).await.is_ok() {
+                            tx.shutdown().await;
+                        }
+                    });
+                    if sent.await.is_err() {
+                        tracing::debug!(?remote, "could not tell a silent peer why");
+                    }
+                }
                 return;
             }
         };

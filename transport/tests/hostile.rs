@@ -145,9 +145,13 @@ async fn slow_loris_is_cut_off() {
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("server closes").unwrap_or(0);
     assert_eq!(n, 0);
-    // 2. A WebSocket that never says hello is closed and its slot freed.
+    // 2. A WebSocket that never says hello is told why, closed, and its slot freed.
     let mut ws = raw_ws(&pki, addr).await;
-    drain(&mut ws).await;
+    let frames = drain(&mut ws).await;
+    assert!(
+        frames.iter().any(|f| matches!(f, Frame::Close(c) if c.code == CloseCode::HANDSHAKE_TIMEOUT)),
+        "{frames:?}"
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(acceptor.free_slots(), AcceptConfig::default().max_links);
 }
