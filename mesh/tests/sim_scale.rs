@@ -101,7 +101,7 @@ fn scenario(n_nodes: usize) {
     }
     let dead_ids: Vec<_> = victims.iter().map(|&v| sim.id(v)).collect();
     let gone = |s: &Sim| dead_ids.iter().all(|id| s.seen_up_by(*id) == 0);
-    let t = sim.run_until_pred(100, 30_000, gone).expect("the dead are removed everywhere");
+    let t = sim.run_until_pred(20, 30_000, gone).expect("the dead are removed everywhere");
     eprintln!("BENCH kill: {} dead nodes removed from every view {t} ms (virtual) after the kill", victims.len());
     let t2 = sim.run_until_pred(100, 30_000, |s| s.converged()).expect("survivors reconverge");
     eprintln!("BENCH kill: survivors agree {t2} ms later");

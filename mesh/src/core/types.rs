@@ -64,7 +64,7 @@ pub struct Config {
     pub link_timeout: Duration,
     /// A new link is not pruned before it is this old, so the state exchange can finish (default 1 s).
     pub link_grace: Duration,
-    /// Shortest suspicion, reached with `suspicion_confirmations` independent suspecters (default 1.5 s).
+    /// Shortest suspicion, reached with `suspicion_confirmations` independent suspecters (default 1.4 s).
     pub suspicion_min: Duration,
     /// Longest suspicion, with a single suspecter (default 2.5 s).
     pub suspicion_max: Duration,
@@ -112,7 +112,7 @@ impl Default for Config {
             gossip_interval: Duration::from_millis(200),
             link_timeout: Duration::from_secs(1),
             link_grace: Duration::from_secs(1),
-            suspicion_min: Duration::from_millis(1500),
+            suspicion_min: Duration::from_millis(1400),
             suspicion_max: Duration::from_millis(2500),
             suspicion_confirmations: 3,
             sync_interval: Duration::from_secs(2),
