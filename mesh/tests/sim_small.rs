@@ -68,3 +68,20 @@ fn garbage_input_is_an_error_not_a_panic() {
     assert!(core.handle_message(now, peer, b"not gossip").is_err());
     assert!(core.handle_message(now, peer, &[b'g', b'm', 9, 1]).is_err());
 }
+
+#[test]
+fn shortcut_links_make_a_direct_route() {
+    let mut sim = mesh(4, 60);
+    sim.run_until_pred(100, 30_000, |s| s.converged()).expect("converges");
+    sim.run_for(3_000);
+    // Find a node several hops away from node 1 and ask for a shortcut to it.
+    let far = (2..60)
+        .max_by_key(|&d| sim.nodes[1].core.routes().iter().find(|(id, _)| *id == sim.id(d)).map_or(0, |(_, r)| r.hops))
+        .expect("some node");
+    let far_id = sim.id(far);
+    assert!(sim.nodes[1].core.add_shortcut(far_id));
+    sim.run_for(15_000);
+    assert!(sim.nodes[1].core.links().contains(&far_id), "shortcut link is up");
+    assert_eq!(sim.nodes[1].core.next_hop(far_id), Some(far_id));
+    assert!(sim.max_degree() <= 16);
+}

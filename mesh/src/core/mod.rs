@@ -97,6 +97,8 @@ pub struct Core {
     seeds: Vec<String>,
     referrals: VecDeque<String>,
     cooldown: FxHashMap<NodeId, Time>,
+    /// Peers we keep a direct shortcut link to (not pruned, not counted in `max_links`).
+    shortcuts: BTreeSet<NodeId>,
     /// Records whose state changed: forwarded at the end of the current input.
     urgent: BTreeSet<NodeId>,
     /// Records whose content changed: forwarded at the next tick, batched.
@@ -160,6 +162,7 @@ impl Core {
             seeds: Vec::new(),
             referrals: VecDeque::new(),
             cooldown: FxHashMap::default(),
+            shortcuts: BTreeSet::new(),
             urgent: BTreeSet::new(),
             lazy: BTreeSet::new(),
             own_dirty: false,
@@ -342,6 +345,28 @@ impl Core {
     pub fn set_addrs(&mut self, addrs: Vec<String>) {
         self.me.addrs = addrs;
         self.own_dirty = true;
+    }
+
+    /// Asks for a direct shortcut link to `peer` (e.g. a node this one calls often). The core dials
+    /// it (if it advertises an address) and never prunes it; the link does not count towards
+    /// `max_links`. At most `hard_max_links - max_links` shortcuts; returns false beyond that.
+    /// The peer may still prune its side if it has too many links; the core redials after
+    /// `prune_cooldown`.
+    pub fn add_shortcut(&mut self, peer: NodeId) -> bool {
+        if peer == self.id {
+            return false;
+        }
+        if !self.shortcuts.contains(&peer) && self.shortcuts.len() >= self.config.hard_max_links - self.config.max_links
+        {
+            return false;
+        }
+        self.shortcuts.insert(peer);
+        true
+    }
+
+    /// Drops a shortcut: the link becomes an ordinary one (and may be pruned).
+    pub fn remove_shortcut(&mut self, peer: NodeId) {
+        self.shortcuts.remove(&peer);
     }
 
     /// Adds seed addresses, dialed (with backoff) whenever this node has no link.

@@ -63,8 +63,15 @@ impl Core {
         {
             self.dial(now, a);
         }
-        if self.links.len() > max {
+        let linked_shortcuts = self.shortcuts.iter().filter(|p| self.links.contains_key(p)).count();
+        if self.links.len() - linked_shortcuts > max {
             self.prune_one(now);
+        }
+        let wanted: Vec<NodeId> = self.shortcuts.iter().filter(|p| !self.links.contains_key(p)).copied().collect();
+        for peer in wanted {
+            if let Some(a) = self.candidate_addr(now, peer) {
+                self.dial(now, a);
+            }
         }
         if now >= self.next_dead_retry {
             self.next_dead_retry = now + self.config.dead_retry_interval;
@@ -171,7 +178,7 @@ impl Core {
         let mut victims: Vec<(usize, NodeId)> = self
             .links
             .iter()
-            .filter(|(_, l)| now.since(l.since) >= grace)
+            .filter(|(p, l)| now.since(l.since) >= grace && !self.shortcuts.contains(p))
             .map(|(p, _)| (self.others.get(p).map_or(0, |e| e.rec.links.len()), *p))
             .collect();
         if victims.is_empty() {
