@@ -332,3 +332,20 @@ fn debug_output_never_shows_keys_or_tokens() {
     assert!(!shown.contains(&ed_body), "{shown}");
     assert!(!shown.contains(&token), "{shown}");
 }
+
+#[test]
+fn shared_types_are_send_and_sync_and_futures_are_send() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<Verifier>();
+    send_sync::<Issuer>();
+    send_sync::<gearmesh_auth::Auth>();
+    send_sync::<gearmesh_auth::RemoteJwks>();
+    send_sync::<KeySet>();
+    let (_, verifier) = issuer_and_verifier(Algorithm::HS256, VerifierConfig::default());
+    // Handlers in axum need Send futures.
+    send(&verifier.verify_with_refresh("a.b.c"));
+    let remote = gearmesh_auth::RemoteJwks::new("https://idp.example/jwks", Default::default()).expect("remote");
+    send(&remote.refresh());
+    send(&remote.run(std::future::pending::<()>()));
+}
