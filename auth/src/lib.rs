@@ -80,5 +80,5 @@ pub use node_token::NodeToken;
 pub use policy::{GearPolicy, InvalidScope};
 pub use remote::{JwksError, RemoteJwks, RemoteJwksConfig, RemoteJwksStats};
 pub use scope::{NamePattern, Permission, Scope, Scopes};
-pub use setup::{Auth, AuthConfig, SetupError};
+pub use setup::{Auth, AuthConfig, LOCAL_ISSUER, SetupError};
 pub use verify::{DEFAULT_MAX_TOKEN_LEN, Verifier, VerifierConfig, unix_now};

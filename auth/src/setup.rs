@@ -23,6 +23,10 @@ use crate::{
     NodeToken, RemoteJwks, RemoteJwksConfig, Verifier, VerifierConfig, load_key_file,
 };
 
+/// The `iss` of tokens a node signs with its own key (link tokens, `gearmesh token issue`).
+/// When `issuers` are configured and the node has a signing key, this issuer is accepted too.
+pub const LOCAL_ISSUER: &str = "gearmesh";
+
 /// The `[auth]` section of the node's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,7 +138,7 @@ impl Auth {
             let loaded = load_key_file(path, config.key_alg).map_err(|e| key_err(&path.display(), e))?;
             keys.insert(loaded.verify_key().clone());
             if let (LoadedKey::Signing(key), None) = (&loaded, &issuer) {
-                issuer = Some(Issuer::new(key.clone()));
+                issuer = Some(Issuer::new(key.clone()).with_issuer(LOCAL_ISSUER));
             }
         }
         let extra_roots_pem = match &config.jwks_ca {
@@ -160,9 +164,15 @@ impl Auth {
             Some(path) => Some(NodeToken::from_file(path).map_err(|e| key_err(&path.display(), e))?),
             None => None,
         };
+        // The node's own tokens carry `iss: gearmesh`; when issuers are checked (for an identity
+        // provider), the node's own must still pass.
+        let mut issuers = config.issuers.clone();
+        if issuer.is_some() && !issuers.is_empty() && !issuers.iter().any(|i| i == LOCAL_ISSUER) {
+            issuers.push(LOCAL_ISSUER.to_owned());
+        }
         let verifier_config = VerifierConfig {
             leeway: Duration::from_secs(config.leeway_secs),
-            issuers: config.issuers.clone(),
+            issuers,
             audience: config.audience.clone(),
             max_token_len: config.max_token_len,
         };
@@ -269,6 +279,13 @@ mod tests {
         let token = auth.link_token("n1", Duration::from_secs(60)).expect("link token");
         auth.verifier.verify_mesh_link(&token, "mesh-a").expect("valid link token");
         assert!(auth.gears.scopes_for("orders").allows(&Permission::call("billing", "charge")));
+
+        // With an identity provider's issuer configured, the node's own link tokens still pass.
+        let with_idp = AuthConfig { issuers: vec!["https://idp.example".into()], ..config.clone() };
+        let auth = Auth::load(&with_idp).expect("load");
+        let token = auth.link_token("n1", Duration::from_secs(60)).expect("link token");
+        let id = auth.verifier.verify_mesh_link(&token, "mesh-a").expect("own token passes the iss check");
+        assert_eq!(id.issuer(), Some(LOCAL_ISSUER));
 
         assert_eq!(Auth::load(&AuthConfig::default()).map(|_| ()), Err(SetupError::NoKeySource));
         let bad: Result<AuthConfig, _> = serde_json::from_value(serde_json::json!({"kyes": []}));
