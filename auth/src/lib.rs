@@ -28,7 +28,8 @@
 //!   `GearPolicy::principal(gear)` with `auth.gears.scopes_for(gear)`.
 //! - `/.well-known/jwks.json`: `auth.jwks_document()` (404 when `None`).
 //! - CLI: `keygen(alg)` writes `GeneratedKey::contents`; `token issue` is
-//!   `load_key_file` + `Scopes::parse_strict` + [`Issuer::issue`].
+//!   `load_key_file` + `Scopes::parse_strict` + `parse_ttl` +
+//!   `Issuer::new(key).with_issuer(LOCAL_ISSUER).issue(..)`.
 //!
 //! ```
 //! use std::time::Duration;
