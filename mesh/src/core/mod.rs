@@ -37,7 +37,7 @@ pub use types::{
 pub use wire::{DecodeError, WIRE_VERSION};
 
 /// Shortest gap between two urgent route recomputations (a burst of deaths reroutes once).
-const URGENT_ROUTE_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+const URGENT_ROUTE_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The error of [`Core::set_local`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
