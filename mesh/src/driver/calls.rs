@@ -23,7 +23,7 @@ use crate::core::NodeId;
 
 /// One outgoing call waiting for its reply.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     dst: NodeId,
     tx: oneshot::Sender<Result<Payload, CallError>>,
 }

@@ -42,8 +42,6 @@ use crate::core::{
     Action, Config as CoreConfig, Core, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId, NodeState, Time,
 };
 
-pub use calls::Pending;
-
 /// Driver settings around the core's own [`CoreConfig`].
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -381,10 +379,10 @@ impl Inner {
             (t, a, e)
         };
         for (peer, payload) in transmits {
-            if let Some(tx) = self.sender(peer) {
-                if let Err(e) = tx.try_send(&Frame::Gossip { payload }) {
-                    tracing::debug!(%peer, error = %e, "gossip dropped");
-                }
+            if let Some(tx) = self.sender(peer)
+                && let Err(e) = tx.try_send(&Frame::Gossip { payload })
+            {
+                tracing::debug!(%peer, error = %e, "gossip dropped");
             }
         }
         for action in actions {
@@ -399,7 +397,6 @@ impl Inner {
                         });
                     }
                 }
-                _ => tracing::debug!(?action, "unhandled core action"),
             }
         }
         for event in events {
