@@ -36,6 +36,8 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/events/{topic}", post(publish))
         .route("/v1/node", get(node_info))
         .route("/v1/gears", get(gears))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/routes", get(routes))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -179,7 +181,8 @@ async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": s.started.elapsed().as_secs_f64(),
         "started_at_unix": started_unix,
-        "addresses": [format!("http://{}", s.local_addr)],
+        "addresses": [format!("{}://{}", s.scheme, s.local_addr)],
+        "links": s.link_addrs,
         "gears": s.host.gears().iter().map(|g| g.name.to_string()).collect::<Vec<_>>(),
         "calls_in_flight": s.host.in_flight(),
         "insecure_dev": s.config.insecure_dev,
@@ -188,6 +191,24 @@ async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {
 
 async fn gears(State(s): State<Shared>) -> Json<serde_json::Value> {
     Json(json!({ "node": s.id, "gears": s.host.gears() }))
+}
+
+/// Every node this one knows: state, addresses, gears, topics, links, and the route to it.
+async fn nodes(State(s): State<Shared>) -> Json<gearmesh_mesh::MeshView> {
+    Json(s.mesh.view())
+}
+
+/// This node's routing table: for each other node that is up, the linked peer to send through
+/// and the number of links on the path.
+async fn routes(State(s): State<Shared>) -> Json<serde_json::Value> {
+    let view = s.mesh.view();
+    let routes: Vec<_> = view
+        .nodes
+        .iter()
+        .filter(|n| n.id != view.me)
+        .filter_map(|n| n.route.as_ref().map(|r| json!({ "node": n.id, "next_hop": r.next_hop, "hops": r.hops })))
+        .collect();
+    Json(json!({ "node": view.me, "routes": routes }))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

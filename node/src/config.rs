@@ -4,7 +4,12 @@
 //! the CLI, one per flag), the `--config` TOML file, then the defaults below. Every flag has a key
 //! here; unknown keys are errors, so a typo never silently falls back to a default.
 
-use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +44,10 @@ pub struct NodeConfig {
     pub http: HttpConfig,
     /// Call deadlines and queues.
     pub calls: CallsConfig,
+    /// TLS for the listening port and for links to other nodes.
+    pub tls: TlsConfig,
+    /// Mesh links and membership.
+    pub mesh: MeshLinksConfig,
 }
 
 impl Default for NodeConfig {
@@ -52,7 +61,66 @@ impl Default for NodeConfig {
             insecure_dev: false,
             http: HttpConfig::default(),
             calls: CallsConfig::default(),
+            tls: TlsConfig::default(),
+            mesh: MeshLinksConfig::default(),
         }
+    }
+}
+
+/// Where the node's certificate comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// A certificate issued at start by the development CA kept in `tls.data_dir` (created on
+    /// first use); nodes sharing that directory trust each other. The default.
+    #[default]
+    Dev,
+    /// The PEM certificate chain and key in `tls.cert` and `tls.key`.
+    Pem,
+    /// No TLS at all: plain `http://` and `ws://` links. Only with `insecure_dev`.
+    Off,
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Where the certificate comes from.
+    pub mode: TlsMode,
+    /// The certificate chain (PEM), for `mode = "pem"`.
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM), for `mode = "pem"`.
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted when dialing other nodes, besides the development CA in
+    /// `dev` mode; in `pem` mode without it, the public web PKI is trusted.
+    pub ca: Option<PathBuf>,
+    /// The directory of the development CA (default `$XDG_DATA_HOME/gearmesh`, else
+    /// `~/.local/share/gearmesh`).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { mode: TlsMode::Dev, cert: None, key: None, ca: None, data_dir: None }
+    }
+}
+
+/// Mesh link settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshLinksConfig {
+    /// The host name or address other nodes dial this node at (default: the listening address,
+    /// or `localhost` when that is unspecified).
+    pub advertise_host: Option<String>,
+    /// Also accept and dial QUIC links on the same port number over UDP (needs TLS).
+    pub quic: bool,
+    /// Links (incoming, handshaking or established) accepted at once; more are refused.
+    pub max_links: usize,
+}
+
+impl Default for MeshLinksConfig {
+    fn default() -> Self {
+        Self { advertise_host: None, quic: true, max_links: 1024 }
     }
 }
 
@@ -171,6 +239,16 @@ impl NodeConfig {
         positive("calls.max_timeout_ms", self.calls.max_timeout_ms)?;
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("http.max_connections", self.http.max_connections as u64)?;
+        positive("mesh.max_links", self.mesh.max_links as u64)?;
+        if self.tls.mode == TlsMode::Off && !self.insecure_dev {
+            return Err(ConfigError::Invalid {
+                key: "tls.mode",
+                reason: "\"off\" (plaintext) is allowed only together with insecure_dev".into(),
+            });
+        }
+        if self.tls.mode == TlsMode::Pem && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return Err(ConfigError::Invalid { key: "tls.cert", reason: "\"pem\" mode needs tls.cert and tls.key".into() });
+        }
         if self.calls.default_timeout_ms > self.calls.max_timeout_ms {
             return Err(ConfigError::Invalid {
                 key: "calls.default_timeout_ms",

@@ -23,10 +23,12 @@
 mod api;
 pub mod builtin;
 mod config;
+mod links;
 mod node;
 mod server;
 
-pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, NodeConfig};
+pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode};
+pub use links::{DEV_CA_CERT_FILE, LinksError};
 pub use gearmesh_gears as gears;
 pub use node::{BuildError, Node, NodeBuilder, RunningNode, StartError};
 

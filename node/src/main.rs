@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use gearmesh::{LogFormat, Node, NodeConfig, RunningNode};
+use gearmesh::{LogFormat, Node, NodeConfig, RunningNode, TlsMode};
 
 #[derive(Debug, Parser)]
 #[command(name = "gearmesh", version, about = "An in-process service mesh: gears, ports, one node per process")]
@@ -19,7 +19,8 @@ enum Command {
     Start(StartArgs),
     /// Call a port: `gearmesh call echo/echo '{"hi":1}'`.
     Call(CallArgs),
-    /// Run a local demo node with every built-in gear, and print how to try it.
+    /// Run a local demo mesh of three nodes with the built-in gears spread over them, and print
+    /// how to try it.
     Demo(DemoArgs),
 }
 
@@ -48,6 +49,29 @@ struct StartArgs {
     /// Run without authentication: development only, never exposed to a network.
     #[arg(long, env = "GEARMESH_INSECURE_DEV")]
     insecure_dev: bool,
+    /// Where the node's certificate comes from: `dev` (issued by the development CA in the data
+    /// directory), `pem` (--tls-cert and --tls-key), or `off` (plaintext; only with --insecure-dev)
+    /// [default: dev].
+    #[arg(long, env = "GEARMESH_TLS", value_enum)]
+    tls: Option<TlsArg>,
+    /// The certificate chain (PEM) for `--tls pem`.
+    #[arg(long, env = "GEARMESH_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for `--tls pem`.
+    #[arg(long, env = "GEARMESH_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted when dialing other nodes.
+    #[arg(long, env = "GEARMESH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The directory of the development CA [default: ~/.local/share/gearmesh].
+    #[arg(long, env = "GEARMESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The host name other nodes dial this node at [default: the listening address].
+    #[arg(long, env = "GEARMESH_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Do not accept or dial QUIC links (WebSocket links only).
+    #[arg(long, env = "GEARMESH_NO_QUIC")]
+    no_quic: bool,
     /// Largest request body, in bytes [default: 1048576].
     #[arg(long, env = "GEARMESH_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -57,6 +81,13 @@ struct StartArgs {
     /// How long shutdown waits for requests in flight, in milliseconds [default: 10000].
     #[arg(long, env = "GEARMESH_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TlsArg {
+    Dev,
+    Pem,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -72,8 +103,14 @@ struct CallArgs {
     /// The JSON input [default: null].
     json: Option<String>,
     /// The node to call.
-    #[arg(long, env = "GEARMESH_NODE", default_value = "http://127.0.0.1:7070")]
+    #[arg(long, env = "GEARMESH_NODE", default_value = "https://127.0.0.1:7070")]
     node: String,
+    /// A CA certificate (PEM) to trust besides the public web PKI and the development CA.
+    #[arg(long, env = "GEARMESH_CACERT")]
+    cacert: Option<PathBuf>,
+    /// The directory of the development CA, which is trusted when present.
+    #[arg(long, env = "GEARMESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// The call's timeout, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
@@ -81,9 +118,12 @@ struct CallArgs {
 
 #[derive(Debug, Args)]
 struct DemoArgs {
-    /// Address to listen on.
+    /// Address of the first node (the others take free ports on the same interface).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// The directory of the development CA.
+    #[arg(long, env = "GEARMESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 impl StartArgs {
@@ -112,6 +152,31 @@ impl StartArgs {
             };
         }
         c.insecure_dev |= self.insecure_dev;
+        if let Some(v) = self.tls {
+            c.tls.mode = match v {
+                TlsArg::Dev => TlsMode::Dev,
+                TlsArg::Pem => TlsMode::Pem,
+                TlsArg::Off => TlsMode::Off,
+            };
+        }
+        if self.tls_cert.is_some() {
+            c.tls.cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            c.tls.key = self.tls_key;
+        }
+        if self.tls_ca.is_some() {
+            c.tls.ca = self.tls_ca;
+        }
+        if self.data_dir.is_some() {
+            c.tls.data_dir = self.data_dir;
+        }
+        if self.advertise_host.is_some() {
+            c.mesh.advertise_host = self.advertise_host;
+        }
+        if self.no_quic {
+            c.mesh.quic = false;
+        }
         if let Some(v) = self.max_body_bytes {
             c.http.max_body_bytes = v;
         }
@@ -174,43 +239,102 @@ async fn run_until_signal(node: RunningNode) {
 async fn start(args: StartArgs) -> Result<()> {
     let config = args.into_config()?;
     init_logs(config.log_format);
-    if !config.seeds.is_empty() {
-        tracing::warn!(seeds = ?config.seeds, "--seed is accepted but this build has no mesh yet; running standalone");
-    }
     let node = Node::builder().config(config).build()?.start().await?;
-    println!("gearmesh node {} listening on http://{}", node.name(), node.local_addr());
+    println!("gearmesh node {} listening on {} (mesh links: {})", node.name(), node.url(), node.link_addrs().join(" "));
+    if let Some(ca) = node.dev_ca_cert() {
+        println!("development CA certificate: {}", ca.display());
+    }
     run_until_signal(node).await;
     Ok(())
 }
+
+/// The demo mesh: which built-in gears each node hosts. `orders` lives alone on the third node,
+/// so placing an order calls `users`, `products` and `billing` across the mesh.
+const DEMO_NODES: [(&str, &[&str]); 3] =
+    [("demo-1", &["echo", "kv", "users", "products"]), ("demo-2", &["billing", "audit"]), ("demo-3", &["orders"])];
 
 async fn demo(args: DemoArgs) -> Result<()> {
     init_logs(LogFormat::Pretty);
-    let config = NodeConfig {
-        name: Some("demo-1".into()),
-        listen: args.listen,
-        gears: vec!["all".into()],
-        insecure_dev: true,
-        ..NodeConfig::default()
-    };
-    let node = Node::builder().config(config).build()?.start().await?;
-    let url = format!("http://{}", node.local_addr());
-    println!("gearmesh demo: one node ({}) hosting every built-in gear", node.name());
-    println!("  node:    {url}/v1/node");
-    println!("  gears:   {url}/v1/gears");
+    let mut nodes: Vec<RunningNode> = Vec::new();
+    for (i, (name, gears)) in DEMO_NODES.iter().enumerate() {
+        let mut config = NodeConfig {
+            name: Some((*name).into()),
+            listen: if i == 0 { args.listen } else { SocketAddr::new(args.listen.ip(), 0) },
+            gears: gears.iter().map(|g| (*g).to_owned()).collect(),
+            insecure_dev: true,
+            ..NodeConfig::default()
+        };
+        config.tls.data_dir.clone_from(&args.data_dir);
+        // Each node joins through the previous one; the mesh links the rest up by itself.
+        if let Some(prev) = nodes.last() {
+            config.seeds = prev.link_addrs().iter().take(1).cloned().collect();
+        }
+        nodes.push(Node::builder().config(config).build()?.start().await?);
+    }
+    // Wait (briefly) until the first node sees every gear, so the printed commands work at once.
+    let first = &nodes[0];
+    let wanted = DEMO_NODES.iter().flat_map(|(_, g)| g.iter()).count();
+    for _ in 0..100 {
+        let seen = first.mesh().view().nodes.iter().flat_map(|n| n.gears.iter().map(|g| g.name.clone())).count();
+        if seen >= wanted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = first.url();
+    let ca = first.dev_ca_cert().map(|p| format!(" --cacert {}", p.display())).unwrap_or_default();
+    println!("gearmesh demo: a mesh of {} nodes listening on {url}", nodes.len());
+    for (node, (_, gears)) in nodes.iter().zip(DEMO_NODES) {
+        println!("  {:<7} {}  gears: {}", node.name(), node.url(), gears.join(", "));
+    }
+    println!("  mesh:    {url}/v1/nodes   routes: {url}/v1/routes");
     println!("  metrics: {url}/metrics");
-    println!("try:");
+    println!("try (orders runs on demo-3 and calls users, products and billing on the other nodes):");
     println!(
-        "  curl -s -X POST {url}/v1/call/orders/place -H 'content-type: application/json' \
+        "  curl -s{ca} -X POST {url}/v1/call/orders/place -H 'content-type: application/json' \\
          -d '{{\"user_id\":\"alice\",\"product_id\":\"widget\",\"qty\":2}}'"
     );
-    println!("  curl -s -X POST {url}/v1/call/audit/recent");
+    println!("  curl -s{ca} -X POST {url}/v1/call/audit/recent");
     println!("  cargo run --release -- call echo/echo '{{\"hello\":\"mesh\"}}' --node {url}");
     println!("Ctrl-C stops the demo. (Running without authentication: development only.)");
-    run_until_signal(node).await;
+    let token = first.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+    });
+    let first_token = nodes[0].shutdown_token();
+    first_token.cancelled().await;
+    for node in nodes.into_iter().rev() {
+        node.shutdown().await;
+    }
     Ok(())
 }
 
+/// An HTTP client trusting the web PKI, the development CA (when the data directory has one) and
+/// `cacert`.
+fn http_client(args: &CallArgs) -> Result<reqwest::Client> {
+    let mut cas = Vec::new();
+    let dev_dir = args.data_dir.clone().or_else(gearmesh_transport::tls::DevCa::default_dir);
+    if let Some(dir) = dev_dir {
+        let crt = dir.join(gearmesh::DEV_CA_CERT_FILE);
+        if crt.exists() {
+            cas.extend(gearmesh_transport::tls::load_certs(&crt)?);
+        }
+    }
+    if let Some(path) = &args.cacert {
+        cas.extend(gearmesh_transport::tls::load_certs(path)?);
+    }
+    let trust = gearmesh_transport::tls::ClientTrust::WebpkiRootsAnd(cas);
+    let tls = gearmesh_transport::tls::ClientTls::new(&trust)?.wss_config();
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(330))
+        .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+        .build()?)
+}
+
 async fn call(args: CallArgs) -> Result<ExitCode> {
+    let client = http_client(&args)?;
     let Some((gear, port)) = args.target.split_once('/') else {
         bail!("the target must be GEAR/PORT, e.g. echo/echo");
     };
@@ -220,7 +344,6 @@ async fn call(args: CallArgs) -> Result<ExitCode> {
     if let Some(ms) = args.timeout_ms {
         url.push_str(&format!("?timeout_ms={ms}"));
     }
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(330)).build()?;
     let resp = client
         .post(&url)
         .header("content-type", "application/json")

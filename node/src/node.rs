@@ -6,8 +6,9 @@
 
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     sync::{
-        Arc, Weak,
+        Arc, OnceLock, Weak,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime},
@@ -17,11 +18,18 @@ use gearmesh_gears::{
     BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish,
     host::{Host, HostConfig, Start},
 };
+use gearmesh_mesh::Mesh;
+use gearmesh_transport::{NodeId, quic::QuicEndpoint};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{NodeConfig, builtin, config::ConfigError, server};
+use crate::{
+    NodeConfig, builtin,
+    config::ConfigError,
+    links::{self, LinksError},
+    server,
+};
 
 /// Building a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +67,9 @@ pub enum StartError {
     /// A gear could not be hosted.
     #[error(transparent)]
     Gear(#[from] GearError),
+    /// TLS or the mesh could not be set up.
+    #[error(transparent)]
+    Links(#[from] LinksError),
 }
 
 /// Collects a node's configuration and gears.
@@ -136,24 +147,36 @@ pub struct Node {
     gears: Vec<Gear>,
 }
 
-/// Routes calls: to a gear hosted here, else (once the mesh is wired in) across the mesh.
+/// Routes calls: to a gear hosted here (in-process, no serialization between typed gears), else
+/// across the mesh to a node hosting it.
 pub(crate) struct Router {
     host: Arc<Host>,
+    /// Set once at start, right after the mesh driver exists (it needs the host first).
+    mesh: OnceLock<Mesh>,
 }
 
 impl Dispatch for Router {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
         match self.host.start(call) {
             Start::Running(fut) => fut,
-            Start::NotHosted(call) => {
-                let e = CallError::not_found(format!("no gear named {:?} in the mesh", call.gear));
-                Box::pin(std::future::ready(Err(e)))
-            }
+            Start::NotHosted(call) => match self.mesh.get() {
+                Some(mesh) => Box::pin(mesh.call(call)),
+                None => {
+                    let e = CallError::not_found(format!("no gear named {:?} in the mesh", call.gear));
+                    Box::pin(std::future::ready(Err(e)))
+                }
+            },
         }
     }
 
+    /// Local listeners get the event through their queues; every other node with a listener for
+    /// the topic gets one copy over the mesh (nodes without one get nothing).
     fn publish(&self, publish: Publish) -> Result<(), CallError> {
-        self.host.publish_local(&publish).map(|_| ())
+        self.host.publish_local(&publish)?;
+        if let Some(mesh) = self.mesh.get() {
+            mesh.publish(&publish);
+        }
+        Ok(())
     }
 }
 
@@ -169,16 +192,19 @@ pub(crate) struct NodeShared {
     pub(crate) started_at: SystemTime,
     pub(crate) local_addr: SocketAddr,
     pub(crate) draining: AtomicBool,
+    pub(crate) mesh: Mesh,
+    /// `https` or `http`.
+    pub(crate) scheme: &'static str,
+    /// The URLs other nodes dial this one at.
+    pub(crate) link_addrs: Vec<String>,
+    /// The development CA's certificate file, in TLS `dev` mode.
+    pub(crate) dev_ca_cert: Option<PathBuf>,
 }
 
 impl NodeShared {
     pub(crate) fn dispatch(&self) -> Arc<dyn Dispatch> {
         self.router.clone()
     }
-}
-
-fn random_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }
 
 impl Node {
@@ -209,7 +235,7 @@ impl Node {
             ..HostConfig::default()
         };
         let host = Host::new(host_config, Some(recorder));
-        let router = Arc::new(Router { host: host.clone() });
+        let router = Arc::new(Router { host: host.clone(), mesh: OnceLock::new() });
         let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
         host.set_front(front);
         for g in gears {
@@ -221,8 +247,17 @@ impl Node {
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let id = random_id();
+        let node_id = NodeId::random();
+        let id = node_id.to_string();
         let name = config.name.clone().unwrap_or_else(|| format!("node-{}", &id[..8]));
+        let tls = links::node_tls(&config, local_addr)?;
+        if tls.is_none() {
+            tracing::warn!("TLS IS OFF (insecure development mode): HTTP and mesh links are plaintext");
+        }
+        let parts = links::start_mesh(&config, node_id, local_addr, tls.as_ref(), host.clone())?;
+        if router.mesh.set(parts.mesh.clone()).is_err() {
+            tracing::error!("the mesh was wired twice; keeping the first");
+        }
         let shared = Arc::new(NodeShared {
             id,
             name,
@@ -234,12 +269,48 @@ impl Node {
             started_at: SystemTime::now(),
             local_addr,
             draining: AtomicBool::new(false),
+            mesh: parts.mesh,
+            scheme: if tls.is_some() { "https" } else { "http" },
+            link_addrs: parts.addrs,
+            dev_ca_cert: tls.as_ref().and_then(|t| t.dev_ca_cert.clone()),
         });
         let shutdown = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
-        let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown.clone()));
-        tracing::info!(node = %shared.name, id = %shared.id, addr = %local_addr, "node listening");
-        Ok(RunningNode { shared, shutdown, server, upkeep })
+        let app = crate::api::router(shared.clone()).merge(parts.link_router);
+        let server_tls = tls.map(|t| t.server);
+        let server = tokio::spawn(server::serve(listener, server_tls, app, shared.clone(), stop_accepting.clone()));
+        let lifecycle = tokio::spawn(lifecycle(shared.clone(), shutdown.clone(), stop_accepting, server, parts.quic));
+        tracing::info!(node = %shared.name, id = %shared.id, addr = %local_addr, links = ?shared.link_addrs, "node listening");
+        Ok(RunningNode { shared, shutdown, lifecycle, upkeep })
+    }
+}
+
+/// Waits for the shutdown token, then leaves gracefully: readiness turns 503 and the mesh hears
+/// of the leave first (so peers stop routing here), then the port stops accepting, HTTP requests
+/// and calls from other nodes finish (up to the drain timeout), and last the links close.
+async fn lifecycle(
+    shared: Arc<NodeShared>,
+    shutdown: CancellationToken,
+    stop_accepting: CancellationToken,
+    server: JoinHandle<()>,
+    quic: Option<QuicEndpoint>,
+) {
+    shutdown.cancelled().await;
+    shared.draining.store(true, Ordering::Relaxed);
+    shared.mesh.announce_leave().await;
+    stop_accepting.cancel();
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "server task failed");
+    }
+    let drain = shared.config.calls.drain_timeout();
+    let deadline = Instant::now() + drain;
+    while shared.host.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shared.mesh.stop().await;
+    if let Some(q) = quic {
+        q.close();
     }
 }
 
@@ -260,7 +331,7 @@ async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
 pub struct RunningNode {
     shared: Arc<NodeShared>,
     shutdown: CancellationToken,
-    server: JoinHandle<()>,
+    lifecycle: JoinHandle<()>,
     upkeep: JoinHandle<()>,
 }
 
@@ -315,11 +386,31 @@ impl RunningNode {
 
     /// Waits until the node has stopped (after [`RunningNode::shutdown_token`] was cancelled).
     pub async fn wait(self) {
-        if let Err(e) = self.server.await {
-            tracing::error!(error = %e, "server task failed");
+        if let Err(e) = self.lifecycle.await {
+            tracing::error!(error = %e, "shutdown task failed");
         }
         self.upkeep.abort();
         tracing::info!(node = %self.shared.name, "node stopped");
+    }
+
+    /// The mesh this node is part of.
+    pub fn mesh(&self) -> &Mesh {
+        &self.shared.mesh
+    }
+
+    /// The base URL of the node's HTTP API (`https://` unless TLS is off).
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.shared.scheme, self.shared.local_addr)
+    }
+
+    /// The URLs other nodes dial this one at (use one as another node's seed).
+    pub fn link_addrs(&self) -> &[String] {
+        &self.shared.link_addrs
+    }
+
+    /// The development CA's certificate (PEM file) clients should trust, in TLS `dev` mode.
+    pub fn dev_ca_cert(&self) -> Option<&std::path::Path> {
+        self.shared.dev_ca_cert.as_deref()
     }
 
     /// Whether a shutdown has started.

@@ -15,11 +15,24 @@ struct Proc {
     url: String,
 }
 
-/// Starts the binary with `args` and waits for its "listening on http://..." line.
+/// The development CA directory every process of these tests shares (under cargo's temporary
+/// directory for integration tests, so the user's own CA is never touched).
+fn data_dir() -> String {
+    format!("{}/gearmesh-data", env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// The base URL in a line like "listening on https://127.0.0.1:1234 (...)".
+fn url_in(line: &str) -> Option<String> {
+    let i = line.find("https://").or_else(|| line.find("http://"))?;
+    Some(line[i..].split(['/', ' ']).take(3).collect::<Vec<_>>().join("/"))
+}
+
+/// Starts the binary with `args` and waits for its "listening on https://..." line.
 async fn spawn(args: &[&str]) -> Proc {
     let mut child = Command::new(BIN)
         .args(args)
         .env("GEARMESH_LOG", "warn")
+        .env("GEARMESH_DATA_DIR", data_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -29,8 +42,7 @@ async fn spawn(args: &[&str]) -> Proc {
     let mut lines = BufReader::new(stdout).lines();
     let url = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("read") {
-            if let Some(i) = line.find("http://") {
-                let url: String = line[i..].split(['/', ' ']).take(3).collect::<Vec<_>>().join("/");
+            if let Some(url) = url_in(&line) {
                 return url;
             }
         }
@@ -44,7 +56,7 @@ async fn spawn(args: &[&str]) -> Proc {
 }
 
 async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::time::timeout(Duration::from_secs(60), Command::new(BIN).args(args).output())
+    let out = tokio::time::timeout(Duration::from_secs(60), Command::new(BIN).args(args).env("GEARMESH_DATA_DIR", data_dir()).output())
         .await
         .expect("finished in time")
         .expect("ran");
@@ -176,7 +188,7 @@ async fn bad_flags_and_configs_are_clear_errors() {
 async fn config_file_env_and_flags_apply_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("node.toml");
-    std::fs::write(&file, "name = \"from-file\"\ngears = [\"kv\"]\ninsecure_dev = true\nlisten = \"127.0.0.1:0\"\n")
+    std::fs::write(&file, "name = \"from-file\"\ngears = [\"kv\"]\ninsecure_dev = true\nlisten = \"127.0.0.1:0\"\n[tls]\nmode = \"off\"\n")
         .expect("write");
     // File only.
     let node = spawn(&["start", "--config", file.to_str().expect("utf8")]).await;
@@ -197,7 +209,7 @@ async fn config_file_env_and_flags_apply_in_order() {
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("in time").expect("read");
     let line = line.expect("a line");
     assert!(line.contains("from-flag"), "{line}");
-    let url = &line[line.find("http://").expect("url")..];
+    let url = &url_in(&line).expect("url");
     let info = reqwest_free_get(url, "/v1/node").await;
     assert!(info.contains("\"echo\"") && !info.contains("\"kv\""), "env GEARMESH_GEARS beat the file: {info}");
     drop(child);

@@ -8,14 +8,17 @@ use gearmesh::{
 };
 use serde_json::{Value, json};
 
-async fn start_with(config: NodeConfig, extra: Vec<Gear>) -> (RunningNode, String) {
+/// A node with TLS off: these tests are about the API's semantics (TLS is tested with the mesh).
+async fn start_with(mut config: NodeConfig, extra: Vec<Gear>) -> (RunningNode, String) {
     gearmesh::install_crypto_provider();
+    config.tls.mode = gearmesh::TlsMode::Off;
+    config.insecure_dev = true;
     let mut b = Node::builder().config(config).listen("127.0.0.1:0".parse().expect("addr")).insecure_dev(true);
     for g in extra {
         b = b.gear(g);
     }
     let node = b.build().expect("valid").start().await.expect("started");
-    let url = format!("http://{}", node.local_addr());
+    let url = node.url();
     (node, url)
 }
 

@@ -1,0 +1,223 @@
+//! The node's side of the mesh: its certificate, the TLS it serves and trusts, the link acceptor
+//! (WebSocket at `/v1/link` on the HTTP port, QUIC on the same port number over UDP), the dialer,
+//! and the mesh driver that ties them to the gear host.
+//!
+//! Choices, in the spirit of Linkerd and NATS:
+//! - TLS is on by default. In `dev` mode every node sharing the development CA directory gets a
+//!   certificate from that CA at start, and trusts it; nothing else is trusted. In `pem` mode the
+//!   operator's certificate is served and peers are verified against `tls.ca` (or the web PKI).
+//! - `tls.mode = "off"` (plaintext `http://` and `ws://`) requires `insecure_dev` and is logged
+//!   loudly.
+//! - A node advertises `wss://HOST:PORT` and, with QUIC on, `quic://HOST:PORT`; seeds may use
+//!   either.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use gearmesh_gears::host::Host;
+use gearmesh_mesh::{Mesh, MeshConfig};
+use gearmesh_transport::{
+    AcceptConfig, Acceptor, Dialer, Hello, LinkSetup, NodeId,
+    quic::QuicEndpoint,
+    tls::{CertResolver, ClientTls, ClientTrust, DevCa, NodeCert, TlsError, load_certs},
+};
+
+use crate::config::{NodeConfig, TlsMode};
+
+/// File name of the development CA's certificate alone (no key), written next to the CA so
+/// clients (`curl --cacert`, browsers) can trust it.
+pub const DEV_CA_CERT_FILE: &str = "dev-ca.crt";
+
+/// Setting up TLS or the mesh failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinksError {
+    /// No directory for the development CA (no `HOME`, no `XDG_DATA_HOME`, no `tls.data_dir`).
+    #[error("no directory for the development CA: set tls.data_dir (--data-dir, GEARMESH_DATA_DIR)")]
+    NoDataDir,
+    /// A certificate, key or CA could not be loaded or made.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The development CA's certificate could not be written for clients.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The QUIC endpoint could not be bound on the node's port number.
+    #[error("QUIC on {addr}: {reason}")]
+    Quic {
+        /// The UDP address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The TLS a node serves and trusts.
+pub(crate) struct NodeTls {
+    /// Serves the current certificate (swappable for renewals).
+    pub(crate) resolver: Arc<CertResolver>,
+    /// The HTTPS listener's config.
+    pub(crate) server: Arc<rustls::ServerConfig>,
+    /// What dialed peers must present.
+    pub(crate) client: ClientTls,
+    /// Where the development CA's certificate is, in `dev` mode.
+    pub(crate) dev_ca_cert: Option<PathBuf>,
+}
+
+/// The data directory of a config: `tls.data_dir`, else the platform default.
+pub(crate) fn data_dir(config: &NodeConfig) -> Option<PathBuf> {
+    config.tls.data_dir.clone().or_else(DevCa::default_dir)
+}
+
+/// Loads (or creates) the development CA and writes its certificate for clients.
+pub(crate) fn load_dev_ca(dir: &Path) -> Result<(DevCa, PathBuf), LinksError> {
+    let ca = DevCa::load_or_create(dir)?;
+    let crt = dir.join(DEV_CA_CERT_FILE);
+    let current = std::fs::read_to_string(&crt).ok();
+    if current.as_deref() != Some(ca.cert_pem()) {
+        // Written to a unique name first, then renamed: nodes starting at once never see half a file.
+        let tmp = dir.join(format!("{DEV_CA_CERT_FILE}.{:016x}.tmp", rand::random::<u64>()));
+        let write = std::fs::write(&tmp, ca.cert_pem()).and_then(|()| std::fs::rename(&tmp, &crt));
+        if let Err(source) = write {
+            // Best effort: a stray temporary file is harmless.
+            let _removed = std::fs::remove_file(&tmp);
+            return Err(LinksError::Write { path: crt, source });
+        }
+    }
+    Ok((ca, crt))
+}
+
+/// The names a node's development certificate covers.
+fn cert_names(config: &NodeConfig, local: SocketAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    if !local.ip().is_unspecified() {
+        names.push(local.ip().to_string());
+    }
+    if let Some(h) = &config.mesh.advertise_host {
+        names.push(h.clone());
+    }
+    if let Some(n) = &config.name {
+        names.push(n.clone());
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Builds the node's TLS, or `None` when TLS is off.
+pub(crate) fn node_tls(config: &NodeConfig, local: SocketAddr) -> Result<Option<NodeTls>, LinksError> {
+    let extra_ca = match &config.tls.ca {
+        Some(path) => load_certs(path)?,
+        None => Vec::new(),
+    };
+    let (cert, trust, dev_ca_cert) = match config.tls.mode {
+        TlsMode::Off => return Ok(None),
+        TlsMode::Dev => {
+            let dir = data_dir(config).ok_or(LinksError::NoDataDir)?;
+            let (ca, crt) = load_dev_ca(&dir)?;
+            let mut cas = vec![ca.cert_der()];
+            cas.extend(extra_ca);
+            (ca.issue(&cert_names(config, local))?, ClientTrust::Ca(cas), Some(crt))
+        }
+        TlsMode::Pem => {
+            let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+                return Err(TlsError::Config("pem mode needs tls.cert and tls.key".into()).into());
+            };
+            let trust =
+                if extra_ca.is_empty() { ClientTrust::WebpkiRoots } else { ClientTrust::WebpkiRootsAnd(extra_ca) };
+            (NodeCert::load_pem(cert, key)?, trust, None)
+        }
+    };
+    let resolver = CertResolver::from_cert(&cert)?;
+    let server = gearmesh_transport::tls::https_server_config(resolver.clone())?;
+    let client = ClientTls::new(&trust)?;
+    Ok(Some(NodeTls { resolver, server, client, dev_ca_cert }))
+}
+
+/// The host other nodes dial this one at.
+fn advertise_host(config: &NodeConfig, local: SocketAddr) -> String {
+    if let Some(h) = &config.mesh.advertise_host {
+        return h.clone();
+    }
+    match local.ip() {
+        ip if ip.is_unspecified() => "localhost".to_owned(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    }
+}
+
+/// The mesh side of a started node.
+pub(crate) struct MeshParts {
+    pub(crate) mesh: Mesh,
+    pub(crate) link_router: axum::Router,
+    pub(crate) quic: Option<QuicEndpoint>,
+    pub(crate) addrs: Vec<String>,
+}
+
+/// Creates the acceptor, the dialer, the QUIC endpoint, and starts the mesh driver.
+pub(crate) fn start_mesh(
+    config: &NodeConfig,
+    id: NodeId,
+    local: SocketAddr,
+    tls: Option<&NodeTls>,
+    host: Arc<Host>,
+) -> Result<MeshParts, LinksError> {
+    let host_name = advertise_host(config, local);
+    let port = local.port();
+    let quic_on = tls.is_some() && config.mesh.quic;
+    let mut addrs = vec![match tls {
+        Some(_) => format!("wss://{host_name}:{port}"),
+        None => format!("ws://{host_name}:{port}"),
+    }];
+    if quic_on {
+        addrs.push(format!("quic://{host_name}:{port}"));
+    }
+    // The incarnation orders restarts: a later start always has a larger one.
+    let incarnation =
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let hello = Hello {
+        version: u16::from(gearmesh_transport::frame::PROTOCOL_VERSION),
+        node_id: id,
+        incarnation,
+        token: Bytes::new(),
+        listen_addrs: addrs.clone(),
+        features: 0,
+    };
+    let setup = LinkSetup::new(hello);
+    let accept = AcceptConfig { max_links: config.mesh.max_links, ..AcceptConfig::default() };
+    let (acceptor, incoming) = Acceptor::new(setup.clone(), accept);
+    let (dialer, quic) = match tls {
+        Some(t) => {
+            let dialer = Dialer::new(setup, t.client.clone());
+            if quic_on {
+                let udp = SocketAddr::new(local.ip(), port);
+                let endpoint = QuicEndpoint::bind(udp, Some(t.resolver.clone()), Some(&t.client))
+                    .map_err(|e| LinksError::Quic { addr: udp, reason: e.to_string() })?;
+                tokio::spawn(endpoint.clone().serve(acceptor.clone()));
+                (dialer.with_quic(endpoint.clone()), Some(endpoint))
+            } else {
+                (dialer, None)
+            }
+        }
+        None => {
+            // A plain dialer still needs a TLS value; it is never used for ws:// links.
+            let client = ClientTls::new(&ClientTrust::Ca(Vec::new()))?;
+            (Dialer::new(setup, client).allow_plaintext_for_development(), None)
+        }
+    };
+    let mesh_config = MeshConfig {
+        default_timeout: std::time::Duration::from_millis(config.calls.default_timeout_ms),
+        ..MeshConfig::default()
+    };
+    let mesh = Mesh::start(id, addrs.clone(), mesh_config, host, dialer, incoming, config.seeds.clone());
+    Ok(MeshParts { mesh, link_router: acceptor.router(), quic, addrs })
+}
