@@ -226,7 +226,39 @@ async fn readyz(State(s): State<Shared>) -> Response {
 async fn metrics(State(s): State<Shared>) -> Response {
     let mut text = s.metrics.render();
     s.host.render_metrics(&mut text);
+    render_mesh_metrics(&mut text, &s.mesh);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The mesh's counters and gauges in the Prometheus text format.
+fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
+    use std::fmt::Write as _;
+    let st = mesh.stats();
+    let view = mesh.view();
+    let counters = [
+        ("gearmesh_mesh_calls_sent_total", "Calls sent to gears on other nodes.", st.calls_sent),
+        ("gearmesh_mesh_calls_received_total", "Calls from other nodes run here.", st.calls_received),
+        ("gearmesh_mesh_calls_refused_total", "Calls refused with overloaded by the mesh layer.", st.calls_refused),
+        ("gearmesh_mesh_events_sent_total", "Events sent to other nodes.", st.events_sent),
+        ("gearmesh_mesh_events_received_total", "Events from other nodes delivered here.", st.events_received),
+        ("gearmesh_mesh_frames_forwarded_total", "Routed frames switched on to another node.", st.frames_forwarded),
+        ("gearmesh_mesh_frames_dropped_total", "Frames dropped (no route, hop limit, full queue).", st.frames_dropped),
+    ];
+    for (name, help, v) in counters {
+        let _infallible = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
+    }
+    let me = view.nodes.iter().find(|n| n.id == view.me);
+    let links = me.map_or(0, |n| n.links.len());
+    let _infallible = write!(
+        out,
+        "# HELP gearmesh_mesh_links Direct links of this node.\n# TYPE gearmesh_mesh_links gauge\ngearmesh_mesh_links {links}\n"
+    );
+    let _infallible =
+        write!(out, "# HELP gearmesh_mesh_nodes Known nodes by state.\n# TYPE gearmesh_mesh_nodes gauge\n");
+    for state in ["alive", "suspect", "dead", "left"] {
+        let n = view.nodes.iter().filter(|x| x.state == state).count();
+        let _infallible = writeln!(out, "gearmesh_mesh_nodes{{state=\"{state}\"}} {n}");
+    }
 }
 
 async fn not_found(req: Request) -> ApiError {

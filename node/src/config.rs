@@ -114,13 +114,18 @@ pub struct MeshLinksConfig {
     pub advertise_host: Option<String>,
     /// Also accept and dial QUIC links on the same port number over UDP (needs TLS).
     pub quic: bool,
-    /// Links (incoming, handshaking or established) accepted at once; more are refused.
+    /// A node dials out until it has this many direct links (or links to every node when the
+    /// mesh is no bigger than `max_links + 1`); the rest are reached through others.
+    pub min_links: usize,
+    /// Most direct links kept after pruning; more are closed, and the mesh routes around them.
     pub max_links: usize,
+    /// Link connections (handshaking or established) accepted at once; more are refused.
+    pub max_connections: usize,
 }
 
 impl Default for MeshLinksConfig {
     fn default() -> Self {
-        Self { advertise_host: None, quic: true, max_links: 1024 }
+        Self { advertise_host: None, quic: true, min_links: 6, max_links: 8, max_connections: 1024 }
     }
 }
 
@@ -240,6 +245,14 @@ impl NodeConfig {
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("http.max_connections", self.http.max_connections as u64)?;
         positive("mesh.max_links", self.mesh.max_links as u64)?;
+        positive("mesh.min_links", self.mesh.min_links as u64)?;
+        positive("mesh.max_connections", self.mesh.max_connections as u64)?;
+        if self.mesh.min_links > self.mesh.max_links {
+            return Err(ConfigError::Invalid {
+                key: "mesh.min_links",
+                reason: format!("must not exceed mesh.max_links ({})", self.mesh.max_links),
+            });
+        }
         if self.tls.mode == TlsMode::Off && !self.insecure_dev {
             return Err(ConfigError::Invalid {
                 key: "tls.mode",
@@ -247,7 +260,10 @@ impl NodeConfig {
             });
         }
         if self.tls.mode == TlsMode::Pem && (self.tls.cert.is_none() || self.tls.key.is_none()) {
-            return Err(ConfigError::Invalid { key: "tls.cert", reason: "\"pem\" mode needs tls.cert and tls.key".into() });
+            return Err(ConfigError::Invalid {
+                key: "tls.cert",
+                reason: "\"pem\" mode needs tls.cert and tls.key".into(),
+            });
         }
         if self.calls.default_timeout_ms > self.calls.max_timeout_ms {
             return Err(ConfigError::Invalid {

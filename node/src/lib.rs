@@ -28,8 +28,8 @@ mod node;
 mod server;
 
 pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode};
-pub use links::{DEV_CA_CERT_FILE, LinksError};
 pub use gearmesh_gears as gears;
+pub use links::{DEV_CA_CERT_FILE, LinksError};
 pub use node::{BuildError, Node, NodeBuilder, RunningNode, StartError};
 
 /// Installs aws-lc-rs as the process's rustls crypto provider (the one provider of the whole

@@ -20,7 +20,7 @@ use std::{
 
 use bytes::Bytes;
 use gearmesh_gears::host::Host;
-use gearmesh_mesh::{Mesh, MeshConfig};
+use gearmesh_mesh::{Config as CoreConfig, Mesh, MeshConfig};
 use gearmesh_transport::{
     AcceptConfig, Acceptor, Dialer, Hello, LinkSetup, NodeId,
     quic::QuicEndpoint,
@@ -193,7 +193,7 @@ pub(crate) fn start_mesh(
         features: 0,
     };
     let setup = LinkSetup::new(hello);
-    let accept = AcceptConfig { max_links: config.mesh.max_links, ..AcceptConfig::default() };
+    let accept = AcceptConfig { max_links: config.mesh.max_connections, ..AcceptConfig::default() };
     let (acceptor, incoming) = Acceptor::new(setup.clone(), accept);
     let (dialer, quic) = match tls {
         Some(t) => {
@@ -214,7 +214,15 @@ pub(crate) fn start_mesh(
             (Dialer::new(setup, client).allow_plaintext_for_development(), None)
         }
     };
+    let core = CoreConfig {
+        incarnation,
+        min_links: config.mesh.min_links,
+        max_links: config.mesh.max_links,
+        hard_max_links: (config.mesh.max_links * 2).max(CoreConfig::default().hard_max_links),
+        ..CoreConfig::default()
+    };
     let mesh_config = MeshConfig {
+        core,
         default_timeout: std::time::Duration::from_millis(config.calls.default_timeout_ms),
         ..MeshConfig::default()
     };

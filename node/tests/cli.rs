@@ -56,10 +56,13 @@ async fn spawn(args: &[&str]) -> Proc {
 }
 
 async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::time::timeout(Duration::from_secs(60), Command::new(BIN).args(args).env("GEARMESH_DATA_DIR", data_dir()).output())
-        .await
-        .expect("finished in time")
-        .expect("ran");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(BIN).args(args).env("GEARMESH_DATA_DIR", data_dir()).output(),
+    )
+    .await
+    .expect("finished in time")
+    .expect("ran");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

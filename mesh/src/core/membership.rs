@@ -58,7 +58,10 @@ impl Core {
                 for g in &rec.gears {
                     self.push_event(MeshEvent::GearAdded { node: id, gear: g.clone() });
                 }
+                // A new node is reachable only once routes include it: do not make it wait for
+                // the route interval (bursts of joins coalesce by URGENT_ROUTE_GAP).
                 self.routes_dirty = true;
+                self.routes_urgent = true;
             }
             if rec.state == NodeState::Suspect {
                 self.suspicions.insert(id, now);
@@ -269,7 +272,7 @@ impl Core {
             self.links.remove(&peer);
             self.push_action(super::Action::Disconnect { peer, reason: DisconnectReason::Timeout });
             self.push_event(MeshEvent::LinkDown(peer));
-            self.links_changed(true);
+            self.links_changed();
             self.suspect(now, peer);
         }
     }

@@ -211,7 +211,9 @@ impl Core {
         let link = Link { known: FxHashMap::default(), since: now, last_heard: now, sent_this_tick: false };
         self.links.insert(peer, link);
         self.push_event(MeshEvent::LinkUp(peer));
-        self.links_changed(false);
+        // A new link of ours reroutes at once (coalesced by URGENT_ROUTE_GAP): until then the peer,
+        // though linked, has no route and calls to it would fail.
+        self.links_changed();
         if self.id < peer {
             self.send_summary(peer);
         }
@@ -224,7 +226,7 @@ impl Core {
             return;
         }
         self.push_event(MeshEvent::LinkDown(peer));
-        self.links_changed(true);
+        self.links_changed();
         if reason != LinkDownReason::Closed {
             self.suspect(now, peer);
         }
@@ -256,7 +258,7 @@ impl Core {
                 self.links.remove(&from);
                 self.cooldown.insert(from, now + self.config.prune_cooldown);
                 self.push_event(MeshEvent::LinkDown(from));
-                self.links_changed(true);
+                self.links_changed();
                 for r in referrals {
                     if self.referrals.len() >= 16 {
                         self.referrals.pop_front();
@@ -413,11 +415,11 @@ impl Core {
         }
     }
 
-    /// Our links changed; a lost link reroutes at once.
-    fn links_changed(&mut self, lost: bool) {
+    /// Our links changed (gained or lost): reroute at once rather than at the next route interval.
+    fn links_changed(&mut self) {
         self.own_dirty = true;
         self.routes_dirty = true;
-        self.routes_urgent |= lost;
+        self.routes_urgent = true;
     }
 }
 

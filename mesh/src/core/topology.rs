@@ -193,7 +193,7 @@ impl Core {
         self.links.remove(&peer);
         self.cooldown.insert(peer, now + self.config.prune_cooldown);
         self.push_event(MeshEvent::LinkDown(peer));
-        self.links_changed(true);
+        self.links_changed();
     }
 
     /// Breadth-first shortest paths from this node. An edge between two other nodes counts only if

@@ -18,7 +18,11 @@ use gearmesh_gears::{
 use gearmesh_transport::{BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError};
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
-use super::{Inner, Mesh, lock, to_core, to_link};
+use super::{Counters, Inner, Mesh, Replicas, lock, to_core, to_link};
+
+/// How long a call waits for a route to a node that hosts its gear but is not routable yet
+/// (it joined a moment ago); past it the call fails `unavailable`.
+const ROUTE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::core::NodeId;
 
 /// One outgoing call waiting for its reply.
@@ -155,16 +159,35 @@ impl Mesh {
     /// (or it goes away during the call), `timeout`, `overloaded`, or the callee's own error.
     pub async fn call(&self, call: GearCall<'_>) -> Result<Payload, CallError> {
         let inner = &self.inner;
-        let (replicas, known) = inner.replicas_of(call.gear);
-        let Some(dst) = replicas.iter().copied().min_by_key(|n| inner.calls.outstanding(*n)) else {
-            return Err(if known {
-                CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear))
-            } else {
-                CallError::not_found(format!("no gear named {:?} in the mesh", call.gear))
-            });
-        };
         let now = Instant::now();
         let deadline = call.meta.deadline.unwrap_or(now + inner.config.default_timeout);
+        // A node that just joined is known before routes reach it: wait for routes a little.
+        let route_wait = deadline.min(now + ROUTE_WAIT);
+        let dst = loop {
+            let routes_changed = inner.routes_changed.notified();
+            tokio::pin!(routes_changed);
+            routes_changed.as_mut().enable();
+            match inner.replicas_of(call.gear) {
+                Replicas::Routable(nodes) => {
+                    if let Some(dst) = nodes.iter().copied().min_by_key(|n| inner.calls.outstanding(*n)) {
+                        break dst;
+                    }
+                }
+                Replicas::NoRouteYet if Instant::now() < route_wait => {
+                    // Woken by the next route change, or give up at `route_wait`.
+                    let _ = tokio::time::timeout_at(route_wait, routes_changed).await;
+                    continue;
+                }
+                Replicas::NoRouteYet | Replicas::Down => {
+                    return Err(CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear)));
+                }
+                Replicas::Unknown => {
+                    return Err(CallError::not_found(format!("no gear named {:?} in the mesh", call.gear)));
+                }
+            }
+            return Err(CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear)));
+        };
+        let now = Instant::now();
         let remaining_ms = deadline.saturating_duration_since(now).as_millis();
         if remaining_ms == 0 {
             return Err(CallError::timeout("the deadline passed before the call was sent"));
@@ -187,6 +210,7 @@ impl Mesh {
         let Some(tx) = inner.route_to(dst) else {
             return Err(CallError::unavailable(format!("no route to node {dst}")));
         };
+        Counters::bump(&inner.counters.calls_sent);
         let outcome = tokio::time::timeout_at(deadline, async {
             tx.send(&frame)
                 .await
@@ -228,13 +252,19 @@ impl Mesh {
                 body_kind: kind,
                 body: body.clone(),
             });
+            let counters = &self.inner.counters;
             match self.inner.route_to(dst) {
-                Some(tx) => {
-                    if let Err(e) = tx.try_send(&frame) {
+                Some(tx) => match tx.try_send(&frame) {
+                    Ok(()) => Counters::bump(&counters.events_sent),
+                    Err(e) => {
+                        Counters::bump(&counters.frames_dropped);
                         tracing::debug!(node = %dst, error = %e, "event dropped");
                     }
+                },
+                None => {
+                    Counters::bump(&counters.frames_dropped);
+                    tracing::debug!(node = %dst, "no route for an event");
                 }
-                None => tracing::debug!(node = %dst, "no route for an event"),
             }
         }
     }
@@ -244,18 +274,26 @@ impl Inner {
     /// Sends a routed frame one hop further, or handles it here.
     fn forward(&self, route: &Route, frame: Frame) -> Result<(), TrySendError> {
         let dst = to_core(route.dst);
-        match self.route_to(dst) {
+        let result = match self.route_to(dst) {
             Some(tx) => tx.try_send(&frame),
             None => {
                 tracing::debug!(node = %dst, "no route; dropping a routed frame");
-                Ok(())
+                Counters::bump(&self.counters.frames_dropped);
+                return Ok(());
             }
-        }
+        };
+        let counter = if result.is_ok() { &self.counters.frames_forwarded } else { &self.counters.frames_dropped };
+        Counters::bump(counter);
+        result
     }
 
     fn hop(&self, route: &mut Route) -> bool {
         route.hops = route.hops.saturating_add(1);
-        route.hops <= self.config.max_hops
+        let ok = route.hops <= self.config.max_hops;
+        if !ok {
+            Counters::bump(&self.counters.frames_dropped);
+        }
+        ok
     }
 
     fn reply(&self, to: &Route, via: &LinkSender, call_id: u64, result: Result<Payload, CallError>) {
@@ -282,6 +320,7 @@ impl Inner {
                 let route = c.route;
                 let call_id = c.call_id;
                 if self.forward(&route, Frame::Call(c)).is_err() {
+                    Counters::bump(&self.counters.calls_refused);
                     let e = CallError::overloaded("a switch on the way is congested");
                     self.reply(&route, from, call_id, Err(e));
                 }
@@ -291,10 +330,12 @@ impl Inner {
         let src = to_core(c.route.src);
         let key = (src, c.call_id);
         if lock(&self.calls.inbound).len() >= self.config.max_inbound_calls {
+            Counters::bump(&self.counters.calls_refused);
             let e = CallError::overloaded("this node runs too many calls from other nodes");
             self.reply(&c.route, from, c.call_id, Err(e));
             return;
         }
+        Counters::bump(&self.counters.calls_received);
         let inner = self.clone();
         let from = from.clone();
         let route = c.route;
@@ -369,6 +410,7 @@ impl Inner {
             }
             return;
         }
+        Counters::bump(&self.counters.events_received);
         let event = match e.body_kind {
             BodyKind::Json => GearEvent::json(e.body),
             BodyKind::Bytes => GearEvent::bytes(e.body),

@@ -72,6 +72,56 @@ impl Default for MeshConfig {
     }
 }
 
+/// Counters of the traffic this node's mesh driver carried since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MeshStats {
+    /// Calls this node sent to gears on other nodes.
+    pub calls_sent: u64,
+    /// Calls from other nodes run here.
+    pub calls_received: u64,
+    /// Calls refused here with `overloaded` (too many inbound calls, or a congested switch).
+    pub calls_refused: u64,
+    /// Events sent to other nodes (one per interested node).
+    pub events_sent: u64,
+    /// Events from other nodes delivered to listeners here.
+    pub events_received: u64,
+    /// Routed frames (calls, replies, cancels, events) this node switched on to another node.
+    pub frames_forwarded: u64,
+    /// Frames dropped: no route, too many hops, or a full link queue.
+    pub frames_dropped: u64,
+}
+
+/// The live counters behind [`MeshStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) calls_sent: AtomicU64,
+    pub(crate) calls_received: AtomicU64,
+    pub(crate) calls_refused: AtomicU64,
+    pub(crate) events_sent: AtomicU64,
+    pub(crate) events_received: AtomicU64,
+    pub(crate) frames_forwarded: AtomicU64,
+    pub(crate) frames_dropped: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> MeshStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MeshStats {
+            calls_sent: get(&self.calls_sent),
+            calls_received: get(&self.calls_received),
+            calls_refused: get(&self.calls_refused),
+            events_sent: get(&self.events_sent),
+            events_received: get(&self.events_received),
+            frames_forwarded: get(&self.frames_forwarded),
+            frames_dropped: get(&self.frames_dropped),
+        }
+    }
+}
+
 /// The mesh as one node sees it (for `/v1/nodes` and observers).
 #[derive(Debug, Clone, Serialize)]
 pub struct MeshView {
@@ -137,10 +187,24 @@ pub(crate) fn to_link(id: NodeId) -> LinkNodeId {
     LinkNodeId(*id.as_bytes())
 }
 
+/// Where a gear runs, for a call.
+pub(crate) enum Replicas {
+    /// Nodes that are up, host the gear, and have a route.
+    Routable(Vec<NodeId>),
+    /// Nodes that are up and host the gear, but no route reaches them yet (they just joined).
+    NoRouteYet,
+    /// Only nodes that are down (suspect, dead, left) host the gear.
+    Down,
+    /// No node is known to host the gear.
+    Unknown,
+}
+
 /// An established link in the link table; `generation` tells a stale reader from the current one.
 struct LinkEntry {
     generation: u64,
     tx: LinkSender,
+    /// Whether this node dialed the link (else the peer did).
+    dialed_here: bool,
 }
 
 pub(crate) struct Inner {
@@ -154,6 +218,9 @@ pub(crate) struct Inner {
     link_generation: AtomicU64,
     dialing: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
+    pub(crate) counters: Counters,
+    /// Woken whenever routes change (calls waiting for a route to a joining node).
+    pub(crate) routes_changed: Notify,
     wake: Notify,
     events: broadcast::Sender<MeshEvent>,
     shutdown: CancellationToken,
@@ -197,6 +264,8 @@ impl Mesh {
         let inner = Arc::new(Inner {
             id: to_core(id),
             calls: calls::CallTable::default(),
+            counters: Counters::default(),
+            routes_changed: Notify::new(),
             config,
             core: Mutex::new(core),
             epoch,
@@ -247,6 +316,11 @@ impl Mesh {
     /// that falls more than `event_buffer` behind gets a `Lagged` error and skips ahead.
     pub fn subscribe(&self) -> broadcast::Receiver<MeshEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Traffic counters since start.
+    pub fn stats(&self) -> MeshStats {
+        self.inner.counters.snapshot()
     }
 
     /// Whether some node that is up (this one excluded) hosts `gear`.
@@ -349,11 +423,19 @@ impl Inner {
         links.get(&peer).map(|e| e.tx.clone())
     }
 
-    pub(crate) fn replicas_of(&self, gear: &str) -> (Vec<NodeId>, bool) {
+    /// Where `gear` runs, as far as this node can tell.
+    pub(crate) fn replicas_of(&self, gear: &str) -> Replicas {
         let core = self.core();
         let up: Vec<NodeId> = core.replicas_of(gear).into_iter().filter(|n| *n != self.id).collect();
-        let known = !up.is_empty() || core.nodes().any(|r| r.gears.iter().any(|g| g.name == gear));
-        (up, known)
+        let (routable, unroutable): (Vec<NodeId>, Vec<NodeId>) =
+            up.into_iter().partition(|n| core.next_hop(*n).is_some());
+        if !routable.is_empty() {
+            return Replicas::Routable(routable);
+        }
+        if !unroutable.is_empty() {
+            return Replicas::NoRouteYet;
+        }
+        if core.nodes().any(|r| r.gears.iter().any(|g| g.name == gear)) { Replicas::Down } else { Replicas::Unknown }
     }
 
     pub(crate) fn interested_in(&self, topic: &str) -> Vec<NodeId> {
@@ -407,6 +489,8 @@ impl Inner {
                 MeshEvent::RoutesChanged => {
                     let core = self.core();
                     self.calls.fail_unroutable(|dst| core.next_hop(dst).is_some());
+                    drop(core);
+                    self.routes_changed.notify_waiters();
                 }
                 _ => {}
             }
@@ -447,22 +531,55 @@ impl Inner {
             return;
         }
         let generation = self.link_generation.fetch_add(1, Ordering::Relaxed);
-        let old = self
-            .links
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(peer, LinkEntry { generation, tx: tx.clone() });
-        if let Some(old) = old {
-            tokio::spawn(async move {
-                old.tx.close(CloseCode::NORMAL, "replaced by a newer link").await;
-            });
-        }
+        let dialed_here = dialed.is_some();
+        // Two nodes dialing each other at once end up with two links. Both sides keep the same
+        // one (the link dialed by the node with the smaller id) and close the other; keeping "the
+        // newest" instead lets each side close the link the other kept, and both go down.
+        let preferred = |dialed_here: bool| dialed_here == (self.id < peer);
+        let kept_old = {
+            let mut links = self.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match links.get(&peer) {
+                Some(existing) if preferred(existing.dialed_here) && !preferred(dialed_here) => None,
+                _ => Some(links.insert(peer, LinkEntry { generation, tx: tx.clone(), dialed_here })),
+            }
+        };
         let now = self.now();
+        // For a duplicate this only tells the core that our dial (if it was ours) reached the peer.
         self.core().handle_link_up(now, peer, LinkInfo { addrs: peer_info.listen_addrs, dialed });
         self.flush();
-        tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
+        match kept_old {
+            None => {
+                tracing::debug!(%peer, "duplicate link; keeping the preferred one");
+                // Not in the table, so its reader's end is not a link loss.
+                self.retire(tx.clone());
+                tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
+            }
+            Some(old) => {
+                if let Some(old) = old {
+                    self.retire(old.tx);
+                }
+                tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
+            }
+        }
+    }
+
+    /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is
+    /// sent on it, but frames the peer sent before it switched over (calls, replies) are still
+    /// read and handled, so a duplicate link never swallows a call.
+    fn retire(&self, tx: LinkSender) {
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(RETIRE_LINGER) => {}
+                () = shutdown.cancelled() => {}
+            }
+            tx.close(CloseCode::NORMAL, "duplicate link").await;
+        });
     }
 }
+
+/// How long a link replaced by another to the same peer stays open for frames already on it.
+const RETIRE_LINGER: Duration = Duration::from_secs(2);
 
 /// Reads one link's frames until it closes.
 async fn read_link(inner: Arc<Inner>, peer: NodeId, generation: u64, tx: LinkSender, mut rx: LinkReceiver) {

@@ -1,0 +1,265 @@
+//! Several nodes in one process forming a real mesh over loopback: TLS from a development CA in a
+//! temporary directory, WebSocket and QUIC links, remote calls, events, switching, leaving.
+
+use std::{path::Path, time::Duration};
+
+use gearmesh::{
+    Node, NodeConfig, RunningNode,
+    gears::{Ctx, Gear, Principal},
+};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// Starts a node on port 0 with TLS from the development CA in `dir`.
+async fn node(dir: &Path, name: &str, gears: &[&str], extra: Vec<Gear>, seeds: Vec<String>) -> RunningNode {
+    node_with(dir, name, gears, extra, seeds, |_| {}).await
+}
+
+async fn node_with(
+    dir: &Path,
+    name: &str,
+    gears: &[&str],
+    extra: Vec<Gear>,
+    seeds: Vec<String>,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> RunningNode {
+    gearmesh::install_crypto_provider();
+    let mut config = NodeConfig {
+        name: Some(name.into()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        gears: gears.iter().map(|g| (*g).to_owned()).collect(),
+        seeds,
+        insecure_dev: true,
+        ..NodeConfig::default()
+    };
+    config.tls.data_dir = Some(dir.to_owned());
+    tweak(&mut config);
+    let mut b = Node::builder().config(config);
+    for g in extra {
+        b = b.gear(g);
+    }
+    b.build().expect("valid").start().await.expect("started")
+}
+
+/// The WebSocket link URL of a node (a seed for others).
+fn wss(n: &RunningNode) -> String {
+    n.link_addrs().iter().find(|a| a.starts_with("wss://") || a.starts_with("ws://")).expect("ws addr").clone()
+}
+
+/// Polls `f` every 20 ms until it holds, for at most `secs` seconds.
+async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `n` sees every gear in `gears` hosted by some alive node.
+fn sees(n: &RunningNode, gears: &[&str]) -> bool {
+    let view = n.mesh().view();
+    gears.iter().all(|g| view.nodes.iter().any(|x| x.state == "alive" && x.gears.iter().any(|ad| ad.name == *g)))
+}
+
+/// An HTTPS client trusting only the development CA of the test.
+fn client(node: &RunningNode) -> reqwest::Client {
+    let ca = node.dev_ca_cert().expect("dev mode writes the CA certificate");
+    let cas = gearmesh_transport::tls::load_certs(ca).expect("ca");
+    let tls = gearmesh_transport::tls::ClientTls::new(&gearmesh_transport::tls::ClientTrust::Ca(cas))
+        .expect("tls")
+        .wss_config();
+    reqwest::Client::builder().tls_backend_preconfigured(rustls::ClientConfig::clone(&tls)).build().expect("client")
+}
+
+async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let r = c.post(url).json(&body).send().await.expect("sent");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url).send().await.expect("sent").json().await.expect("json")
+}
+
+#[tokio::test]
+async fn a_port_call_crosses_the_mesh_and_events_reach_only_interested_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &["users", "products"], vec![], vec![]).await;
+    let b = node(dir.path(), "b", &["billing", "audit"], vec![], vec![wss(&a)]).await;
+    let c = node(dir.path(), "c", &["orders"], vec![], vec![wss(&b)]).await;
+    let all = ["users", "products", "billing", "audit", "orders"];
+    eventually("every node sees every gear", 15, || sees(&a, &all) && sees(&b, &all) && sees(&c, &all)).await;
+
+    // Placed through node a: orders runs on c, which calls users and products on a and billing on b.
+    let http = client(&a);
+    let (status, order) = post(
+        &http,
+        &format!("{}/v1/call/orders/place", a.url()),
+        json!({"user_id": "alice", "product_id": "widget", "qty": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{order}");
+    assert!(order["order_id"].is_string(), "{order}");
+    assert!(c.mesh().stats().calls_received >= 1, "orders ran on c");
+    assert!(c.mesh().stats().calls_sent >= 3, "c called users, products and billing remotely");
+
+    // A port's own error crosses the mesh with its code.
+    let (status, err) = post(
+        &http,
+        &format!("{}/v1/call/orders/place", a.url()),
+        json!({"user_id": "mallory", "product_id": "widget", "qty": 1}),
+    )
+    .await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["code"], "app");
+
+    // orders.placed (published on c) went to b, where audit listens, and to no other node;
+    // billing.charged is published on b itself and stays local.
+    let recent = |http: reqwest::Client, url: String| async move {
+        post(&http, &format!("{url}/v1/call/audit/recent"), Value::Null).await.1
+    };
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = recent(http.clone(), a.url()).await;
+        if seen.as_array().is_some_and(|v| v.iter().any(|e| e["topic"] == "orders.placed")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen.as_array().is_some_and(|v| v.iter().any(|e| e["topic"] == "orders.placed")), "{seen}");
+    assert_eq!(b.mesh().stats().events_received, 1, "b got orders.placed from c");
+    assert_eq!(c.mesh().stats().events_sent, 1, "c sent it to b only");
+    assert_eq!(a.mesh().stats().events_received, 0, "a has no listener: it gets no events");
+    assert_eq!(c.mesh().stats().events_received, 0, "c has no listener: it gets no events");
+
+    // The mesh as a node sees it.
+    let nodes = get(&http, &format!("{}/v1/nodes", a.url())).await;
+    assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3), "{nodes}");
+    // Routes converge (a route to a node is direct, or through the node linked to it).
+    let mut routes = Value::Null;
+    for _ in 0..250 {
+        routes = get(&http, &format!("{}/v1/routes", a.url())).await;
+        if routes["routes"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(routes["routes"].as_array().map(Vec::len), Some(2), "{routes} {nodes:#}");
+    let metrics = http.get(format!("{}/metrics", c.url())).send().await.expect("sent").text().await.expect("text");
+    assert!(metrics.contains("gearmesh_mesh_calls_sent_total"), "{metrics}");
+
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
+
+/// A gear per node that says where it ran.
+fn whoami(i: usize) -> Gear {
+    Gear::new(format!("g{i}")).port("who", move |_ctx: Ctx, _: Value| async move { Ok(format!("n{i}")) })
+}
+
+#[tokio::test]
+async fn nodes_not_linked_directly_reach_each_other_through_switches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // At most two links per node among four nodes: some pairs cannot be linked directly.
+    let limit = |c: &mut NodeConfig| {
+        c.mesh.min_links = 1;
+        c.mesh.max_links = 2;
+    };
+    let mut nodes: Vec<RunningNode> = Vec::new();
+    for i in 0..4 {
+        let seeds = nodes.last().map(|n| vec![wss(n)]).unwrap_or_default();
+        nodes.push(node_with(dir.path(), &format!("n{i}"), &[], vec![whoami(i)], seeds, limit).await);
+    }
+    let gears: Vec<String> = (0..4).map(|i| format!("g{i}")).collect();
+    let names: Vec<&str> = gears.iter().map(String::as_str).collect();
+    eventually("every node sees every gear", 20, || nodes.iter().all(|n| sees(n, &names))).await;
+    eventually("some route is two links long", 20, || {
+        nodes.iter().any(|n| n.mesh().view().nodes.iter().any(|x| x.route.as_ref().is_some_and(|r| r.hops >= 2)))
+    })
+    .await;
+
+    // Every node reaches every gear, whatever the path.
+    for n in &nodes {
+        let ctx = n.ctx(Principal::anonymous());
+        for (i, g) in gears.iter().enumerate() {
+            let who: String = ctx.call(g, "who", &Value::Null).await.expect("reached");
+            assert_eq!(who, format!("n{i}"));
+        }
+    }
+    let forwarded: u64 = nodes.iter().map(|n| n.mesh().stats().frames_forwarded).sum();
+    assert!(forwarded > 0, "some calls were switched through a middle node");
+    for n in nodes.into_iter().rev() {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_quic_seed_works_and_a_node_from_another_ca_is_kept_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &["echo"], vec![], vec![]).await;
+    let quic = a.link_addrs().iter().find(|s| s.starts_with("quic://")).expect("quic addr").clone();
+    let b = node(dir.path(), "b", &["kv"], vec![], vec![quic]).await;
+    eventually("b sees echo over QUIC", 15, || sees(&b, &["echo"])).await;
+    let got: Value = b.ctx(Principal::anonymous()).call("echo", "echo", &json!({"over": "quic"})).await.expect("call");
+    assert_eq!(got, json!({"over": "quic"}));
+
+    // A node whose certificates come from a different development CA cannot link: TLS fails both
+    // ways, so it never learns of the mesh's gears.
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let stranger = node(other_dir.path(), "stranger", &[], vec![], vec![wss(&a)]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!sees(&stranger, &["echo"]), "a node with an untrusted certificate joined");
+    assert_eq!(a.mesh().view().nodes.len(), 2, "the stranger is unknown to the mesh");
+    let err = stranger.ctx(Principal::anonymous()).call::<_, Value>("echo", "echo", &json!(1)).await.expect_err("out");
+    assert_eq!(err.code().as_str(), "not_found");
+    for n in [stranger, b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn plaintext_nodes_mesh_over_ws_only_in_insecure_dev_mode() {
+    let off = |c: &mut NodeConfig| c.tls.mode = gearmesh::TlsMode::Off;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node_with(dir.path(), "a", &["echo"], vec![], vec![], off).await;
+    assert!(a.url().starts_with("http://") && wss(&a).starts_with("ws://"));
+    let b = node_with(dir.path(), "b", &[], vec![], vec![wss(&a)], off).await;
+    eventually("b sees echo", 15, || sees(&b, &["echo"])).await;
+    let got: Value = b.ctx(Principal::anonymous()).call("echo", "echo", &json!("plain")).await.expect("call");
+    assert_eq!(got, json!("plain"));
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+    // Without insecure_dev, plaintext is refused at build time.
+    let mut config = NodeConfig::default();
+    config.tls.mode = gearmesh::TlsMode::Off;
+    let e = Node::builder().config(config).build().expect_err("refused");
+    assert!(e.to_string().contains("tls.mode"), "{e}");
+}
+
+#[tokio::test]
+async fn a_node_that_leaves_is_routed_around_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &[], vec![], vec![]).await;
+    let b = node(dir.path(), "b", &["echo"], vec![], vec![wss(&a)]).await;
+    let c = node(dir.path(), "c", &["echo"], vec![], vec![wss(&a)]).await;
+    eventually("a sees both echo replicas", 15, || {
+        a.mesh().view().nodes.iter().filter(|n| n.gears.iter().any(|g| g.name == "echo")).count() == 2
+    })
+    .await;
+    let ctx = a.ctx(Principal::anonymous());
+    for i in 0..20 {
+        let _: Value = ctx.call("echo", "echo", &json!(i)).await.expect("either replica");
+    }
+    let b_id = b.id().to_owned();
+    b.shutdown().await;
+    // The leave is announced before b stops, so a marks it left without waiting for a timeout.
+    eventually("a marks b left", 5, || a.mesh().view().nodes.iter().any(|n| n.id == b_id && n.state == "left")).await;
+    for i in 0..20 {
+        let _: Value = ctx.call("echo", "echo", &json!(i)).await.expect("the other replica answers");
+    }
+    for n in [c, a] {
+        n.shutdown().await;
+    }
+}
