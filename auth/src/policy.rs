@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Scope, Scopes};
 
@@ -34,8 +34,8 @@ impl Scopes {
 }
 
 /// The scopes each gear holds when it calls other gears (principal `gear:<name>`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "BTreeMap<String, Vec<String>>")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<String, Vec<String>>", into = "BTreeMap<String, Vec<String>>")]
 pub struct GearPolicy {
     gears: BTreeMap<String, Scopes>,
 }
@@ -53,6 +53,12 @@ impl TryFrom<BTreeMap<String, Vec<String>>> for GearPolicy {
             gears.insert(gear, parsed);
         }
         Ok(GearPolicy { gears })
+    }
+}
+
+impl From<GearPolicy> for BTreeMap<String, Vec<String>> {
+    fn from(policy: GearPolicy) -> Self {
+        policy.gears.into_iter().map(|(gear, scopes)| (gear, scopes.to_strings())).collect()
     }
 }
 
@@ -96,5 +102,8 @@ mod tests {
         let err = bad.expect_err("typo refused").to_string();
         assert!(err.contains("cal:billing") && err.contains("orders"), "{err}");
         assert_eq!(GearPolicy::principal("orders"), "gear:orders");
+        let round_trip: GearPolicy =
+            serde_json::from_value(serde_json::to_value(&policy).expect("serialize")).expect("deserialize");
+        assert_eq!(round_trip, policy);
     }
 }
