@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub http: HttpConfig,
     /// Call deadlines and queues.
     pub calls: CallsConfig,
+    /// Token authentication: key sources, audience, issuers, gear permissions (`[auth]`).
+    pub auth: gearmesh_auth::AuthConfig,
 }
 
 impl Default for NodeConfig {
@@ -52,6 +54,7 @@ impl Default for NodeConfig {
             insecure_dev: false,
             http: HttpConfig::default(),
             calls: CallsConfig::default(),
+            auth: gearmesh_auth::AuthConfig::default(),
         }
     }
 }

@@ -21,12 +21,14 @@
 //! ```
 
 mod api;
+mod authn;
 pub mod builtin;
 mod config;
 mod node;
 mod server;
 
 pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, NodeConfig};
+pub use gearmesh_auth as auth;
 pub use gearmesh_gears as gears;
 pub use node::{BuildError, Node, NodeBuilder, RunningNode, StartError};
 

@@ -21,7 +21,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{NodeConfig, builtin, config::ConfigError, server};
+use crate::{NodeConfig, authn, builtin, config::ConfigError, server};
 
 /// Building a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +38,15 @@ pub enum BuildError {
     UnknownBuiltin(String),
     /// No authentication is configured and insecure development mode was not asked for.
     #[error(
-        "refusing to start without authentication: this build has no token authentication yet, so a node \
-         runs only with --insecure-dev (GEARMESH_INSECURE_DEV=1, or insecure_dev = true), for local development"
+        "refusing to start without authentication: give a key with --auth-key FILE (make one with `gearmesh \
+         keygen --out FILE`) or an identity provider's keys with --auth-jwks FILE|URL (or [auth] keys/jwks in \
+         the config file, GEARMESH_AUTH_KEYS/GEARMESH_AUTH_JWKS); only for local development, run without \
+         authentication with --insecure-dev"
     )]
     NoAuth,
+    /// The authentication configuration could not be loaded (a key file, a JWKS).
+    #[error(transparent)]
+    Auth(#[from] gearmesh_auth::SetupError),
 }
 
 /// Starting a node failed.
@@ -97,6 +102,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Sets the authentication configuration (key sources, audience, gear permissions).
+    #[must_use]
+    pub fn auth(mut self, auth: gearmesh_auth::AuthConfig) -> Self {
+        self.config.auth = auth;
+        self
+    }
+
     /// Hosts a gear.
     #[must_use]
     pub fn gear(mut self, gear: Gear) -> Self {
@@ -109,11 +121,9 @@ impl NodeBuilder {
     /// # Errors
     /// Invalid configuration, an invalid gear, an unknown built-in gear, or no authentication.
     pub fn build(self) -> Result<Node, BuildError> {
-        let Self { config, mut gears } = self;
+        let Self { mut config, mut gears } = self;
         config.validate()?;
-        if !config.insecure_dev {
-            return Err(BuildError::NoAuth);
-        }
+        let auth = authn::load(&mut config)?;
         for name in builtin::expand(&config.gears).map_err(BuildError::UnknownBuiltin)? {
             gears.extend(builtin::by_name(name));
         }
@@ -125,7 +135,7 @@ impl NodeBuilder {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(GearError::DuplicateGear(w[0].to_owned()).into());
         }
-        Ok(Node { config, gears })
+        Ok(Node { config, gears, auth })
     }
 }
 
@@ -134,6 +144,7 @@ impl NodeBuilder {
 pub struct Node {
     config: NodeConfig,
     gears: Vec<Gear>,
+    auth: Option<gearmesh_auth::Auth>,
 }
 
 /// Routes calls: to a gear hosted here, else (once the mesh is wired in) across the mesh.
@@ -169,6 +180,8 @@ pub(crate) struct NodeShared {
     pub(crate) started_at: SystemTime,
     pub(crate) local_addr: SocketAddr,
     pub(crate) draining: AtomicBool,
+    /// Token authentication; `None` in insecure development mode (see `authn`).
+    pub(crate) auth: Option<gearmesh_auth::Auth>,
 }
 
 impl NodeShared {
@@ -192,7 +205,7 @@ impl Node {
     /// # Errors
     /// The port cannot be bound, or a gear cannot be hosted.
     pub async fn start(self) -> Result<RunningNode, StartError> {
-        let Self { config, gears } = self;
+        let Self { config, gears, auth } = self;
         if config.insecure_dev {
             tracing::warn!(
                 "INSECURE DEVELOPMENT MODE: no authentication; anyone who can reach {} can call every gear",
@@ -234,8 +247,10 @@ impl Node {
             started_at: SystemTime::now(),
             local_addr,
             draining: AtomicBool::new(false),
+            auth,
         });
         let shutdown = CancellationToken::new();
+        authn::start(shared.auth(), &shutdown).await;
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
         let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown.clone()));
         tracing::info!(node = %shared.name, id = %shared.id, addr = %local_addr, "node listening");
