@@ -17,8 +17,8 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use gearmesh_auth::{Auth, AuthError, AuthStatus, Permission, bearer_from_authorization, query_has_token};
-use gearmesh_gears::{CallError, ErrorCode, Principal};
+use gearmesh_auth::{Auth, AuthError, AuthStatus, Permission, Scopes, bearer_from_authorization, query_has_token};
+use gearmesh_gears::{Call, CallError, ErrorCode, Principal, PrincipalKind, Publish};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -78,6 +78,45 @@ impl NodeShared {
     pub(crate) fn auth(&self) -> Option<&Auth> {
         self.auth.as_ref()
     }
+}
+
+// === the check where a call runs ===
+
+/// Whether `call`'s caller may call its port on this node; `Ok` in insecure development mode.
+///
+/// This is the check at the node that runs the port, for every caller: a user or node with the
+/// scopes its token carried, a gear (`gear:<name>`) with the scopes `[auth.gears]` grants it here
+/// (none if it has no entry), anonymous never. The HTTP middleware checks users earlier, to answer
+/// with `WWW-Authenticate`; this catches gears calling gears and code embedding the node.
+pub(crate) fn authorize_call(auth: Option<&Auth>, call: &Call<'_>) -> Result<(), CallError> {
+    match auth {
+        None => Ok(()),
+        Some(auth) => authorize(auth, &call.meta.caller, &Permission::call(call.gear, call.port)),
+    }
+}
+
+/// Whether `publish`'s publisher may publish to its topic on this node (see [`authorize_call`]).
+pub(crate) fn authorize_publish(auth: Option<&Auth>, publish: &Publish) -> Result<(), CallError> {
+    match auth {
+        None => Ok(()),
+        Some(auth) => authorize(auth, &publish.publisher, &Permission::publish(&publish.topic)),
+    }
+}
+
+/// Whether `principal` holds `needed` here, as a `unauthorized`/`forbidden` [`CallError`].
+pub(crate) fn authorize(auth: &Auth, principal: &Principal, needed: &Permission) -> Result<(), CallError> {
+    let result = match principal.kind() {
+        PrincipalKind::Gear => auth.gears.scopes_for(principal.id()).check(needed),
+        PrincipalKind::User | PrincipalKind::Node => {
+            Scopes::from_strs(principal.scopes().iter().map(String::as_str)).check(needed)
+        }
+        // Anonymous, and any kind this node does not know: no credentials (fail closed).
+        _ => Err(AuthError::Missing),
+    };
+    result.map_err(|e| match e.status() {
+        AuthStatus::Unauthorized => CallError::unauthorized(format!("{principal}: {e}")),
+        AuthStatus::Forbidden => CallError::forbidden(format!("{principal}: {e}")),
+    })
 }
 
 // === the HTTP middleware ===

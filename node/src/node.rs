@@ -150,10 +150,15 @@ pub struct Node {
 /// Routes calls: to a gear hosted here, else (once the mesh is wired in) across the mesh.
 pub(crate) struct Router {
     host: Arc<Host>,
+    /// Checks each call's caller (`authn::authorize_call`); `None` in insecure development mode.
+    auth: Option<gearmesh_auth::Auth>,
 }
 
 impl Dispatch for Router {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
+        if let Err(e) = authn::authorize_call(self.auth.as_ref(), &call) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         match self.host.start(call) {
             Start::Running(fut) => fut,
             Start::NotHosted(call) => {
@@ -164,6 +169,7 @@ impl Dispatch for Router {
     }
 
     fn publish(&self, publish: Publish) -> Result<(), CallError> {
+        authn::authorize_publish(self.auth.as_ref(), &publish)?;
         self.host.publish_local(&publish).map(|_| ())
     }
 }
@@ -222,7 +228,7 @@ impl Node {
             ..HostConfig::default()
         };
         let host = Host::new(host_config, Some(recorder));
-        let router = Arc::new(Router { host: host.clone() });
+        let router = Arc::new(Router { host: host.clone(), auth: auth.clone() });
         let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
         host.set_front(front);
         for g in gears {

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use gearmesh::{
     Node, NodeConfig, RunningNode,
-    auth::{Algorithm, AuthConfig, Issuer, KeyId, Scopes, SigningKey, TokenRequest, keygen, unix_now},
+    auth::{Algorithm, AuthConfig, GearPolicy, Issuer, KeyId, Scopes, SigningKey, TokenRequest, keygen, unix_now},
     builtin,
-    gears::{Ctx, Gear},
+    gears::{Ctx, ErrorCode, Gear, Principal},
 };
 use serde_json::{Value, json};
 
@@ -24,18 +24,22 @@ struct Secured {
 }
 
 async fn start(alg: Algorithm) -> Secured {
+    start_with(alg, &["echo", "audit"], GearPolicy::new()).await
+}
+
+async fn start_with(alg: Algorithm, gears: &[&str], policy: GearPolicy) -> Secured {
     gearmesh::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let generated = keygen(alg).expect("keygen");
     let path = dir.path().join("mesh.key");
     std::fs::write(&path, &generated.contents).expect("write key");
-    let auth = AuthConfig { keys: vec![path], audience: Some(AUDIENCE.into()), ..AuthConfig::default() };
+    let auth = AuthConfig { keys: vec![path], audience: Some(AUDIENCE.into()), gears: policy, ..AuthConfig::default() };
     let whoami = Gear::new("who").port("ami", |ctx: Ctx, _: Value| async move {
         let caller = ctx.caller();
         Ok(json!({ "caller": caller.to_string(), "scopes": caller.scopes() }))
     });
     let node = Node::builder()
-        .config(NodeConfig { gears: vec!["echo".into(), "audit".into()], ..NodeConfig::default() })
+        .config(NodeConfig { gears: gears.iter().map(|g| (*g).to_owned()).collect(), ..NodeConfig::default() })
         .listen("127.0.0.1:0".parse().expect("addr"))
         .auth(auth)
         .gear(whoami)
@@ -275,4 +279,43 @@ fn a_missing_key_file_is_a_build_error_naming_it() {
     for needle in ["--auth-key", "--auth-jwks", "gearmesh keygen", "--insecure-dev"] {
         assert!(msg.contains(needle), "{msg}");
     }
+}
+
+#[tokio::test]
+async fn a_gear_calling_gears_acts_with_the_scopes_config_grants_it() {
+    let order = json!({"user_id": "alice", "product_id": "widget", "qty": 1});
+    let place = |s: &Secured, t: &str| {
+        send(reqwest::Client::new().post(format!("{}/v1/call/orders/place", s.url)).bearer_auth(t).json(&order))
+    };
+    // No [auth.gears]: orders may call nothing, whatever its caller may do (no confused deputy).
+    let s = start_with(Algorithm::EdDSA, &["shop"], GearPolicy::new()).await;
+    let r = place(&s, &token(&s.key, "call:*")).await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("gear:orders") && message.contains("call:users/find"), "{message}");
+    s.node.shutdown().await;
+
+    // With the permissions it needs, the order goes through for a caller allowed to place it.
+    let policy: GearPolicy = serde_json::from_value(json!({
+        "orders": ["call:users/find", "call:products/*", "call:billing/charge", "publish:orders.placed"],
+        "billing": ["publish:billing.charged"],
+    }))
+    .expect("policy");
+    let s = start_with(Algorithm::EdDSA, &["shop"], policy).await;
+    let r = place(&s, &token(&s.key, "call:orders/place")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["charge_id"], "ch-1");
+    // The caller's token still decides whether it may call orders at all.
+    assert_eq!(place(&s, &token(&s.key, "call:billing/*")).await.status, 403);
+
+    // Code embedding the node calls with the scopes of the principal it gives.
+    let ctx = s.node.ctx(Principal::user("app", vec![]));
+    let e = ctx.call::<_, Value>("users", "find", &json!({"id": "bob"})).await.expect_err("no scopes");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    let ctx = s.node.ctx(Principal::user("app", vec!["call:users/*".into()]));
+    let user: Value = ctx.call("users", "find", &json!({"id": "bob"})).await.expect("allowed");
+    assert_eq!(user["id"], "bob");
+    let e = s.node.ctx(Principal::anonymous()).call::<_, Value>("users", "find", &json!({"id": "bob"})).await;
+    assert_eq!(e.expect_err("anonymous").code(), ErrorCode::Unauthorized);
+    s.node.shutdown().await;
 }
