@@ -26,6 +26,9 @@ pub(crate) struct AuthArgs {
     /// The mesh's audience: required in every token's `aud` when set.
     #[arg(long = "auth-audience", env = "GEARMESH_AUTH_AUDIENCE", value_name = "AUD")]
     audience: Option<String>,
+    /// A token this node presents to its peers when it holds no signing key.
+    #[arg(long = "node-token", env = "GEARMESH_NODE_TOKEN", value_name = "FILE")]
+    node_token: Option<PathBuf>,
 }
 
 impl AuthArgs {
@@ -39,6 +42,9 @@ impl AuthArgs {
         }
         if let Some(v) = self.audience {
             auth.audience = Some(v);
+        }
+        if let Some(v) = self.node_token {
+            auth.node_token = Some(v);
         }
     }
 }
