@@ -17,7 +17,8 @@ async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("finished in time").expect("ran");
+    let out =
+        tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("finished in time").expect("ran");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -85,10 +86,20 @@ async fn keygen_then_token_issue_then_call_with_the_token() {
     assert_eq!(echo_token.split('.').count(), 3, "a JWT: {echo_token}");
     let kv_token = issue("call:kv/*").await;
 
-    let (_node, url) =
-        spawn(&["start", "--listen", "127.0.0.1:0", "--gears", "echo,kv", "--auth-key", key_s, "--auth-audience", "mesh-a"])
-            .await;
-    let (code, out, err) = run(&["call", "echo/echo", r#"{"hi":1}"#, "--node", &url, "--token", &echo_token], &[]).await;
+    let (_node, url) = spawn(&[
+        "start",
+        "--listen",
+        "127.0.0.1:0",
+        "--gears",
+        "echo,kv",
+        "--auth-key",
+        key_s,
+        "--auth-audience",
+        "mesh-a",
+    ])
+    .await;
+    let (code, out, err) =
+        run(&["call", "echo/echo", r#"{"hi":1}"#, "--node", &url, "--token", &echo_token], &[]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).expect("json"), serde_json::json!({"hi": 1}));
     // From the environment too.
@@ -126,7 +137,8 @@ async fn keygen_without_out_prints_the_key_and_token_issue_refuses_mistakes() {
     let (code, _out, err) = run(&[&base[..], &["--scope", "observe", "--ttl", "forever"]].concat(), &[]).await;
     assert_ne!(code, 0);
     assert!(err.contains("--ttl"), "{err}");
-    let (code, _out, err) = run(&["token", "issue", "--key", "/nonexistent", "--sub", "x", "--scope", "observe"], &[]).await;
+    let (code, _out, err) =
+        run(&["token", "issue", "--key", "/nonexistent", "--sub", "x", "--scope", "observe"], &[]).await;
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent"), "{err}");
 }
