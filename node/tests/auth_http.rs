@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use gearmesh::{
     Node, NodeConfig, RunningNode,
-    auth::{Algorithm, AuthConfig, GearPolicy, Issuer, KeyId, Scopes, SigningKey, TokenRequest, keygen, unix_now},
+    auth::{
+        Algorithm, AuthConfig, GearPolicy, Issuer, KeyId, KeySet, Scopes, SigningKey, TokenRequest, keygen, unix_now,
+    },
     builtin,
     gears::{Ctx, ErrorCode, Gear, Principal},
 };
@@ -318,4 +320,42 @@ async fn a_gear_calling_gears_acts_with_the_scopes_config_grants_it() {
     let e = s.node.ctx(Principal::anonymous()).call::<_, Value>("users", "find", &json!({"id": "bob"})).await;
     assert_eq!(e.expect_err("anonymous").code(), ErrorCode::Unauthorized);
     s.node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_verifying_with_a_jwks_file_starts_even_when_a_remote_jwks_is_down() {
+    gearmesh::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An identity provider's key: the node holds only its public half, from a local JWKS file.
+    let idp = keygen(Algorithm::ES256).expect("keygen").key;
+    let mut public = KeySet::new();
+    public.insert_signing(&idp);
+    let jwks_path = dir.path().join("idp.json");
+    std::fs::write(&jwks_path, public.public_jwks().to_string()).expect("write");
+    let auth = AuthConfig {
+        // Nothing listens on port 1: the first fetch fails, which is logged, not fatal.
+        jwks: vec![jwks_path.display().to_string(), "https://127.0.0.1:1/jwks.json".into()],
+        audience: Some(AUDIENCE.into()),
+        ..AuthConfig::default()
+    };
+    let node = Node::builder()
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .auth(auth)
+        .gear(builtin::echo())
+        .build()
+        .expect("valid")
+        .start()
+        .await
+        .expect("started");
+    let url = format!("http://{}", node.local_addr());
+    let r = call(&url, Some(&token(&idp, "call:echo/echo"))).await;
+    assert_eq!((r.status, r.body), (200, json!({"hi": 1})));
+    // A token from a key no source knows is refused (after a rate-limited refresh attempt).
+    let stranger = keygen(Algorithm::ES256).expect("keygen").key;
+    let r = call(&url, Some(&token(&stranger, "call:echo/echo"))).await;
+    assert_unauthorized(&r, "unknown signing key");
+    // The node publishes the keys it verifies with (public halves only).
+    let r = send(reqwest::Client::new().get(format!("{url}/.well-known/jwks.json"))).await;
+    assert_eq!(r.body["keys"][0]["kid"], idp.kid().as_str());
+    node.shutdown().await;
 }
