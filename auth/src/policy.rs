@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Scope, Scopes};
+use crate::{AuthError, Permission, Scope, Scopes};
 
 /// A scope string in configuration that is not a valid gearmesh scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +78,15 @@ impl GearPolicy {
         self.gears.get(gear).cloned().unwrap_or_default()
     }
 
+    /// `Ok` if `gear` holds `needed`, else [`AuthError::Forbidden`] (without copying its scopes:
+    /// the check of every call a gear makes).
+    pub fn check(&self, gear: &str, needed: &Permission) -> Result<(), AuthError> {
+        match self.gears.get(gear) {
+            Some(scopes) => scopes.check(needed),
+            None => Err(AuthError::Forbidden { needed: needed.clone() }),
+        }
+    }
+
     /// The principal name a gear acts as: `gear:<name>`.
     pub fn principal(gear: &str) -> String {
         format!("gear:{gear}")
@@ -87,7 +96,6 @@ impl GearPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Permission;
 
     #[test]
     fn from_config_map() {
@@ -98,6 +106,10 @@ mod tests {
         assert!(!orders.allows(&Permission::call("billing", "refund")));
         assert!(policy.scopes_for("billing").is_empty());
         assert!(policy.scopes_for("unknown").is_empty());
+        assert_eq!(policy.check("orders", &Permission::call("billing", "charge")), Ok(()));
+        let refund = Permission::call("billing", "refund");
+        assert_eq!(policy.check("orders", &refund), Err(AuthError::Forbidden { needed: refund.clone() }));
+        assert_eq!(policy.check("unknown", &refund), Err(AuthError::Forbidden { needed: refund.clone() }));
         let bad: Result<GearPolicy, _> = serde_json::from_str(r#"{"orders": ["cal:billing"]}"#);
         let err = bad.expect_err("typo refused").to_string();
         assert!(err.contains("cal:billing") && err.contains("orders"), "{err}");
