@@ -106,7 +106,7 @@ pub(crate) fn authorize_publish(auth: Option<&Auth>, publish: &Publish) -> Resul
 /// Whether `principal` holds `needed` here, as a `unauthorized`/`forbidden` [`CallError`].
 pub(crate) fn authorize(auth: &Auth, principal: &Principal, needed: &Permission) -> Result<(), CallError> {
     let result = match principal.kind() {
-        PrincipalKind::Gear => auth.gears.scopes_for(principal.id()).check(needed),
+        PrincipalKind::Gear => auth.gears.check(principal.id(), needed),
         PrincipalKind::User | PrincipalKind::Node => {
             Scopes::from_strs(principal.scopes().iter().map(String::as_str)).check(needed)
         }
@@ -121,7 +121,8 @@ pub(crate) fn authorize(auth: &Auth, principal: &Principal, needed: &Permission)
 
 // === the HTTP middleware ===
 
-/// Who made an HTTP request, set by [`authenticate`]; handlers take it as an extractor.
+/// Who made an HTTP request, set by [`authenticate`] (anonymous in insecure development mode);
+/// handlers take it as an extractor.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller(pub(crate) Principal);
 
@@ -166,8 +167,7 @@ fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
 /// request's [`Caller`]. In insecure development mode every caller is anonymous and allowed.
 pub(crate) async fn authenticate(State(shared): State<Arc<NodeShared>>, req: Request, next: Next) -> Response {
     let Some(auth) = shared.auth() else {
-        let mut req = req;
-        req.extensions_mut().insert(Caller(Principal::anonymous()));
+        // Insecure development mode: `Caller` is anonymous.
         return next.run(req).await;
     };
     let (mut parts, body) = req.into_parts();
