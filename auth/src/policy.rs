@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::{Scope, Scopes};
+use crate::{AuthError, Permission, Scope, Scopes};
 
 /// A scope string in configuration that is not a valid gearmesh scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,8 +34,8 @@ impl Scopes {
 }
 
 /// The scopes each gear holds when it calls other gears (principal `gear:<name>`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "BTreeMap<String, Vec<String>>")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<String, Vec<String>>", into = "BTreeMap<String, Vec<String>>")]
 pub struct GearPolicy {
     gears: BTreeMap<String, Scopes>,
 }
@@ -56,6 +56,12 @@ impl TryFrom<BTreeMap<String, Vec<String>>> for GearPolicy {
     }
 }
 
+impl From<GearPolicy> for BTreeMap<String, Vec<String>> {
+    fn from(policy: GearPolicy) -> Self {
+        policy.gears.into_iter().map(|(gear, scopes)| (gear, scopes.to_strings())).collect()
+    }
+}
+
 impl GearPolicy {
     /// No gear holds any scope.
     pub fn new() -> Self {
@@ -72,6 +78,15 @@ impl GearPolicy {
         self.gears.get(gear).cloned().unwrap_or_default()
     }
 
+    /// `Ok` if `gear` holds `needed`, else [`AuthError::Forbidden`] (without copying its scopes:
+    /// the check of every call a gear makes).
+    pub fn check(&self, gear: &str, needed: &Permission) -> Result<(), AuthError> {
+        match self.gears.get(gear) {
+            Some(scopes) => scopes.check(needed),
+            None => Err(AuthError::Forbidden { needed: needed.clone() }),
+        }
+    }
+
     /// The principal name a gear acts as: `gear:<name>`.
     pub fn principal(gear: &str) -> String {
         format!("gear:{gear}")
@@ -81,7 +96,6 @@ impl GearPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Permission;
 
     #[test]
     fn from_config_map() {
@@ -92,9 +106,16 @@ mod tests {
         assert!(!orders.allows(&Permission::call("billing", "refund")));
         assert!(policy.scopes_for("billing").is_empty());
         assert!(policy.scopes_for("unknown").is_empty());
+        assert_eq!(policy.check("orders", &Permission::call("billing", "charge")), Ok(()));
+        let refund = Permission::call("billing", "refund");
+        assert_eq!(policy.check("orders", &refund), Err(AuthError::Forbidden { needed: refund.clone() }));
+        assert_eq!(policy.check("unknown", &refund), Err(AuthError::Forbidden { needed: refund.clone() }));
         let bad: Result<GearPolicy, _> = serde_json::from_str(r#"{"orders": ["cal:billing"]}"#);
         let err = bad.expect_err("typo refused").to_string();
         assert!(err.contains("cal:billing") && err.contains("orders"), "{err}");
         assert_eq!(GearPolicy::principal("orders"), "gear:orders");
+        let round_trip: GearPolicy =
+            serde_json::from_value(serde_json::to_value(&policy).expect("serialize")).expect("deserialize");
+        assert_eq!(round_trip, policy);
     }
 }

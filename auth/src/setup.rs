@@ -16,7 +16,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     Algorithm, DEFAULT_MAX_TOKEN_LEN, GearPolicy, IssueError, Issuer, JwksError, KeyError, KeySet, LoadedKey,
@@ -28,7 +28,7 @@ use crate::{
 pub const LOCAL_ISSUER: &str = "gearmesh";
 
 /// The `[auth]` section of the node's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Key files (`--auth-key`): secrets or PEM keys. The first secret or private key signs the

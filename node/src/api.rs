@@ -15,12 +15,15 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Principal, Publish, TraceId, WireBody};
+use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Publish, TraceId, WireBody};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::node::NodeShared;
+use crate::{
+    authn::{self, Caller},
+    node::NodeShared,
+};
 
 type Shared = Arc<NodeShared>;
 
@@ -41,6 +44,8 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(authn::JWKS_PATH, get(authn::jwks))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authn::authenticate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -123,6 +128,7 @@ struct CallQuery {
 
 async fn call(
     State(s): State<Shared>,
+    Caller(caller): Caller,
     Path((gear, port)): Path<(String, String)>,
     query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -136,7 +142,7 @@ async fn call(
         Some(ms) => Some(Instant::now() + Duration::from_millis(ms)),
         None => None,
     };
-    let mut meta = CallMeta::new(principal(&s), deadline);
+    let mut meta = CallMeta::new(caller, deadline);
     if let Some(t) = trace_from(&headers) {
         meta.trace_id = t;
     }
@@ -156,6 +162,7 @@ async fn call(
 
 async fn publish(
     State(s): State<Shared>,
+    Caller(caller): Caller,
     Path(topic): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -163,14 +170,8 @@ async fn publish(
     let body = body.map_err(|r| body_error(&r))?;
     let event = if is_raw(&headers) { Event::bytes(body) } else { Event::json(json_body(body)?) };
     let trace_id = trace_from(&headers).unwrap_or_else(TraceId::random);
-    s.dispatch().publish(Publish { topic: topic.clone(), event, publisher: principal(&s), trace_id })?;
+    s.dispatch().publish(Publish { topic: topic.clone(), event, publisher: caller, trace_id })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "topic": topic, "trace_id": trace_id }))).into_response())
-}
-
-/// The caller's identity. Token authentication is not in this build yet, so every caller of a
-/// node (which then runs with `--insecure-dev`) is anonymous.
-fn principal(_s: &NodeShared) -> Principal {
-    Principal::anonymous()
 }
 
 async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {

@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub tls: TlsConfig,
     /// Mesh links and membership.
     pub mesh: MeshLinksConfig,
+    /// Token authentication: key sources, audience, issuers, gear permissions (`[auth]`).
+    pub auth: gearmesh_auth::AuthConfig,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +65,7 @@ impl Default for NodeConfig {
             calls: CallsConfig::default(),
             tls: TlsConfig::default(),
             mesh: MeshLinksConfig::default(),
+            auth: gearmesh_auth::AuthConfig::default(),
         }
     }
 }

@@ -10,6 +10,11 @@
 //!   loudly.
 //! - A node advertises `wss://HOST:PORT` and, with QUIC on, `quic://HOST:PORT`; seeds may use
 //!   either.
+//! - With token authentication on, a link is also authenticated: each hello carries a JWT with
+//!   the `mesh:link` scope for the mesh's audience (`auth.audience`, else [`LINK_AUDIENCE`]),
+//!   signed by the node's key (or the operator's `--node-token`), and a peer whose token does not
+//!   verify is refused before the link starts. Certificates say "this is a node of our CA";
+//!   tokens say "this node may join this mesh".
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -32,6 +37,12 @@ use crate::config::{NodeConfig, TlsMode};
 /// File name of the development CA's certificate alone (no key), written next to the CA so
 /// clients (`curl --cacert`, browsers) can trust it.
 pub const DEV_CA_CERT_FILE: &str = "dev-ca.crt";
+
+/// The audience of link tokens when `auth.audience` is not set.
+pub const LINK_AUDIENCE: &str = "gearmesh-mesh";
+
+/// How long the link token minted at start is valid; links dialed later re-use it.
+const LINK_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Setting up TLS or the mesh failed.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +166,35 @@ fn advertise_host(config: &NodeConfig, local: SocketAddr) -> String {
     }
 }
 
+fn link_audience(auth: &gearmesh_auth::Auth) -> String {
+    auth.audience().unwrap_or(LINK_AUDIENCE).to_owned()
+}
+
+/// This node's link token: minted with its own key for `node:<id>`, else the operator's token.
+fn link_token(auth: &gearmesh_auth::Auth, id: NodeId) -> Result<String, String> {
+    let audience = link_audience(auth);
+    match &auth.issuer {
+        Some(issuer) => issuer.mesh_link_token(&id.to_string(), &audience, LINK_TOKEN_TTL).map_err(|e| e.to_string()),
+        None => auth.link_token(&id.to_string(), LINK_TOKEN_TTL).map_err(|e| e.to_string()),
+    }
+}
+
+/// A peer's hello must carry a token that verifies, holds `mesh:link` for our audience, and (if
+/// it names a node) names the node presenting it.
+fn check_link_token(auth: &gearmesh_auth::Auth, audience: &str, hello: &Hello) -> Result<(), String> {
+    let token = std::str::from_utf8(&hello.token).map_err(|_| "link token is not UTF-8".to_owned())?;
+    if token.is_empty() {
+        return Err("unauthorized: this mesh needs a link token (mesh:link)".into());
+    }
+    let id = auth.verifier.verify_mesh_link(token, audience).map_err(|e| format!("unauthorized: {e}"))?;
+    match id.subject().strip_prefix("node:") {
+        Some(node) if node != hello.node_id.to_string() => {
+            Err("unauthorized: the link token belongs to another node".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The mesh side of a started node.
 pub(crate) struct MeshParts {
     pub(crate) mesh: Mesh,
@@ -170,6 +210,7 @@ pub(crate) fn start_mesh(
     local: SocketAddr,
     tls: Option<&NodeTls>,
     host: Arc<Host>,
+    auth: Option<&gearmesh_auth::Auth>,
 ) -> Result<MeshParts, LinksError> {
     let host_name = advertise_host(config, local);
     let port = local.port();
@@ -184,15 +225,31 @@ pub(crate) fn start_mesh(
     // The incarnation orders restarts: a later start always has a larger one.
     let incarnation =
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let token = match auth.map(|a| link_token(a, id)) {
+        Some(Ok(t)) => Bytes::from(t),
+        Some(Err(e)) => {
+            // Verifying-only nodes (a JWKS, no key) still serve the API and accept links from
+            // nodes that prove themselves; peers refuse the links this node dials.
+            tracing::warn!(error = %e, "this node cannot prove itself to peers: give it --node-token to link out");
+            Bytes::new()
+        }
+        None => Bytes::new(),
+    };
     let hello = Hello {
         version: u16::from(gearmesh_transport::frame::PROTOCOL_VERSION),
         node_id: id,
         incarnation,
-        token: Bytes::new(),
+        token,
         listen_addrs: addrs.clone(),
         features: 0,
     };
-    let setup = LinkSetup::new(hello);
+    let mut setup = LinkSetup::new(hello);
+    if let Some(a) = auth {
+        let (auth, audience) = (a.clone(), link_audience(a));
+        setup = setup.with_check(move |hello: &Hello, _peer: &gearmesh_transport::PeerInfo| {
+            check_link_token(&auth, &audience, hello)
+        });
+    }
     let accept = AcceptConfig { max_links: config.mesh.max_connections, ..AcceptConfig::default() };
     let (acceptor, incoming) = Acceptor::new(setup.clone(), accept);
     let (dialer, quic) = match tls {

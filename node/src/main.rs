@@ -6,6 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use gearmesh::{LogFormat, Node, NodeConfig, RunningNode, TlsMode};
 
+mod cli_auth;
+
 #[derive(Debug, Parser)]
 #[command(name = "gearmesh", version, about = "An in-process service mesh: gears, ports, one node per process")]
 struct Cli {
@@ -16,12 +18,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start a node.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Call a port: `gearmesh call echo/echo '{"hi":1}'`.
     Call(CallArgs),
     /// Run a local demo mesh of three nodes with the built-in gears spread over them, and print
     /// how to try it.
     Demo(DemoArgs),
+    /// Make a new key for token authentication: `gearmesh keygen --alg EdDSA --out mesh.key`.
+    Keygen(cli_auth::KeygenArgs),
+    /// Issue tokens: `gearmesh token issue --key mesh.key --sub alice --scope 'call:*' --ttl 1h`.
+    Token(cli_auth::TokenArgs),
 }
 
 /// Flags of `gearmesh start`. Each can also be set by a `GEARMESH_*` variable or a config key;
@@ -81,6 +87,8 @@ struct StartArgs {
     /// How long shutdown waits for requests in flight, in milliseconds [default: 10000].
     #[arg(long, env = "GEARMESH_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
+    #[command(flatten)]
+    auth: cli_auth::AuthArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -114,6 +122,9 @@ struct CallArgs {
     /// The call's timeout, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// A token sent as `Authorization: Bearer` (from `gearmesh token issue`).
+    #[arg(long, env = "GEARMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +197,7 @@ impl StartArgs {
         if let Some(v) = self.drain_timeout_ms {
             c.calls.drain_timeout_ms = v;
         }
+        self.auth.apply(&mut c.auth);
         c.validate()?;
         Ok(c)
     }
@@ -344,13 +356,11 @@ async fn call(args: CallArgs) -> Result<ExitCode> {
     if let Some(ms) = args.timeout_ms {
         url.push_str(&format!("?timeout_ms={ms}"));
     }
-    let resp = client
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {}", args.node))?;
+    let mut req = client.post(&url).header("content-type", "application/json").body(body);
+    if let Some(token) = &args.token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.with_context(|| format!("cannot reach {}", args.node))?;
     let status = resp.status();
     let text = resp.text().await.context("reading the reply")?;
     let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
@@ -380,9 +390,11 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     gearmesh::install_crypto_provider();
     let result = match cli.command {
-        Command::Start(a) => start(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Start(a) => start(*a).await.map(|()| ExitCode::SUCCESS),
         Command::Call(a) => call(a).await,
         Command::Demo(a) => demo(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Keygen(a) => cli_auth::run_keygen(a).map(|()| ExitCode::SUCCESS),
+        Command::Token(a) => cli_auth::run_token(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -25,7 +25,7 @@ use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    NodeConfig, builtin,
+    NodeConfig, authn, builtin,
     config::ConfigError,
     links::{self, LinksError},
     server,
@@ -46,10 +46,15 @@ pub enum BuildError {
     UnknownBuiltin(String),
     /// No authentication is configured and insecure development mode was not asked for.
     #[error(
-        "refusing to start without authentication: this build has no token authentication yet, so a node \
-         runs only with --insecure-dev (GEARMESH_INSECURE_DEV=1, or insecure_dev = true), for local development"
+        "refusing to start without authentication: give a key with --auth-key FILE (make one with `gearmesh \
+         keygen --out FILE`) or an identity provider's keys with --auth-jwks FILE|URL (or [auth] keys/jwks in \
+         the config file, GEARMESH_AUTH_KEYS/GEARMESH_AUTH_JWKS); only for local development, run without \
+         authentication with --insecure-dev"
     )]
     NoAuth,
+    /// The authentication configuration could not be loaded (a key file, a JWKS).
+    #[error(transparent)]
+    Auth(#[from] gearmesh_auth::SetupError),
 }
 
 /// Starting a node failed.
@@ -101,10 +106,24 @@ impl NodeBuilder {
         self
     }
 
+    /// Sets where the node's certificate comes from (default: the development CA).
+    #[must_use]
+    pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.config.tls = tls;
+        self
+    }
+
     /// Runs without authentication (development only; logged loudly at start).
     #[must_use]
     pub fn insecure_dev(mut self, yes: bool) -> Self {
         self.config.insecure_dev = yes;
+        self
+    }
+
+    /// Sets the authentication configuration (key sources, audience, gear permissions).
+    #[must_use]
+    pub fn auth(mut self, auth: gearmesh_auth::AuthConfig) -> Self {
+        self.config.auth = auth;
         self
     }
 
@@ -120,11 +139,9 @@ impl NodeBuilder {
     /// # Errors
     /// Invalid configuration, an invalid gear, an unknown built-in gear, or no authentication.
     pub fn build(self) -> Result<Node, BuildError> {
-        let Self { config, mut gears } = self;
+        let Self { mut config, mut gears } = self;
         config.validate()?;
-        if !config.insecure_dev {
-            return Err(BuildError::NoAuth);
-        }
+        let auth = authn::load(&mut config)?;
         for name in builtin::expand(&config.gears).map_err(BuildError::UnknownBuiltin)? {
             gears.extend(builtin::by_name(name));
         }
@@ -136,7 +153,7 @@ impl NodeBuilder {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(GearError::DuplicateGear(w[0].to_owned()).into());
         }
-        Ok(Node { config, gears })
+        Ok(Node { config, gears, auth })
     }
 }
 
@@ -145,6 +162,7 @@ impl NodeBuilder {
 pub struct Node {
     config: NodeConfig,
     gears: Vec<Gear>,
+    auth: Option<gearmesh_auth::Auth>,
 }
 
 /// Routes calls: to a gear hosted here (in-process, no serialization between typed gears), else
@@ -153,10 +171,15 @@ pub(crate) struct Router {
     host: Arc<Host>,
     /// Set once at start, right after the mesh driver exists (it needs the host first).
     mesh: OnceLock<Mesh>,
+    /// Checks each call's caller (`authn::authorize_call`); `None` in insecure development mode.
+    auth: Option<gearmesh_auth::Auth>,
 }
 
 impl Dispatch for Router {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
+        if let Err(e) = authn::authorize_call(self.auth.as_ref(), &call) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         match self.host.start(call) {
             Start::Running(fut) => fut,
             Start::NotHosted(call) => match self.mesh.get() {
@@ -172,6 +195,7 @@ impl Dispatch for Router {
     /// Local listeners get the event through their queues; every other node with a listener for
     /// the topic gets one copy over the mesh (nodes without one get nothing).
     fn publish(&self, publish: Publish) -> Result<(), CallError> {
+        authn::authorize_publish(self.auth.as_ref(), &publish)?;
         self.host.publish_local(&publish)?;
         if let Some(mesh) = self.mesh.get() {
             mesh.publish(&publish);
@@ -199,6 +223,8 @@ pub(crate) struct NodeShared {
     pub(crate) link_addrs: Vec<String>,
     /// The development CA's certificate file, in TLS `dev` mode.
     pub(crate) dev_ca_cert: Option<PathBuf>,
+    /// Token authentication; `None` in insecure development mode (see `authn`).
+    pub(crate) auth: Option<gearmesh_auth::Auth>,
 }
 
 impl NodeShared {
@@ -218,7 +244,7 @@ impl Node {
     /// # Errors
     /// The port cannot be bound, or a gear cannot be hosted.
     pub async fn start(self) -> Result<RunningNode, StartError> {
-        let Self { config, gears } = self;
+        let Self { config, gears, auth } = self;
         if config.insecure_dev {
             tracing::warn!(
                 "INSECURE DEVELOPMENT MODE: no authentication; anyone who can reach {} can call every gear",
@@ -235,7 +261,7 @@ impl Node {
             ..HostConfig::default()
         };
         let host = Host::new(host_config, Some(recorder));
-        let router = Arc::new(Router { host: host.clone(), mesh: OnceLock::new() });
+        let router = Arc::new(Router { host: host.clone(), mesh: OnceLock::new(), auth: auth.clone() });
         let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
         host.set_front(front);
         for g in gears {
@@ -254,7 +280,7 @@ impl Node {
         if tls.is_none() {
             tracing::warn!("TLS IS OFF (insecure development mode): HTTP and mesh links are plaintext");
         }
-        let parts = links::start_mesh(&config, node_id, local_addr, tls.as_ref(), host.clone())?;
+        let parts = links::start_mesh(&config, node_id, local_addr, tls.as_ref(), host.clone(), auth.as_ref())?;
         if router.mesh.set(parts.mesh.clone()).is_err() {
             tracing::error!("the mesh was wired twice; keeping the first");
         }
@@ -273,8 +299,10 @@ impl Node {
             scheme: if tls.is_some() { "https" } else { "http" },
             link_addrs: parts.addrs,
             dev_ca_cert: tls.as_ref().and_then(|t| t.dev_ca_cert.clone()),
+            auth,
         });
         let shutdown = CancellationToken::new();
+        authn::start(shared.auth(), &shutdown).await;
         let stop_accepting = CancellationToken::new();
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
         let app = crate::api::router(shared.clone()).merge(parts.link_router);

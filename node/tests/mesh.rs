@@ -263,3 +263,38 @@ async fn a_node_that_leaves_is_routed_around_at_once() {
         n.shutdown().await;
     }
 }
+
+/// A key file for `[auth]` in `dir`.
+fn key_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    let generated = gearmesh::auth::keygen(gearmesh::auth::Algorithm::EdDSA).expect("keygen");
+    let path = dir.join(name);
+    std::fs::write(&path, &generated.contents).expect("write key");
+    path
+}
+
+#[tokio::test]
+async fn with_auth_on_links_need_a_mesh_token_from_a_trusted_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mesh_key = key_file(dir.path(), "mesh.key");
+    let other_key = key_file(dir.path(), "other.key");
+    let secured = |key: std::path::PathBuf| {
+        move |c: &mut NodeConfig| {
+            c.insecure_dev = false;
+            c.auth.keys = vec![key];
+            // Gears of the shop may call each other, as a deployment would configure it.
+            c.auth.gears = toml::from_str("echo = [\"call:*\"]").expect("gear policy");
+        }
+    };
+    let a = node_with(dir.path(), "a", &["echo"], vec![], vec![], secured(mesh_key.clone())).await;
+    let b = node_with(dir.path(), "b", &["kv"], vec![], vec![wss(&a)], secured(mesh_key)).await;
+    eventually("b and a see each other's gears", 15, || sees(&b, &["echo"]) && sees(&a, &["kv"])).await;
+
+    // Same CA (so TLS succeeds), but its tokens are signed by a key the mesh does not trust.
+    let intruder = node_with(dir.path(), "intruder", &[], vec![], vec![wss(&a)], secured(other_key)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!sees(&intruder, &["echo"]), "a node without a valid link token joined");
+    assert_eq!(a.mesh().view().nodes.len(), 2, "the intruder is unknown to the mesh");
+    for n in [intruder, b, a] {
+        n.shutdown().await;
+    }
+}
