@@ -117,6 +117,9 @@ pub struct MeshLinksConfig {
     pub advertise_host: Option<String>,
     /// Also accept and dial QUIC links on the same port number over UDP (needs TLS).
     pub quic: bool,
+    /// Accept no links and advertise no address: for a node behind NAT or a firewall. It joins by
+    /// dialing its seeds and is reached through the nodes it links to.
+    pub no_listen: bool,
     /// A node dials out until it has this many direct links (or links to every node when the
     /// mesh is no bigger than `max_links + 1`); the rest are reached through others.
     pub min_links: usize,
@@ -128,7 +131,7 @@ pub struct MeshLinksConfig {
 
 impl Default for MeshLinksConfig {
     fn default() -> Self {
-        Self { advertise_host: None, quic: true, min_links: 6, max_links: 8, max_connections: 1024 }
+        Self { advertise_host: None, quic: true, no_listen: false, min_links: 6, max_links: 8, max_connections: 1024 }
     }
 }
 

@@ -215,12 +215,17 @@ pub(crate) fn start_mesh(
     let host_name = advertise_host(config, local);
     let port = local.port();
     let quic_on = tls.is_some() && config.mesh.quic;
+    // `quic_on` also covers dialing: a node that does not listen still reaches quic:// seeds.
     let mut addrs = vec![match tls {
         Some(_) => format!("wss://{host_name}:{port}"),
         None => format!("ws://{host_name}:{port}"),
     }];
     if quic_on {
         addrs.push(format!("quic://{host_name}:{port}"));
+    }
+    if config.mesh.no_listen {
+        // Nobody dials this node; its own dials carry everything both ways.
+        addrs.clear();
     }
     // The incarnation orders restarts: a later start always has a larger one.
     let incarnation =
@@ -256,10 +261,18 @@ pub(crate) fn start_mesh(
         Some(t) => {
             let dialer = Dialer::new(setup, t.client.clone());
             if quic_on {
-                let udp = SocketAddr::new(local.ip(), port);
-                let endpoint = QuicEndpoint::bind(udp, Some(t.resolver.clone()), Some(&t.client))
+                // A node that does not listen still dials QUIC, from an ephemeral port.
+                let (udp, server) = if config.mesh.no_listen {
+                    (SocketAddr::new(local.ip(), 0), None)
+                } else {
+                    (SocketAddr::new(local.ip(), port), Some(t.resolver.clone()))
+                };
+                let serving = server.is_some();
+                let endpoint = QuicEndpoint::bind(udp, server, Some(&t.client))
                     .map_err(|e| LinksError::Quic { addr: udp, reason: e.to_string() })?;
-                tokio::spawn(endpoint.clone().serve(acceptor.clone()));
+                if serving {
+                    tokio::spawn(endpoint.clone().serve(acceptor.clone()));
+                }
                 (dialer.with_quic(endpoint.clone()), Some(endpoint))
             } else {
                 (dialer, None)
@@ -284,5 +297,6 @@ pub(crate) fn start_mesh(
         ..MeshConfig::default()
     };
     let mesh = Mesh::start(id, addrs.clone(), mesh_config, host, dialer, incoming, config.seeds.clone());
-    Ok(MeshParts { mesh, link_router: acceptor.router(), quic, addrs })
+    let link_router = if config.mesh.no_listen { axum::Router::new() } else { acceptor.router() };
+    Ok(MeshParts { mesh, link_router, quic, addrs })
 }

@@ -78,6 +78,10 @@ struct StartArgs {
     /// Do not accept or dial QUIC links (WebSocket links only).
     #[arg(long, env = "GEARMESH_NO_QUIC")]
     no_quic: bool,
+    /// Accept no mesh links and advertise no address (behind NAT or a firewall): join by
+    /// dialing the seeds and be reached through them.
+    #[arg(long, env = "GEARMESH_NO_LISTEN")]
+    no_listen: bool,
     /// Largest request body, in bytes [default: 1048576].
     #[arg(long, env = "GEARMESH_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -187,6 +191,9 @@ impl StartArgs {
         }
         if self.no_quic {
             c.mesh.quic = false;
+        }
+        if self.no_listen {
+            c.mesh.no_listen = true;
         }
         if let Some(v) = self.max_body_bytes {
             c.http.max_body_bytes = v;

@@ -298,3 +298,22 @@ async fn with_auth_on_links_need_a_mesh_token_from_a_trusted_key() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_node_that_does_not_listen_serves_its_gears_through_the_node_it_dialed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &[], vec![], vec![]).await;
+    let b = node(dir.path(), "b", &[], vec![], vec![wss(&a)]).await;
+    let hidden = node_with(dir.path(), "hidden", &["echo"], vec![], vec![wss(&a)], |c| c.mesh.no_listen = true).await;
+    assert!(hidden.link_addrs().is_empty(), "advertises nothing");
+    eventually("b sees the hidden node's echo", 15, || sees(&b, &["echo"])).await;
+    let got: Value = b.ctx(Principal::anonymous()).call("echo", "echo", &json!("through a")).await.expect("call");
+    assert_eq!(got, json!("through a"));
+    let hidden_id = hidden.id().to_owned();
+    let b_view = b.mesh().view();
+    let rec = b_view.nodes.iter().find(|n| n.id == hidden_id).expect("known");
+    assert!(rec.addrs.is_empty(), "the mesh has no address to dial it at");
+    for n in [hidden, b, a] {
+        n.shutdown().await;
+    }
+}
