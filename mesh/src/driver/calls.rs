@@ -169,8 +169,13 @@ impl Mesh {
             routes_changed.as_mut().enable();
             match inner.replicas_of(call.gear) {
                 Replicas::Routable(nodes) => {
-                    if let Some(dst) = nodes.iter().copied().min_by_key(|n| inner.calls.outstanding(*n)) {
-                        break dst;
+                    // The fewest outstanding calls from here; ties broken at random so that
+                    // sequential callers spread over the replicas too.
+                    let load: Vec<(NodeId, usize)> = nodes.iter().map(|n| (*n, inner.calls.outstanding(*n))).collect();
+                    let least = load.iter().map(|(_, l)| *l).min();
+                    let best: Vec<NodeId> = load.iter().filter(|(_, l)| Some(*l) == least).map(|(n, _)| *n).collect();
+                    if let Some(dst) = best.get(rand::random_range(0..best.len().max(1))) {
+                        break *dst;
                     }
                 }
                 Replicas::NoRouteYet if Instant::now() < route_wait => {

@@ -28,9 +28,7 @@ use std::{
 };
 
 use gearmesh_gears::host::Host;
-use gearmesh_transport::{
-    CloseCode, Dialer, Frame, Incoming, Initiator, Link, LinkReceiver, LinkSender, NodeId as LinkNodeId,
-};
+use gearmesh_transport::{CloseCode, Dialer, Frame, Incoming, Link, LinkReceiver, LinkSender, NodeId as LinkNodeId};
 use serde::Serialize;
 use tokio::{
     sync::{Notify, broadcast},
@@ -594,7 +592,9 @@ async fn read_link(inner: Arc<Inner>, peer: NodeId, generation: u64, tx: LinkSen
     }
     let reason = match tx.close_reason() {
         Some(r) if r.code == CloseCode::HEARTBEAT_TIMEOUT => LinkDownReason::Timeout,
-        Some(r) if r.code.is_orderly() || r.initiator == Initiator::Local => LinkDownReason::Closed,
+        // Only an orderly close (ours or the peer's) is not a sign of failure. A connection that
+        // just ended (a killed process: no close frame) or broke is, whoever noticed it.
+        Some(r) if r.code.is_orderly() => LinkDownReason::Closed,
         Some(_) | None => LinkDownReason::Error,
     };
     let current = {
