@@ -156,7 +156,7 @@ fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
         "/healthz" | "/readyz" | JWKS_PATH => Required::Nothing,
         "/v1/call/{gear}/{port}" => Required::Scope(Permission::call(&param("gear"), &param("port"))),
         "/v1/events/{topic}" => Required::Scope(Permission::publish(&param("topic"))),
-        "/v1/node" | "/v1/gears" | "/metrics" => Required::Scope(Permission::Observe),
+        "/v1/node" | "/v1/gears" | "/v1/nodes" | "/v1/routes" | "/metrics" => Required::Scope(Permission::Observe),
         // Fail closed: a route not listed here is mesh control.
         _ => Required::Scope(Permission::Admin),
     }
@@ -255,6 +255,8 @@ mod tests {
         assert_eq!(required("/v1/node", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/v1/gears", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/metrics", &none), Required::Scope(Permission::Observe));
+        assert_eq!(required("/v1/nodes", &none), Required::Scope(Permission::Observe));
+        assert_eq!(required("/v1/routes", &none), Required::Scope(Permission::Observe));
         assert_eq!(
             required("/v1/call/{gear}/{port}", params(&[("gear", "billing"), ("port", "charge")])),
             Required::Scope(Permission::call("billing", "charge"))
