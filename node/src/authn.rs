@@ -95,6 +95,16 @@ pub(crate) fn authorize_call(auth: Option<&Auth>, call: &Call<'_>) -> Result<(),
     }
 }
 
+/// The same check for calls arriving over mesh links, on the node that runs the port: the caller
+/// and its scopes travel in the call frame, so an entry node cannot launder a call.
+pub(crate) struct MeshAuthorizer(pub(crate) Auth);
+
+impl gearmesh_mesh::Authorizer for MeshAuthorizer {
+    fn authorize_call(&self, call: &Call<'_>) -> Result<(), CallError> {
+        authorize_call(Some(&self.0), call)
+    }
+}
+
 /// Whether `publish`'s publisher may publish to its topic on this node (see [`authorize_call`]).
 pub(crate) fn authorize_publish(auth: Option<&Auth>, publish: &Publish) -> Result<(), CallError> {
     match auth {

@@ -281,6 +281,9 @@ impl Node {
             tracing::warn!("TLS IS OFF (insecure development mode): HTTP and mesh links are plaintext");
         }
         let parts = links::start_mesh(&config, node_id, local_addr, tls.as_ref(), host.clone(), auth.as_ref())?;
+        if let Some(a) = &auth {
+            parts.mesh.set_authorizer(Arc::new(authn::MeshAuthorizer(a.clone())));
+        }
         if router.mesh.set(parts.mesh.clone()).is_err() {
             tracing::error!("the mesh was wired twice; keeping the first");
         }

@@ -289,6 +289,21 @@ async fn with_auth_on_links_need_a_mesh_token_from_a_trusted_key() {
     let b = node_with(dir.path(), "b", &["kv"], vec![], vec![wss(&a)], secured(mesh_key)).await;
     eventually("b and a see each other's gears", 15, || sees(&b, &["echo"]) && sees(&a, &["kv"])).await;
 
+    // The node that runs the port checks the caller's scopes, even if the entry node did not
+    // (here b's router is bypassed, as a compromised or buggy entry node would).
+    let meta = |scopes: Vec<String>| {
+        gearmesh::gears::CallMeta::new(Principal::user("eve", scopes), Some(Instant::now() + Duration::from_secs(5)))
+    };
+    let call = |scopes: Vec<String>| gearmesh::gears::Call {
+        gear: "echo",
+        port: "echo",
+        arg: gearmesh::gears::Arg::json(bytes::Bytes::from_static(b"1")),
+        meta: meta(scopes),
+    };
+    let err = b.mesh().call(call(vec!["call:kv/*".into()])).await.expect_err("laundered call refused");
+    assert_eq!(err.code().as_str(), "forbidden", "{err}");
+    b.mesh().call(call(vec!["call:echo/echo".into()])).await.expect("a caller with the scope gets through");
+
     // Same CA (so TLS succeeds), but its tokens are signed by a key the mesh does not trust.
     let intruder = node_with(dir.path(), "intruder", &[], vec![], vec![wss(&a)], secured(other_key)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

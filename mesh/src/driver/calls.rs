@@ -355,9 +355,11 @@ impl Inner {
                 BodyKind::Bytes => Arg::bytes(c.body),
             };
             let call = GearCall { gear: &c.gear, port: &c.port, arg, meta };
-            let result = match inner.host.start(call) {
-                Start::Running(fut) => fut.await,
-                Start::NotHosted(call) => {
+            let allowed = inner.authorizer.get().map_or(Ok(()), |a| a.authorize_call(&call));
+            let result = match allowed.map(|()| inner.host.start(call)) {
+                Err(e) => Err(e),
+                Ok(Start::Running(fut)) => fut.await,
+                Ok(Start::NotHosted(call)) => {
                     Err(CallError::not_found(format!("gear {:?} is not hosted on node {}", call.gear, inner.id)))
                 }
             };

@@ -40,6 +40,13 @@ use crate::core::{
     Action, Config as CoreConfig, Core, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId, NodeState, Time,
 };
 
+/// Decides, on the node that runs a port, whether a call from another node may run. (Events are
+/// checked where they are published: their frames carry the publisher but not its scopes.)
+pub trait Authorizer: Send + Sync + 'static {
+    /// `Err` (`unauthorized` or `forbidden`) refuses the call; the error goes back to the caller.
+    fn authorize_call(&self, call: &gearmesh_gears::Call<'_>) -> Result<(), gearmesh_gears::CallError>;
+}
+
 /// Driver settings around the core's own [`CoreConfig`].
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -217,6 +224,9 @@ pub(crate) struct Inner {
     dialing: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
     pub(crate) counters: Counters,
+    /// Checks each call and event from another node before it runs here (set by the node when
+    /// authentication is on).
+    pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
     /// Woken whenever routes change (calls waiting for a route to a joining node).
     pub(crate) routes_changed: Notify,
     wake: Notify,
@@ -263,6 +273,7 @@ impl Mesh {
             id: to_core(id),
             calls: calls::CallTable::default(),
             counters: Counters::default(),
+            authorizer: std::sync::OnceLock::new(),
             routes_changed: Notify::new(),
             config,
             core: Mutex::new(core),
@@ -314,6 +325,14 @@ impl Mesh {
     /// that falls more than `event_buffer` behind gets a `Lagged` error and skips ahead.
     pub fn subscribe(&self) -> broadcast::Receiver<MeshEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Makes this node check every call arriving from other nodes with `authorizer`,
+    /// as the node that runs the port (so an entry node cannot launder a call). Set once.
+    pub fn set_authorizer(&self, authorizer: Arc<dyn Authorizer>) {
+        if self.inner.authorizer.set(authorizer).is_err() {
+            tracing::warn!("the mesh authorizer is already set; keeping the first");
+        }
     }
 
     /// Traffic counters since start.
