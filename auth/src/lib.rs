@@ -21,7 +21,7 @@
 //!   `offer.selected_protocol()`; token from `offer.token`, else the first message through
 //!   [`token_from_auth_message`]; close with `e.status().ws_close_code()` (4401/4403).
 //! - Links: send `auth.link_token(node_id, ttl)?` in `Hello`; check the peer's with
-//!   `auth.verifier.verify_mesh_link(token, auth.audience().unwrap_or_default())`.
+//!   `auth.verifier.verify_mesh_link(token, auth.link_audience())`.
 //! - Calls across the mesh: the `Call` frame carries `identity.subject()` and
 //!   `identity.scopes().to_strings()`; the node running the port rebuilds them with
 //!   [`Scopes::from_strs`] and checks [`Scopes::check`]. A gear calling a gear acts as
@@ -81,5 +81,5 @@ pub use node_token::NodeToken;
 pub use policy::{GearPolicy, InvalidScope};
 pub use remote::{JwksError, RemoteJwks, RemoteJwksConfig, RemoteJwksStats};
 pub use scope::{NamePattern, Permission, Scope, Scopes};
-pub use setup::{Auth, AuthConfig, LOCAL_ISSUER, SetupError};
+pub use setup::{Auth, AuthConfig, DEFAULT_LINK_AUDIENCE, LOCAL_ISSUER, SetupError};
 pub use verify::{DEFAULT_MAX_TOKEN_LEN, Verifier, VerifierConfig, unix_now};

@@ -99,13 +99,13 @@ pub enum SetupError {
     /// A link token was needed but the node has neither a signing key nor a node token.
     #[error("no signing key and no --node-token: cannot prove this node to its peers")]
     NoLinkCredential,
-    /// A link token was needed but no mesh audience is configured.
-    #[error("auth.audience (the mesh's audience) is required for mesh links")]
-    NoAudience,
     /// Minting a token failed.
     #[error("issuing a token: {0}")]
     Issue(#[from] IssueError),
 }
+
+/// The audience of link tokens in a mesh with no `audience` configured.
+pub const DEFAULT_LINK_AUDIENCE: &str = "gearmesh-mesh";
 
 /// Everything the node needs for authentication, loaded from an [`AuthConfig`].
 #[derive(Debug, Clone)]
@@ -193,14 +193,11 @@ impl Auth {
     }
 
     /// The token this node presents in its link `Hello`: freshly minted (subject `node:<id>`,
-    /// scope `mesh:link`, the mesh audience, living `ttl`) when it has a signing key, else the
-    /// given `--node-token`.
+    /// scope `mesh:link`, [`Auth::link_audience`], living `ttl`) when it has a signing key, else
+    /// the given `--node-token`.
     pub fn link_token(&self, node_id: &str, ttl: Duration) -> Result<String, SetupError> {
         match (&self.issuer, &self.node_token) {
-            (Some(issuer), _) => {
-                let audience = self.audience.as_deref().ok_or(SetupError::NoAudience)?;
-                Ok(issuer.mesh_link_token(node_id, audience, ttl)?)
-            }
+            (Some(issuer), _) => Ok(issuer.mesh_link_token(node_id, self.link_audience(), ttl)?),
             (None, Some(token)) => Ok(token.as_str().to_owned()),
             (None, None) => Err(SetupError::NoLinkCredential),
         }
@@ -209,6 +206,12 @@ impl Auth {
     /// The mesh's audience, if configured.
     pub fn audience(&self) -> Option<&str> {
         self.audience.as_deref()
+    }
+
+    /// The audience link tokens are minted for and checked against: the mesh's audience, else
+    /// [`DEFAULT_LINK_AUDIENCE`].
+    pub fn link_audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(DEFAULT_LINK_AUDIENCE)
     }
 
     /// Fetches every remote JWKS once (start-up). Failures are returned but are not fatal: the

@@ -235,7 +235,6 @@ async fn metrics(State(s): State<Shared>) -> Response {
 fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
     use std::fmt::Write as _;
     let st = mesh.stats();
-    let view = mesh.view();
     let counters = [
         ("gearmesh_mesh_calls_sent_total", "Calls sent to gears on other nodes.", st.calls_sent),
         ("gearmesh_mesh_calls_received_total", "Calls from other nodes run here.", st.calls_received),
@@ -248,16 +247,14 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
     for (name, help, v) in counters {
         let _infallible = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
     }
-    let me = view.nodes.iter().find(|n| n.id == view.me);
-    let links = me.map_or(0, |n| n.links.len());
+    let links = st.links;
     let _infallible = write!(
         out,
         "# HELP gearmesh_mesh_links Direct links of this node.\n# TYPE gearmesh_mesh_links gauge\ngearmesh_mesh_links {links}\n"
     );
     let _infallible =
         write!(out, "# HELP gearmesh_mesh_nodes Known nodes by state.\n# TYPE gearmesh_mesh_nodes gauge\n");
-    for state in ["alive", "suspect", "dead", "left"] {
-        let n = view.nodes.iter().filter(|x| x.state == state).count();
+    for (state, n) in ["alive", "suspect", "dead", "left"].iter().zip(st.nodes) {
         let _infallible = writeln!(out, "gearmesh_mesh_nodes{{state=\"{state}\"}} {n}");
     }
 }

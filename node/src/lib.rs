@@ -26,12 +26,11 @@ pub mod builtin;
 mod config;
 mod links;
 mod node;
-mod server;
 
 pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode};
 pub use gearmesh_auth as auth;
 pub use gearmesh_gears as gears;
-pub use links::{DEV_CA_CERT_FILE, LINK_AUDIENCE, LinksError};
+pub use links::{DEV_CA_CERT_FILE, LinksError};
 pub use node::{BuildError, Node, NodeBuilder, RunningNode, StartError};
 
 /// Installs aws-lc-rs as the process's rustls crypto provider (the one provider of the whole

@@ -11,7 +11,8 @@
 //! - A node advertises `wss://HOST:PORT` and, with QUIC on, `quic://HOST:PORT`; seeds may use
 //!   either.
 //! - With token authentication on, a link is also authenticated: each hello carries a JWT with
-//!   the `mesh:link` scope for the mesh's audience (`auth.audience`, else [`LINK_AUDIENCE`]),
+//!   the `mesh:link` scope for the mesh's audience (`auth.audience`, else
+//!   [`gearmesh_auth::DEFAULT_LINK_AUDIENCE`]),
 //!   signed by the node's key (or the operator's `--node-token`), and a peer whose token does not
 //!   verify is refused before the link starts. Certificates say "this is a node of our CA";
 //!   tokens say "this node may join this mesh".
@@ -37,9 +38,6 @@ use crate::config::{NodeConfig, TlsMode};
 /// File name of the development CA's certificate alone (no key), written next to the CA so
 /// clients (`curl --cacert`, browsers) can trust it.
 pub const DEV_CA_CERT_FILE: &str = "dev-ca.crt";
-
-/// The audience of link tokens when `auth.audience` is not set.
-pub const LINK_AUDIENCE: &str = "gearmesh-mesh";
 
 /// How long the link token minted at start is valid; links dialed later re-use it.
 const LINK_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
@@ -84,13 +82,8 @@ pub(crate) struct NodeTls {
     pub(crate) dev_ca_cert: Option<PathBuf>,
 }
 
-/// The data directory of a config: `tls.data_dir`, else the platform default.
-pub(crate) fn data_dir(config: &NodeConfig) -> Option<PathBuf> {
-    config.tls.data_dir.clone().or_else(DevCa::default_dir)
-}
-
 /// Loads (or creates) the development CA and writes its certificate for clients.
-pub(crate) fn load_dev_ca(dir: &Path) -> Result<(DevCa, PathBuf), LinksError> {
+fn load_dev_ca(dir: &Path) -> Result<(DevCa, PathBuf), LinksError> {
     let ca = DevCa::load_or_create(dir)?;
     let crt = dir.join(DEV_CA_CERT_FILE);
     let current = std::fs::read_to_string(&crt).ok();
@@ -133,7 +126,7 @@ pub(crate) fn node_tls(config: &NodeConfig, local: SocketAddr) -> Result<Option<
     let (cert, trust, dev_ca_cert) = match config.tls.mode {
         TlsMode::Off => return Ok(None),
         TlsMode::Dev => {
-            let dir = data_dir(config).ok_or(LinksError::NoDataDir)?;
+            let dir = config.tls.data_dir.clone().or_else(DevCa::default_dir).ok_or(LinksError::NoDataDir)?;
             let (ca, crt) = load_dev_ca(&dir)?;
             let mut cas = vec![ca.cert_der()];
             cas.extend(extra_ca);
@@ -166,27 +159,14 @@ fn advertise_host(config: &NodeConfig, local: SocketAddr) -> String {
     }
 }
 
-fn link_audience(auth: &gearmesh_auth::Auth) -> String {
-    auth.audience().unwrap_or(LINK_AUDIENCE).to_owned()
-}
-
-/// This node's link token: minted with its own key for `node:<id>`, else the operator's token.
-fn link_token(auth: &gearmesh_auth::Auth, id: NodeId) -> Result<String, String> {
-    let audience = link_audience(auth);
-    match &auth.issuer {
-        Some(issuer) => issuer.mesh_link_token(&id.to_string(), &audience, LINK_TOKEN_TTL).map_err(|e| e.to_string()),
-        None => auth.link_token(&id.to_string(), LINK_TOKEN_TTL).map_err(|e| e.to_string()),
-    }
-}
-
 /// A peer's hello must carry a token that verifies, holds `mesh:link` for our audience, and (if
 /// it names a node) names the node presenting it.
-fn check_link_token(auth: &gearmesh_auth::Auth, audience: &str, hello: &Hello) -> Result<(), String> {
+fn check_link_token(auth: &gearmesh_auth::Auth, hello: &Hello) -> Result<(), String> {
     let token = std::str::from_utf8(&hello.token).map_err(|_| "link token is not UTF-8".to_owned())?;
     if token.is_empty() {
         return Err("unauthorized: this mesh needs a link token (mesh:link)".into());
     }
-    let id = auth.verifier.verify_mesh_link(token, audience).map_err(|e| format!("unauthorized: {e}"))?;
+    let id = auth.verifier.verify_mesh_link(token, auth.link_audience()).map_err(|e| format!("unauthorized: {e}"))?;
     match id.subject().strip_prefix("node:") {
         Some(node) if node != hello.node_id.to_string() => {
             Err("unauthorized: the link token belongs to another node".into())
@@ -215,7 +195,6 @@ pub(crate) fn start_mesh(
     let host_name = advertise_host(config, local);
     let port = local.port();
     let quic_on = tls.is_some() && config.mesh.quic;
-    // `quic_on` also covers dialing: a node that does not listen still reaches quic:// seeds.
     let mut addrs = vec![match tls {
         Some(_) => format!("wss://{host_name}:{port}"),
         None => format!("ws://{host_name}:{port}"),
@@ -230,7 +209,7 @@ pub(crate) fn start_mesh(
     // The incarnation orders restarts: a later start always has a larger one.
     let incarnation =
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let token = match auth.map(|a| link_token(a, id)) {
+    let token = match auth.map(|a| a.link_token(&id.to_string(), LINK_TOKEN_TTL)) {
         Some(Ok(t)) => Bytes::from(t),
         Some(Err(e)) => {
             // Verifying-only nodes (a JWKS, no key) still serve the API and accept links from
@@ -250,10 +229,9 @@ pub(crate) fn start_mesh(
     };
     let mut setup = LinkSetup::new(hello);
     if let Some(a) = auth {
-        let (auth, audience) = (a.clone(), link_audience(a));
-        setup = setup.with_check(move |hello: &Hello, _peer: &gearmesh_transport::PeerInfo| {
-            check_link_token(&auth, &audience, hello)
-        });
+        let auth = a.clone();
+        setup =
+            setup.with_check(move |hello: &Hello, _peer: &gearmesh_transport::PeerInfo| check_link_token(&auth, hello));
     }
     let accept = AcceptConfig { max_links: config.mesh.max_connections, ..AcceptConfig::default() };
     let (acceptor, incoming) = Acceptor::new(setup.clone(), accept);

@@ -19,7 +19,11 @@ use gearmesh_gears::{
     host::{Host, HostConfig, Start},
 };
 use gearmesh_mesh::Mesh;
-use gearmesh_transport::{NodeId, quic::QuicEndpoint};
+use gearmesh_transport::{
+    NodeId,
+    https::{self, ServeOptions},
+    quic::QuicEndpoint,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +32,6 @@ use crate::{
     NodeConfig, authn, builtin,
     config::ConfigError,
     links::{self, LinksError},
-    server,
 };
 
 /// Building a node failed.
@@ -310,7 +313,12 @@ impl Node {
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
         let app = crate::api::router(shared.clone()).merge(parts.link_router);
         let server_tls = tls.map(|t| t.server);
-        let server = tokio::spawn(server::serve(listener, server_tls, app, shared.clone(), stop_accepting.clone()));
+        let opts = ServeOptions {
+            max_connections: shared.config.http.max_connections,
+            drain_timeout: shared.config.calls.drain_timeout(),
+            ..ServeOptions::default()
+        };
+        let server = tokio::spawn(https::serve(listener, server_tls, app, opts, stop_accepting.clone()));
         let lifecycle = tokio::spawn(lifecycle(shared.clone(), shutdown.clone(), stop_accepting, server, parts.quic));
         tracing::info!(node = %shared.name, id = %shared.id, addr = %local_addr, links = ?shared.link_addrs, "node listening");
         Ok(RunningNode { shared, shutdown, lifecycle, upkeep })
@@ -328,14 +336,14 @@ async fn lifecycle(
     quic: Option<QuicEndpoint>,
 ) {
     shutdown.cancelled().await;
+    // One drain deadline for everything: HTTP requests and calls from other nodes.
+    let deadline = Instant::now() + shared.config.calls.drain_timeout();
     shared.draining.store(true, Ordering::Relaxed);
     shared.mesh.announce_leave().await;
     stop_accepting.cancel();
     if let Err(e) = server.await {
         tracing::error!(error = %e, "server task failed");
     }
-    let drain = shared.config.calls.drain_timeout();
-    let deadline = Instant::now() + drain;
     while shared.host.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -1,61 +1,11 @@
 //! The auth commands of the `gearmesh` binary end to end: `keygen`, `token issue`, a node started
 //! with `--auth-key`, and `call --token` / `GEARMESH_TOKEN`.
 
-use std::{path::Path, process::Stdio, time::Duration};
+mod common;
 
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
+use std::path::Path;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gearmesh");
-
-/// The development CA directory of these tests (never the user's own).
-fn data_dir() -> String {
-    format!("{}/gearmesh-data", env!("CARGO_TARGET_TMPDIR"))
-}
-
-/// Runs the binary to completion: exit code, stdout, stderr.
-async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("GEARMESH_TOKEN").env("GEARMESH_DATA_DIR", data_dir());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out =
-        tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("finished in time").expect("ran");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Starts a node and waits for its URL; the process is killed when the child is dropped.
-async fn spawn(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("GEARMESH_LOG", "warn")
-        .env("GEARMESH_DATA_DIR", data_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawned");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.expect("read") {
-            if let Some(i) = line.find("https://").or_else(|| line.find("http://")) {
-                return line[i..].split(['/', ' ']).take(3).collect::<Vec<_>>().join("/");
-            }
-        }
-        panic!("the node ended without printing its URL");
-    })
-    .await
-    .expect("the node printed its URL");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
-}
+use common::{run, spawn};
 
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
@@ -92,18 +42,12 @@ async fn keygen_then_token_issue_then_call_with_the_token() {
     assert_eq!(echo_token.split('.').count(), 3, "a JWT: {echo_token}");
     let kv_token = issue("call:kv/*").await;
 
-    let (_node, url) = spawn(&[
-        "start",
-        "--listen",
-        "127.0.0.1:0",
-        "--gears",
-        "echo,kv",
-        "--auth-key",
-        key_s,
-        "--auth-audience",
-        "mesh-a",
-    ])
+    let node = spawn(
+        &["start", "--listen", "127.0.0.1:0", "--gears", "echo,kv", "--auth-key", key_s, "--auth-audience", "mesh-a"],
+        &[],
+    )
     .await;
+    let url = node.url.clone();
     let (code, out, err) =
         run(&["call", "echo/echo", r#"{"hi":1}"#, "--node", &url, "--token", &echo_token], &[]).await;
     assert_eq!(code, 0, "{err}");

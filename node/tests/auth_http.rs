@@ -2,8 +2,11 @@
 //! `WWW-Authenticate`, 403 for a missing scope), scopes per endpoint, open health checks, the
 //! caller's identity reaching the port, and `/.well-known/jwks.json`.
 
+mod common;
+
 use std::time::Duration;
 
+use common::dev_ca_client as client;
 use gearmesh::{
     Node, NodeConfig, RunningNode,
     auth::{
@@ -25,23 +28,9 @@ struct Secured {
     _dir: tempfile::TempDir,
 }
 
-/// Every node of these tests gets its certificate from one development CA under cargo's
-/// temporary directory for tests.
-fn data_dir() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gearmesh-data")
-}
-
+/// Every node of these tests gets its certificate from the shared development CA.
 fn tls() -> gearmesh::TlsConfig {
-    gearmesh::TlsConfig { data_dir: Some(data_dir()), ..gearmesh::TlsConfig::default() }
-}
-
-/// An HTTPS client trusting that CA (call after a node has started: it writes the certificate).
-fn client() -> reqwest::Client {
-    let ca = data_dir().join(gearmesh::DEV_CA_CERT_FILE);
-    let cas = gearmesh_transport::tls::load_certs(&ca).expect("dev CA certificate");
-    let trust = gearmesh_transport::tls::ClientTrust::Ca(cas);
-    let tls = gearmesh_transport::tls::ClientTls::new(&trust).expect("client tls").wss_config();
-    reqwest::Client::builder().tls_backend_preconfigured(rustls::ClientConfig::clone(&tls)).build().expect("client")
+    gearmesh::TlsConfig { data_dir: Some(common::data_dir()), ..gearmesh::TlsConfig::default() }
 }
 
 async fn start(alg: Algorithm) -> Secured {

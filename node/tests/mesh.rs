@@ -1,6 +1,8 @@
 //! Several nodes in one process forming a real mesh over loopback: TLS from a development CA in a
 //! temporary directory, WebSocket and QUIC links, remote calls, events, switching, leaving.
 
+mod common;
+
 use std::{path::Path, time::Duration};
 
 use gearmesh::{
@@ -63,12 +65,7 @@ fn sees(n: &RunningNode, gears: &[&str]) -> bool {
 
 /// An HTTPS client trusting only the development CA of the test.
 fn client(node: &RunningNode) -> reqwest::Client {
-    let ca = node.dev_ca_cert().expect("dev mode writes the CA certificate");
-    let cas = gearmesh_transport::tls::load_certs(ca).expect("ca");
-    let tls = gearmesh_transport::tls::ClientTls::new(&gearmesh_transport::tls::ClientTrust::Ca(cas))
-        .expect("tls")
-        .wss_config();
-    reqwest::Client::builder().tls_backend_preconfigured(rustls::ClientConfig::clone(&tls)).build().expect("client")
+    common::client_trusting(node.dev_ca_cert().expect("dev mode writes the CA certificate"))
 }
 
 async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {

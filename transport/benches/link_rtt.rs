@@ -76,7 +76,8 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
             let wss_addr = listener.local_addr().expect("addr");
             let https_cfg = gearmesh_transport::tls::https_server_config(resolver.clone()).expect("cfg");
             let router: axum::Router = link_acceptor.router();
-            tokio::spawn(https::serve(listener, https_cfg, router, https::ServeOptions::default()));
+            let forever = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(https::serve(listener, Some(https_cfg), router, https::ServeOptions::default(), forever));
             let quic = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), Some(resolver), None).expect("quic");
             let quic_addr = quic.local_addr().expect("addr");
             tokio::spawn(quic.serve(link_acceptor));

@@ -9,7 +9,8 @@
 //! - [`memory`]: in-memory links for tests of the layers above.
 //! - [`Dialer`] and [`Acceptor`]: establishing links over WSS ([`ws`], accepted through an
 //!   axum router) and QUIC ([`quic::QuicEndpoint`]).
-//! - [`https`]: a TLS server loop for the node's axum router with slow-loris deadlines.
+//! - [`https`]: the server loop of the node's listening port (TLS, slow-loris deadlines, a
+//!   connection bound, graceful drain) for its axum router.
 //! - [`backoff`]: capped exponential backoff with jitter for reconnecting.
 //! - [`tls`]: development CA, PEM loading, the swappable certificate resolver, rustls configs.
 

@@ -133,12 +133,13 @@ async fn slow_loris_is_cut_off() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let tls = gearmesh_transport::tls::https_server_config(pki.resolver.clone()).expect("tls");
-    let opts = gearmesh_transport::https::ServeOptions { handshake_timeout: Duration::from_millis(300) };
+    let opts = gearmesh_transport::https::ServeOptions {
+        handshake_timeout: Duration::from_millis(300),
+        ..gearmesh_transport::https::ServeOptions::default()
+    };
     let _server = common::net::AbortOnDrop(tokio::spawn({
         let router: axum::Router = acceptor.router();
-        async move {
-            let _stopped = gearmesh_transport::https::serve(listener, tls, router, opts).await;
-        }
+        gearmesh_transport::https::serve(listener, Some(tls), router, opts, tokio_util::sync::CancellationToken::new())
     }));
     // 1. A TCP connection that never starts TLS is closed.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");

@@ -75,8 +75,8 @@ pub struct Config {
     /// Changes of this node's own links are published at most this often (default 1 s); gear,
     /// topic and state changes go out at once.
     pub publish_interval: Duration,
-    /// Routes are recomputed at most this often for remote link changes (default 1 s); the loss of
-    /// a node or of one of our links reroutes at once.
+    /// Routes are recomputed at most this often for remote link changes (default 1 s); a node
+    /// that joins or dies, and a link of ours that comes up or goes down, reroute at once.
     pub route_interval: Duration,
     /// How long a dead node's record (and address, for reconnection) is kept (default 10 min).
     pub dead_gc: Duration,

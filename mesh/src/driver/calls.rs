@@ -16,14 +16,15 @@ use gearmesh_gears::{
     WireBody, host::Start,
 };
 use gearmesh_transport::{BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError};
+use rand::seq::IndexedRandom;
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
 use super::{Counters, Inner, Mesh, Replicas, lock, to_core, to_link};
+use crate::core::NodeId;
 
 /// How long a call waits for a route to a node that hosts its gear but is not routable yet
 /// (it joined a moment ago); past it the call fails `unavailable`.
 const ROUTE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-use crate::core::NodeId;
 
 /// One outgoing call waiting for its reply.
 #[derive(Debug)]
@@ -101,8 +102,14 @@ impl CallTable {
         self.fail_where(message, |_| true);
     }
 
-    fn outstanding(&self, node: NodeId) -> usize {
-        lock(&self.outstanding).get(&node).copied().unwrap_or(0)
+    /// The node among `nodes` with the fewest calls outstanding from here; ties broken at random
+    /// so that sequential callers spread over the replicas too.
+    fn least_loaded(&self, nodes: &[NodeId]) -> Option<NodeId> {
+        let out = lock(&self.outstanding);
+        let load = |n: &NodeId| out.get(n).copied().unwrap_or(0);
+        let least = nodes.iter().map(load).min()?;
+        let best: Vec<NodeId> = nodes.iter().copied().filter(|n| load(n) == least).collect();
+        best.choose(&mut rand::rng()).copied()
     }
 }
 
@@ -163,34 +170,22 @@ impl Mesh {
         let deadline = call.meta.deadline.unwrap_or(now + inner.config.default_timeout);
         // A node that just joined is known before routes reach it: wait for routes a little.
         let route_wait = deadline.min(now + ROUTE_WAIT);
+        let unreachable = || CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear));
         let dst = loop {
             let routes_changed = inner.routes_changed.notified();
             tokio::pin!(routes_changed);
             routes_changed.as_mut().enable();
             match inner.replicas_of(call.gear) {
-                Replicas::Routable(nodes) => {
-                    // The fewest outstanding calls from here; ties broken at random so that
-                    // sequential callers spread over the replicas too.
-                    let load: Vec<(NodeId, usize)> = nodes.iter().map(|n| (*n, inner.calls.outstanding(*n))).collect();
-                    let least = load.iter().map(|(_, l)| *l).min();
-                    let best: Vec<NodeId> = load.iter().filter(|(_, l)| Some(*l) == least).map(|(n, _)| *n).collect();
-                    if let Some(dst) = best.get(rand::random_range(0..best.len().max(1))) {
-                        break *dst;
-                    }
-                }
+                Replicas::Routable(nodes) => break inner.calls.least_loaded(&nodes).ok_or_else(unreachable)?,
                 Replicas::NoRouteYet if Instant::now() < route_wait => {
                     // Woken by the next route change, or give up at `route_wait`.
                     let _ = tokio::time::timeout_at(route_wait, routes_changed).await;
-                    continue;
                 }
-                Replicas::NoRouteYet | Replicas::Down => {
-                    return Err(CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear)));
-                }
+                Replicas::NoRouteYet | Replicas::Down => return Err(unreachable()),
                 Replicas::Unknown => {
                     return Err(CallError::not_found(format!("no gear named {:?} in the mesh", call.gear)));
                 }
             }
-            return Err(CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear)));
         };
         let now = Instant::now();
         let remaining_ms = deadline.saturating_duration_since(now).as_millis();

@@ -94,6 +94,10 @@ pub struct MeshStats {
     pub frames_forwarded: u64,
     /// Frames dropped: no route, too many hops, or a full link queue.
     pub frames_dropped: u64,
+    /// Direct links of this node now.
+    pub links: usize,
+    /// Known nodes (this one included) by state now: alive, suspect, dead, left.
+    pub nodes: [usize; 4],
 }
 
 /// The live counters behind [`MeshStats`].
@@ -113,9 +117,20 @@ impl Counters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> MeshStats {
+    fn snapshot(&self, core: &Core) -> MeshStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut nodes = [0; 4];
+        for r in core.nodes() {
+            nodes[match r.state {
+                NodeState::Alive => 0,
+                NodeState::Suspect => 1,
+                NodeState::Dead => 2,
+                NodeState::Left => 3,
+            }] += 1;
+        }
         MeshStats {
+            links: core.links().len(),
+            nodes,
             calls_sent: get(&self.calls_sent),
             calls_received: get(&self.calls_received),
             calls_refused: get(&self.calls_refused),
@@ -224,7 +239,7 @@ pub(crate) struct Inner {
     dialing: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
     pub(crate) counters: Counters,
-    /// Checks each call and event from another node before it runs here (set by the node when
+    /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
     /// Woken whenever routes change (calls waiting for a route to a joining node).
@@ -335,9 +350,9 @@ impl Mesh {
         }
     }
 
-    /// Traffic counters since start.
+    /// Traffic counters since start, and the current link and node counts.
     pub fn stats(&self) -> MeshStats {
-        self.inner.counters.snapshot()
+        self.inner.counters.snapshot(&self.inner.core())
     }
 
     /// Whether some node that is up (this one excluded) hosts `gear`.
@@ -349,6 +364,7 @@ impl Mesh {
     /// The mesh as this node sees it.
     pub fn view(&self) -> MeshView {
         let core = self.inner.core();
+        let routes: HashMap<NodeId, crate::core::Route> = core.routes().into_iter().collect();
         let links = self.inner.links.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut nodes: Vec<NodeView> = core
             .nodes()
@@ -374,10 +390,7 @@ impl Mesh {
                 route: if r.id == self.inner.id {
                     Some(RouteView { next_hop: "self".into(), hops: 0 })
                 } else {
-                    core.routes()
-                        .into_iter()
-                        .find(|(dst, _)| *dst == r.id)
-                        .map(|(_, route)| RouteView { next_hop: route.next_hop.to_string(), hops: route.hops })
+                    routes.get(&r.id).map(|route| RouteView { next_hop: route.next_hop.to_string(), hops: route.hops })
                 },
             })
             .collect();
@@ -565,19 +578,15 @@ impl Inner {
         self.core().handle_link_up(now, peer, LinkInfo { addrs: peer_info.listen_addrs, dialed });
         self.flush();
         match kept_old {
+            // Not in the table, so its reader's end is not a link loss.
             None => {
                 tracing::debug!(%peer, "duplicate link; keeping the preferred one");
-                // Not in the table, so its reader's end is not a link loss.
                 self.retire(tx.clone());
-                tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
             }
-            Some(old) => {
-                if let Some(old) = old {
-                    self.retire(old.tx);
-                }
-                tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
-            }
+            Some(Some(replaced)) => self.retire(replaced.tx),
+            Some(None) => {}
         }
+        tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
     }
 
     /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is

@@ -45,11 +45,13 @@ pub async fn wss_server(acceptor: &Acceptor, resolver: Arc<CertResolver>) -> (So
     let addr = listener.local_addr().expect("addr");
     let tls = gearmesh_transport::tls::https_server_config(resolver).expect("server config");
     let router: axum::Router = acceptor.router();
-    let task = tokio::spawn(async move {
-        if let Err(e) = https::serve(listener, tls, router, https::ServeOptions::default()).await {
-            eprintln!("server stopped: {e}");
-        }
-    });
+    let task = tokio::spawn(https::serve(
+        listener,
+        Some(tls),
+        router,
+        https::ServeOptions::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     (addr, AbortOnDrop(task))
 }
 

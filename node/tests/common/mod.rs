@@ -1,0 +1,104 @@
+//! What the tests that run the `gearmesh` binary or talk HTTPS to a node share. Each test binary
+//! uses a part of it.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gearmesh");
+
+/// The development CA directory every node of these tests shares (under cargo's temporary
+/// directory for integration tests, so the user's own CA is never touched).
+pub(crate) fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gearmesh-data")
+}
+
+/// The base URL in a line like "... listening on https://127.0.0.1:1234 (...)".
+pub(crate) fn url_in(line: &str) -> Option<String> {
+    let i = line.find("https://").or_else(|| line.find("http://"))?;
+    Some(line[i..].split(['/', ' ']).take(3).collect::<Vec<_>>().join("/"))
+}
+
+/// A running `gearmesh` process, killed when dropped.
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    /// The base URL it printed.
+    pub(crate) url: String,
+    /// The whole line it printed the URL in.
+    pub(crate) line: String,
+}
+
+/// Starts the binary with `args` (and `env` on top of the shared data directory) and waits for
+/// the first line it prints with a URL. Its stdout keeps being drained; stderr is discarded.
+pub(crate) async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("GEARMESH_LOG", "warn").env("GEARMESH_DATA_DIR", data_dir()).env_remove("GEARMESH_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("spawned");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (line, url) = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if let Some(url) = url_in(&line) {
+                return (line, url);
+            }
+        }
+        panic!("the process ended without printing its URL");
+    })
+    .await
+    .expect("the process printed its URL");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc { child, url, line }
+}
+
+/// Runs the binary to completion: exit code, stdout, stderr.
+pub(crate) async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("GEARMESH_DATA_DIR", data_dir()).env_remove("GEARMESH_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out =
+        tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("finished in time").expect("ran");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends `signal` (`TERM`, `KILL`, ...) to a running child.
+pub(crate) fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("running");
+    let status =
+        std::process::Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status().expect("kill ran");
+    assert!(status.success());
+}
+
+/// An HTTPS client trusting only the CA certificate (PEM) at `ca`.
+pub(crate) fn client_trusting(ca: &Path) -> reqwest::Client {
+    let cas = gearmesh_transport::tls::load_certs(ca).expect("CA certificate");
+    let trust = gearmesh_transport::tls::ClientTrust::Ca(cas);
+    let tls = gearmesh_transport::tls::ClientTls::new(&trust).expect("client tls").wss_config();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// An HTTPS client trusting the shared development CA (after a node has started: it writes the
+/// certificate).
+pub(crate) fn dev_ca_client() -> reqwest::Client {
+    client_trusting(&data_dir().join(gearmesh::DEV_CA_CERT_FILE))
+}
