@@ -39,6 +39,9 @@ use crate::{
 };
 
 mod run;
+mod tap;
+
+pub use tap::Tap;
 
 pub(crate) use run::Run;
 mod stats;
@@ -81,6 +84,8 @@ struct HostedGear {
 /// The queue in front of one listener.
 struct ListenerSlot {
     gear: GearName,
+    /// Non-zero for a [`Tap`] (a consumer that is not a gear), zero for a gear's listener.
+    tap: u64,
     tx: mpsc::Sender<(Event, Principal, TraceId)>,
     lagging: AtomicBool,
     dropped: Counter,
@@ -219,7 +224,8 @@ impl Host {
                     ),
                     None => Counter::noop(),
                 };
-                let slot = Arc::new(ListenerSlot { gear: name.clone(), tx, lagging: AtomicBool::new(false), dropped });
+                let slot =
+                    Arc::new(ListenerSlot { gear: name.clone(), tap: 0, tx, lagging: AtomicBool::new(false), dropped });
                 let list = topics.entry(l.topic.clone()).or_insert_with(|| Arc::from(Vec::new()));
                 *list = list.iter().cloned().chain(std::iter::once(slot)).collect();
                 runtime.spawn(run_listener(self.me.clone(), identity.clone(), l.topic, l.handler, rx));
@@ -234,8 +240,9 @@ impl Host {
         let removed = write(&self.gears).remove(name)?;
         let mut topics = write(&self.topics);
         topics.retain(|_, list| {
-            if list.iter().any(|s| s.gear.as_str() == name) {
-                *list = list.iter().filter(|s| s.gear.as_str() != name).cloned().collect();
+            let of_gear = |s: &Arc<ListenerSlot>| s.tap == 0 && s.gear.as_str() == name;
+            if list.iter().any(of_gear) {
+                *list = list.iter().filter(|s| !of_gear(s)).cloned().collect();
             }
             !list.is_empty()
         });

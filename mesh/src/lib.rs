@@ -8,7 +8,7 @@
 pub mod core;
 mod driver;
 
-pub use driver::{Authorizer, LinkView, Mesh, MeshConfig, MeshStats, MeshView, NodeView, RouteView};
+pub use driver::{Authorizer, CallObserver, LinkView, Mesh, MeshConfig, MeshStats, MeshView, NodeView, RouteView};
 
 pub use crate::core::{
     Action, Config, Core, DecodeError, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId,

@@ -41,6 +41,7 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/gears", get(gears))
         .route("/v1/nodes", get(nodes))
         .route("/v1/routes", get(routes))
+        .route("/v1/mesh", get(crate::interface::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

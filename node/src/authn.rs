@@ -164,6 +164,9 @@ enum Required {
 fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
     match route {
         "/healthz" | "/readyz" | JWKS_PATH => Required::Nothing,
+        // The WebSocket interface authenticates on the socket (a header, a subprotocol offer or
+        // a first message; close 4401/4403), since browsers cannot set headers on a WebSocket.
+        "/v1/mesh" => Required::Nothing,
         "/v1/call/{gear}/{port}" => Required::Scope(Permission::call(&param("gear"), &param("port"))),
         "/v1/events/{topic}" => Required::Scope(Permission::publish(&param("topic"))),
         "/v1/node" | "/v1/gears" | "/v1/nodes" | "/v1/routes" | "/metrics" => Required::Scope(Permission::Observe),
@@ -262,6 +265,7 @@ mod tests {
         assert_eq!(required("/healthz", &none), Required::Nothing);
         assert_eq!(required("/readyz", &none), Required::Nothing);
         assert_eq!(required(JWKS_PATH, &none), Required::Nothing);
+        assert_eq!(required("/v1/mesh", &none), Required::Nothing);
         assert_eq!(required("/v1/node", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/v1/gears", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/metrics", &none), Required::Scope(Permission::Observe));

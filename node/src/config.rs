@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub mesh: MeshLinksConfig,
     /// Token authentication: key sources, audience, issuers, gear permissions (`[auth]`).
     pub auth: gearmesh_auth::AuthConfig,
+    /// The WebSocket interface at `/v1/mesh` (observers, drivers, external gears).
+    pub interface: InterfaceConfig,
 }
 
 impl Default for NodeConfig {
@@ -66,6 +68,47 @@ impl Default for NodeConfig {
             tls: TlsConfig::default(),
             mesh: MeshLinksConfig::default(),
             auth: gearmesh_auth::AuthConfig::default(),
+            interface: InterfaceConfig::default(),
+        }
+    }
+}
+
+/// Limits and rates of the WebSocket interface (`docs/interface.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Clients connected at once, at most; one more gets `503` before the upgrade.
+    pub max_clients: usize,
+    /// Stream messages a client may fall behind before it is sent `lagged` and a fresh snapshot.
+    pub buffer: usize,
+    /// The largest message a client may send; a larger one closes the connection (1009).
+    pub max_message_bytes: usize,
+    /// How long a client that did not authenticate in the upgrade request has to send `auth`.
+    pub auth_timeout_ms: u64,
+    /// How often every node publishes its stats to nodes with observers, in milliseconds.
+    pub stats_interval_ms: u64,
+    /// Call traces each node samples per second, at most, while some observer wants them.
+    pub traces_per_second: u32,
+    /// Requests (calls, publishes) one client may have in flight; more are refused `overloaded`.
+    pub max_requests: usize,
+    /// Calls to one client's gears in flight at once; more are refused `overloaded`.
+    pub max_served_calls: usize,
+    /// Topics one client may subscribe to.
+    pub max_topics: usize,
+}
+
+impl Default for InterfaceConfig {
+    fn default() -> Self {
+        Self {
+            max_clients: 16_384,
+            buffer: 1024,
+            max_message_bytes: 1024 * 1024,
+            auth_timeout_ms: 10_000,
+            stats_interval_ms: 2_000,
+            traces_per_second: 50,
+            max_requests: 256,
+            max_served_calls: 1024,
+            max_topics: 64,
         }
     }
 }
@@ -253,6 +296,13 @@ impl NodeConfig {
         positive("mesh.max_links", self.mesh.max_links as u64)?;
         positive("mesh.min_links", self.mesh.min_links as u64)?;
         positive("mesh.max_connections", self.mesh.max_connections as u64)?;
+        positive("interface.max_clients", self.interface.max_clients as u64)?;
+        positive("interface.buffer", self.interface.buffer as u64)?;
+        positive("interface.max_message_bytes", self.interface.max_message_bytes as u64)?;
+        positive("interface.auth_timeout_ms", self.interface.auth_timeout_ms)?;
+        positive("interface.stats_interval_ms", self.interface.stats_interval_ms)?;
+        positive("interface.max_requests", self.interface.max_requests as u64)?;
+        positive("interface.max_served_calls", self.interface.max_served_calls as u64)?;
         if self.mesh.min_links > self.mesh.max_links {
             return Err(ConfigError::Invalid {
                 key: "mesh.min_links",

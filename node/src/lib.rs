@@ -24,10 +24,13 @@ mod api;
 mod authn;
 pub mod builtin;
 mod config;
+mod interface;
 mod links;
 mod node;
 
-pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode};
+pub use config::{
+    CallsConfig, ConfigError, HttpConfig, InterfaceConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode,
+};
 pub use gearmesh_auth as auth;
 pub use gearmesh_gears as gears;
 pub use links::{DEV_CA_CERT_FILE, LinksError};

@@ -187,6 +187,7 @@ pub(crate) struct MeshParts {
 pub(crate) fn start_mesh(
     config: &NodeConfig,
     id: NodeId,
+    name: &str,
     local: SocketAddr,
     tls: Option<&NodeTls>,
     host: Arc<Host>,
@@ -263,6 +264,7 @@ pub(crate) fn start_mesh(
         }
     };
     let core = CoreConfig {
+        name: name.to_owned(),
         incarnation,
         min_links: config.mesh.min_links,
         max_links: config.mesh.max_links,

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     NodeConfig, authn, builtin,
     config::ConfigError,
+    interface::{Interface, Telemetry},
     links::{self, LinksError},
 };
 
@@ -176,6 +177,8 @@ pub(crate) struct Router {
     mesh: OnceLock<Mesh>,
     /// Checks each call's caller (`authn::authorize_call`); `None` in insecure development mode.
     auth: Option<gearmesh_auth::Auth>,
+    /// Samples calls into traces for observers (set once at start, with the mesh).
+    telemetry: OnceLock<Arc<Telemetry>>,
 }
 
 impl Dispatch for Router {
@@ -183,8 +186,21 @@ impl Dispatch for Router {
         if let Err(e) = authn::authorize_call(self.auth.as_ref(), &call) {
             return Box::pin(std::future::ready(Err(e)));
         }
+        let traced = match self.telemetry.get() {
+            Some(t) if t.sample() => Some((t.clone(), call.gear.to_owned(), call.port.to_owned(), call.meta.trace_id)),
+            _ => None,
+        };
         match self.host.start(call) {
-            Start::Running(fut) => fut,
+            Start::Running(fut) => match traced {
+                None => fut,
+                // A sampled local call: this node called itself.
+                Some((t, gear, port, trace_id)) => Box::pin(async move {
+                    let started = Instant::now();
+                    let result = fut.await;
+                    t.trace(t.me(), &gear, &port, started.elapsed(), result.as_ref().map(|_| ()), Some(trace_id));
+                    result
+                }),
+            },
             Start::NotHosted(call) => match self.mesh.get() {
                 Some(mesh) => Box::pin(mesh.call(call)),
                 None => {
@@ -198,6 +214,12 @@ impl Dispatch for Router {
     /// Local listeners get the event through their queues; every other node with a listener for
     /// the topic gets one copy over the mesh (nodes without one get nothing).
     fn publish(&self, publish: Publish) -> Result<(), CallError> {
+        if publish.topic.starts_with(crate::interface::SYSTEM_TOPIC_PREFIX) {
+            return Err(CallError::forbidden(format!(
+                "{:?} is a system topic; only nodes publish there",
+                publish.topic
+            )));
+        }
         authn::authorize_publish(self.auth.as_ref(), &publish)?;
         self.host.publish_local(&publish)?;
         if let Some(mesh) = self.mesh.get() {
@@ -228,6 +250,8 @@ pub(crate) struct NodeShared {
     pub(crate) dev_ca_cert: Option<PathBuf>,
     /// Token authentication; `None` in insecure development mode (see `authn`).
     pub(crate) auth: Option<gearmesh_auth::Auth>,
+    /// The WebSocket interface at `/v1/mesh`.
+    pub(crate) interface: Arc<Interface>,
 }
 
 impl NodeShared {
@@ -264,7 +288,12 @@ impl Node {
             ..HostConfig::default()
         };
         let host = Host::new(host_config, Some(recorder));
-        let router = Arc::new(Router { host: host.clone(), mesh: OnceLock::new(), auth: auth.clone() });
+        let router = Arc::new(Router {
+            host: host.clone(),
+            mesh: OnceLock::new(),
+            auth: auth.clone(),
+            telemetry: OnceLock::new(),
+        });
         let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
         host.set_front(front);
         for g in gears {
@@ -283,13 +312,24 @@ impl Node {
         if tls.is_none() {
             tracing::warn!("TLS IS OFF (insecure development mode): HTTP and mesh links are plaintext");
         }
-        let parts = links::start_mesh(&config, node_id, local_addr, tls.as_ref(), host.clone(), auth.as_ref())?;
+        let parts = links::start_mesh(&config, node_id, &name, local_addr, tls.as_ref(), host.clone(), auth.as_ref())?;
         if let Some(a) = &auth {
             parts.mesh.set_authorizer(Arc::new(authn::MeshAuthorizer(a.clone())));
         }
         if router.mesh.set(parts.mesh.clone()).is_err() {
             tracing::error!("the mesh was wired twice; keeping the first");
         }
+        let shutdown = CancellationToken::new();
+        let telemetry = Telemetry::new(
+            id.clone(),
+            name.clone(),
+            host.clone(),
+            parts.mesh.clone(),
+            config.interface.traces_per_second,
+        );
+        let _first = router.telemetry.set(telemetry.clone());
+        let interface =
+            Interface::start(config.interface.clone(), host.clone(), parts.mesh.clone(), telemetry, shutdown.clone());
         let shared = Arc::new(NodeShared {
             id,
             name,
@@ -306,8 +346,8 @@ impl Node {
             link_addrs: parts.addrs,
             dev_ca_cert: tls.as_ref().and_then(|t| t.dev_ca_cert.clone()),
             auth,
+            interface,
         });
-        let shutdown = CancellationToken::new();
         authn::start(shared.auth(), &shutdown).await;
         let stop_accepting = CancellationToken::new();
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));

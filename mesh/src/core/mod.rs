@@ -148,6 +148,7 @@ impl Core {
             gears: Vec::new(),
             topics: Vec::new(),
             links: Vec::new(),
+            name: config.name.clone(),
         };
         Self {
             id,

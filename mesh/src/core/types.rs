@@ -46,6 +46,8 @@ impl Add<Duration> for Time {
 /// Configuration of a mesh core: plain public fields, [`Default`] for production, presets for tests.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// This node's human-readable name, carried in its record (may be empty).
+    pub name: String,
     /// The incarnation this process starts with. A restarted node must start higher than its previous
     /// life (the driver passes e.g. the Unix time in milliseconds); the core also bumps it whenever
     /// it hears a newer claim about itself.
@@ -105,6 +107,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            name: String::new(),
             incarnation: 0,
             max_links: 8,
             min_links: 6,
@@ -205,6 +208,8 @@ pub struct NodeRecord {
     pub topics: Vec<String>,
     /// Its current direct links (sorted).
     pub links: Vec<NodeId>,
+    /// Its human-readable name (not unique; for people and dashboards, never for routing).
+    pub name: String,
 }
 
 /// The version key records are ordered by: (incarnation, state rank, version).

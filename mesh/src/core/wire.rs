@@ -179,6 +179,7 @@ pub(crate) fn encode_record(b: &mut Vec<u8>, r: &NodeRecord) {
     }
     put_strs(b, &r.topics, usize::from(u16::MAX));
     put_ids(b, &r.links, MAX_LINKS);
+    put_str(b, &r.name);
 }
 
 fn put_u16(b: &mut Vec<u8>, v: u16) {
@@ -371,7 +372,8 @@ impl<'a> Reader<'a> {
         }
         let topics = self.strs(usize::from(u16::MAX), "topics")?;
         let links = self.ids(MAX_LINKS, "links")?;
-        Ok(NodeRecord { id, incarnation, version, state, suspecters, addrs, gears, topics, links })
+        let name = self.str()?;
+        Ok(NodeRecord { id, incarnation, version, state, suspecters, addrs, gears, topics, links, name })
     }
 }
 
@@ -391,6 +393,7 @@ mod tests {
             gears: vec![GearAd { name: "billing".into(), version: "1.2.0".into(), ports: vec!["charge".into()] }],
             topics: vec!["orders.cancelled".into()],
             links: vec![NodeId::from_bytes([2; 16]), NodeId::from_bytes([3; 16])],
+            name: "billing-eu-1".into(),
         }
     }
 

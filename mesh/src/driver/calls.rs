@@ -350,6 +350,7 @@ impl Inner {
                 BodyKind::Bytes => Arg::bytes(c.body),
             };
             let call = GearCall { gear: &c.gear, port: &c.port, arg, meta };
+            let started = Instant::now();
             let allowed = inner.authorizer.get().map_or(Ok(()), |a| a.authorize_call(&call));
             let result = match allowed.map(|()| inner.host.start(call)) {
                 Err(e) => Err(e),
@@ -359,6 +360,9 @@ impl Inner {
                 }
             };
             lock(&inner.calls.inbound).remove(&(src, call_id));
+            if let Some(o) = inner.call_observer.get() {
+                o.served(to_link(src), &c.gear, &c.port, started.elapsed(), result.as_ref().map(|_| ()));
+            }
             inner.reply(&route, &from, call_id, result);
         });
         lock(&self.calls.inbound).insert(key, task.abort_handle());

@@ -47,6 +47,20 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize_call(&self, call: &gearmesh_gears::Call<'_>) -> Result<(), gearmesh_gears::CallError>;
 }
 
+/// Told about each call from another node that ran here, once it finished (the node samples
+/// these into call traces for observers). Called on the call's task: keep it cheap.
+pub trait CallObserver: Send + Sync + 'static {
+    /// `from` called `gear/port` here; it took `latency` and ended with `outcome`.
+    fn served(
+        &self,
+        from: LinkNodeId,
+        gear: &str,
+        port: &str,
+        latency: Duration,
+        outcome: Result<(), &gearmesh_gears::CallError>,
+    );
+}
+
 /// Driver settings around the core's own [`CoreConfig`].
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -156,6 +170,8 @@ pub struct MeshView {
 pub struct NodeView {
     /// The node id (32 hex digits).
     pub id: String,
+    /// Its human-readable name (not unique).
+    pub name: String,
     /// `alive`, `suspect`, `dead` or `left`.
     pub state: &'static str,
     /// Its incarnation.
@@ -242,6 +258,8 @@ pub(crate) struct Inner {
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
+    /// Told about each call from another node that ran here (set by the node).
+    pub(crate) call_observer: std::sync::OnceLock<Arc<dyn CallObserver>>,
     /// Woken whenever routes change (calls waiting for a route to a joining node).
     pub(crate) routes_changed: Notify,
     wake: Notify,
@@ -289,6 +307,7 @@ impl Mesh {
             calls: calls::CallTable::default(),
             counters: Counters::default(),
             authorizer: std::sync::OnceLock::new(),
+            call_observer: std::sync::OnceLock::new(),
             routes_changed: Notify::new(),
             config,
             core: Mutex::new(core),
@@ -334,6 +353,8 @@ impl Mesh {
             tracing::error!(error = %e, "cannot advertise this node's gears");
         }
         self.inner.flush();
+        // Observers of this node learn of its own changes too (nobody listening is fine).
+        let _nobody = self.inner.events.send(MeshEvent::NodeUpdated(self.inner.id));
     }
 
     /// Mesh events as they happen (joins, leaves, suspicions, gears, links, routes). A receiver
@@ -347,6 +368,13 @@ impl Mesh {
     pub fn set_authorizer(&self, authorizer: Arc<dyn Authorizer>) {
         if self.inner.authorizer.set(authorizer).is_err() {
             tracing::warn!("the mesh authorizer is already set; keeping the first");
+        }
+    }
+
+    /// Makes this node report each call from another node that ran here to `observer`. Set once.
+    pub fn set_call_observer(&self, observer: Arc<dyn CallObserver>) {
+        if self.inner.call_observer.set(observer).is_err() {
+            tracing::warn!("the mesh call observer is already set; keeping the first");
         }
     }
 
@@ -370,6 +398,7 @@ impl Mesh {
             .nodes()
             .map(|r| NodeView {
                 id: r.id.to_string(),
+                name: r.name.clone(),
                 state: state_name(r.state),
                 incarnation: r.incarnation,
                 addrs: r.addrs.clone(),
