@@ -62,8 +62,11 @@ class MeshModel:
     def summary(self) -> dict:
         return {
             "nodes": sorted(
-                {"id": n["id"], "name": n["name"], "state": n["state"], "gears": sorted(g["name"] for g in n["gears"])}
-                for n in self.nodes.values()
+                (
+                    {"id": n["id"], "name": n["name"], "state": n["state"], "gears": sorted(g["name"] for g in n["gears"])}
+                    for n in self.nodes.values()
+                ),
+                key=lambda n: n["name"],
             ),
             "links": sorted(list(l) for l in self.links),
         }
@@ -81,7 +84,7 @@ async def main() -> int:
     args = p.parse_args()
 
     ws, welcome = await connect(args, scope="observe")
-    out = (lambda *a: None) if args.quiet else print
+    out = (lambda *a, **k: None) if args.quiet else print
     out(f"connected to {welcome['node']['name']} as {welcome['principal']}", flush=True)
     topics = [t for t in args.topics.split(",") if t]
     await send(ws, type="subscribe", id="watch", topics=topics, traces=args.traces, stats=args.stats)

@@ -108,7 +108,8 @@ impl Interface {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         mesh.set_call_observer(telemetry.clone());
-        let watch = Watch::new(host.clone(), mesh.clone(), config.buffer, telemetry.clone());
+        let tap_queue = host.config().listener_queue;
+        let watch = Watch::new(host.clone(), mesh.clone(), config.buffer, tap_queue, telemetry.clone());
         let clients = Arc::new(Clients::default());
         tokio::spawn(watch.clone().run(shutdown.clone()));
         let interval = Duration::from_millis(config.stats_interval_ms);

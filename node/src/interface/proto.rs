@@ -110,6 +110,10 @@ pub(crate) enum ClientMsg {
     Reply {
         #[serde(default)]
         v: Option<u64>,
+        /// Ignored (replies are matched by `call`); allowed for clients that number everything.
+        #[serde(default)]
+        #[allow(dead_code)]
+        id: Option<Value>,
         call: u64,
         #[serde(default)]
         ok: Option<Value>,

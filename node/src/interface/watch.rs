@@ -88,7 +88,14 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(host: Arc<Host>, mesh: Mesh, buffer: usize, telemetry: Arc<Telemetry>) -> Arc<Self> {
+    /// `buffer`: the shared ring's size; `tap_queue`: events queued per topic before the ring.
+    pub(crate) fn new(
+        host: Arc<Host>,
+        mesh: Mesh,
+        buffer: usize,
+        tap_queue: NonZeroUsize,
+        telemetry: Arc<Telemetry>,
+    ) -> Arc<Self> {
         let (stream, _) = broadcast::channel(buffer.max(1));
         let view = mesh.view();
         Arc::new(Self {
@@ -97,7 +104,7 @@ impl Watch {
             mesh,
             stream,
             taps: Mutex::default(),
-            tap_queue: NonZeroUsize::new(buffer).unwrap_or(NonZeroUsize::MIN),
+            tap_queue,
             telemetry,
         })
     }
