@@ -72,6 +72,32 @@ class MeshModel:
         }
 
 
+def load_validator(path: str):
+    """A function returning what is wrong with a node's message (empty when it matches the schema)."""
+    import jsonschema
+
+    with open(path) as f:
+        schema = json.load(f)
+    node_only = {**schema, "oneOf": [{"$ref": "#/$defs/node_message"}]}
+    validator = jsonschema.Draft202012Validator(node_only)
+    # oneOf errors are vague; also check against the definition the message's type names.
+    by_type = {}
+    for ref in schema["$defs"]["node_message"]["oneOf"]:
+        d = schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]
+        t = d["properties"]["type"]
+        for name in t.get("enum", [t.get("const")]):
+            by_type[name] = jsonschema.Draft202012Validator({**schema, **d})
+
+    def check(m: dict) -> str:
+        specific = by_type.get(m.get("type"))
+        errors = [e.message for e in (specific or validator).iter_errors(m)]
+        if specific is None:
+            errors.append(f"unknown type {m.get('type')!r}")
+        return "; ".join(errors[:3])
+
+    return check
+
+
 async def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_connection_args(p)
@@ -81,7 +107,10 @@ async def main() -> int:
     p.add_argument("--seconds", type=float, help="stop after this many seconds")
     p.add_argument("--summary", action="store_true", help="print one JSON summary line at the end")
     p.add_argument("--quiet", action="store_true", help="do not print every message")
+    p.add_argument("--validate", metavar="SCHEMA", help="check every message against docs/interface.schema.json")
     args = p.parse_args()
+    validate = load_validator(args.validate) if args.validate else None
+    invalid = 0
 
     ws, welcome = await connect(args, scope="observe")
     out = (lambda *a, **k: None) if args.quiet else print
@@ -101,6 +130,11 @@ async def main() -> int:
             except asyncio.TimeoutError:
                 break
             m = json.loads(raw)
+            if validate is not None:
+                problems = validate(m)
+                if problems:
+                    invalid += 1
+                    print(f"invalid {m.get('type')} message: {problems}", file=sys.stderr, flush=True)
             t = m["type"]
             if t == "snapshot":
                 model = MeshModel(m)
@@ -128,6 +162,8 @@ async def main() -> int:
     if args.summary:
         summary = model.summary() if model else {"nodes": [], "links": []}
         summary.update(events=events, traces=traces, stats_from=sorted(stats_from), lagged=lagged)
+        if validate is not None:
+            summary["invalid"] = invalid
         print(json.dumps(summary), flush=True)
     return 0
 

@@ -599,13 +599,13 @@ async fn a_node_shutting_down_closes_its_clients_with_1001() {
 
 fn python_ready() -> bool {
     let ok = std::process::Command::new("python3")
-        .args(["-c", "import websockets, jwt"])
+        .args(["-c", "import websockets, jwt, jsonschema"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
             std::env::var_os("GEARMESH_REQUIRE_PYTHON").is_none(),
-            "GEARMESH_REQUIRE_PYTHON is set but python3 cannot import websockets and jwt (PyJWT)"
+            "GEARMESH_REQUIRE_PYTHON is set but python3 cannot import websockets, jwt (PyJWT) and jsonschema"
         );
         println!("SKIP: python3 with websockets and PyJWT not available");
     }
@@ -718,8 +718,10 @@ async fn the_python_observer_sees_the_whole_three_node_mesh_its_events_traces_an
     for n in [&a, &b, &c] {
         eventually("every node sees every gear", 15, || sees(n, &["echo", "users", "orders"])).await;
     }
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/interface.schema.json");
     let obs = python(&cl, "observer.py", &c, &["--seconds", "6", "--summary", "--quiet", "--topics", "demo.t"])
-        .args(["--traces", "--stats"])
+        .args(["--traces", "--stats", "--validate"])
+        .arg(schema)
         .spawn()
         .expect("python3 observer.py");
     // Once c advertises the observer's topics, publish on a and call a port on a from b.
@@ -771,6 +773,7 @@ async fn the_python_observer_sees_the_whole_three_node_mesh_its_events_traces_an
     let stats: BTreeSet<&str> =
         summary["stats_from"].as_array().expect("stats").iter().filter_map(Value::as_str).collect();
     assert_eq!(stats, BTreeSet::from(["a", "b", "c"]), "stats from every node: {summary}");
+    assert_eq!(summary["invalid"], 0, "every message matched docs/interface.schema.json: {stderr}");
     for n in [c, b, a] {
         n.shutdown().await;
     }
