@@ -123,7 +123,7 @@ pub(crate) fn run_keygen(args: KeygenArgs) -> Result<()> {
 }
 
 /// Creates `path` readable only by its owner, refusing to overwrite an existing file.
-fn write_private(path: &std::path::Path, contents: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, contents: &[u8]) -> Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

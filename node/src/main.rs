@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use gearmesh::{LogFormat, Node, NodeConfig, RunningNode, TlsMode};
+use gearmesh::{LogFormat, Node, NodeConfig, RunningNode, TlsMode, auth::AuthConfig};
 
 mod cli_auth;
 
@@ -272,15 +272,54 @@ async fn start(args: StartArgs) -> Result<()> {
 const DEMO_NODES: [(&str, &[&str]); 3] =
     [("demo-1", &["echo", "kv", "users", "products"]), ("demo-2", &["billing", "audit"]), ("demo-3", &["orders"])];
 
+/// What the shop's gears may do when they call each other (`[auth.gears]`).
+const SHOP_POLICY: &str = r#"
+[auth.gears]
+orders = ["call:users/find", "call:products/*", "call:billing/charge", "publish:orders.placed"]
+billing = ["publish:billing.charged"]
+"#;
+
+/// How long the demo's tokens live.
+const DEMO_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// A fresh signing key for the demo in the data directory (replacing the last run's, so its
+/// tokens stop working), and an admin and an observe-only token signed with it.
+fn demo_auth(data_dir: Option<&PathBuf>) -> Result<(AuthConfig, PathBuf, String, String)> {
+    let dir = data_dir
+        .cloned()
+        .or_else(gearmesh_transport::tls::DevCa::default_dir)
+        .context("no directory for the demo's key: set --data-dir or GEARMESH_DATA_DIR (or HOME)")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("demo-mesh.key");
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("replacing {}", path.display())),
+    }
+    let generated = gearmesh::auth::keygen(gearmesh::auth::Algorithm::EdDSA)?;
+    cli_auth::write_private(&path, generated.contents.as_bytes())?;
+    let issuer = gearmesh::auth::Issuer::new(generated.key);
+    let token = |sub: &str, scopes: &str| -> Result<String> {
+        let scopes = gearmesh::auth::Scopes::parse_strict(scopes)?;
+        Ok(issuer.issue(&gearmesh::auth::TokenRequest::new(sub, scopes, DEMO_TOKEN_TTL))?)
+    };
+    let admin = token("demo-admin", "admin observe call:* publish:* serve:*")?;
+    let observer = token("demo-observer", "observe")?;
+    let gears = NodeConfig::from_toml(SHOP_POLICY)?.auth.gears;
+    let auth = AuthConfig { keys: vec![path.clone()], gears, ..AuthConfig::default() };
+    Ok((auth, path, admin, observer))
+}
+
 async fn demo(args: DemoArgs) -> Result<()> {
     init_logs(LogFormat::Pretty);
+    let (auth, key_path, admin, observer) = demo_auth(args.data_dir.as_ref())?;
     let mut nodes: Vec<RunningNode> = Vec::new();
     for (i, (name, gears)) in DEMO_NODES.iter().enumerate() {
         let mut config = NodeConfig {
             name: Some((*name).into()),
             listen: if i == 0 { args.listen } else { SocketAddr::new(args.listen.ip(), 0) },
             gears: gears.iter().map(|g| (*g).to_owned()).collect(),
-            insecure_dev: true,
+            auth: auth.clone(),
             ..NodeConfig::default()
         };
         config.tls.data_dir.clone_from(&args.data_dir);
@@ -302,20 +341,26 @@ async fn demo(args: DemoArgs) -> Result<()> {
     }
     let url = first.url();
     let ca = first.dev_ca_cert().map(|p| format!(" --cacert {}", p.display())).unwrap_or_default();
+    println!("gearmesh demo: tokens signed by a new key ({}), valid 12 hours:", key_path.display());
+    println!("  admin (observe, call, publish, serve): {admin}");
+    println!("  observe only:                          {observer}");
+    println!("  more: gearmesh token issue --key {} --sub you --scope 'call:echo/*'", key_path.display());
     println!("gearmesh demo: a mesh of {} nodes listening on {url}", nodes.len());
     for (node, (_, gears)) in nodes.iter().zip(DEMO_NODES) {
         println!("  {:<7} {}  gears: {}", node.name(), node.url(), gears.join(", "));
     }
-    println!("  mesh:    {url}/v1/nodes   routes: {url}/v1/routes");
-    println!("  metrics: {url}/metrics");
+    println!("  dashboard: {url}/#token={admin}");
+    println!("  mesh:      {url}/v1/nodes   routes: {url}/v1/routes   metrics: {url}/metrics");
+    println!("  live:      wss://{}/v1/mesh (see docs/interface.md, examples/python)", first.local_addr());
     println!("try (orders runs on demo-3 and calls users, products and billing on the other nodes):");
+    println!("  export GEARMESH_TOKEN={admin}");
     println!(
-        "  curl -s{ca} -X POST {url}/v1/call/orders/place -H 'content-type: application/json' \\
-         -d '{{\"user_id\":\"alice\",\"product_id\":\"widget\",\"qty\":2}}'"
+        "  curl -s{ca} -H \"Authorization: Bearer $GEARMESH_TOKEN\" -X POST {url}/v1/call/orders/place \\
+         -H 'content-type: application/json' -d '{{\"user_id\":\"alice\",\"product_id\":\"widget\",\"qty\":2}}'"
     );
-    println!("  curl -s{ca} -X POST {url}/v1/call/audit/recent");
+    println!("  curl -s{ca} -H \"Authorization: Bearer $GEARMESH_TOKEN\" -X POST {url}/v1/call/audit/recent");
     println!("  cargo run --release -- call echo/echo '{{\"hello\":\"mesh\"}}' --node {url}");
-    println!("Ctrl-C stops the demo. (Running without authentication: development only.)");
+    println!("Ctrl-C stops the demo.");
     let token = first.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -72,11 +72,20 @@ async fn reqwest_free_get(url: &str, path: &str) -> String {
 #[tokio::test]
 async fn demo_serves_the_shop_and_prints_how_to_try_it() {
     let node = spawn(&["demo", "--listen", "127.0.0.1:0"], &[]).await;
-    let (code, out, err) = run(
-        &["call", "orders/place", r#"{"user_id":"alice","product_id":"widget","qty":1}"#, "--node", &node.url],
-        &[],
-    )
-    .await;
+    // The demo runs with authentication and prints an admin and an observe-only token first.
+    let token_after = |label: &str| {
+        let line = node.before.iter().find(|l| l.trim_start().starts_with(label)).expect(label);
+        line.split_whitespace().last().expect("a token").to_owned()
+    };
+    let (admin, observer) = (token_after("admin"), token_after("observe only"));
+    let place = ["call", "orders/place", r#"{"user_id":"alice","product_id":"widget","qty":1}"#, "--node", &node.url];
+    let (code, _out, err) = run(&place, &[]).await;
+    assert_ne!(code, 0, "no token, no call");
+    assert!(err.contains("unauthorized"), "{err}");
+    let (code, _out, err) = run(&place, &[("GEARMESH_TOKEN", &observer)]).await;
+    assert_ne!(code, 0, "an observer cannot call");
+    assert!(err.contains("forbidden"), "{err}");
+    let (code, out, err) = run(&place, &[("GEARMESH_TOKEN", &admin)]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"order_id\""), "{out}");
     drop(node);

@@ -34,6 +34,8 @@ pub(crate) struct Proc {
     pub(crate) url: String,
     /// The whole line it printed the URL in.
     pub(crate) line: String,
+    /// The lines it printed before that one.
+    pub(crate) before: Vec<String>,
 }
 
 /// Starts the binary with `args` (and `env` on top of the shared data directory) and waits for
@@ -46,11 +48,13 @@ pub(crate) async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     }
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("spawned");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut before = Vec::new();
     let (line, url) = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("read") {
             if let Some(url) = url_in(&line) {
                 return (line, url);
             }
+            before.push(line);
         }
         panic!("the process ended without printing its URL");
     })
@@ -58,7 +62,7 @@ pub(crate) async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     .expect("the process printed its URL");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, url, line }
+    Proc { child, url, line, before }
 }
 
 /// Runs the binary to completion: exit code, stdout, stderr.
