@@ -149,8 +149,10 @@ pub(crate) async fn upgrade(
     ws.protocols([SUBPROTOCOL])
         .max_message_size(iface.config.max_message_bytes)
         .max_frame_size(iface.config.max_message_bytes)
-        // Small buffers: an idle observer should cost little (10,000 of them per node).
-        .read_buffer_size(4 * 1024)
+        // Small buffers: an idle observer should cost little (10,000 of them per node; see
+        // BENCHMARKS.md). Larger messages grow the read buffer as they arrive; TLS below has its
+        // own record buffers, so a small read size costs copies, not system calls.
+        .read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| async move {
             let _slot = slot;
