@@ -39,8 +39,9 @@ use crate::config::{NodeConfig, TlsMode};
 /// clients (`curl --cacert`, browsers) can trust it.
 pub const DEV_CA_CERT_FILE: &str = "dev-ca.crt";
 
-/// How long the link token minted at start is valid; links dialed later re-use it.
-const LINK_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// How long a link token lives: each handshake mints its own, so it only has to outlive the
+/// handshake (plus clock skew between nodes).
+const LINK_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 /// Setting up TLS or the mesh failed.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +211,8 @@ pub(crate) fn start_mesh(
     // The incarnation orders restarts: a later start always has a larger one.
     let incarnation =
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    // Each link's hello carries a token minted for that handshake (short-lived; a link, once
+    // up, stays up). A node without a signing key presents its --node-token.
     let token = match auth.map(|a| a.link_token(&id.to_string(), LINK_TOKEN_TTL)) {
         Some(Ok(t)) => Bytes::from(t),
         Some(Err(e)) => {
@@ -229,6 +232,16 @@ pub(crate) fn start_mesh(
         features: 0,
     };
     let mut setup = LinkSetup::new(hello);
+    if let Some(a) = auth.filter(|a| a.issuer.is_some()) {
+        let (auth, me) = (a.clone(), id.to_string());
+        setup = setup.with_token_source(move || match auth.link_token(&me, LINK_TOKEN_TTL) {
+            Ok(t) => Bytes::from(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mint a link token");
+                Bytes::new()
+            }
+        });
+    }
     if let Some(a) = auth {
         let auth = a.clone();
         setup =

@@ -329,3 +329,96 @@ async fn a_node_that_does_not_listen_serves_its_gears_through_the_node_it_dialed
         n.shutdown().await;
     }
 }
+
+/// The link-token battery: nodes that hold only the mesh's public key and are given a token
+/// (`--node-token`) join with a good one, and every defective one keeps them out.
+#[tokio::test]
+async fn every_defective_link_token_keeps_a_node_out() {
+    use gearmesh::auth::{Audience, Claims, Issuer, SigningKey, keygen, unix_now};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mesh = keygen(gearmesh::auth::Algorithm::EdDSA).expect("keygen");
+    let key_path = dir.path().join("mesh.key");
+    std::fs::write(&key_path, &mesh.contents).expect("write key");
+    let jwk = mesh.key.verify_key().public_jwk().expect("a public key");
+    let jwks_path = dir.path().join("mesh.jwks");
+    std::fs::write(&jwks_path, json!({ "keys": [jwk] }).to_string()).expect("write jwks");
+
+    let now = unix_now();
+    let claims = |f: &dyn Fn(&mut Claims)| {
+        let mut c = Claims {
+            sub: Some("joiner".into()),
+            iat: Some(now),
+            exp: Some(now + 600),
+            aud: Some(Audience::One("gearmesh-mesh".into())),
+            scope: Some("mesh:link".into()),
+            ..Claims::default()
+        };
+        f(&mut c);
+        c
+    };
+    let sign = |key: &SigningKey, c: &Claims| Issuer::new(key.clone()).sign_claims(c).expect("sign");
+    let b64 = |v: Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let stranger = keygen(gearmesh::auth::Algorithm::EdDSA).expect("keygen").key;
+    let good = sign(&mesh.key, &claims(&|_| {}));
+    let defects: Vec<(&str, String)> = vec![
+        ("expired", sign(&mesh.key, &claims(&|c| c.exp = Some(now - 3600)))),
+        ("not yet valid", sign(&mesh.key, &claims(&|c| c.nbf = Some(now + 3600)))),
+        ("wrong audience", sign(&mesh.key, &claims(&|c| c.aud = Some(Audience::One("another-mesh".into()))))),
+        ("no mesh:link scope", sign(&mesh.key, &claims(&|c| c.scope = Some("observe call:*".into())))),
+        ("another node's", sign(&mesh.key, &claims(&|c| c.sub = Some(format!("node:{}", "ab".repeat(16)))))),
+        ("an untrusted key", sign(&stranger, &claims(&|_| {}))),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(json!({"alg": "none", "typ": "JWT"})),
+                b64(serde_json::to_value(claims(&|_| {})).expect("claims"))
+            ),
+        ),
+    ];
+    // (A malformed or oversized token is refused when the node loads --node-token: it does not
+    // start at all.)
+
+    let a = node_with(dir.path(), "a", &["echo"], vec![], vec![], |c| {
+        c.insecure_dev = false;
+        c.auth.keys = vec![key_path.clone()];
+    })
+    .await;
+    let joiner = |name: String, token: String| {
+        let token_path = dir.path().join(format!("{name}.jwt"));
+        std::fs::write(&token_path, token).expect("write token");
+        let (jwks, seed) = (jwks_path.clone(), wss(&a));
+        let base = dir.path().to_owned();
+        async move {
+            node_with(&base, &name, &[], vec![], vec![seed], move |c| {
+                c.insecure_dev = false;
+                c.auth.jwks = vec![jwks.display().to_string()];
+                c.auth.node_token = Some(token_path);
+            })
+            .await
+        }
+    };
+    let mut bad = Vec::new();
+    for (i, (what, token)) in defects.iter().enumerate() {
+        bad.push((*what, joiner(format!("bad-{i}"), token.clone()).await));
+    }
+    let ok = joiner("good".into(), good).await;
+    eventually("the node with a good token joins", 15, || sees(&ok, &["echo"])).await;
+    // The bad ones had as long, and a while more, to get in.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let known: Vec<String> = a.mesh().view().nodes.iter().map(|n| n.name.clone()).collect();
+    for (what, n) in &bad {
+        assert!(!sees(n, &["echo"]), "a node with a link token that is {what} reached a gear");
+        assert!(!known.contains(&n.name().to_owned()), "a node with a link token that is {what} joined: {known:?}");
+    }
+    assert_eq!(known.len(), 2, "only a and the good joiner: {known:?}");
+    ok.shutdown().await;
+    for (_, n) in bad {
+        n.shutdown().await;
+    }
+    a.shutdown().await;
+}

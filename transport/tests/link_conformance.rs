@@ -132,6 +132,30 @@ async fn hello_check_can_refuse(t: Transport) {
     connect(t, good, picky).await.expect("accepted");
 }
 
+async fn a_token_source_mints_a_fresh_token_for_every_handshake(t: Transport) {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    };
+    let minted = Arc::new(AtomicU32::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let counter = minted.clone();
+    let dialer = setup(1).with_token_source(move || {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        Bytes::from(format!("token-{n}"))
+    });
+    let record = seen.clone();
+    let acceptor = setup(2).with_check(move |h: &gearmesh_transport::Hello, _: &gearmesh_transport::PeerInfo| {
+        record.lock().map_err(|e| e.to_string())?.push(h.token.clone());
+        Ok(())
+    });
+    for _ in 0..2 {
+        let (_a, _b, _f) = connect(t, dialer.clone(), acceptor.clone()).await.expect("connect");
+    }
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen, [Bytes::from_static(b"token-0"), Bytes::from_static(b"token-1")], "one new token per link");
+}
+
 async fn rtt_is_estimated(t: Transport) {
     let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
     tokio::time::timeout(WAIT, async {
@@ -212,6 +236,7 @@ suite!(
     abnormal_close_is_reported_once,
     dropping_a_link_closes_the_peer,
     hello_check_can_refuse,
+    a_token_source_mints_a_fresh_token_for_every_handshake,
     rtt_is_estimated,
     back_pressure_then_try_send_full,
     oversized_frame_closes_link,

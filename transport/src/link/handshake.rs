@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::wire::{WireError, WireRx, WireTx};
 use super::{LinkConfig, PeerInfo};
@@ -37,6 +37,9 @@ pub struct LinkSetup {
     pub hello: Hello,
     /// The check applied to the peer's hello.
     pub check: Option<Arc<dyn HelloCheck>>,
+    /// Mints the token each hello carries, so every new link presents a fresh, short-lived one;
+    /// without it, `hello.token` is sent as is.
+    pub token_source: Option<Arc<dyn Fn() -> Bytes + Send + Sync>>,
 }
 
 impl fmt::Debug for LinkSetup {
@@ -45,6 +48,7 @@ impl fmt::Debug for LinkSetup {
             .field("config", &self.config)
             .field("hello", &self.hello)
             .field("check", &self.check.as_ref().map(|_| "<dyn HelloCheck>"))
+            .field("token_source", &self.token_source.as_ref().map(|_| "<fn>"))
             .finish()
     }
 }
@@ -52,7 +56,13 @@ impl fmt::Debug for LinkSetup {
 impl LinkSetup {
     /// A setup with default config, the given hello and no check.
     pub fn new(hello: Hello) -> Self {
-        LinkSetup { config: LinkConfig::default(), hello, check: None }
+        LinkSetup { config: LinkConfig::default(), hello, check: None, token_source: None }
+    }
+
+    /// Mints the hello's token anew for every handshake (see [`LinkSetup::token_source`]).
+    pub fn with_token_source(mut self, source: impl Fn() -> Bytes + Send + Sync + 'static) -> Self {
+        self.token_source = Some(Arc::new(source));
+        self
     }
 
     /// Sets the hello check.
@@ -140,6 +150,9 @@ pub(crate) async fn exchange<T: WireTx, R: WireRx>(
 ) -> Result<PeerInfo, HandshakeError> {
     let mut ours = setup.hello.clone();
     ours.version = u16::from(frame::PROTOCOL_VERSION);
+    if let Some(mint) = &setup.token_source {
+        ours.token = mint();
+    }
     if role == Role::Dialer {
         send_frame(tx, &Frame::Hello(ours.clone()), &setup.config).await?;
     }
