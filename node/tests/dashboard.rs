@@ -1,0 +1,484 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium`): a three-node mesh with token
+//! authentication runs in this process, the browser opens `GET /` on one node with an
+//! observe+call token in the URL fragment, and the DOM after the page's scripts ran must show
+//! the three nodes, their links, their gears and the calls flowing between them, with no console
+//! errors. A screenshot goes to cargo's temporary directory for people to look at.
+//!
+//! Without Chromium the test prints SKIP, unless `GEARMESH_REQUIRE_CHROMIUM` is set (CI sets it),
+//! in which case it fails.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use gearmesh::{
+    Node, NodeConfig, RunningNode,
+    auth::{Algorithm, AuthConfig, Issuer, Scopes, TokenRequest, keygen},
+    gears::Principal,
+};
+use serde_json::{Value, json};
+use tokio::{io::AsyncReadExt, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+const AUDIENCE: &str = "dashboard-test";
+
+/// What the shop's gears may do (`[auth.gears]`).
+const GEAR_POLICY: &str = "orders = [\"call:*\", \"publish:*\"]\nbilling = [\"publish:*\"]";
+
+/// How long one Chromium run may take before the test gives up on it.
+const CHROMIUM_LIMIT: Duration = Duration::from_secs(90);
+
+/// How many times the page is loaded, at most, before its DOM must show everything asked for.
+const ATTEMPTS: usize = 10;
+
+// === the mesh ===
+
+struct Mesh {
+    nodes: Vec<RunningNode>,
+    key: gearmesh::auth::SigningKey,
+    _dir: tempfile::TempDir,
+}
+
+/// Three nodes like the demo's, each linked to the previous one, requiring tokens signed by one
+/// key (which also signs their link tokens).
+async fn mesh() -> Mesh {
+    mesh_of(3).await
+}
+
+/// The first `count` nodes of [`mesh`].
+async fn mesh_of(count: usize) -> Mesh {
+    gearmesh::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let generated = keygen(Algorithm::EdDSA).expect("keygen");
+    let key_path = dir.path().join("mesh.key");
+    std::fs::write(&key_path, &generated.contents).expect("write key");
+    let layout: [(&str, &[&str]); 3] =
+        [("demo-1", &["echo", "kv", "users", "products"]), ("demo-2", &["billing", "audit"]), ("demo-3", &["orders"])];
+    let mut nodes: Vec<RunningNode> = Vec::new();
+    for (name, node_gears) in layout.into_iter().take(count) {
+        let mut config = NodeConfig {
+            name: Some(name.into()),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            gears: node_gears.iter().map(|g| (*g).to_owned()).collect(),
+            seeds: nodes.last().map(wss).into_iter().collect(),
+            ..NodeConfig::default()
+        };
+        config.tls.data_dir = Some(dir.path().to_owned());
+        let auth = AuthConfig {
+            keys: vec![key_path.clone()],
+            audience: Some(AUDIENCE.into()),
+            // The shop's gears call and publish on behalf of their callers.
+            gears: toml::from_str(GEAR_POLICY).expect("gear policy"),
+            ..AuthConfig::default()
+        };
+        let node = Node::builder().config(config).auth(auth).build().expect("valid").start().await.expect("started");
+        nodes.push(node);
+    }
+    let mesh = Mesh { nodes, key: generated.key, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mesh.converged() {
+        assert!(Instant::now() < deadline, "the nodes did not see each other's gears within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh
+}
+
+/// The WebSocket link URL of a node (a seed for the next one).
+fn wss(n: &RunningNode) -> String {
+    n.link_addrs().iter().find(|a| a.starts_with("wss://")).expect("wss addr").clone()
+}
+
+impl Mesh {
+    /// Every node sees every node alive and every gear.
+    fn converged(&self) -> bool {
+        let all_gears: usize = self.nodes.iter().map(|n| n.host().gears().len()).sum();
+        self.nodes.iter().all(|n| {
+            let view = n.mesh().view();
+            let alive = view.nodes.iter().filter(|x| x.state == "alive").count();
+            let gears = view.nodes.iter().map(|x| x.gears.len()).sum::<usize>();
+            alive == self.nodes.len() && gears == all_gears
+        })
+    }
+
+    /// A token for the page: it may watch and call.
+    fn token(&self) -> String {
+        let scopes = Scopes::parse_strict("observe call:*").expect("scopes");
+        let req = TokenRequest::new("dashboard-viewer", scopes, Duration::from_secs(600)).audience(AUDIENCE);
+        Issuer::new(self.key.clone()).issue(&req).expect("issue")
+    }
+
+    /// The undirected links the first node knows, as the page names them (`<id>|<id>`, sorted).
+    fn links(&self) -> BTreeSet<String> {
+        let view = self.nodes[0].mesh().view();
+        let mut set = BTreeSet::new();
+        for n in &view.nodes {
+            for l in &n.links {
+                let (a, b) = if n.id < l.peer { (&n.id, &l.peer) } else { (&l.peer, &n.id) };
+                set.insert(format!("{a}|{b}"));
+            }
+        }
+        set
+    }
+
+    /// Calls through the mesh until `stop`: orders placed on the first node (run on the third,
+    /// which calls gears on the other two), some refused by the shop (an app error), and echo
+    /// from the second node to the first.
+    fn traffic(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let shopper = Principal::user("shopper", vec!["call:*".into()]);
+        let first = self.nodes[0].ctx(shopper.clone());
+        let second = self.nodes[1].ctx(shopper);
+        tokio::spawn(async move {
+            // Bounded: a few minutes at most, whatever happens to the test.
+            for i in 0..6000u32 {
+                let user = if i % 5 == 4 { "mallory" } else { "alice" };
+                let order = json!({"user_id": user, "product_id": "widget", "qty": 1});
+                // Failures are part of the traffic (mallory is refused); the page shows them.
+                let _placed: Result<Value, _> = first.call("orders", "place", &order).await;
+                let _echoed: Result<Value, _> = second.call("echo", "echo", &json!(i)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(40)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
+    }
+}
+
+// === Chromium ===
+
+/// Chromium's path, or `None` when it is missing and not required.
+fn chromium() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("GEARMESH_REQUIRE_CHROMIUM").is_none(),
+            "GEARMESH_REQUIRE_CHROMIUM is set but chromium is not on PATH (apt-get install -y chromium)"
+        );
+    }
+    found
+}
+
+/// What one Chromium run printed.
+struct Run {
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs headless Chromium on `url` with `extra` arguments (`--dump-dom`, `--screenshot=...`) in a
+/// fresh profile, and waits for it to exit. Every process it started is gone afterwards.
+async fn run_chromium(bin: &Path, extra: &[String], url: &str) -> Run {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--disable-sync",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--hide-scrollbars",
+        "--mute-audio",
+        // The nodes' certificates come from this test's development CA, which Chromium does not
+        // trust (and cannot be told to trust from the command line without a policy file).
+        "--ignore-certificate-errors",
+        // Console messages go to stderr, where the test looks for errors.
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,800",
+        // The page's timers run on virtual time; the budget lets it connect, take the snapshot,
+        // receive traces and stats, and render, before the DOM is dumped or the screenshot taken.
+        "--virtual-time-budget=10000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(extra)
+    .arg(url)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    // Its own process group, so the browser's helper processes can be found and ended with it.
+    .process_group(0)
+    .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("chromium started");
+    let pid = child.id().expect("running");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = tokio::spawn(async move {
+        let mut s = String::new();
+        let _read = stdout.read_to_string(&mut s).await;
+        s
+    });
+    let err = tokio::spawn(async move {
+        let mut s = String::new();
+        let _read = stderr.read_to_string(&mut s).await;
+        s
+    });
+    let waited = tokio::time::timeout(CHROMIUM_LIMIT, child.wait()).await;
+    // Whatever the browser left in its group (helpers) goes too; then the group is empty.
+    end_group(pid);
+    match waited {
+        Ok(status) => {
+            let status = status.expect("waited for chromium");
+            let run = Run { stdout: out.await.expect("stdout"), stderr: err.await.expect("stderr") };
+            assert!(status.success(), "chromium failed ({status}); stderr:\n{}", run.stderr);
+            run
+        }
+        Err(_) => {
+            let _killed = child.kill().await;
+            panic!("chromium did not finish within {CHROMIUM_LIMIT:?}");
+        }
+    }
+}
+
+/// Ends every process left in the process group `pgid` that `run_chromium` created. A group
+/// lives while any member does, so a group that still answers is still Chromium's.
+fn end_group(pgid: u32) {
+    let group = format!("-{pgid}");
+    let alive = || {
+        std::process::Command::new("kill")
+            .args(["-0", "--", &group])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if alive() {
+        let status = std::process::Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        assert!(status.is_ok(), "could not run kill for chromium's leftover processes");
+    }
+}
+
+/// The console errors Chromium logged: `CONSOLE` lines at error level, uncaught exceptions,
+/// refused resources and failed connections.
+fn console_errors(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("CONSOLE") || l.contains("Uncaught") || l.contains("Refused to"))
+        .filter(|l| {
+            let lower = l.to_lowercase();
+            lower.contains("error")
+                || lower.contains("uncaught")
+                || lower.contains("refused")
+                || lower.contains("failed")
+        })
+        .collect()
+}
+
+// === reading the dumped DOM ===
+
+/// The attributes of every start tag that has `attr`, in document order.
+fn tags_with<'a>(dom: &'a str, attr: &str) -> Vec<BTreeMap<&'a str, &'a str>> {
+    let needle = format!(" {attr}=\"");
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = dom[from..].find(&needle) {
+        let at = from + i;
+        let start = dom[..at].rfind('<').unwrap_or(0);
+        let end = dom[at..].find('>').map_or(dom.len(), |e| at + e);
+        out.push(attributes(&dom[start..end]));
+        from = end;
+    }
+    out
+}
+
+/// `<g class="node" data-node-id="x"` -> {"tag": "g", "class": "node", "data-node-id": "x"}.
+fn attributes(tag: &str) -> BTreeMap<&str, &str> {
+    let mut map = BTreeMap::new();
+    let tag = tag.trim_start_matches('<');
+    let name_end = tag.find(char::is_whitespace).unwrap_or(tag.len());
+    map.insert("tag", &tag[..name_end]);
+    let mut rest = &tag[name_end..];
+    while let Some(eq) = rest.find("=\"") {
+        let name = rest[..eq].trim();
+        let value_start = eq + 2;
+        let Some(len) = rest[value_start..].find('"') else { break };
+        map.insert(name, &rest[value_start..value_start + len]);
+        rest = &rest[value_start + len + 1..];
+    }
+    map
+}
+
+fn has_class(tag: &BTreeMap<&str, &str>, class: &str) -> bool {
+    tag.get("class").is_some_and(|c| c.split_whitespace().any(|x| x == class))
+}
+
+/// The value of `attr` on the element with `id`.
+fn attr_of<'a>(dom: &'a str, id: &str, attr: &str) -> Option<&'a str> {
+    tags_with(dom, "id").into_iter().find(|t| t.get("id") == Some(&id)).and_then(|t| t.get(attr).copied())
+}
+
+/// What the page showed, read from its DOM.
+#[derive(Debug, Default)]
+struct Seen {
+    status: String,
+    /// Graph nodes: id -> (name, state).
+    nodes: BTreeMap<String, (String, String)>,
+    links: BTreeSet<String>,
+    /// Node cards: id -> gear names.
+    cards: BTreeMap<String, BTreeSet<String>>,
+    /// `from|to` of the call arrows in the graph.
+    flows: BTreeSet<String>,
+    errors_listed: usize,
+    page_errors: String,
+}
+
+fn read(dom: &str) -> Seen {
+    let mut seen = Seen {
+        status: attr_of(dom, "conn-status", "data-status").unwrap_or_default().to_owned(),
+        page_errors: attr_of(dom, "page-errors", "data-count").unwrap_or("missing").to_owned(),
+        ..Seen::default()
+    };
+    for t in tags_with(dom, "data-node-id") {
+        let id = t.get("data-node-id").copied().unwrap_or_default().to_owned();
+        if has_class(&t, "node") {
+            let name = t.get("data-node-name").copied().unwrap_or_default().to_owned();
+            let state = t.get("data-state").copied().unwrap_or_default().to_owned();
+            seen.nodes.insert(id, (name, state));
+        } else if has_class(&t, "node-card") {
+            seen.cards.insert(id, BTreeSet::new());
+        }
+    }
+    // Gear chips follow their card in document order.
+    let mut card: Option<String> = None;
+    for t in tags_with(dom, "class") {
+        if has_class(&t, "node-card") {
+            card = t.get("data-node-id").map(|s| (*s).to_owned());
+        } else if has_class(&t, "gear")
+            && let (Some(c), Some(g)) = (&card, t.get("data-gear"))
+            && let Some(gears) = seen.cards.get_mut(c)
+        {
+            gears.insert((*g).to_owned());
+        }
+    }
+    for t in tags_with(dom, "data-link") {
+        if has_class(&t, "link") {
+            seen.links.insert(t.get("data-link").copied().unwrap_or_default().to_owned());
+        }
+    }
+    for t in tags_with(dom, "data-call") {
+        if has_class(&t, "flow") {
+            seen.flows.insert(t.get("data-call").copied().unwrap_or_default().to_owned());
+        }
+    }
+    seen.errors_listed = tags_with(dom, "data-trace-id").len();
+    seen
+}
+
+// === the tests ===
+
+/// The page is open to anyone on a node that requires tokens (it holds no secret), with its
+/// types and a strict policy; the data behind it is not.
+#[tokio::test]
+async fn the_page_is_open_under_a_strict_policy_and_the_data_is_not() {
+    let mesh = mesh_of(1).await;
+    let url = mesh.nodes[0].url();
+    let http = common::client_trusting(mesh.nodes[0].dev_ca_cert().expect("dev CA"));
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/style.css", "text/css"),
+        ("/dashboard/favicon.svg", "image/svg+xml"),
+    ] {
+        let r = http.get(format!("{url}{path}")).send().await.expect("sent");
+        assert_eq!(r.status(), 200, "{path} is open");
+        let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(header("content-type").starts_with(kind), "{path}: {}", header("content-type"));
+        let csp = header("content-security-policy");
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{path}: {csp}");
+        assert!(csp.contains("connect-src 'self' wss: ws:") && !csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+    }
+    let r = http.get(format!("{url}/dashboard/missing.js")).send().await.expect("sent");
+    assert_eq!(r.status(), 404, "only the embedded files are served");
+    let r = http.get(format!("{url}/v1/nodes")).send().await.expect("sent");
+    assert_eq!(r.status(), 401, "the data needs a token");
+    let r = http.get(format!("{url}/?token=x")).send().await.expect("sent");
+    assert_eq!(r.status(), 401, "a token in the query is refused, even for the page");
+    for n in mesh.nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
+    let Some(bin) = chromium() else {
+        println!(
+            "SKIP: chromium is not installed (apt-get install -y chromium); set GEARMESH_REQUIRE_CHROMIUM=1 to fail"
+        );
+        return;
+    };
+    let mesh = mesh().await;
+    let stop = CancellationToken::new();
+    let traffic = mesh.traffic(stop.clone());
+    let ids: Vec<String> = mesh.nodes.iter().map(|n| n.id().to_owned()).collect();
+    // The token travels in the fragment, which the browser never sends to the server.
+    let url = format!("{}/#token={}", mesh.nodes[0].url(), mesh.token());
+
+    let mut seen = Seen::default();
+    let mut last = Run { stdout: String::new(), stderr: String::new() };
+    // The mesh may add links while the test runs (nodes link to more peers than their seed).
+    let mut expected_links = BTreeSet::new();
+    for attempt in 1..=ATTEMPTS {
+        last = run_chromium(&bin, &["--dump-dom".to_owned()], &url).await;
+        expected_links = mesh.links();
+        seen = read(&last.stdout);
+        let errors = console_errors(&last.stderr);
+        assert!(errors.is_empty(), "console errors in the page:\n{}", errors.join("\n"));
+        assert_eq!(seen.page_errors, "0", "the page recorded errors of its own:\n{}", last.stdout);
+        // Calls and their errors are sampled as they happen, so they may take a load or two.
+        let calls_seen = seen.flows.contains(&format!("{}|{}", ids[2], ids[0])) && seen.errors_listed > 0;
+        if seen.status == "live" && seen.nodes.len() == 3 && seen.links == expected_links && calls_seen {
+            break;
+        }
+        println!("attempt {attempt}: not everything shown yet: {seen:?}");
+    }
+    assert_eq!(seen.status, "live", "the page connected and subscribed:\n{}", last.stdout);
+
+    // Three nodes, by id and name, all alive, and exactly the mesh's links.
+    let names: BTreeMap<String, (String, String)> =
+        mesh.nodes.iter().map(|n| (n.id().to_owned(), (n.name().to_owned(), "alive".to_owned()))).collect();
+    assert_eq!(seen.nodes, names, "the graph shows the three nodes");
+    assert!(expected_links.len() >= 2, "three connected nodes have at least two links: {expected_links:?}");
+    assert_eq!(seen.links, expected_links, "the graph shows the mesh's links");
+
+    // Each node's card lists its gears.
+    let gears = |list: &[&str]| list.iter().map(|g| (*g).to_owned()).collect::<BTreeSet<_>>();
+    assert_eq!(seen.cards.get(&ids[0]), Some(&gears(&["echo", "kv", "products", "users"])), "{:?}", seen.cards);
+    assert_eq!(seen.cards.get(&ids[1]), Some(&gears(&["audit", "billing"])), "{:?}", seen.cards);
+    assert_eq!(seen.cards.get(&ids[2]), Some(&gears(&["orders"])), "{:?}", seen.cards);
+
+    // Calls flow: orders on demo-3 calls users on demo-1; mallory's orders are refused.
+    assert!(
+        seen.flows.contains(&format!("{}|{}", ids[2], ids[0])),
+        "after {ATTEMPTS} loads the graph shows no calls from demo-3 to demo-1: {:?}",
+        seen.flows
+    );
+    assert!(seen.errors_listed > 0, "after {ATTEMPTS} loads the page lists no failed calls");
+
+    // A screenshot for people (not checked): cargo's temporary directory, not git.
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _old = std::fs::remove_file(&shot);
+    let run = run_chromium(&bin, &[format!("--screenshot={}", shot.display())], &url).await;
+    let errors = console_errors(&run.stderr);
+    assert!(errors.is_empty(), "console errors in the page:\n{}", errors.join("\n"));
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 10_000, "chromium wrote a screenshot to {} ({size} bytes)", shot.display());
+    println!("dashboard screenshot: {}", shot.display());
+
+    stop.cancel();
+    traffic.await.expect("traffic task");
+    for n in mesh.nodes {
+        n.shutdown().await;
+    }
+}
