@@ -308,6 +308,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     }
     println!("  mesh:    {url}/v1/nodes   routes: {url}/v1/routes");
     println!("  metrics: {url}/metrics");
+    println!("  dashboard: {url}/   (open it in a browser)");
     println!("try (orders runs on demo-3 and calls users, products and billing on the other nodes):");
     println!(
         "  curl -s{ca} -X POST {url}/v1/call/orders/place -H 'content-type: application/json' \\
