@@ -53,7 +53,7 @@
   /** Call samples are kept this long (the table shows edges seen this recently). */
   const KEEP_MS = 30000;
   const MAX_ERRORS = 40;
-  const MAX_PULSES = 40;
+  const MAX_PULSES = 30;
   const NODE_R = 44;
 
   const $ = (id) => document.getElementById(id);
@@ -410,7 +410,7 @@
       if (!p || !q) continue;
       const { d, mid } = flowPath(p, q);
       const err = f.sum.errors > 0;
-      const width = 1.5 + Math.min(6, Math.log2(1 + f.sum.rate) * 1.3);
+      const width = 1.5 + Math.min(3.5, Math.log2(1 + f.sum.rate) * 0.7);
       const label = `${fmtRate(f.sum.rate)}/s · ${fmtUs(f.sum.p50)}${err ? ` · ${f.sum.errors} err` : ''}`;
       arrows.push(svg('g', {
         class: err ? 'flow err' : 'flow', 'data-call': `${f.from}|${f.to}`,
@@ -441,7 +441,7 @@
       svg('circle', { class: 'body', cx: p.x, cy: p.y, r: NODE_R }),
       svg('text', { class: 'name', x: p.x, y: p.y - 2, 'text-anchor': 'middle' }, n.name),
       svg('text', { class: 'rate', x: p.x, y: p.y + 16, 'text-anchor': 'middle' },
-        served || local ? `${fmtRate(served)}/s` : n.state),
+        served || local ? `${fmtRate(served)}/s in` : n.state),
       svg('text', { class: 'gears', x: p.x, y: gy, 'text-anchor': 'middle' }, gearText || 'no gears')));
     }
     $('nodes').replaceChildren(...nodes);
@@ -465,13 +465,12 @@
       const served = inbound.reduce((acc, f) => acc + f.sum.rate, 0);
       const stat = (label, value, bad) => el('span', {}, `${label} `, el('b', bad ? { class: 'bad' } : {}, value), '  ');
       const line = el('div', { class: 'stats' },
-        stat('traced', `${fmtRate(served)}/s`),
+        stat('traced in', `${fmtRate(served)}/s`),
         stat('errors', String(errs), errs > 0),
         r ? stat('mesh in', `${fmtRate(r.in)}/s`) : null,
         r ? stat('out', `${fmtRate(r.out)}/s`) : null,
-        s && s.cur ? stat('in flight', String(s.cur.in_flight)) : null,
-        s && s.cur && s.cur.mesh.frames_dropped ? stat('dropped', String(s.cur.mesh.frames_dropped), true) : null,
-        stat('route', routeText(n)));
+        s && s.cur && s.cur.in_flight ? stat('in flight', String(s.cur.in_flight)) : null,
+        s && s.cur && s.cur.mesh.frames_dropped ? stat('dropped', String(s.cur.mesh.frames_dropped), true) : null);
       const chips = (n.gears || []).slice().sort((a, b) => (a.name < b.name ? -1 : 1)).map((g) =>
         el('span', {
           class: 'gear', 'data-gear': g.name, 'data-ports': (g.ports || []).join(','), role: 'button', tabindex: 0,
@@ -482,7 +481,8 @@
           el('strong', {}, n.name),
           el('span', { class: 'state' }, n.state),
           id === model.me ? el('span', { class: 'me-tag', title: 'the node this page is connected to' }, 'connected') : null,
-          el('span', { class: 'id', title: id }, id.slice(0, 8))),
+          el('span', { class: 'id', title: id }, id.slice(0, 8)),
+          el('span', { class: 'route', title: 'how the connected node reaches it' }, routeText(n))),
         line,
         el('div', { class: 'gear-chips' }, ...(chips.length ? chips : [el('span', { class: 'no-gears' }, 'no gears')]))));
     }
