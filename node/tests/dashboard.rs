@@ -167,6 +167,26 @@ fn chromium() -> Option<PathBuf> {
     found
 }
 
+/// The arguments of every Chromium run here.
+const CHROMIUM_ARGS: [&str; 14] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-sync",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--hide-scrollbars",
+    "--mute-audio",
+    // The nodes' certificates come from this test's development CA, which Chromium does not
+    // trust (and cannot be told to trust from the command line without a policy file).
+    "--ignore-certificate-errors",
+    "--window-size=1280,800",
+];
+
 /// What one Chromium run printed.
 struct Run {
     stdout: String,
@@ -178,39 +198,25 @@ struct Run {
 async fn run_chromium(bin: &Path, extra: &[String], url: &str) -> Run {
     let profile = tempfile::tempdir().expect("profile dir");
     let mut cmd = tokio::process::Command::new(bin);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-default-apps",
-        "--disable-extensions",
-        "--disable-sync",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--hide-scrollbars",
-        "--mute-audio",
-        // The nodes' certificates come from this test's development CA, which Chromium does not
-        // trust (and cannot be told to trust from the command line without a policy file).
-        "--ignore-certificate-errors",
-        // Console messages go to stderr, where the test looks for errors.
-        "--enable-logging=stderr",
-        "--v=0",
-        "--window-size=1280,800",
-        // The page's timers run on virtual time; the budget lets it connect, take the snapshot,
-        // receive traces and stats, and render, before the DOM is dumped or the screenshot taken.
-        "--virtual-time-budget=10000",
-    ])
-    .arg(format!("--user-data-dir={}", profile.path().display()))
-    .args(extra)
-    .arg(url)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    // Its own process group, so the browser's helper processes can be found and ended with it.
-    .process_group(0)
-    .kill_on_drop(true);
+    cmd.args(CHROMIUM_ARGS)
+        .args([
+            // Console messages go to stderr, where the test looks for errors.
+            "--enable-logging=stderr",
+            "--v=0",
+            // The page's timers run on virtual time; the budget lets it connect, take the
+            // snapshot, receive traces and stats, and render, before the DOM is dumped or the
+            // screenshot taken.
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so the browser's helper processes can be found and ended with it.
+        .process_group(0)
+        .kill_on_drop(true);
     let mut child = cmd.spawn().expect("chromium started");
     let pid = child.id().expect("running");
     let mut stdout = child.stdout.take().expect("stdout");
@@ -274,6 +280,185 @@ fn console_errors(stderr: &str) -> Vec<&str> {
         })
         .collect()
 }
+
+// === driving Chromium over the DevTools protocol ===
+
+/// A headless Chromium with its DevTools protocol open; it and its helpers end on drop.
+struct Browser {
+    _child: tokio::process::Child,
+    pgid: u32,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        end_group(self.pgid);
+    }
+}
+
+/// One page of a [`Browser`], driven through its DevTools WebSocket.
+struct Tab {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next: u64,
+    session: Option<String>,
+    /// Protocol events seen so far (console calls, exceptions, log entries).
+    events: Vec<Value>,
+}
+
+/// Starts Chromium with the DevTools protocol on a port it picks, and opens a blank page.
+async fn devtools(bin: &Path) -> (Browser, Tab) {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(CHROMIUM_ARGS)
+        .arg("--remote-debugging-port=0")
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("chromium started");
+    let pgid = child.id().expect("running");
+    // Chromium writes the port it chose and the browser endpoint's path to this file.
+    let file = profile.path().join("DevToolsActivePort");
+    let browser = Browser { _child: child, pgid, _profile: profile };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let endpoint = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if let Some((port, path)) = text.split_once('\n')
+            && path.trim().starts_with("/devtools/")
+        {
+            break format!("ws://127.0.0.1:{}{}", port.trim(), path.trim());
+        }
+        assert!(Instant::now() < deadline, "chromium did not open its DevTools port within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (ws, _) = tokio_tungstenite::connect_async(endpoint.as_str()).await.expect("DevTools connected");
+    let mut tab = Tab { ws, next: 0, session: None, events: Vec::new() };
+    let target = tab.call("Target.createTarget", json!({ "url": "about:blank" })).await;
+    let target_id = target["targetId"].as_str().expect("a target id").to_owned();
+    let attached = tab.call("Target.attachToTarget", json!({ "targetId": target_id, "flatten": true })).await;
+    tab.session = Some(attached["sessionId"].as_str().expect("a session id").to_owned());
+    for domain in ["Runtime", "Log", "Page"] {
+        tab.call(&format!("{domain}.enable"), json!({})).await;
+    }
+    // A laptop screen, as with --window-size for the other runs.
+    let screen = json!({ "width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": false });
+    tab.call("Emulation.setDeviceMetricsOverride", screen).await;
+    (browser, tab)
+}
+
+impl Tab {
+    /// Sends one command and waits (30 s at most) for its answer, keeping the events in between.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        use futures::{SinkExt as _, StreamExt as _};
+        use tokio_tungstenite::tungstenite::Message;
+
+        self.next += 1;
+        let id = self.next;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if let Some(s) = &self.session {
+            msg["sessionId"] = json!(s);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.expect("sent to DevTools");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("DevTools did not answer {method} within 30 s"));
+            let text = match next {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(_)) => continue,
+                other => panic!("the DevTools connection ended: {other:?}"),
+            };
+            let v: Value = serde_json::from_str(text.as_str()).expect("DevTools sends JSON");
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method} failed: {}", v["error"]);
+                return v["result"].clone();
+            }
+            if v.get("method").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call("Runtime.evaluate", json!({ "expression": expr, "returnByValue": true })).await;
+        assert!(r.get("exceptionDetails").is_none(), "{expr} threw: {}", r["exceptionDetails"]);
+        r["result"]["value"].clone()
+    }
+
+    /// Waits (30 s at most) until `expr` is true in the page (an expression that throws, as on
+    /// a page still loading, is not true yet).
+    async fn wait_for(&mut self, what: &str, expr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let guarded = format!("(() => {{ try {{ return ({expr}) === true; }} catch (e) {{ return false; }} }})()");
+        while self.eval(&guarded).await != json!(true) {
+            if Instant::now() > deadline {
+                let page = self.eval(PAGE_STATE).await;
+                panic!("timed out after 30 s waiting until {what}; the page: {page}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn navigate(&mut self, url: &str) {
+        self.call("Page.navigate", json!({ "url": url })).await;
+    }
+
+    /// Exceptions, console errors and warnings, and error log entries (failed loads, refused
+    /// connections, policy violations) the page produced so far.
+    fn problems(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| {
+                let p = &e["params"];
+                match e["method"].as_str()? {
+                    "Runtime.exceptionThrown" => Some(format!("exception: {}", p["exceptionDetails"])),
+                    "Runtime.consoleAPICalled"
+                        if matches!(p["type"].as_str(), Some("error" | "warning" | "assert")) =>
+                    {
+                        Some(format!("console.{}: {}", p["type"], p["args"]))
+                    }
+                    "Log.entryAdded" if p["entry"]["level"] == "error" => Some(format!("log: {}", p["entry"])),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Fills the call form and presses Call.
+    async fn submit(&mut self, gear: &str, port: &str, arg: &str) {
+        let js = format!(
+            "(() => {{ const set = (id, v) => {{ document.getElementById(id).value = v; }}; \
+             set('call-gear', {}); set('call-port', {}); set('call-arg', {}); \
+             document.getElementById('call-result').dataset.outcome = 'none'; \
+             document.getElementById('call-submit').click(); }})()",
+            json!(gear),
+            json!(port),
+            json!(arg)
+        );
+        self.eval(&js).await;
+    }
+
+    async fn screenshot(&mut self, path: &Path) {
+        use base64::Engine as _;
+        let shot = self.call("Page.captureScreenshot", json!({ "format": "png" })).await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("base64 screenshot");
+        std::fs::write(path, png).expect("screenshot written");
+    }
+}
+
+/// What the page shows about itself, for failure messages.
+const PAGE_STATE: &str = "JSON.stringify({ status: document.getElementById('conn-status')?.dataset.status, \
+     detail: document.getElementById('conn-detail')?.textContent, \
+     nodes: document.querySelectorAll('#nodes .node').length, \
+     result: document.getElementById('call-result')?.textContent, \
+     errors: document.getElementById('page-errors')?.textContent })";
 
 // === reading the dumped DOM ===
 
@@ -476,6 +661,83 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
     assert!(size > 10_000, "chromium wrote a screenshot to {} ({size} bytes)", shot.display());
     println!("dashboard screenshot: {}", shot.display());
 
+    stop.cancel();
+    traffic.await.expect("traffic task");
+    for n in mesh.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// The page as a user drives it: the call form calls a port and shows the result, a port's error
+/// with its code, and JSON it cannot parse; clicking a gear fills the form; a refused token
+/// brings the token prompt back and is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_form_works_and_a_refused_token_brings_the_prompt() {
+    let Some(bin) = chromium() else {
+        println!(
+            "SKIP: chromium is not installed (apt-get install -y chromium); set GEARMESH_REQUIRE_CHROMIUM=1 to fail"
+        );
+        return;
+    };
+    let mesh = mesh().await;
+    let stop = CancellationToken::new();
+    let traffic = mesh.traffic(stop.clone());
+    let (browser, mut tab) = devtools(&bin).await;
+    let base = format!("{}/", mesh.nodes[0].url());
+    tab.navigate(&format!("{base}#token={}", mesh.token())).await;
+    tab.wait_for(
+        "the page is live and shows three nodes",
+        "document.getElementById('conn-status').dataset.status === 'live' \
+         && document.querySelectorAll('#nodes .node').length === 3",
+    )
+    .await;
+    assert_eq!(tab.eval("location.hash").await, json!(""), "the token left the address bar");
+    assert_eq!(tab.eval("sessionStorage.getItem('gearmesh.token') !== null").await, json!(true));
+
+    let result = "document.getElementById('call-result')";
+    tab.submit("echo", "echo", r#"{"hello": "dashboard"}"#).await;
+    tab.wait_for("echo's result shows", &format!("{result}.dataset.outcome === 'ok'")).await;
+    let text = tab.eval(&format!("{result}.textContent")).await;
+    assert!(text.as_str().is_some_and(|t| t.contains(r#""hello": "dashboard""#)), "{text}");
+
+    // orders runs on demo-3; billing (demo-2) refuses mallory and orders returns its error.
+    tab.submit("orders", "place", r#"{"user_id": "mallory", "product_id": "widget", "qty": 1}"#).await;
+    tab.wait_for("the refusal shows", &format!("{result}.dataset.outcome === 'error'")).await;
+    let text = tab.eval(&format!("{result}.textContent")).await;
+    assert!(text.as_str().is_some_and(|t| t.contains("app") && t.contains("insufficient_funds")), "{text}");
+
+    tab.submit("echo", "echo", "{not json").await;
+    tab.wait_for("the page refuses the argument", &format!("{result}.dataset.outcome === 'invalid'")).await;
+
+    tab.eval("document.querySelector('#node-list .gear[data-gear=\"orders\"]').click()").await;
+    assert_eq!(tab.eval("document.getElementById('call-gear').value").await, json!("orders"));
+    assert_eq!(tab.eval("document.getElementById('call-port').value").await, json!("place"));
+
+    // Failed calls of the traffic are listed; then a screenshot of the page after real seconds.
+    tab.wait_for("a failed call is listed", "document.querySelectorAll('#error-list li').length > 0").await;
+    tab.wait_for("mesh rates are measured", "!document.getElementById('summary').textContent.includes('measuring')")
+        .await;
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-live.png");
+    tab.screenshot(&shot).await;
+    println!("dashboard screenshot after use: {}", shot.display());
+    assert_eq!(tab.eval("document.getElementById('page-errors').dataset.count").await, json!("0"));
+    let problems = tab.problems();
+    assert!(problems.is_empty(), "the page had problems:\n{}", problems.join("\n"));
+
+    // A token the node refuses: the prompt comes back and the token is forgotten.
+    tab.navigate("about:blank").await;
+    tab.navigate(&format!("{base}#token=not-a-token")).await;
+    tab.wait_for(
+        "the page asks for a token",
+        "document.getElementById('conn-status').dataset.status === 'needs-token' \
+         && !document.getElementById('token-dialog').hidden",
+    )
+    .await;
+    let reason = tab.eval("document.getElementById('token-reason').textContent").await;
+    assert!(reason.as_str().is_some_and(|r| r.contains("refused")), "{reason}");
+    assert_eq!(tab.eval("sessionStorage.getItem('gearmesh.token')").await, Value::Null, "the refused token is gone");
+
+    drop(browser);
     stop.cancel();
     traffic.await.expect("traffic task");
     for n in mesh.nodes {
