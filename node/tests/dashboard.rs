@@ -47,11 +47,12 @@ struct Mesh {
 /// Three nodes like the demo's, each linked to the previous one, requiring tokens signed by one
 /// key (which also signs their link tokens).
 async fn mesh() -> Mesh {
-    mesh_of(3).await
+    mesh_with(3, |_| {}).await
 }
 
-/// The first `count` nodes of [`mesh`].
-async fn mesh_of(count: usize) -> Mesh {
+/// The first `count` nodes of [`mesh`], the first one's configuration changed by `tweak`.
+async fn mesh_with(count: usize, tweak: impl FnOnce(&mut NodeConfig)) -> Mesh {
+    let mut tweak = Some(tweak);
     gearmesh::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let generated = keygen(Algorithm::EdDSA).expect("keygen");
@@ -69,6 +70,9 @@ async fn mesh_of(count: usize) -> Mesh {
             ..NodeConfig::default()
         };
         config.tls.data_dir = Some(dir.path().to_owned());
+        if let Some(t) = tweak.take() {
+            t(&mut config);
+        }
         let auth = AuthConfig {
             keys: vec![key_path.clone()],
             audience: Some(AUDIENCE.into()),
@@ -566,7 +570,7 @@ fn read(dom: &str) -> Seen {
 /// types and a strict policy; the data behind it is not.
 #[tokio::test]
 async fn the_page_is_open_under_a_strict_policy_and_the_data_is_not() {
-    let mesh = mesh_of(1).await;
+    let mesh = mesh_with(1, |_| {}).await;
     let url = mesh.nodes[0].url();
     let http = common::client_trusting(mesh.nodes[0].dev_ca_cert().expect("dev CA"));
     for (path, kind) in [
@@ -741,6 +745,52 @@ async fn the_call_form_works_and_a_refused_token_brings_the_prompt() {
     stop.cancel();
     traffic.await.expect("traffic task");
     for n in mesh.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// A page that falls behind its node's buffer is told `lagged`, redraws from the fresh snapshot
+/// and stays live; when its node goes away it says so and retries with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_page_resyncs_and_a_lost_node_is_retried() {
+    let Some(bin) = chromium() else {
+        println!(
+            "SKIP: chromium is not installed (apt-get install -y chromium); set GEARMESH_REQUIRE_CHROMIUM=1 to fail"
+        );
+        return;
+    };
+    // A ring of two messages: the traces and stats of a busy mesh overrun it.
+    let mesh = mesh_with(3, |c| c.interface.buffer = 2).await;
+    let stop = CancellationToken::new();
+    let traffic = mesh.traffic(stop.clone());
+    let (browser, mut tab) = devtools(&bin).await;
+    tab.navigate(&format!("{}/#token={}", mesh.nodes[0].url(), mesh.token())).await;
+    tab.wait_for(
+        "the page resynced after lagging",
+        "document.getElementById('conn-detail').textContent.includes('resynced after dropping')",
+    )
+    .await;
+    tab.wait_for(
+        "the page is live with the three nodes after resyncing",
+        "document.getElementById('conn-status').dataset.status === 'live' \
+         && document.querySelectorAll('#nodes .node[data-state=\"alive\"]').length === 3",
+    )
+    .await;
+
+    stop.cancel();
+    traffic.await.expect("traffic task");
+    let mut nodes = mesh.nodes.into_iter();
+    let first = nodes.next().expect("three nodes");
+    first.shutdown().await;
+    tab.wait_for(
+        "the page says it is reconnecting",
+        "document.getElementById('conn-status').dataset.status === 'reconnecting' \
+         && document.getElementById('conn-detail').textContent.includes('retrying in')",
+    )
+    .await;
+    assert_eq!(tab.eval("document.getElementById('page-errors').dataset.count").await, json!("0"));
+    drop(browser);
+    for n in nodes {
         n.shutdown().await;
     }
 }
