@@ -740,6 +740,7 @@ async fn the_call_form_works_and_a_refused_token_brings_the_prompt() {
     let reason = tab.eval("document.getElementById('token-reason').textContent").await;
     assert!(reason.as_str().is_some_and(|r| r.contains("refused")), "{reason}");
     assert_eq!(tab.eval("sessionStorage.getItem('gearmesh.token')").await, Value::Null, "the refused token is gone");
+    tab.screenshot(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-token.png")).await;
 
     drop(browser);
     stop.cancel();

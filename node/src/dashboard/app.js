@@ -374,6 +374,10 @@
         known = true;
       }
     }
+    if (nodes.length === 0) {
+      $('summary').textContent = '';
+      return;
+    }
     const sampled = flows.reduce((acc, f) => acc + f.sum.rate, 0);
     const parts = [`${alive}/${nodes.length} nodes alive`, `${model.links.size} links`];
     parts.push(known ? `${fmtRate(meshIn)} mesh calls/s` : 'mesh calls/s: measuring');
@@ -550,6 +554,8 @@
   };
 
   function setStatus(status, text, detail) {
+    // What is on screen is only current while the page is live; otherwise it is dimmed.
+    document.body.dataset.live = String(status === 'live');
     const s = $('conn-status');
     s.dataset.status = status;
     s.textContent = text;
@@ -637,7 +643,7 @@
     }
     switch (m.type) {
       case 'welcome':
-        conn.detail = `via ${m.node.name} as ${m.principal}`;
+        conn.detail = `via ${m.node ? m.node.name : 'the node'} as ${m.principal}`;
         setStatus('connecting', 'subscribing', conn.detail);
         break;
       case 'snapshot':
