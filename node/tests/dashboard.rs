@@ -1,20 +1,27 @@
-//! The dashboard in a real headless Chromium (Debian's `chromium`): a three-node mesh with token
-//! authentication runs in this process, the browser opens `GET /` on one node with an
-//! observe+call token in the URL fragment, and the DOM after the page's scripts ran must show
-//! the three nodes, their links, their gears and the calls flowing between them, with no console
-//! errors. A screenshot goes to cargo's temporary directory for people to look at.
+//! The dashboard in a real headless Chromium (Debian's `chromium`, driven by
+//! `common::chromium`): a three-node mesh with token authentication runs in this process with
+//! calls flowing, and the browser opens `GET /` on one node with an observe+call token in the URL
+//! fragment.
 //!
-//! Without Chromium the test prints SKIP, unless `GEARMESH_REQUIRE_CHROMIUM` is set (CI sets it),
-//! in which case it fails.
+//! - After the page's scripts ran (`--dump-dom`), its DOM shows the three nodes, their links, their
+//!   gears and the calls flowing between them, with no console errors; a screenshot goes to
+//!   cargo's temporary directory for people to look at.
+//! - Driven over the DevTools protocol, the call form works, a refused token brings the prompt
+//!   back, a lagging page resyncs from the fresh snapshot, and a lost node is retried.
+//! - Over plain HTTPS, the page's files are open and carry a strict policy; the data is not.
+//!
+//! Without Chromium the browser tests print SKIP, unless `GEARMESH_REQUIRE_CHROMIUM` is set (CI
+//! sets it), in which case they fail.
 
 mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::PathBuf,
     time::Duration,
 };
+
+use common::chromium::{Run, Tab, chromium, console_errors, devtools, run_chromium};
 
 use gearmesh::{
     Node, NodeConfig, RunningNode,
@@ -22,16 +29,13 @@ use gearmesh::{
     gears::Principal,
 };
 use serde_json::{Value, json};
-use tokio::{io::AsyncReadExt, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const AUDIENCE: &str = "dashboard-test";
 
 /// What the shop's gears may do (`[auth.gears]`).
 const GEAR_POLICY: &str = "orders = [\"call:*\", \"publish:*\"]\nbilling = [\"publish:*\"]";
-
-/// How long one Chromium run may take before the test gives up on it.
-const CHROMIUM_LIMIT: Duration = Duration::from_secs(90);
 
 /// How many times the page is loaded, at most, before its DOM must show everything asked for.
 const ATTEMPTS: usize = 10;
@@ -153,316 +157,21 @@ impl Mesh {
     }
 }
 
-// === Chromium ===
+// === the page ===
 
-/// Chromium's path, or `None` when it is missing and not required.
-fn chromium() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("GEARMESH_REQUIRE_CHROMIUM").is_none(),
-            "GEARMESH_REQUIRE_CHROMIUM is set but chromium is not on PATH (apt-get install -y chromium)"
-        );
-    }
-    found
+/// Fills the call form and presses Call.
+async fn submit(tab: &mut Tab, gear: &str, port: &str, arg: &str) {
+    let js = format!(
+        "(() => {{ const set = (id, v) => {{ document.getElementById(id).value = v; }}; \
+         set('call-gear', {}); set('call-port', {}); set('call-arg', {}); \
+         document.getElementById('call-result').dataset.outcome = 'none'; \
+         document.getElementById('call-submit').click(); }})()",
+        json!(gear),
+        json!(port),
+        json!(arg)
+    );
+    tab.eval(&js).await;
 }
-
-/// The arguments of every Chromium run here.
-const CHROMIUM_ARGS: [&str; 14] = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-default-apps",
-    "--disable-extensions",
-    "--disable-sync",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--hide-scrollbars",
-    "--mute-audio",
-    // The nodes' certificates come from this test's development CA, which Chromium does not
-    // trust (and cannot be told to trust from the command line without a policy file).
-    "--ignore-certificate-errors",
-    "--window-size=1280,800",
-];
-
-/// What one Chromium run printed.
-struct Run {
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs headless Chromium on `url` with `extra` arguments (`--dump-dom`, `--screenshot=...`) in a
-/// fresh profile, and waits for it to exit. Every process it started is gone afterwards.
-async fn run_chromium(bin: &Path, extra: &[String], url: &str) -> Run {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(CHROMIUM_ARGS)
-        .args([
-            // Console messages go to stderr, where the test looks for errors.
-            "--enable-logging=stderr",
-            "--v=0",
-            // The page's timers run on virtual time; the budget lets it connect, take the
-            // snapshot, receive traces and stats, and render, before the DOM is dumped or the
-            // screenshot taken.
-            "--virtual-time-budget=10000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so the browser's helper processes can be found and ended with it.
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().expect("chromium started");
-    let pid = child.id().expect("running");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = tokio::spawn(async move {
-        let mut s = String::new();
-        let _read = stdout.read_to_string(&mut s).await;
-        s
-    });
-    let err = tokio::spawn(async move {
-        let mut s = String::new();
-        let _read = stderr.read_to_string(&mut s).await;
-        s
-    });
-    let waited = tokio::time::timeout(CHROMIUM_LIMIT, child.wait()).await;
-    // Whatever the browser left in its group (helpers) goes too; then the group is empty.
-    end_group(pid);
-    match waited {
-        Ok(status) => {
-            let status = status.expect("waited for chromium");
-            let run = Run { stdout: out.await.expect("stdout"), stderr: err.await.expect("stderr") };
-            assert!(status.success(), "chromium failed ({status}); stderr:\n{}", run.stderr);
-            run
-        }
-        Err(_) => {
-            let _killed = child.kill().await;
-            panic!("chromium did not finish within {CHROMIUM_LIMIT:?}");
-        }
-    }
-}
-
-/// Ends every process left in the process group `pgid` that `run_chromium` created. A group
-/// lives while any member does, so a group that still answers is still Chromium's.
-fn end_group(pgid: u32) {
-    let group = format!("-{pgid}");
-    let alive = || {
-        std::process::Command::new("kill")
-            .args(["-0", "--", &group])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if alive() {
-        let status = std::process::Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
-        assert!(status.is_ok(), "could not run kill for chromium's leftover processes");
-    }
-}
-
-/// The console errors Chromium logged: `CONSOLE` lines at error level, uncaught exceptions,
-/// refused resources and failed connections.
-fn console_errors(stderr: &str) -> Vec<&str> {
-    stderr
-        .lines()
-        .filter(|l| l.contains("CONSOLE") || l.contains("Uncaught") || l.contains("Refused to"))
-        .filter(|l| {
-            let lower = l.to_lowercase();
-            lower.contains("error")
-                || lower.contains("uncaught")
-                || lower.contains("refused")
-                || lower.contains("failed")
-        })
-        .collect()
-}
-
-// === driving Chromium over the DevTools protocol ===
-
-/// A headless Chromium with its DevTools protocol open; it and its helpers end on drop.
-struct Browser {
-    _child: tokio::process::Child,
-    pgid: u32,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        end_group(self.pgid);
-    }
-}
-
-/// One page of a [`Browser`], driven through its DevTools WebSocket.
-struct Tab {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    next: u64,
-    session: Option<String>,
-    /// Protocol events seen so far (console calls, exceptions, log entries).
-    events: Vec<Value>,
-}
-
-/// Starts Chromium with the DevTools protocol on a port it picks, and opens a blank page.
-async fn devtools(bin: &Path) -> (Browser, Tab) {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(CHROMIUM_ARGS)
-        .arg("--remote-debugging-port=0")
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
-    let child = cmd.spawn().expect("chromium started");
-    let pgid = child.id().expect("running");
-    // Chromium writes the port it chose and the browser endpoint's path to this file.
-    let file = profile.path().join("DevToolsActivePort");
-    let browser = Browser { _child: child, pgid, _profile: profile };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let endpoint = loop {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        if let Some((port, path)) = text.split_once('\n')
-            && path.trim().starts_with("/devtools/")
-        {
-            break format!("ws://127.0.0.1:{}{}", port.trim(), path.trim());
-        }
-        assert!(Instant::now() < deadline, "chromium did not open its DevTools port within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (ws, _) = tokio_tungstenite::connect_async(endpoint.as_str()).await.expect("DevTools connected");
-    let mut tab = Tab { ws, next: 0, session: None, events: Vec::new() };
-    let target = tab.call("Target.createTarget", json!({ "url": "about:blank" })).await;
-    let target_id = target["targetId"].as_str().expect("a target id").to_owned();
-    let attached = tab.call("Target.attachToTarget", json!({ "targetId": target_id, "flatten": true })).await;
-    tab.session = Some(attached["sessionId"].as_str().expect("a session id").to_owned());
-    for domain in ["Runtime", "Log", "Page"] {
-        tab.call(&format!("{domain}.enable"), json!({})).await;
-    }
-    // A laptop screen, as with --window-size for the other runs.
-    let screen = json!({ "width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": false });
-    tab.call("Emulation.setDeviceMetricsOverride", screen).await;
-    (browser, tab)
-}
-
-impl Tab {
-    /// Sends one command and waits (30 s at most) for its answer, keeping the events in between.
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        use futures::{SinkExt as _, StreamExt as _};
-        use tokio_tungstenite::tungstenite::Message;
-
-        self.next += 1;
-        let id = self.next;
-        let mut msg = json!({ "id": id, "method": method, "params": params });
-        if let Some(s) = &self.session {
-            msg["sessionId"] = json!(s);
-        }
-        self.ws.send(Message::text(msg.to_string())).await.expect("sent to DevTools");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .unwrap_or_else(|_| panic!("DevTools did not answer {method} within 30 s"));
-            let text = match next {
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(_)) => continue,
-                other => panic!("the DevTools connection ended: {other:?}"),
-            };
-            let v: Value = serde_json::from_str(text.as_str()).expect("DevTools sends JSON");
-            if v["id"] == id {
-                assert!(v.get("error").is_none(), "{method} failed: {}", v["error"]);
-                return v["result"].clone();
-            }
-            if v.get("method").is_some() {
-                self.events.push(v);
-            }
-        }
-    }
-
-    /// The value of a JavaScript expression in the page.
-    async fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call("Runtime.evaluate", json!({ "expression": expr, "returnByValue": true })).await;
-        assert!(r.get("exceptionDetails").is_none(), "{expr} threw: {}", r["exceptionDetails"]);
-        r["result"]["value"].clone()
-    }
-
-    /// Waits (30 s at most) until `expr` is true in the page (an expression that throws, as on
-    /// a page still loading, is not true yet).
-    async fn wait_for(&mut self, what: &str, expr: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let guarded = format!("(() => {{ try {{ return ({expr}) === true; }} catch (e) {{ return false; }} }})()");
-        while self.eval(&guarded).await != json!(true) {
-            if Instant::now() > deadline {
-                let page = self.eval(PAGE_STATE).await;
-                panic!("timed out after 30 s waiting until {what}; the page: {page}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn navigate(&mut self, url: &str) {
-        self.call("Page.navigate", json!({ "url": url })).await;
-    }
-
-    /// Exceptions, console errors and warnings, and error log entries (failed loads, refused
-    /// connections, policy violations) the page produced so far.
-    fn problems(&self) -> Vec<String> {
-        self.events
-            .iter()
-            .filter_map(|e| {
-                let p = &e["params"];
-                match e["method"].as_str()? {
-                    "Runtime.exceptionThrown" => Some(format!("exception: {}", p["exceptionDetails"])),
-                    "Runtime.consoleAPICalled"
-                        if matches!(p["type"].as_str(), Some("error" | "warning" | "assert")) =>
-                    {
-                        Some(format!("console.{}: {}", p["type"], p["args"]))
-                    }
-                    "Log.entryAdded" if p["entry"]["level"] == "error" => Some(format!("log: {}", p["entry"])),
-                    _ => None,
-                }
-            })
-            .collect()
-    }
-
-    /// Fills the call form and presses Call.
-    async fn submit(&mut self, gear: &str, port: &str, arg: &str) {
-        let js = format!(
-            "(() => {{ const set = (id, v) => {{ document.getElementById(id).value = v; }}; \
-             set('call-gear', {}); set('call-port', {}); set('call-arg', {}); \
-             document.getElementById('call-result').dataset.outcome = 'none'; \
-             document.getElementById('call-submit').click(); }})()",
-            json!(gear),
-            json!(port),
-            json!(arg)
-        );
-        self.eval(&js).await;
-    }
-
-    async fn screenshot(&mut self, path: &Path) {
-        use base64::Engine as _;
-        let shot = self.call("Page.captureScreenshot", json!({ "format": "png" })).await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(shot["data"].as_str().expect("screenshot data"))
-            .expect("base64 screenshot");
-        std::fs::write(path, png).expect("screenshot written");
-    }
-}
-
-/// What the page shows about itself, for failure messages.
-const PAGE_STATE: &str = "JSON.stringify({ status: document.getElementById('conn-status')?.dataset.status, \
-     detail: document.getElementById('conn-detail')?.textContent, \
-     nodes: document.querySelectorAll('#nodes .node').length, \
-     result: document.getElementById('call-result')?.textContent, \
-     errors: document.getElementById('page-errors')?.textContent })";
 
 // === reading the dumped DOM ===
 
@@ -699,18 +408,18 @@ async fn the_call_form_works_and_a_refused_token_brings_the_prompt() {
     assert_eq!(tab.eval("sessionStorage.getItem('gearmesh.token') !== null").await, json!(true));
 
     let result = "document.getElementById('call-result')";
-    tab.submit("echo", "echo", r#"{"hello": "dashboard"}"#).await;
+    submit(&mut tab, "echo", "echo", r#"{"hello": "dashboard"}"#).await;
     tab.wait_for("echo's result shows", &format!("{result}.dataset.outcome === 'ok'")).await;
     let text = tab.eval(&format!("{result}.textContent")).await;
     assert!(text.as_str().is_some_and(|t| t.contains(r#""hello": "dashboard""#)), "{text}");
 
     // orders runs on demo-3; billing (demo-2) refuses mallory and orders returns its error.
-    tab.submit("orders", "place", r#"{"user_id": "mallory", "product_id": "widget", "qty": 1}"#).await;
+    submit(&mut tab, "orders", "place", r#"{"user_id": "mallory", "product_id": "widget", "qty": 1}"#).await;
     tab.wait_for("the refusal shows", &format!("{result}.dataset.outcome === 'error'")).await;
     let text = tab.eval(&format!("{result}.textContent")).await;
     assert!(text.as_str().is_some_and(|t| t.contains("app") && t.contains("insufficient_funds")), "{text}");
 
-    tab.submit("echo", "echo", "{not json").await;
+    submit(&mut tab, "echo", "echo", "{not json").await;
     tab.wait_for("the page refuses the argument", &format!("{result}.dataset.outcome === 'invalid'")).await;
 
     tab.eval("document.querySelector('#node-list .gear[data-gear=\"orders\"]').click()").await;
