@@ -392,6 +392,7 @@
     $('graph-empty').textContent = model.nodes.size ? '' : conn.live ? 'No nodes.' : 'Waiting for the mesh…';
 
     const links = [];
+    const showRtt = model.links.size <= 8;
     for (const [k, l] of [...model.links.entries()].sort()) {
       const p = positions.get(l.a);
       const q = positions.get(l.b);
@@ -401,7 +402,8 @@
       links.push(svg('g', { class: 'link', 'data-link': k, 'data-rtt-us': l.rtt_us ?? '' },
         svg('title', {}, `${nameOf(l.a)} — ${nameOf(l.b)}: RTT ${fmtUs(l.rtt_us)}`),
         svg('line', { x1: p.x, y1: p.y, x2: q.x, y2: q.y }),
-        l.rtt_us !== null && l.rtt_us !== undefined
+        // On a dense mesh the labels would pile up in the middle; the title still has the RTT.
+        showRtt && l.rtt_us !== null && l.rtt_us !== undefined
           ? svg('text', { x: mx, y: my - 6, 'text-anchor': 'middle' }, fmtUs(l.rtt_us)) : null));
     }
     $('links').replaceChildren(...links);
@@ -443,7 +445,8 @@
       svg('title', {}, `${n.name} (${id})\nstate: ${n.state}\ngears: ${gears.join(', ') || 'none'}`),
       id === model.me ? svg('circle', { class: 'ring', cx: p.x, cy: p.y, r: NODE_R + 7 }) : null,
       svg('circle', { class: 'body', cx: p.x, cy: p.y, r: NODE_R }),
-      svg('text', { class: 'name', x: p.x, y: p.y - 2, 'text-anchor': 'middle' }, n.name),
+      svg('text', { class: 'name', x: p.x, y: p.y - 2, 'text-anchor': 'middle' },
+        n.name.length > 11 ? `${n.name.slice(0, 10)}…` : n.name),
       svg('text', { class: 'rate', x: p.x, y: p.y + 16, 'text-anchor': 'middle' },
         served || local ? `${fmtRate(served)}/s in` : n.state),
       svg('text', { class: 'gears', x: p.x, y: gy, 'text-anchor': 'middle' }, gearText || 'no gears')));
