@@ -34,7 +34,7 @@ const TRACE_ID: &str = "x-trace-id";
 
 pub(crate) fn router(shared: Shared) -> Router {
     let limit = shared.config.http.max_body_bytes;
-    Router::new()
+    crate::dashboard::routes(Router::new())
         .route("/v1/call/{gear}/{port}", post(call))
         .route("/v1/events/{topic}", post(publish))
         .route("/v1/node", get(node_info))

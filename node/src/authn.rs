@@ -164,6 +164,8 @@ enum Required {
 fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
     match route {
         "/healthz" | "/readyz" | JWKS_PATH => Required::Nothing,
+        // The dashboard's files hold no secret: the page asks for a token and uses it on the socket.
+        page if crate::dashboard::is_asset(page) => Required::Nothing,
         // The WebSocket interface authenticates on the socket (a header, a subprotocol offer or
         // a first message; close 4401/4403), since browsers cannot set headers on a WebSocket.
         "/v1/mesh" => Required::Nothing,
@@ -266,6 +268,9 @@ mod tests {
         assert_eq!(required("/readyz", &none), Required::Nothing);
         assert_eq!(required(JWKS_PATH, &none), Required::Nothing);
         assert_eq!(required("/v1/mesh", &none), Required::Nothing);
+        assert_eq!(required("/", &none), Required::Nothing);
+        assert_eq!(required("/dashboard/app.js", &none), Required::Nothing);
+        assert_eq!(required("/dashboard/other.js", &none), Required::Scope(Permission::Admin));
         assert_eq!(required("/v1/node", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/v1/gears", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/metrics", &none), Required::Scope(Permission::Observe));

@@ -24,6 +24,7 @@ mod api;
 mod authn;
 pub mod builtin;
 mod config;
+mod dashboard;
 mod interface;
 mod links;
 mod node;

@@ -2,6 +2,8 @@
 //! uses a part of it.
 #![allow(dead_code)]
 
+pub(crate) mod chromium;
+
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
