@@ -651,9 +651,11 @@ async fn a_rust_gear_calls_a_python_gear_on_another_node_and_a_dropped_socket_wi
     let cl = Cluster::new();
     let policy = "[auth.gears]\nfront = [\"call:greeter/*\"]\n";
     let gears_policy = NodeConfig::from_toml(policy).expect("policy").auth.gears;
+    // Three nodes: the Python gear attaches to b; the Rust gear calling it runs on a.
     let a = cl.node_with("a", &["echo"], vec![front()], None, |c| c.auth.gears = gears_policy.clone()).await;
-    let b = cl.node_with("b", &[], vec![], Some(&a), |c| c.auth.gears = gears_policy).await;
-    eventually("a and b linked", 15, || sees(&b, &["echo"])).await;
+    let b = cl.node_with("b", &[], vec![], Some(&a), |c| c.auth.gears = gears_policy.clone()).await;
+    let c = cl.node_with("c", &["kv"], vec![], Some(&b), |c| c.auth.gears = gears_policy).await;
+    eventually("the three nodes linked", 15, || sees(&b, &["echo", "kv"]) && sees(&a, &["kv"])).await;
 
     let mut py = python(&cl, "gear.py", &b, &[]).spawn().expect("python3 gear.py");
     let mut out = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(py.stdout.take().expect("stdout")));
@@ -663,7 +665,7 @@ async fn a_rust_gear_calls_a_python_gear_on_another_node_and_a_dropped_socket_wi
         .expect("read")
         .expect("a line");
     assert!(line.starts_with("registered greeter on b"), "{line}");
-    eventually("a sees the Python gear on b", 15, || sees(&a, &["greeter"])).await;
+    eventually("a and c see the Python gear on b", 15, || sees(&a, &["greeter"]) && sees(&c, &["greeter"])).await;
 
     // A Rust gear on a calls the Python gear on b through the mesh.
     let http = common::client_trusting(&cl.ca());
@@ -700,10 +702,14 @@ async fn a_rust_gear_calls_a_python_gear_on_another_node_and_a_dropped_socket_wi
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
 
     // And the gear is gone from the mesh.
-    eventually("greeter withdrawn everywhere", 15, || !sees(&a, &["greeter"]) && !sees(&b, &["greeter"])).await;
+    eventually("greeter withdrawn everywhere", 15, || {
+        !sees(&a, &["greeter"]) && !sees(&b, &["greeter"]) && !sees(&c, &["greeter"])
+    })
+    .await;
     let _ = py.wait().await;
-    b.shutdown().await;
-    a.shutdown().await;
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
 }
 
 #[tokio::test]
@@ -777,4 +783,111 @@ async fn the_python_observer_sees_the_whole_three_node_mesh_its_events_traces_an
     for n in [c, b, a] {
         n.shutdown().await;
     }
+}
+
+/// The token battery over both doors of a node, HTTP and the WebSocket interface: every defect is
+/// refused (401, close 4401), a missing scope is 403 (and an `error` on the socket), a valid token
+/// passes. The node trusts an identity provider's RSA public key (so the HS256 confusion attack
+/// applies), with an audience and an issuer.
+#[tokio::test]
+async fn the_token_battery_over_http_and_the_websocket_interface() {
+    use base64::Engine;
+    use gearmesh::auth::{Algorithm, Audience, Claims, KeyId, LoadedKey, SigningKey, load_key};
+
+    gearmesh::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).expect("rsa");
+    let LoadedKey::Signing(idp) = load_key(pair.serialize_pem().as_bytes(), None).expect("rsa key") else {
+        panic!("a private key loads as a signing key");
+    };
+    let public_pem = pair.public_key_pem();
+    let public = dir.path().join("idp.pub.pem");
+    std::fs::write(&public, &public_pem).expect("write");
+    const ISSUER: &str = "https://idp.test/realms/mesh";
+    let mut config = NodeConfig {
+        name: Some("a".into()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        gears: vec!["echo".into()],
+        auth: AuthConfig {
+            keys: vec![public],
+            audience: Some(AUDIENCE.into()),
+            issuers: vec![ISSUER.into()],
+            ..AuthConfig::default()
+        },
+        ..NodeConfig::default()
+    };
+    config.tls.data_dir = Some(dir.path().to_owned());
+    let a = Node::builder().config(config).build().expect("valid").start().await.expect("started");
+    let ca = dir.path().join(gearmesh::DEV_CA_CERT_FILE);
+
+    let now = unix_now();
+    let claims = |f: &dyn Fn(&mut Claims)| {
+        let mut c = Claims {
+            sub: Some("alice".into()),
+            iat: Some(now),
+            exp: Some(now + 600),
+            iss: Some(ISSUER.into()),
+            aud: Some(Audience::One(AUDIENCE.into())),
+            scope: Some("call:echo/* observe".into()),
+            ..Claims::default()
+        };
+        f(&mut c);
+        c
+    };
+    let sign = |key: &SigningKey, c: &Claims| Issuer::new(key.clone()).sign_claims(c).expect("sign");
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let good = sign(&idp, &claims(&|_| {}));
+    // HS256 signed with the RSA public key as the secret, claiming the RSA key's kid.
+    let confused = SigningKey::from_secret(public_pem.as_bytes(), Algorithm::HS256)
+        .expect("hs key")
+        .with_kid(KeyId::new(idp.kid().as_str()));
+    let other_idp = keygen(Algorithm::ES256).expect("keygen").key.with_kid(KeyId::new(idp.kid().as_str()));
+    let mut tampered = good.clone();
+    let last = tampered.pop().expect("non-empty");
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let defects: Vec<(&str, String)> = vec![
+        ("malformed", "not-a-jwt".into()),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(r#"{"alg":"none","typ":"JWT"}"#),
+                b64(&serde_json::to_string(&claims(&|_| {})).expect("json"))
+            ),
+        ),
+        ("HS256 with the RSA public key (confusion)", sign(&confused, &claims(&|_| {}))),
+        ("signed by another key", sign(&other_idp, &claims(&|_| {}))),
+        ("tampered signature", tampered),
+        ("expired", sign(&idp, &claims(&|c| c.exp = Some(now - 3600)))),
+        ("not yet valid", sign(&idp, &claims(&|c| c.nbf = Some(now + 3600)))),
+        ("for another audience", sign(&idp, &claims(&|c| c.aud = Some(Audience::One("other-mesh".into()))))),
+        ("from another issuer", sign(&idp, &claims(&|c| c.iss = Some("https://evil.test".into())))),
+        ("oversized", sign(&idp, &claims(&|c| c.jti = Some("x".repeat(16 * 1024))))),
+    ];
+    let http = common::client_trusting(&ca);
+    let call = |token: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/call/echo/echo", a.url());
+        async move { http.post(url).bearer_auth(token).json(&json!(1)).send().await.expect("sent").status().as_u16() }
+    };
+    for (what, token) in &defects {
+        assert_eq!(call(token.clone()).await, 401, "HTTP, a token {what}");
+        // Oversized tokens do not fit a header line for some clients; send them as a message.
+        let cred = if *what == "oversized" { Cred::FirstMessage(token) } else { Cred::Header(token) };
+        let (code, reason) = refused(&a, &ca, cred).await;
+        assert_eq!(code, 4401, "WebSocket, a token {what}: {reason}");
+        assert!(!reason.contains(token.as_str()) || token.len() < 12, "the reason does not echo the token");
+    }
+    // A scope for another gear: 403, and a forbidden error on the socket (which stays open).
+    let other_gear = sign(&idp, &claims(&|c| c.scope = Some("call:kv/* observe".into())));
+    assert_eq!(call(other_gear.clone()).await, 403);
+    let mut c = Client::connect(&a, &ca, Cred::Header(&other_gear)).await;
+    let e = c.request(json!({"v": 1, "type": "call", "id": 1, "gear": "echo", "port": "echo", "arg": 1})).await;
+    assert_eq!(e["error"]["code"], "forbidden", "{e}");
+    // And the valid token passes both doors.
+    assert_eq!(call(good.clone()).await, 200);
+    let mut c = Client::connect(&a, &ca, Cred::Protocol(&good)).await;
+    let r = c.request(json!({"v": 1, "type": "call", "id": 2, "gear": "echo", "port": "echo", "arg": 1})).await;
+    assert_eq!(r["ok"], 1, "{r}");
+    a.shutdown().await;
 }
