@@ -35,7 +35,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use gearmesh_auth::{Permission, Scopes, bearer_from_authorization};
+use gearmesh_auth::{
+    AuthError, Permission, Scopes, WS_PROTOCOL, WsProtocolOffer, bearer_from_authorization, token_from_auth_message,
+};
 use gearmesh_gears::{
     Arg, Call, CallError, CallMeta, Event, Payload, Principal, Publish, TraceId, WireBody, host::Host,
 };
@@ -50,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::serve::Served;
 use self::{
-    proto::{BEARER_PROTOCOL_PREFIX, ClientMsg, SUBPROTOCOL, VERSION},
+    proto::{ClientMsg, VERSION},
     watch::{Kind, STATS_TOPIC, StreamMsg, TRACES_TOPIC, Watch},
 };
 use crate::{InterfaceConfig, api::ApiError, node::NodeShared};
@@ -146,7 +148,7 @@ pub(crate) async fn upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e }))).into_response();
     }
     let token = token_from_upgrade(&headers);
-    ws.protocols([SUBPROTOCOL])
+    ws.protocols([WS_PROTOCOL])
         .max_message_size(iface.config.max_message_bytes)
         .max_frame_size(iface.config.max_message_bytes)
         // Small buffers: an idle observer should cost little (10,000 of them per node; see
@@ -162,18 +164,12 @@ pub(crate) async fn upgrade(
 
 /// The token in the upgrade request: `Authorization: Bearer`, else a `bearer.<token>` subprotocol
 /// offer. `Some(Err)` for a malformed header (refused on the socket).
-fn token_from_upgrade(headers: &HeaderMap) -> Option<Result<String, gearmesh_auth::AuthError>> {
+fn token_from_upgrade(headers: &HeaderMap) -> Option<Result<String, AuthError>> {
     if let Some(h) = headers.get(header::AUTHORIZATION) {
         return Some(bearer_from_authorization(h.to_str().ok()).map(str::to_owned));
     }
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
-        .map(|t| Ok(t.to_owned()))
+    let offers = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok());
+    WsProtocolOffer::parse(offers).token.map(|t| Ok(t.to_owned()))
 }
 
 /// What a connection's token allows: `None` in insecure development mode (everything).
@@ -585,21 +581,18 @@ async fn authenticate(
     shared: &NodeShared,
     iface: &Interface,
     socket: &mut WebSocket,
-    token: Option<Result<String, gearmesh_auth::AuthError>>,
+    token: Option<Result<String, AuthError>>,
 ) -> Result<Grant, End> {
     let Some(auth) = shared.auth() else {
         return Ok(Grant { principal: Principal::anonymous(), scopes: None, expires: None });
     };
+    let refused = |e: &AuthError| End::Close(e.status().ws_close_code(), e.description());
     let token = match token {
         Some(Ok(t)) => t,
-        Some(Err(e)) => return Err(End::Close(close::UNAUTHORIZED, e.description())),
+        Some(Err(e)) => return Err(refused(&e)),
         None => first_auth_message(socket, Duration::from_millis(iface.config.auth_timeout_ms)).await?,
     };
-    let identity = auth
-        .verifier
-        .verify_with_refresh(&token)
-        .await
-        .map_err(|e| End::Close(close::UNAUTHORIZED, e.description()))?;
+    let identity = auth.verifier.verify_with_refresh(&token).await.map_err(|e| refused(&e))?;
     let scopes = identity.scopes().clone();
     let usable = scopes.to_strings().iter().any(|s| {
         s == "observe" || s == "admin" || s.starts_with("call:") || s.starts_with("publish:") || s.starts_with("serve:")
@@ -622,10 +615,10 @@ async fn first_auth_message(socket: &mut WebSocket, timeout: Duration) -> Result
         unauthorized("authentication required: send {\"v\":1,\"type\":\"auth\",\"token\":\"...\"} first")
     })?;
     match first {
-        Some(Ok(Message::Text(t))) => match proto::parse(t.as_str()) {
-            Ok(ClientMsg::Auth { token, .. }) => Ok(token),
-            _ => Err(unauthorized("authentication required: the first message must be auth")),
-        },
+        Some(Ok(Message::Text(t))) => token_from_auth_message(t.as_str()).map_err(|e| match e {
+            AuthError::Missing => unauthorized("authentication required: the first message must be auth"),
+            e => End::Close(e.status().ws_close_code(), e.description()),
+        }),
         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err(End::Gone),
         Some(Ok(_)) => Err(unauthorized("authentication required: the first message must be auth")),
     }

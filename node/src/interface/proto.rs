@@ -9,13 +9,6 @@ use serde_json::{Value, json};
 /// The protocol version this node speaks.
 pub(crate) const VERSION: u64 = 1;
 
-/// The subprotocol a client offers (and the node selects) in the upgrade request.
-pub(crate) const SUBPROTOCOL: &str = "gearmesh.v1";
-
-/// The prefix of a subprotocol offer that carries a token (`bearer.<jwt>`), for browsers, which
-/// cannot set an `Authorization` header on a WebSocket.
-pub(crate) const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
-
 /// Topics under this prefix are the mesh's own (traces, stats): clients cannot publish to them
 /// or subscribe to them by name.
 pub(crate) const SYSTEM_TOPIC_PREFIX: &str = "gearmesh.";
@@ -28,7 +21,10 @@ pub(crate) enum ClientMsg {
     Auth {
         #[serde(default)]
         v: Option<u64>,
-        token: String,
+        /// Read by `gearmesh_auth::token_from_auth_message` before the connection starts; here
+        /// an `auth` after that is only recognized (and refused as repeated).
+        #[serde(rename = "token")]
+        _token: String,
     },
     /// Starts (or replaces) the client's subscription; answered with a snapshot.
     Subscribe {
