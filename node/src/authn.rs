@@ -163,7 +163,8 @@ enum Required {
 /// The table: what each route of the API needs, from its matched path and parameters.
 fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
     match route {
-        "/healthz" | "/readyz" | JWKS_PATH => Required::Nothing,
+        // The ACME server fetches HTTP-01 answers without any token.
+        "/healthz" | "/readyz" | JWKS_PATH | gearmesh_transport::acme::HTTP01_ROUTE => Required::Nothing,
         "/v1/call/{gear}/{port}" => Required::Scope(Permission::call(&param("gear"), &param("port"))),
         "/v1/events/{topic}" => Required::Scope(Permission::publish(&param("topic"))),
         "/v1/node" | "/v1/gears" | "/v1/nodes" | "/v1/routes" | "/metrics" => Required::Scope(Permission::Observe),
@@ -262,6 +263,7 @@ mod tests {
         assert_eq!(required("/healthz", &none), Required::Nothing);
         assert_eq!(required("/readyz", &none), Required::Nothing);
         assert_eq!(required(JWKS_PATH, &none), Required::Nothing);
+        assert_eq!(required("/.well-known/acme-challenge/{token}", &none), Required::Nothing);
         assert_eq!(required("/v1/node", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/v1/gears", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/metrics", &none), Required::Scope(Permission::Observe));

@@ -393,11 +393,15 @@ impl Acme {
     async fn run(mut self, resolver: Arc<CertResolver>, shutdown: CancellationToken) {
         let mut delays = self.config.retry.delays(rand::random());
         let mut account: Option<instant_acme::Account> = None;
+        // Set when the server no longer knows the stored account (a reset test server, a
+        // deactivated account): the next attempt registers a new one.
+        let mut fresh_account = false;
         // With a stored certificate, ask the server for its renewal window (ARI) if it offers
         // one: that costs the directory and the stored account, never an order. Best effort: a
         // server that is down falls back to the lifetime rule.
         if self.current.is_some() && self.store.read_account().ok().flatten().is_some() {
-            let loaded = tokio::time::timeout(Duration::from_secs(30), order::account(&self.config, &self.store));
+            let loaded =
+                tokio::time::timeout(Duration::from_secs(30), order::account(&self.config, &self.store, false));
             match loaded.await {
                 Ok(Ok(acc)) => account = Some(acc),
                 Ok(Err(e)) => tracing::info!(error = %e, "ACME server not reachable at start; renewing by lifetime"),
@@ -422,7 +426,7 @@ impl Acme {
             }
             let attempt = async {
                 if account.is_none() {
-                    account = Some(order::account(&self.config, &self.store).await?);
+                    account = Some(order::account(&self.config, &self.store, fresh_account).await?);
                 }
                 let Some(acc) = account.as_ref() else {
                     return Err(AcmeError::Config("no ACME account".into()));
@@ -441,6 +445,7 @@ impl Acme {
                 Ok(stored)
             }) {
                 Ok(stored) => {
+                    fresh_account = false;
                     match stored.cert.certified_key() {
                         Ok(k) => resolver.swap(k),
                         Err(e) => {
@@ -478,9 +483,10 @@ impl Acme {
                     });
                     // Retry after the delay (the loop sees renewal is still due).
                     renew_at = SystemTime::now() + delay;
-                    if matches!(e, AcmeError::Problem { .. }) {
+                    if let Some(p) = e.problem() {
                         // A refused account or order may be stale state on the server: start over.
                         account = None;
+                        fresh_account = p.kind.as_deref().is_some_and(|k| k.ends_with(":accountDoesNotExist"));
                     }
                 }
             }

@@ -32,9 +32,10 @@ fn builder(config: &AcmeConfig) -> Result<instant_acme::AccountBuilder, AcmeErro
     .map_err(|e| AcmeError::from_acme("setting up the ACME client", e))
 }
 
-/// Loads the stored account, or creates one on the server and stores it.
-pub(crate) async fn account(config: &AcmeConfig, store: &Store) -> Result<Account, AcmeError> {
-    if let Some(json) = store.read_account()? {
+/// Loads the stored account, or (without one, or with `fresh`) creates one on the server and
+/// stores it.
+pub(crate) async fn account(config: &AcmeConfig, store: &Store, fresh: bool) -> Result<Account, AcmeError> {
+    if let Some(json) = store.read_account()?.filter(|_| !fresh) {
         let creds: AccountCredentials = serde_json::from_slice(&json).map_err(|e| AcmeError::Storage {
             path: store.account_path(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
