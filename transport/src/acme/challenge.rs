@@ -138,3 +138,127 @@ pub async fn serve_http01(listener: TcpListener, tokens: Http01Tokens, https_por
     tracing::info!(addr = ?local, "plain-HTTP listener for ACME HTTP-01 challenges (everything else redirects to HTTPS)");
     crate::https::serve(listener, None, router, crate::https::ServeOptions::default(), shutdown).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls_pki_types::ServerName;
+
+    use super::*;
+    use crate::tls::{ALPN_ACME_TLS, ALPN_H2, CertResolver, DevCa, https_server_config};
+
+    /// One in-memory handshake: the leaf the server presented and the negotiated ALPN.
+    async fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        alpn: &[u8],
+        sni: &str,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+        let mut client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify))
+            .with_no_client_auth();
+        client.alpn_protocols = vec![alpn.to_vec()];
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(s);
+        let name = ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?;
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, c);
+        let (server_side, client_side) = tokio::join!(accept, connect);
+        drop(server_side);
+        let tls = client_side.map_err(|e| e.to_string())?;
+        let conn = tls.get_ref().1;
+        let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or("no certificate")?.to_vec();
+        Ok((leaf, conn.alpn_protocol().map(<[u8]>::to_vec)))
+    }
+
+    /// Accepts everything without parsing: like an ACME validator, which checks the
+    /// certificate's extension itself (webpki refuses the unknown critical extension).
+    #[derive(Debug)]
+    struct NoVerify;
+
+    impl rustls::client::danger::ServerCertVerifier for NoVerify {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            crate::tls::provider().signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// The `id-pe-acmeIdentifier` extension: (critical, value).
+    fn acme_extension(der: &[u8]) -> Option<(bool, Vec<u8>)> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let oid = x509_parser::der_parser::oid!(1.3.6.1.5.5.7.1.31);
+        cert.extensions().iter().find(|e| e.oid == oid).map(|e| (e.critical, e.value.to_vec()))
+    }
+
+    #[tokio::test]
+    async fn acme_tls_alpn_handshakes_get_only_the_challenge_certificate() {
+        crate::tls::install_crypto_provider();
+        let regular = DevCa::generate().expect("ca").issue(&["node.example".into()]).expect("issue");
+        let regular_der = regular.chain[0].to_vec();
+        let resolver = CertResolver::from_cert(&regular).expect("resolver");
+        let server = https_server_config(resolver.clone()).expect("config");
+
+        // No challenge in progress: a validation handshake fails rather than get the real cert.
+        assert!(handshake(server.clone(), ALPN_ACME_TLS, "node.example").await.is_err());
+
+        let digest = [7u8; 32];
+        resolver.set_acme_challenge("Node.Example", tls_alpn_cert("node.example", &digest).expect("cert"));
+        let (leaf, alpn) = handshake(server.clone(), ALPN_ACME_TLS, "node.example").await.expect("validation");
+        assert_eq!(alpn.as_deref(), Some(ALPN_ACME_TLS));
+        let (critical, value) = acme_extension(&leaf).expect("acmeIdentifier extension");
+        assert!(critical, "RFC 8737: the extension is critical");
+        let mut expected = vec![0x04, 0x20];
+        expected.extend_from_slice(&digest);
+        assert_eq!(value, expected, "an OCTET STRING holding the key authorization digest");
+        // Another name has no challenge.
+        assert!(handshake(server.clone(), ALPN_ACME_TLS, "other.example").await.is_err());
+        // Ordinary clients still get the regular certificate meanwhile.
+        let (leaf, alpn) = handshake(server.clone(), ALPN_H2, "node.example").await.expect("h2");
+        assert_eq!(leaf, regular_der);
+        assert_eq!(alpn.as_deref(), Some(ALPN_H2));
+
+        resolver.clear_acme_challenge("node.example");
+        assert!(handshake(server, ALPN_ACME_TLS, "node.example").await.is_err());
+    }
+
+    #[test]
+    fn http01_tokens_answer_while_installed() {
+        let tokens = Http01Tokens::default();
+        assert!(tokens.get("t").is_none());
+        tokens.insert("t".into(), "t.thumb".into());
+        assert_eq!(tokens.get("t").as_deref(), Some("t.thumb"));
+        assert_eq!(tokens.respond("t").status(), StatusCode::OK);
+        tokens.remove("t");
+        assert_eq!(tokens.respond("t").status(), StatusCode::NOT_FOUND);
+    }
+}
