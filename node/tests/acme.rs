@@ -6,6 +6,7 @@
 //! node's address (`reqwest` `resolve`), and the renewal test uses `localhost` so mesh links
 //! can dial the node by the certificate's name.
 
+mod common;
 mod pebble;
 
 use std::{
@@ -544,4 +545,77 @@ async fn renewal_keeps_wss_and_quic_links_opened_before_the_swap() {
     shutdown.cancel();
     quic.close();
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_challenge_is_reported_with_the_problem_document() {
+    if !pebble::available() {
+        return;
+    }
+    // HTTP-01, but nothing listens where Pebble validates it.
+    let port = free_port();
+    let pebble = Pebble::start("fail", Options { http_port: free_port(), tls_port: port, validity_secs: None }).await;
+    let data = data_dir("fail");
+    let domain = "unreachable.gearmesh.test";
+    let mut config = node_config(&pebble, &data, domain, port);
+    config.tls.acme_challenge = ChallengeKind::Http01;
+    let node = start(config).await;
+    let error = wait_for("a failed validation", Duration::from_secs(60), || async {
+        let (_, body) = readyz(port).await;
+        match body["acme"]["last_error"].as_str() {
+            Some(e) if e.contains("validation") => Ok(e.to_owned()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(error.contains(&format!("http-01 validation of {domain} failed")), "{error}");
+    assert!(error.contains("urn:ietf:params:acme:error:"), "the problem type is reported: {error}");
+    assert_eq!(readyz(port).await.0, 503, "still degraded");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_the_acme_flags() {
+    let (code, _out, err) =
+        common::run(&["start", "--listen", "127.0.0.1:0", "--insecure-dev", "--tls", "acme"], &[]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--acme-domain"), "{err}");
+    if !pebble::available() {
+        return;
+    }
+    let (port, http_port) = (free_port(), free_port());
+    let pebble = Pebble::start("cli", Options { http_port, tls_port: port, validity_secs: None }).await;
+    let data = data_dir("cli");
+    let domain = "cli.gearmesh.test";
+    let (listen, http) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{http_port}"));
+    let (directory, ca_root) = (pebble.directory_url(), pebble.api_ca().display().to_string());
+    let data_arg = data.display().to_string();
+    let args = [
+        "start",
+        "--listen",
+        &listen,
+        "--insecure-dev",
+        "--no-quic",
+        "--data-dir",
+        &data_arg,
+        "--tls",
+        "acme",
+        "--acme-domain",
+        domain,
+        "--acme-email",
+        "ops@gearmesh.test",
+        "--acme-directory",
+        &directory,
+        "--acme-ca-root",
+        &ca_root,
+        "--acme-challenge",
+        "http-01",
+        "--acme-http-listen",
+        &http,
+    ];
+    let node = common::spawn(&args, &[]).await;
+    let root = pebble.root_pem().await;
+    wait_for_trusted(&trusting(&root, domain, port, false), domain, port).await;
+    assert!(data.join("acme").exists(), "state kept under --data-dir");
+    drop(node);
 }

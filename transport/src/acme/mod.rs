@@ -183,6 +183,16 @@ pub enum AcmeError {
         /// Why.
         reason: String,
     },
+    /// The server could not validate a domain (it could not connect, or got the wrong answer).
+    #[error("{} validation of {domain} failed: {problem}", kind.as_str())]
+    ChallengeFailed {
+        /// The domain.
+        domain: String,
+        /// The challenge.
+        kind: ChallengeKind,
+        /// What the validation server said.
+        problem: ProblemDocument,
+    },
     /// The server offers no challenge of the configured kind for a domain.
     #[error("the ACME server offers no {} challenge for {domain}", kind.as_str())]
     NoChallenge {
@@ -224,8 +234,14 @@ impl AcmeError {
     /// The problem document, when the server sent one.
     pub fn problem(&self) -> Option<&ProblemDocument> {
         match self {
-            AcmeError::Problem { problem, .. } => Some(problem),
-            _ => None,
+            AcmeError::Problem { problem, .. } | AcmeError::ChallengeFailed { problem, .. } => Some(problem),
+            AcmeError::Protocol { .. }
+            | AcmeError::NoChallenge { .. }
+            | AcmeError::Timeout(_)
+            | AcmeError::Storage { .. }
+            | AcmeError::Certificate(_)
+            | AcmeError::Tls(_)
+            | AcmeError::Config(_) => None,
         }
     }
 }

@@ -129,15 +129,29 @@ pub(crate) async fn issue(
         challenge.set_ready().await.map_err(|e| AcmeError::from_acme("starting validation", e))?;
         tracing::debug!(%domain, challenge = config.challenge.as_str(), "challenge ready");
     }
-    let status = order.poll_ready(&retry()).await.map_err(|e| AcmeError::from_acme("validating", e))?;
-    if status != OrderStatus::Ready {
-        return Err(match order.state().error.clone() {
+    let order_failure = match order.poll_ready(&retry()).await {
+        Ok(OrderStatus::Ready) => None,
+        Ok(status) => Some(match order.state().error.clone() {
             Some(p) => AcmeError::Problem { during: "validating", problem: p.into() },
             None => AcmeError::Protocol {
                 during: "validating",
-                reason: format!("the order is {status:?}: a challenge failed (see the server's authorization)"),
+                reason: format!("the order is {status:?} and the server gave no reason"),
             },
-        });
+        }),
+        Err(instant_acme::Error::Api(p)) => Some(AcmeError::Problem { during: "validating", problem: p.into() }),
+        Err(e) => return Err(AcmeError::from_acme("validating", e)),
+    };
+    if let Some(failure) = order_failure {
+        // Name the domain: the failed challenge carries its own problem document.
+        let mut authorizations = order.authorizations();
+        while let Some(Ok(mut authz)) = authorizations.next().await {
+            let domain = authz.identifier().to_string();
+            let Ok(state) = authz.refresh().await else { continue };
+            if let Some(problem) = state.challenges.iter().find_map(|c| c.error.clone()) {
+                return Err(AcmeError::ChallengeFailed { domain, kind: config.challenge, problem: problem.into() });
+            }
+        }
+        return Err(failure);
     }
     drop(installed);
     // Our own key and CSR (the key never leaves the node).
