@@ -99,8 +99,8 @@ impl Store {
     }
 
     /// Writes the key first, then the chain: a crash in between leaves a chain that does not
-    /// match the key, which [`Store::read_cert`] callers detect when the key does not load
-    /// (and then order again).
+    /// match the key, which [`Store::read_cert`] refuses (the key is checked against the leaf),
+    /// so the next start orders again instead of serving a broken pair.
     pub(crate) fn write_cert(&self, chain_pem: &str, key_pem: &str) -> Result<(), AcmeError> {
         write_atomic(&self.key_path(), key_pem.as_bytes())?;
         write_atomic(&self.cert_path(), chain_pem.as_bytes())
