@@ -16,6 +16,7 @@ use axum::{
     routing::{get, post},
 };
 use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Publish, TraceId, WireBody};
+use gearmesh_transport::acme::{AcmeState, AcmeStatus};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
@@ -46,6 +47,7 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(authn::JWKS_PATH, get(authn::jwks))
+        .route(gearmesh_transport::acme::HTTP01_ROUTE, get(acme_challenge))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authn::authenticate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -188,6 +190,7 @@ async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {
         "gears": s.host.gears().iter().map(|g| g.name.to_string()).collect::<Vec<_>>(),
         "calls_in_flight": s.host.in_flight(),
         "insecure_dev": s.config.insecure_dev,
+        "acme": s.acme.as_ref().map(|a| a.status.borrow().clone()),
     }))
 }
 
@@ -219,9 +222,29 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(s): State<Shared>) -> Response {
     if s.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" }))).into_response()
-    } else {
-        Json(json!({ "status": "ready" })).into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" }))).into_response();
+    }
+    if let Some(acme) = &s.acme {
+        let st = acme.status.borrow().clone();
+        if st.state != AcmeState::Valid {
+            // Degraded: no trusted certificate yet (or it expired); the ACME client keeps trying.
+            let reason = match st.state {
+                AcmeState::Waiting => "no ACME certificate yet: serving a self-signed placeholder",
+                _ => "the ACME certificate has expired and renewal keeps failing",
+            };
+            let body = json!({ "status": "degraded", "reason": reason, "acme": st });
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+    }
+    Json(json!({ "status": "ready" })).into_response()
+}
+
+/// `GET /.well-known/acme-challenge/{token}`: the HTTP-01 answer (open: the ACME server has no
+/// token), 404 when no such challenge is in progress.
+async fn acme_challenge(State(s): State<Shared>, Path(token): Path<String>) -> Response {
+    match &s.acme {
+        Some(acme) => acme.http01.respond(&token),
+        None => ApiError::from(CallError::not_found("this node does not use ACME")).into_response(),
     }
 }
 
@@ -229,6 +252,9 @@ async fn metrics(State(s): State<Shared>) -> Response {
     let mut text = s.metrics.render();
     s.host.render_metrics(&mut text);
     render_mesh_metrics(&mut text, &s.mesh);
+    if let Some(acme) = &s.acme {
+        render_acme_metrics(&mut text, &acme.status.borrow());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -258,6 +284,29 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
     for (state, n) in ["alive", "suspect", "dead", "left"].iter().zip(st.nodes) {
         let _infallible = writeln!(out, "gearmesh_mesh_nodes{{state=\"{state}\"}} {n}");
     }
+}
+
+/// The certificate's expiry and the ACME client's counters.
+fn render_acme_metrics(out: &mut String, st: &AcmeStatus) {
+    use std::fmt::Write as _;
+    if let Some(left) = st.expiry_seconds(std::time::SystemTime::now()) {
+        let _infallible = write!(
+            out,
+            "# HELP gearmesh_tls_cert_expiry_seconds Seconds until the served ACME certificate expires (negative: expired).\n\
+             # TYPE gearmesh_tls_cert_expiry_seconds gauge\ngearmesh_tls_cert_expiry_seconds {left}\n"
+        );
+    }
+    let ready = u8::from(st.state == AcmeState::Valid);
+    let _infallible = write!(
+        out,
+        "# HELP gearmesh_acme_certificate_valid 1 when a valid ACME certificate is served, 0 when degraded.\n\
+         # TYPE gearmesh_acme_certificate_valid gauge\ngearmesh_acme_certificate_valid {ready}\n\
+         # HELP gearmesh_acme_certificates_issued_total Certificates issued by the ACME server to this process.\n\
+         # TYPE gearmesh_acme_certificates_issued_total counter\ngearmesh_acme_certificates_issued_total {}\n\
+         # HELP gearmesh_acme_failures_total Failed ACME attempts (each is retried with backoff).\n\
+         # TYPE gearmesh_acme_failures_total counter\ngearmesh_acme_failures_total {}\n",
+        st.issued, st.failures
+    );
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -163,7 +163,8 @@ enum Required {
 /// The table: what each route of the API needs, from its matched path and parameters.
 fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
     match route {
-        "/healthz" | "/readyz" | JWKS_PATH => Required::Nothing,
+        // The ACME server fetches HTTP-01 answers without any token.
+        "/healthz" | "/readyz" | JWKS_PATH | gearmesh_transport::acme::HTTP01_ROUTE => Required::Nothing,
         // The dashboard's files hold no secret: the page asks for a token and uses it on the socket.
         page if crate::dashboard::is_asset(page) => Required::Nothing,
         // The WebSocket interface authenticates on the socket (a header, a subprotocol offer or
@@ -271,6 +272,7 @@ mod tests {
         assert_eq!(required("/", &none), Required::Nothing);
         assert_eq!(required("/dashboard/app.js", &none), Required::Nothing);
         assert_eq!(required("/dashboard/other.js", &none), Required::Scope(Permission::Admin));
+        assert_eq!(required("/.well-known/acme-challenge/{token}", &none), Required::Nothing);
         assert_eq!(required("/v1/node", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/v1/gears", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/metrics", &none), Required::Scope(Permission::Observe));

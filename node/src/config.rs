@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use gearmesh_transport::acme::ChallengeKind;
 use serde::{Deserialize, Serialize};
 
 /// How logs are written.
@@ -125,6 +126,9 @@ pub enum TlsMode {
     Pem,
     /// No TLS at all: plain `http://` and `ws://` links. Only with `insecure_dev`.
     Off,
+    /// A certificate obtained and renewed from an ACME server (Let's Encrypt by default) for
+    /// `tls.acme_domains`, kept in `tls.data_dir` (see `docs/acme.md`).
+    Acme,
 }
 
 /// TLS settings.
@@ -140,14 +144,57 @@ pub struct TlsConfig {
     /// CA certificates (PEM) trusted when dialing other nodes, besides the development CA in
     /// `dev` mode; in `pem` mode without it, the public web PKI is trusted.
     pub ca: Option<PathBuf>,
-    /// The directory of the development CA (default `$XDG_DATA_HOME/gearmesh`, else
+    /// The node's state directory: the development CA, and in `acme` mode the ACME account and
+    /// certificates under `acme/` (default `$XDG_DATA_HOME/gearmesh`, else
     /// `~/.local/share/gearmesh`).
     pub data_dir: Option<PathBuf>,
+    /// `acme` mode: the names to obtain a certificate for (at least one).
+    pub acme_domains: Vec<String>,
+    /// `acme` mode: the contact address given to the ACME server.
+    pub acme_email: Option<String>,
+    /// `acme` mode: the directory URL (default: Let's Encrypt production, or staging with
+    /// `acme_staging`).
+    pub acme_directory: Option<String>,
+    /// `acme` mode: use Let's Encrypt's staging directory (untrusted certificates, for trials).
+    pub acme_staging: bool,
+    /// `acme` mode: a PEM root certificate to trust for the ACME server's own TLS (a private ACME
+    /// server such as step-ca or Pebble).
+    pub acme_ca_root: Option<PathBuf>,
+    /// `acme` mode: the challenge answered, `tls-alpn-01` (on the listening port, the default)
+    /// or `http-01`.
+    pub acme_challenge: ChallengeKind,
+    /// `acme` mode: a plain-HTTP address (e.g. `0.0.0.0:80`) that answers HTTP-01 challenges and
+    /// redirects everything else to HTTPS.
+    pub acme_http_listen: Option<SocketAddr>,
 }
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { mode: TlsMode::Dev, cert: None, key: None, ca: None, data_dir: None }
+        Self {
+            mode: TlsMode::Dev,
+            cert: None,
+            key: None,
+            ca: None,
+            data_dir: None,
+            acme_domains: Vec::new(),
+            acme_email: None,
+            acme_directory: None,
+            acme_staging: false,
+            acme_ca_root: None,
+            acme_challenge: ChallengeKind::TlsAlpn01,
+            acme_http_listen: None,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The ACME directory URL this configuration uses.
+    pub fn acme_directory_url(&self) -> String {
+        match (&self.acme_directory, self.acme_staging) {
+            (Some(url), _) => url.clone(),
+            (None, true) => gearmesh_transport::acme::LETS_ENCRYPT_STAGING.to_owned(),
+            (None, false) => gearmesh_transport::acme::LETS_ENCRYPT_PRODUCTION.to_owned(),
+        }
     }
 }
 
@@ -321,6 +368,25 @@ impl NodeConfig {
                 reason: "\"pem\" mode needs tls.cert and tls.key".into(),
             });
         }
+        if self.tls.mode == TlsMode::Acme {
+            if self.tls.acme_domains.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "tls.acme_domains",
+                    reason: "\"acme\" mode needs at least one domain (--acme-domain)".into(),
+                });
+            }
+            if let Some(bad) = self.tls.acme_domains.iter().find(|d| !is_dns_name(d)) {
+                return Err(ConfigError::Invalid {
+                    key: "tls.acme_domains",
+                    reason: format!("{bad:?} is not a DNS name (ACME certificates here are for names, not addresses)"),
+                });
+            }
+            if self.tls.acme_challenge == ChallengeKind::Http01 && self.tls.acme_http_listen.is_none() {
+                tracing::info!(
+                    "ACME HTTP-01 without tls.acme_http_listen: port 80 must reach this node some other way (a proxy)"
+                );
+            }
+        }
         if self.calls.default_timeout_ms > self.calls.max_timeout_ms {
             return Err(ConfigError::Invalid {
                 key: "calls.default_timeout_ms",
@@ -329,6 +395,20 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// A plausible DNS name: letters, digits, hyphens and dots, no empty label, not an IP address.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<std::net::IpAddr>().is_err()
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -352,5 +432,20 @@ mod tests {
         assert!(e.to_string().contains("default_timeout_ms"), "{e}");
         let e = NodeConfig::from_toml("[calls]\nmax_timeout_ms = 0").expect_err("range");
         assert!(e.to_string().contains("calls.max_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn acme_needs_domains_that_are_names() {
+        let e = NodeConfig::from_toml("[tls]\nmode = \"acme\"").expect_err("no domain");
+        assert!(e.to_string().contains("tls.acme_domains"), "{e}");
+        let e = NodeConfig::from_toml("[tls]\nmode = \"acme\"\nacme_domains = [\"10.0.0.1\"]").expect_err("ip");
+        assert!(e.to_string().contains("not a DNS name"), "{e}");
+        let c = NodeConfig::from_toml(
+            "[tls]\nmode = \"acme\"\nacme_domains = [\"a.example\"]\nacme_challenge = \"http-01\"\nacme_staging = true",
+        )
+        .expect("valid");
+        assert_eq!(c.tls.acme_challenge, ChallengeKind::Http01);
+        assert_eq!(c.tls.acme_directory_url(), gearmesh_transport::acme::LETS_ENCRYPT_STAGING);
+        assert_eq!(TlsConfig::default().acme_directory_url(), gearmesh_transport::acme::LETS_ENCRYPT_PRODUCTION);
     }
 }

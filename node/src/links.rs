@@ -6,6 +6,10 @@
 //! - TLS is on by default. In `dev` mode every node sharing the development CA directory gets a
 //!   certificate from that CA at start, and trusts it; nothing else is trusted. In `pem` mode the
 //!   operator's certificate is served and peers are verified against `tls.ca` (or the web PKI).
+//! - In `acme` mode the node serves a certificate obtained from an ACME server for
+//!   `tls.acme_domains` (a self-signed placeholder until the first one, with `/readyz` not ready),
+//!   renewed in the background into the same resolver; it advertises its first domain and
+//!   verifies peers against the web PKI plus `tls.ca`. See `docs/acme.md`.
 //! - `tls.mode = "off"` (plaintext `http://` and `ws://`) requires `insecure_dev` and is logged
 //!   loudly.
 //! - A node advertises `wss://HOST:PORT` and, with QUIC on, `quic://HOST:PORT`; seeds may use
@@ -29,6 +33,7 @@ use gearmesh_gears::host::Host;
 use gearmesh_mesh::{Config as CoreConfig, Mesh, MeshConfig};
 use gearmesh_transport::{
     AcceptConfig, Acceptor, Dialer, Hello, LinkSetup, NodeId,
+    acme::{Acme, AcmeConfig},
     quic::QuicEndpoint,
     tls::{CertResolver, ClientTls, ClientTrust, DevCa, NodeCert, TlsError, load_certs},
 };
@@ -61,6 +66,9 @@ pub enum LinksError {
         /// Why.
         source: std::io::Error,
     },
+    /// The ACME client could not be set up (no domain, unreadable state directory).
+    #[error("ACME: {0}")]
+    Acme(#[from] gearmesh_transport::acme::AcmeError),
     /// The QUIC endpoint could not be bound on the node's port number.
     #[error("QUIC on {addr}: {reason}")]
     Quic {
@@ -81,6 +89,8 @@ pub(crate) struct NodeTls {
     pub(crate) client: ClientTls,
     /// Where the development CA's certificate is, in `dev` mode.
     pub(crate) dev_ca_cert: Option<PathBuf>,
+    /// The ACME client, in `acme` mode (spawned by the node once it serves).
+    pub(crate) acme: Option<Acme>,
 }
 
 /// Loads (or creates) the development CA and writes its certificate for clients.
@@ -124,8 +134,23 @@ pub(crate) fn node_tls(config: &NodeConfig, local: SocketAddr) -> Result<Option<
         Some(path) => load_certs(path)?,
         None => Vec::new(),
     };
+    let mut acme = None;
     let (cert, trust, dev_ca_cert) = match config.tls.mode {
         TlsMode::Off => return Ok(None),
+        TlsMode::Acme => {
+            let dir = config.tls.data_dir.clone().or_else(DevCa::default_dir).ok_or(LinksError::NoDataDir)?;
+            let mut ac = AcmeConfig::new(config.tls.acme_domains.clone(), dir.join("acme"));
+            ac.contact = config.tls.acme_email.iter().cloned().collect();
+            ac.directory = config.tls.acme_directory_url();
+            ac.ca_root.clone_from(&config.tls.acme_ca_root);
+            ac.challenge = config.tls.acme_challenge;
+            let client = Acme::new(ac)?;
+            let cert = client.initial_cert().clone();
+            acme = Some(client);
+            let trust =
+                if extra_ca.is_empty() { ClientTrust::WebpkiRoots } else { ClientTrust::WebpkiRootsAnd(extra_ca) };
+            (cert, trust, None)
+        }
         TlsMode::Dev => {
             let dir = config.tls.data_dir.clone().or_else(DevCa::default_dir).ok_or(LinksError::NoDataDir)?;
             let (ca, crt) = load_dev_ca(&dir)?;
@@ -145,13 +170,19 @@ pub(crate) fn node_tls(config: &NodeConfig, local: SocketAddr) -> Result<Option<
     let resolver = CertResolver::from_cert(&cert)?;
     let server = gearmesh_transport::tls::https_server_config(resolver.clone())?;
     let client = ClientTls::new(&trust)?;
-    Ok(Some(NodeTls { resolver, server, client, dev_ca_cert }))
+    Ok(Some(NodeTls { resolver, server, client, dev_ca_cert, acme }))
 }
 
 /// The host other nodes dial this one at.
 fn advertise_host(config: &NodeConfig, local: SocketAddr) -> String {
     if let Some(h) = &config.mesh.advertise_host {
         return h.clone();
+    }
+    if config.tls.mode == TlsMode::Acme
+        && let Some(domain) = config.tls.acme_domains.first()
+    {
+        // Peers verify the ACME certificate, which names the domains, not the address.
+        return domain.clone();
     }
     match local.ip() {
         ip if ip.is_unspecified() => "localhost".to_owned(),

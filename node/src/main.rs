@@ -56,8 +56,9 @@ struct StartArgs {
     #[arg(long, env = "GEARMESH_INSECURE_DEV")]
     insecure_dev: bool,
     /// Where the node's certificate comes from: `dev` (issued by the development CA in the data
-    /// directory), `pem` (--tls-cert and --tls-key), or `off` (plaintext; only with --insecure-dev)
-    /// [default: dev].
+    /// directory), `pem` (--tls-cert and --tls-key), `acme` (obtained and renewed from an ACME
+    /// server such as Let's Encrypt: --acme-domain), or `off` (plaintext; only with
+    /// --insecure-dev) [default: dev].
     #[arg(long, env = "GEARMESH_TLS", value_enum)]
     tls: Option<TlsArg>,
     /// The certificate chain (PEM) for `--tls pem`.
@@ -69,9 +70,33 @@ struct StartArgs {
     /// CA certificates (PEM) trusted when dialing other nodes.
     #[arg(long, env = "GEARMESH_TLS_CA")]
     tls_ca: Option<PathBuf>,
-    /// The directory of the development CA [default: ~/.local/share/gearmesh].
+    /// The node's state directory: the development CA, and the ACME account and certificates
+    /// [default: ~/.local/share/gearmesh].
     #[arg(long, env = "GEARMESH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// `--tls acme`: a name to obtain the certificate for (repeatable).
+    #[arg(long = "acme-domain", env = "GEARMESH_ACME_DOMAINS", value_delimiter = ',')]
+    acme_domains: Vec<String>,
+    /// `--tls acme`: the contact e-mail given to the ACME server.
+    #[arg(long, env = "GEARMESH_ACME_EMAIL")]
+    acme_email: Option<String>,
+    /// `--tls acme`: the ACME directory URL [default: Let's Encrypt production].
+    #[arg(long, env = "GEARMESH_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// `--tls acme`: use Let's Encrypt's staging directory (untrusted certificates, for trials).
+    #[arg(long, env = "GEARMESH_ACME_STAGING")]
+    acme_staging: bool,
+    /// `--tls acme`: a PEM root certificate trusted for the ACME server's own TLS (a private ACME
+    /// server: step-ca, Pebble).
+    #[arg(long, env = "GEARMESH_ACME_CA_ROOT")]
+    acme_ca_root: Option<PathBuf>,
+    /// `--tls acme`: the challenge answered [default: tls-alpn-01, on the listening port].
+    #[arg(long, env = "GEARMESH_ACME_CHALLENGE", value_enum)]
+    acme_challenge: Option<AcmeChallengeArg>,
+    /// `--tls acme`: a plain-HTTP address (e.g. 0.0.0.0:80) that answers HTTP-01 challenges and
+    /// redirects everything else to HTTPS.
+    #[arg(long, env = "GEARMESH_ACME_HTTP_LISTEN")]
+    acme_http_listen: Option<SocketAddr>,
     /// The host name other nodes dial this node at [default: the listening address].
     #[arg(long, env = "GEARMESH_ADVERTISE_HOST")]
     advertise_host: Option<String>,
@@ -99,7 +124,16 @@ struct StartArgs {
 enum TlsArg {
     Dev,
     Pem,
+    Acme,
     Off,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AcmeChallengeArg {
+    #[value(name = "tls-alpn-01")]
+    TlsAlpn01,
+    #[value(name = "http-01")]
+    Http01,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -171,8 +205,31 @@ impl StartArgs {
             c.tls.mode = match v {
                 TlsArg::Dev => TlsMode::Dev,
                 TlsArg::Pem => TlsMode::Pem,
+                TlsArg::Acme => TlsMode::Acme,
                 TlsArg::Off => TlsMode::Off,
             };
+        }
+        if !self.acme_domains.is_empty() {
+            c.tls.acme_domains = self.acme_domains;
+        }
+        if self.acme_email.is_some() {
+            c.tls.acme_email = self.acme_email;
+        }
+        if self.acme_directory.is_some() {
+            c.tls.acme_directory = self.acme_directory;
+        }
+        c.tls.acme_staging |= self.acme_staging;
+        if self.acme_ca_root.is_some() {
+            c.tls.acme_ca_root = self.acme_ca_root;
+        }
+        if let Some(v) = self.acme_challenge {
+            c.tls.acme_challenge = match v {
+                AcmeChallengeArg::TlsAlpn01 => gearmesh_transport::acme::ChallengeKind::TlsAlpn01,
+                AcmeChallengeArg::Http01 => gearmesh_transport::acme::ChallengeKind::Http01,
+            };
+        }
+        if self.acme_http_listen.is_some() {
+            c.tls.acme_http_listen = self.acme_http_listen;
         }
         if self.tls_cert.is_some() {
             c.tls.cert = self.tls_cert;

@@ -21,6 +21,7 @@ use gearmesh_gears::{
 use gearmesh_mesh::Mesh;
 use gearmesh_transport::{
     NodeId,
+    acme::{AcmeStatus, Http01Tokens},
     https::{self, ServeOptions},
     quic::QuicEndpoint,
 };
@@ -252,6 +253,16 @@ pub(crate) struct NodeShared {
     pub(crate) auth: Option<gearmesh_auth::Auth>,
     /// The WebSocket interface at `/v1/mesh`.
     pub(crate) interface: Arc<Interface>,
+    /// The ACME client's status and HTTP-01 answers, in TLS `acme` mode.
+    pub(crate) acme: Option<AcmeParts>,
+}
+
+/// What request handlers see of the ACME client.
+pub(crate) struct AcmeParts {
+    /// The live status: readiness, metrics, `/v1/node`.
+    pub(crate) status: tokio::sync::watch::Receiver<AcmeStatus>,
+    /// HTTP-01 answers for `/.well-known/acme-challenge/{token}`.
+    pub(crate) http01: Http01Tokens,
 }
 
 impl NodeShared {
@@ -308,10 +319,18 @@ impl Node {
         let node_id = NodeId::random();
         let id = node_id.to_string();
         let name = config.name.clone().unwrap_or_else(|| format!("node-{}", &id[..8]));
-        let tls = links::node_tls(&config, local_addr)?;
+        let mut tls = links::node_tls(&config, local_addr)?;
         if tls.is_none() {
             tracing::warn!("TLS IS OFF (insecure development mode): HTTP and mesh links are plaintext");
         }
+        let acme = tls.as_mut().and_then(|t| t.acme.take());
+        let acme_http = match (&acme, config.tls.acme_http_listen) {
+            (Some(_), Some(addr)) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
+            }
+            _ => None,
+        };
+        let acme_parts = acme.as_ref().map(|a| AcmeParts { status: a.status(), http01: a.http01() });
         let parts = links::start_mesh(&config, node_id, &name, local_addr, tls.as_ref(), host.clone(), auth.as_ref())?;
         if let Some(a) = &auth {
             parts.mesh.set_authorizer(Arc::new(authn::MeshAuthorizer(a.clone())));
@@ -347,11 +366,25 @@ impl Node {
             dev_ca_cert: tls.as_ref().and_then(|t| t.dev_ca_cert.clone()),
             auth,
             interface,
+            acme: acme_parts,
         });
         authn::start(shared.auth(), &shutdown).await;
         let stop_accepting = CancellationToken::new();
         let upkeep = tokio::spawn(metrics_upkeep(shared.metrics.clone(), shutdown.clone()));
         let app = crate::api::router(shared.clone()).merge(parts.link_router);
+        if let (Some(client), Some(t)) = (acme, &tls) {
+            // Renewals swap into the resolver that HTTPS, WSS and QUIC all serve from.
+            drop(client.spawn(t.resolver.clone(), shutdown.clone()));
+        }
+        if let (Some(listener), Some(a)) = (acme_http, &shared.acme) {
+            let serve = gearmesh_transport::acme::serve_http01(
+                listener,
+                a.http01.clone(),
+                local_addr.port(),
+                stop_accepting.clone(),
+            );
+            tokio::spawn(serve);
+        }
         let server_tls = tls.map(|t| t.server);
         let opts = ServeOptions {
             max_connections: shared.config.http.max_connections,

@@ -125,6 +125,10 @@ pub async fn serve(
                 let timeout = opts.handshake_timeout;
                 tokio::spawn(async move {
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_ACME_TLS) => {
+                            // An ACME TLS-ALPN-01 validation: the handshake was the answer.
+                            tracing::debug!(%peer, "answered an ACME TLS-ALPN-01 validation");
+                        }
                         Ok(Ok(tls)) => conn.serve(tls, peer, permit).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

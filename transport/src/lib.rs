@@ -13,8 +13,11 @@
 //!   connection bound, graceful drain) for its axum router.
 //! - [`backoff`]: capped exponential backoff with jitter for reconnecting.
 //! - [`tls`]: development CA, PEM loading, the swappable certificate resolver, rustls configs.
+//! - [`acme`]: certificates obtained and renewed from an ACME server (Let's Encrypt), swapped
+//!   into the resolver.
 
 mod accept;
+pub mod acme;
 pub mod backoff;
 mod dial;
 pub mod frame;

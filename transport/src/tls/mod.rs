@@ -8,6 +8,7 @@
 
 mod devca;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -27,6 +28,9 @@ pub const ALPN_GEARMESH: &[u8] = b"gearmesh/1";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// ALPN protocol of HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN protocol of the ACME TLS-ALPN-01 challenge (RFC 8737): a handshake offering it gets the
+/// challenge certificate, and the connection is closed right after.
+pub const ALPN_ACME_TLS: &[u8] = b"acme-tls/1";
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +80,14 @@ pub fn install_crypto_provider() {
 
 /// Serves the current certificate to every new TLS handshake; [`CertResolver::swap`] replaces
 /// it without touching established connections (ACME renewals use this).
+///
+/// It also answers ACME TLS-ALPN-01 challenges: a handshake that offers only the `acme-tls/1`
+/// ALPN protocol gets the challenge certificate registered for its SNI name
+/// ([`CertResolver::set_acme_challenge`]), or fails when there is none.
 pub struct CertResolver {
     current: RwLock<Arc<CertifiedKey>>,
+    /// TLS-ALPN-01 challenge certificates by (lower-case) domain.
+    acme: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl fmt::Debug for CertResolver {
@@ -89,7 +99,7 @@ impl fmt::Debug for CertResolver {
 impl CertResolver {
     /// A resolver serving `key`.
     pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
-        Arc::new(CertResolver { current: RwLock::new(key) })
+        Arc::new(CertResolver { current: RwLock::new(key), acme: RwLock::new(HashMap::new()) })
     }
 
     /// A resolver serving a node certificate.
@@ -112,10 +122,46 @@ impl CertResolver {
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
     }
+
+    /// Serves `key` to TLS-ALPN-01 validation handshakes for `domain` until
+    /// [`CertResolver::clear_acme_challenge`].
+    pub fn set_acme_challenge(&self, domain: &str, key: Arc<CertifiedKey>) {
+        let domain = domain.to_ascii_lowercase();
+        match self.acme.write() {
+            Ok(mut g) => g.insert(domain, key),
+            Err(poisoned) => poisoned.into_inner().insert(domain, key),
+        };
+    }
+
+    /// Stops answering TLS-ALPN-01 validation for `domain`.
+    pub fn clear_acme_challenge(&self, domain: &str) {
+        let domain = domain.to_ascii_lowercase();
+        match self.acme.write() {
+            Ok(mut g) => g.remove(&domain),
+            Err(poisoned) => poisoned.into_inner().remove(&domain),
+        };
+    }
+
+    fn acme_challenge(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        let domain = domain.to_ascii_lowercase();
+        match self.acme.read() {
+            Ok(g) => g.get(&domain).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&domain).cloned(),
+        }
+    }
+}
+
+/// Whether a client hello is an ACME TLS-ALPN-01 validation (it offers `acme-tls/1`).
+fn is_acme_validation(hello: &ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ALPN_ACME_TLS))
 }
 
 impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if is_acme_validation(&hello) {
+            // RFC 8737: only the challenge certificate, never the regular one.
+            return hello.server_name().and_then(|name| self.acme_challenge(name));
+        }
         Some(self.current())
     }
 }
@@ -131,9 +177,10 @@ pub fn server_config(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<Serv
     Ok(cfg)
 }
 
-/// The node's HTTPS listener config (ALPN h2 and http/1.1; WebSocket links use http/1.1).
+/// The node's HTTPS listener config (ALPN h2 and http/1.1; WebSocket links use http/1.1; and
+/// `acme-tls/1`, which only ACME validation servers offer: see [`CertResolver`]).
 pub fn https_server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config(resolver, &[ALPN_H2, ALPN_HTTP1]).map(Arc::new)
+    server_config(resolver, &[ALPN_H2, ALPN_HTTP1, ALPN_ACME_TLS]).map(Arc::new)
 }
 
 /// The QUIC server config (TLS 1.3 only, ALPN gearmesh/1).
