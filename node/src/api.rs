@@ -15,7 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Publish, TraceId, WireBody};
+use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Publish, Retry, Strategy, TraceId, WireBody};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
@@ -122,8 +122,34 @@ fn trace_from(headers: &HeaderMap) -> Option<TraceId> {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CallQuery {
     timeout_ms: Option<u64>,
+    /// `local-first`, `spread`, `shard`, `scatter` or `broadcast`.
+    strategy: Option<String>,
+    /// The shard key (`strategy=shard`).
+    key: Option<String>,
+    /// `all`, `quorum` or K (`strategy=scatter`).
+    gather: Option<String>,
+    /// `auto` (idempotent ports only), `yes` or `no`.
+    retry: Option<String>,
+}
+
+/// The strategy and retry policy of a call from its query (`None`: the node's defaults).
+pub(crate) fn routing_from(
+    strategy: Option<&str>,
+    key: Option<&str>,
+    gather: Option<&str>,
+    retry: Option<&str>,
+) -> Result<(Option<Strategy>, Retry), CallError> {
+    let strategy = match strategy {
+        Some(name) => Some(Strategy::from_parts(name, key, gather)?),
+        None if key.is_some() => Some(Strategy::from_parts("shard", key, gather)?),
+        None if gather.is_some() => Some(Strategy::from_parts("scatter", key, gather)?),
+        None => None,
+    };
+    let retry = retry.map(str::parse).transpose()?.unwrap_or_default();
+    Ok((strategy, retry))
 }
 
 async fn call(
@@ -142,7 +168,12 @@ async fn call(
         Some(ms) => Some(Instant::now() + Duration::from_millis(ms)),
         None => None,
     };
+    let (strategy, retry) =
+        routing_from(q.strategy.as_deref(), q.key.as_deref(), q.gather.as_deref(), q.retry.as_deref())?;
+    let status = if strategy == Some(Strategy::Broadcast) { StatusCode::ACCEPTED } else { StatusCode::OK };
     let mut meta = CallMeta::new(caller, deadline);
+    meta.strategy = strategy;
+    meta.retry = retry;
     if let Some(t) = trace_from(&headers) {
         meta.trace_id = t;
     }
@@ -150,7 +181,7 @@ async fn call(
     let dispatch = s.dispatch();
     let result = dispatch.call(Call { gear: &gear, port: &port, arg, meta }).await;
     let mut resp = match result.and_then(gearmesh_gears::Payload::into_wire) {
-        Ok(WireBody::Json(b)) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Ok(WireBody::Json(b)) => (status, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
         Ok(WireBody::Bytes(b)) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     };

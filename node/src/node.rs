@@ -15,7 +15,7 @@ use std::{
 };
 
 use gearmesh_gears::{
-    BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish,
+    BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish, Strategy,
     host::{Host, HostConfig, Start},
 };
 use gearmesh_mesh::Mesh;
@@ -169,19 +169,47 @@ pub struct Node {
 }
 
 /// Routes calls: to a gear hosted here (in-process, no serialization between typed gears), else
-/// across the mesh to a node hosting it.
+/// across the mesh to a node hosting it. A call that names a strategy or retry policy, or whose
+/// gear has a default strategy, goes through the mesh's strategy layer
+/// ([`Mesh::call_with_strategy`], see `docs/strategies.md`).
 pub(crate) struct Router {
     host: Arc<Host>,
     /// Set once at start, right after the mesh driver exists (it needs the host first).
     mesh: OnceLock<Mesh>,
     /// Checks each call's caller (`authn::authorize_call`); `None` in insecure development mode.
     auth: Option<gearmesh_auth::Auth>,
+    /// The default strategy of calls to a gear that name none (`[strategies]`, plus `kv` =
+    /// shard); a short list scanned linearly, cheaper than hashing on the local fast path.
+    defaults: Vec<(String, Strategy)>,
+}
+
+/// The strategies of `[strategies]`, on top of the built-in default (`kv` is sharded).
+fn default_strategies(config: &NodeConfig) -> Vec<(String, Strategy)> {
+    let mut map = std::collections::BTreeMap::from([("kv".to_owned(), Strategy::Shard(None))]);
+    for (gear, s) in &config.strategies {
+        // Checked by `NodeConfig::validate`.
+        if let Ok(s) = s.parse() {
+            map.insert(gear.clone(), s);
+        }
+    }
+    map.into_iter().filter(|(_, s)| *s != Strategy::LocalFirst).collect()
 }
 
 impl Dispatch for Router {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
         if let Err(e) = authn::authorize_call(self.auth.as_ref(), &call) {
             return Box::pin(std::future::ready(Err(e)));
+        }
+        let default = self.defaults.iter().find(|(g, _)| g == call.gear).map(|(_, s)| s);
+        if !call.meta.is_plain() || default.is_some() {
+            let mut call = call;
+            if call.meta.strategy.is_none() {
+                call.meta.strategy = default.cloned();
+            }
+            return match self.mesh.get() {
+                Some(mesh) => Box::pin(mesh.call_with_strategy(call)),
+                None => Box::pin(std::future::ready(Err(CallError::unavailable("the mesh is not started yet")))),
+            };
         }
         match self.host.start(call) {
             Start::Running(fut) => fut,
@@ -264,7 +292,8 @@ impl Node {
             ..HostConfig::default()
         };
         let host = Host::new(host_config, Some(recorder));
-        let router = Arc::new(Router { host: host.clone(), mesh: OnceLock::new(), auth: auth.clone() });
+        let defaults = default_strategies(&config);
+        let router = Arc::new(Router { host: host.clone(), mesh: OnceLock::new(), auth: auth.clone(), defaults });
         let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
         host.set_front(front);
         for g in gears {
