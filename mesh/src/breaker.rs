@@ -223,7 +223,7 @@ pub struct BudgetConfig {
 
 impl Default for BudgetConfig {
     fn default() -> Self {
-        Self { ratio: 0.1, min_per_sec: 1.0, max_balance: 20.0 }
+        Self { ratio: 0.1, min_per_sec: 10.0, max_balance: 10.0 }
     }
 }
 
@@ -240,9 +240,10 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
-    /// An empty budget at `now` (it fills as calls are made and time passes).
+    /// A full budget at `now` (`max_balance` retries saved up, so a node that just started
+    /// can retry too).
     pub fn new(config: BudgetConfig, now: Time) -> Self {
-        Self { config, balance: 0.0, last: now, spent: 0, refused: 0 }
+        Self { balance: config.max_balance, config, last: now, spent: 0, refused: 0 }
     }
 
     fn accrue(&mut self, now: Time) {
