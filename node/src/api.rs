@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::{
     authn::{self, Caller},
     node::NodeShared,
+    pipeline,
 };
 
 type Shared = Arc<NodeShared>;
@@ -41,6 +42,10 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/gears", get(gears))
         .route("/v1/nodes", get(nodes))
         .route("/v1/routes", get(routes))
+        .route("/v1/pipelines", get(pipeline::http::list).post(pipeline::http::define))
+        .route("/v1/pipelines/runs/{id}", get(pipeline::http::status))
+        .route("/v1/pipelines/{name}/call", post(pipeline::http::call))
+        .route("/v1/pipelines/{name}/cast", post(pipeline::http::cast))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

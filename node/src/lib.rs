@@ -26,6 +26,7 @@ pub mod builtin;
 mod config;
 mod links;
 mod node;
+pub mod pipeline;
 
 pub use config::{CallsConfig, ConfigError, HttpConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode};
 pub use gearmesh_auth as auth;

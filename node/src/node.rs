@@ -58,6 +58,14 @@ pub enum BuildError {
     /// The authentication configuration could not be loaded (a key file, a JWKS).
     #[error(transparent)]
     Auth(#[from] gearmesh_auth::SetupError),
+    /// A pipeline file of `pipelines` could not be read or is invalid.
+    #[error("pipeline file {path}: {message}")]
+    Pipeline {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Starting a node failed.
@@ -156,7 +164,20 @@ impl NodeBuilder {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(GearError::DuplicateGear(w[0].to_owned()).into());
         }
-        Ok(Node { config, gears, auth })
+        let pipelines = crate::pipeline::Pipelines::new(crate::pipeline::Limits::default());
+        if gears.iter().any(|g| builtin::SHOP.contains(&g.name())) {
+            pipelines.define(crate::pipeline::order_pipeline()).map_err(|e| BuildError::Pipeline {
+                path: "(built-in order)".into(),
+                message: e.message().to_owned(),
+            })?;
+        }
+        for path in &config.pipelines {
+            let fail = |message: String| BuildError::Pipeline { path: path.display().to_string(), message };
+            let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            let def = crate::pipeline::parse(&text).map_err(fail)?;
+            pipelines.define(def).map_err(|e| fail(e.message().to_owned()))?;
+        }
+        Ok(Node { config, gears, auth, pipelines })
     }
 }
 
@@ -166,6 +187,7 @@ pub struct Node {
     config: NodeConfig,
     gears: Vec<Gear>,
     auth: Option<gearmesh_auth::Auth>,
+    pipelines: Arc<crate::pipeline::Pipelines>,
 }
 
 /// Routes calls: to a gear hosted here (in-process, no serialization between typed gears), else
@@ -256,6 +278,8 @@ pub(crate) struct NodeShared {
     pub(crate) dev_ca_cert: Option<PathBuf>,
     /// Token authentication; `None` in insecure development mode (see `authn`).
     pub(crate) auth: Option<gearmesh_auth::Auth>,
+    /// Pipeline definitions and runs.
+    pub(crate) pipelines: Arc<crate::pipeline::Pipelines>,
 }
 
 impl NodeShared {
@@ -275,7 +299,7 @@ impl Node {
     /// # Errors
     /// The port cannot be bound, or a gear cannot be hosted.
     pub async fn start(self) -> Result<RunningNode, StartError> {
-        let Self { config, gears, auth } = self;
+        let Self { config, gears, auth, pipelines } = self;
         if config.insecure_dev {
             tracing::warn!(
                 "INSECURE DEVELOPMENT MODE: no authentication; anyone who can reach {} can call every gear",
@@ -335,6 +359,7 @@ impl Node {
             link_addrs: parts.addrs,
             dev_ca_cert: tls.as_ref().and_then(|t| t.dev_ca_cert.clone()),
             auth,
+            pipelines,
         });
         let shutdown = CancellationToken::new();
         authn::start(shared.auth(), &shutdown).await;
@@ -438,6 +463,11 @@ impl RunningNode {
     /// The in-process gear host.
     pub fn host(&self) -> &Arc<Host> {
         &self.shared.host
+    }
+
+    /// The node's pipelines (define, call, cast, and their events).
+    pub fn pipelines(&self) -> &Arc<crate::pipeline::Pipelines> {
+        &self.shared.pipelines
     }
 
     /// A token that, when cancelled, starts a graceful shutdown (for signal handlers).
