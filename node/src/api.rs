@@ -271,6 +271,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
 fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
     use std::fmt::Write as _;
     let st = mesh.stats();
+    let rs = mesh.resilience_stats();
     let counters = [
         ("gearmesh_mesh_calls_sent_total", "Calls sent to gears on other nodes.", st.calls_sent),
         ("gearmesh_mesh_calls_received_total", "Calls from other nodes run here.", st.calls_received),
@@ -279,6 +280,14 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
         ("gearmesh_mesh_events_received_total", "Events from other nodes delivered here.", st.events_received),
         ("gearmesh_mesh_frames_forwarded_total", "Routed frames switched on to another node.", st.frames_forwarded),
         ("gearmesh_mesh_frames_dropped_total", "Frames dropped (no route, hop limit, full queue).", st.frames_dropped),
+        ("gearmesh_mesh_call_attempts_total", "Call attempts by the strategy layer.", rs.attempts),
+        ("gearmesh_mesh_call_retries_total", "Retries and re-routes within the retry budget.", rs.retries),
+        ("gearmesh_mesh_call_retries_refused_total", "Retries the retry budget refused.", rs.retries_refused),
+        (
+            "gearmesh_mesh_breaker_rejections_total",
+            "Attempts skipped on an open circuit breaker.",
+            rs.breaker_rejections,
+        ),
     ];
     for (name, help, v) in counters {
         let _infallible = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");

@@ -333,6 +333,13 @@ async fn a_failing_replica_opens_its_breaker_and_calls_go_elsewhere() {
     assert!(
         node["breakers"].as_array().expect("breakers").iter().any(|v| v["gear"] == "flaky" && v["state"] == "open")
     );
+    let metrics = http.get(format!("{}/metrics", a.url())).send().await.expect("sent").text().await.expect("text");
+    let rejected = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gearmesh_mesh_breaker_rejections_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("the breaker counter is exported");
+    assert!(rejected >= 20, "{rejected} attempts skipped on the open breaker");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
