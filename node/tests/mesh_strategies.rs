@@ -244,9 +244,10 @@ async fn retries_stay_within_the_budget_and_skip_non_idempotent_ports_and_app_er
     }
     assert_eq!(total(), 10, "app errors are not retried");
 
-    // c is down: idempotent reads are retried on b and all succeed.
+    // c is down: idempotent reads are retried on b and all succeed. (8 reads: at most 8 retries,
+    // within the 10 the budget starts with, so none is refused.)
     down[2].store(true, Ordering::Relaxed);
-    for _ in 0..20 {
+    for _ in 0..8 {
         let v: Value = ctx(a).call("flaky", "read", &json!({})).await.expect("retried on b");
         assert_eq!(v, "ok");
     }
@@ -398,4 +399,36 @@ async fn a_slow_replica_gets_less_traffic_and_a_shedding_one_is_routed_around() 
         .expect("routed around the shedding replica");
     assert_ne!(v["node"], 1, "{v}");
     assert_eq!(holder.await.expect("joined").expect("held")["node"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_keys_move_about_one_nth_when_a_replica_joins_and_come_back_when_it_leaves() {
+    let m = mesh3(|_| vec![]).await;
+    const KEYS: usize = 400;
+    async fn owners(n: &RunningNode) -> Vec<String> {
+        let mut v = Vec::with_capacity(KEYS);
+        for k in 0..KEYS {
+            v.push(name_with(n, Strategy::Shard(Some(format!("key-{k}")))).await);
+        }
+        v
+    }
+    let before = owners(&m.nodes[0]).await;
+
+    // A fourth replica joins.
+    let d = node(m._dir.path(), "d", &[], vec![who("d", Arc::default())], vec![wss(&m.nodes[1])]).await;
+    for n in m.nodes.iter().chain([&d]) {
+        eventually("every node routes to the four replicas", 15, || sees(n, "who", 4)).await;
+    }
+    let after = owners(&m.nodes[0]).await;
+    let moved: Vec<usize> = (0..KEYS).filter(|&k| before[k] != after[k]).collect();
+    println!("SHARD (real mesh): {} of {KEYS} keys moved when a 4th replica joined (ideal {})", moved.len(), KEYS / 4);
+    assert!(moved.iter().all(|&k| after[k] == "d"), "keys only move to the new replica");
+    assert!((KEYS / 8..KEYS * 3 / 8).contains(&moved.len()), "{} keys moved", moved.len());
+
+    // It leaves again: every key is back with its first owner.
+    d.shutdown().await;
+    for n in &m.nodes {
+        eventually("every node routes to the three replicas", 15, || sees(n, "who", 3)).await;
+    }
+    assert_eq!(owners(&m.nodes[0]).await, before, "the keys went back");
 }
