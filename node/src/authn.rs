@@ -170,8 +170,10 @@ fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
         "/v1/call/{gear}/{port}" => Required::Scope(Permission::call(&param("gear"), &param("port"))),
         "/v1/events/{topic}" => Required::Scope(Permission::publish(&param("topic"))),
         "/v1/node" | "/v1/gears" | "/v1/nodes" | "/v1/routes" | "/metrics" => Required::Scope(Permission::Observe),
-        // Listing needs observe; defining (POST, same path) is checked for admin by its handler.
-        "/v1/pipelines" | "/v1/pipelines/runs/{id}" => Required::Scope(Permission::Observe),
+        "/v1/pipelines/runs/{id}" => Required::Scope(Permission::Observe),
+        // One path, two methods: its handlers check observe (GET, listing) and admin (POST, defining).
+        "/v1/pipelines" => Required::Authenticated,
+        // Each step is then a call checked against the caller's scopes.
         "/v1/pipelines/{name}/call" | "/v1/pipelines/{name}/cast" => Required::Authenticated,
         // Fail closed: a route not listed here is mesh control.
         _ => Required::Scope(Permission::Admin),
@@ -285,7 +287,7 @@ mod tests {
             required("/v1/events/{topic}", params(&[("topic", "orders.placed")])),
             Required::Scope(Permission::publish("orders.placed"))
         );
-        assert_eq!(required("/v1/pipelines", &none), Required::Scope(Permission::Observe));
+        assert_eq!(required("/v1/pipelines", &none), Required::Authenticated);
         assert_eq!(required("/v1/pipelines/runs/{id}", &none), Required::Scope(Permission::Observe));
         assert_eq!(required("/v1/pipelines/{name}/call", &none), Required::Authenticated);
         assert_eq!(required("/v1/pipelines/{name}/cast", &none), Required::Authenticated);

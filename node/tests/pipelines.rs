@@ -266,3 +266,77 @@ async fn pipeline_steps_run_where_their_gears_are() {
     assert_eq!(run.event["order"]["cents"], 1000);
     assert!(b.mesh().stats().calls_received >= 2, "billing and orders ran on b");
 }
+
+#[tokio::test]
+async fn pipelines_run_with_the_callers_scopes_and_defining_needs_admin() {
+    use gearmesh::auth::{Algorithm, AuthConfig, GearPolicy, Issuer, Scopes, TokenRequest, keygen};
+    gearmesh::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let generated = keygen(Algorithm::EdDSA).expect("keygen");
+    let path = dir.path().join("mesh.key");
+    std::fs::write(&path, &generated.contents).expect("write key");
+    // The shop's gears may publish their events.
+    let mut policy = GearPolicy::new();
+    policy.grant("billing", &Scopes::parse_strict("publish:billing.charged").expect("scopes"));
+    policy.grant("orders", &Scopes::parse_strict("publish:orders.placed").expect("scopes"));
+    let auth = AuthConfig { keys: vec![path], audience: Some("mesh-p".into()), gears: policy, ..AuthConfig::default() };
+    let mut config = NodeConfig { gears: vec!["shop".into()], ..NodeConfig::default() };
+    config.tls.data_dir = Some(dir.path().to_owned());
+    let n = Node::builder()
+        .config(config)
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .auth(auth)
+        .build()
+        .expect("valid")
+        .start()
+        .await
+        .expect("started");
+    let token = |scopes: &str| {
+        let req = TokenRequest::new("alice", Scopes::parse_strict(scopes).expect("scopes"), Duration::from_secs(600))
+            .audience("mesh-p");
+        Issuer::new(generated.key.clone()).issue(&req).expect("issue")
+    };
+    let http = common::client_trusting(n.dev_ca_cert().expect("dev CA"));
+    let order = json!({"user_id": "alice", "product_id": "widget", "qty": 1});
+    let run = |t: Option<String>| {
+        let mut req = http.post(format!("{}/v1/pipelines/order/call", n.url())).json(&order);
+        if let Some(t) = t {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let r = req.send().await.expect("sent");
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    let (status, _) = run(None).await;
+    assert_eq!(status, 401, "a token is needed");
+    // Allowed the first step only: the run stops at the second, as forbidden.
+    let (status, body) = run(Some(token("call:users/find"))).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["run"]["failed_step"], "reserve");
+    // Allowed every step (and the undo): it completes.
+    let (status, body) =
+        run(Some(token("call:users/find call:products/* call:billing/charge call:orders/confirm"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "completed");
+
+    // Listing needs observe; defining needs admin.
+    let def = json!({"name": "x", "steps": [{"name": "a", "call": "users/find"}]});
+    let observe = token("observe");
+    let r = http.get(format!("{}/v1/pipelines", n.url())).bearer_auth(&observe).send().await.expect("sent");
+    assert_eq!(r.status(), 200);
+    let r =
+        http.get(format!("{}/v1/pipelines", n.url())).bearer_auth(token("call:users/find")).send().await.expect("sent");
+    assert_eq!(r.status(), 403, "listing needs observe");
+    let r = http.post(format!("{}/v1/pipelines", n.url())).bearer_auth(&observe).json(&def).send().await.expect("sent");
+    assert_eq!(r.status(), 403);
+    let r = http
+        .post(format!("{}/v1/pipelines", n.url()))
+        .bearer_auth(token("admin"))
+        .json(&def)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 201);
+}

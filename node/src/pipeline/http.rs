@@ -1,10 +1,10 @@
 //! The `/v1/pipelines` endpoints: define and list, call, cast, and a cast run's status.
 //!
-//! Scopes (`authn::required`): listing and a run's status need `observe`; defining (`POST
-//! /v1/pipelines`, same path as the listing) is checked for `admin` here; `call` and `cast` need a
-//! valid token only at the door, because every step is then called as the caller and checked
-//! against its scopes like any other call (`call:<gear>/<port>` per step): a pipeline never lets
-//! anyone do more than they could do step by step.
+//! Scopes (`authn::required`): a run's status needs `observe`. `GET` and `POST /v1/pipelines`
+//! share a path, so the door only wants a valid token and the handlers check `observe` (listing)
+//! and `admin` (defining). `call` and `cast` need a valid token only, because every step is then
+//! called as the caller and checked against its scopes like any other call (`call:<gear>/<port>`
+//! per step): a pipeline never lets anyone do more than they could do step by step.
 
 use std::{sync::Arc, time::Duration};
 
@@ -52,8 +52,11 @@ pub(crate) async fn define(
 }
 
 /// `GET /v1/pipelines`: every definition.
-pub(crate) async fn list(State(s): State<Shared>) -> Json<Value> {
-    Json(json!({ "pipelines": s.pipelines.list() }))
+pub(crate) async fn list(State(s): State<Shared>, Caller(caller): Caller) -> Result<Json<Value>, ApiError> {
+    if let Some(auth) = s.auth() {
+        crate::authn::authorize(auth, &caller, &Permission::Observe)?;
+    }
+    Ok(Json(json!({ "pipelines": s.pipelines.list() })))
 }
 
 #[derive(Debug, Deserialize)]
