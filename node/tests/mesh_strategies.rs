@@ -75,25 +75,27 @@ fn who(name: &str, calls: Arc<AtomicUsize>) -> Gear {
 }
 
 /// `flaky.read` (idempotent), `flaky.write` (not) and `flaky.refuse` (an app error): each counts
-/// its attempts and fails `unavailable` while `down` is set.
-fn flaky(down: Arc<AtomicBool>, attempts: Arc<AtomicUsize>) -> Gear {
-    let (d1, d2) = (down.clone(), down);
-    let (a1, a2, a3) = (attempts.clone(), attempts.clone(), attempts);
+/// its attempts, takes `delay`, and fails `unavailable` while `down` is set.
+fn flaky(down: Arc<AtomicBool>, attempts: Arc<AtomicUsize>, delay: Duration) -> Gear {
+    let port = move |fail: bool| {
+        let (down, attempts) = (down.clone(), attempts.clone());
+        move |_ctx: Ctx, _: Value| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let is_down = down.load(Ordering::Relaxed);
+            async move {
+                tokio::time::sleep(delay).await;
+                match (fail, is_down) {
+                    (true, _) => Err(CallError::app("nope", "refused")),
+                    (false, true) => Err(CallError::unavailable("injected")),
+                    (false, false) => Ok(json!("ok")),
+                }
+            }
+        }
+    };
     Gear::new("flaky")
-        .port_with(PortSpec::new("read").idempotent(true), move |_ctx: Ctx, _: Value| {
-            a1.fetch_add(1, Ordering::Relaxed);
-            let r = if d1.load(Ordering::Relaxed) { Err(CallError::unavailable("injected")) } else { Ok(json!("ok")) };
-            std::future::ready(r)
-        })
-        .port("write", move |_ctx: Ctx, _: Value| {
-            a2.fetch_add(1, Ordering::Relaxed);
-            let r = if d2.load(Ordering::Relaxed) { Err(CallError::unavailable("injected")) } else { Ok(json!("ok")) };
-            std::future::ready(r)
-        })
-        .port_with(PortSpec::new("refuse").idempotent(true), move |_ctx: Ctx, _: Value| {
-            a3.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(Err::<Value, _>(CallError::app("nope", "refused")))
-        })
+        .port_with(PortSpec::new("read").idempotent(true), port(false))
+        .port("write", port(false))
+        .port_with(PortSpec::new("refuse").idempotent(true), port(true))
 }
 
 struct Mesh3 {
@@ -231,27 +233,33 @@ async fn retries_stay_within_the_budget_and_skip_non_idempotent_ports_and_app_er
     let down: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::default()).collect();
     let attempts: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
     let (d, at) = (down.clone(), attempts.clone());
-    let m = mesh3(move |i| if i == 0 { vec![] } else { vec![flaky(d[i].clone(), at[i].clone())] }).await;
+    // b answers 20 ms slower than c, so spreading from a always tries c first.
+    let delay = |i: usize| Duration::from_millis(if i == 1 { 20 } else { 0 });
+    let m = mesh3(move |i| if i == 0 { vec![] } else { vec![flaky(d[i].clone(), at[i].clone(), delay(i))] }).await;
     let a = &m.nodes[0];
     eventually("a sees flaky on b and c", 10, || sees(a, "flaky", 2)).await;
     let total = || attempts.iter().map(|a| a.load(Ordering::Relaxed)).sum::<usize>();
 
     // A port's own error (4xx-like) is never retried, idempotent or not, even when asked.
-    for _ in 0..10 {
+    // (20 calls: both replicas answer some, so a knows both latencies; a miss is 1 in 2^19.)
+    for _ in 0..20 {
         let opts = CallOptions::default().retry(Retry::Yes);
         let e = ctx(a).call_with::<_, Value>("flaky", "refuse", &json!({}), opts).await.expect_err("refused");
         assert_eq!(e.app_code(), Some("nope"));
     }
-    assert_eq!(total(), 10, "app errors are not retried");
+    assert_eq!(total(), 20, "app errors are not retried");
 
-    // c is down: idempotent reads are retried on b and all succeed. (8 reads: at most 8 retries,
-    // within the 10 the budget starts with, so none is refused.)
+    // c is down: idempotent reads go to c (the faster), fail, and are retried on b. (8 reads: 8
+    // retries, within the 10 the budget starts with, so none is refused.)
     down[2].store(true, Ordering::Relaxed);
+    let (on_b, on_c) = (attempts[1].load(Ordering::Relaxed), attempts[2].load(Ordering::Relaxed));
     for _ in 0..8 {
         let v: Value = ctx(a).call("flaky", "read", &json!({})).await.expect("retried on b");
         assert_eq!(v, "ok");
     }
-    assert!(a.mesh().resilience_stats().retries >= 1, "some reads were retried");
+    assert_eq!(attempts[2].load(Ordering::Relaxed) - on_c, 8, "every read tried c first");
+    assert_eq!(attempts[1].load(Ordering::Relaxed) - on_b, 8, "and was retried on b");
+    assert_eq!(a.mesh().resilience_stats().retries, 8);
 
     // A non-idempotent port is never retried: exactly one attempt per call, and the calls that
     // reached c fail.
@@ -297,7 +305,8 @@ async fn a_failing_replica_opens_its_breaker_and_calls_go_elsewhere() {
     let down: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::default()).collect();
     let attempts: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
     let (d, at) = (down.clone(), attempts.clone());
-    let m = mesh3(move |i| if i == 0 { vec![] } else { vec![flaky(d[i].clone(), at[i].clone())] }).await;
+    let m =
+        mesh3(move |i| if i == 0 { vec![] } else { vec![flaky(d[i].clone(), at[i].clone(), Duration::ZERO)] }).await;
     let a = &m.nodes[0];
     eventually("a sees flaky on b and c", 10, || sees(a, "flaky", 2)).await;
     let mut events = a.mesh().subscribe();
