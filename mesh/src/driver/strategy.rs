@@ -350,6 +350,11 @@ impl Mesh {
     ///
     /// # Errors
     /// As [`Mesh::call`]; `bad_request` for a shard call without a key.
+    ///
+    /// # Cancel safety
+    /// Dropping the future cancels the attempts in flight (remote ones get a `Cancel`) and gives
+    /// a half-open breaker its probe slot back; retries not yet made are not made. A broadcast's
+    /// calls, once started, run on.
     pub async fn call_with_strategy(&self, call: GearCall<'_>) -> Result<Payload, CallError> {
         let strategy = call.meta.strategy.clone().unwrap_or_default();
         match strategy {

@@ -144,6 +144,10 @@ impl Pipelines {
     ///
     /// # Errors
     /// `not_found` for an unknown pipeline. A failed run is an `Ok` report with status `failed`.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropping the future stops the run where it is, without compensation
+    /// (completed steps stay done). Use [`Pipelines::cast`] when the caller may go away.
     pub async fn call(
         &self,
         ctx: &Ctx,
