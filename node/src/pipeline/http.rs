@@ -97,7 +97,11 @@ pub(crate) async fn call(
     };
     let event = event_of(&headers, body_text(body)?)?;
     let ctx = Ctx::new(s.dispatch(), caller);
-    let report = s.pipelines.call(&ctx, &name, event, deadline).await?;
+    // The run is its own task: a client that disconnects does not stop it half-way (it finishes,
+    // or fails and compensates, as if it had been cast).
+    let pipelines = s.pipelines.clone();
+    let run = tokio::spawn(async move { pipelines.call(&ctx, &name, event, deadline).await });
+    let report = run.await.map_err(|e| CallError::internal(format!("the pipeline run did not finish: {e}")))??;
     if report.status == RunStatus::Completed {
         return Ok(Json(report).into_response());
     }
