@@ -6,7 +6,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
-use crate::{Arg, BoxFuture, CallError, Event, GearName, Payload, Principal, TraceId};
+use crate::{Arg, BoxFuture, CallError, Event, GearName, Payload, Principal, Retry, Strategy, TraceId};
 
 /// A hosted gear's own identity, shared by every context of that gear.
 #[derive(Debug)]
@@ -67,12 +67,22 @@ pub struct CallMeta {
     /// Whether `deadline` was derived from one a host already capped (so the host need not read
     /// the clock to cap it again).
     pub(crate) capped: bool,
+    /// How to pick the replica(s) of this call only (not of the calls it makes); `None` lets the
+    /// node's default for the gear apply, else [`Strategy::LocalFirst`].
+    pub strategy: Option<Strategy>,
+    /// Whether this call may be retried.
+    pub retry: Retry,
 }
 
 impl CallMeta {
     /// Metadata for a new call tree: a fresh trace id and the given caller and deadline.
     pub fn new(caller: Principal, deadline: Option<Instant>) -> Self {
-        Self { caller, deadline, trace_id: TraceId::random(), capped: false }
+        Self { caller, deadline, trace_id: TraceId::random(), capped: false, strategy: None, retry: Retry::default() }
+    }
+
+    /// Whether the routing fields are the defaults (the fast local path applies).
+    pub fn is_plain(&self) -> bool {
+        self.strategy.is_none() && self.retry == Retry::IfIdempotent
     }
 }
 
@@ -96,6 +106,10 @@ pub struct CallOptions {
     /// A timeout for this call, counted from now; the result is never later than the caller's
     /// own deadline.
     pub timeout: Option<Duration>,
+    /// How to pick the replica(s); `None`: the node's default for the gear, else local-first.
+    pub strategy: Option<Strategy>,
+    /// Whether the call may be retried (default: only idempotent ports).
+    pub retry: Retry,
 }
 
 impl CallOptions {
@@ -103,6 +117,20 @@ impl CallOptions {
     #[must_use]
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
+        self
+    }
+
+    /// Sets the call's strategy.
+    #[must_use]
+    pub fn strategy(mut self, s: Strategy) -> Self {
+        self.strategy = Some(s);
+        self
+    }
+
+    /// Sets whether the call may be retried.
+    #[must_use]
+    pub fn retry(mut self, r: Retry) -> Self {
+        self.retry = r;
         self
     }
 }
@@ -177,7 +205,9 @@ impl Ctx {
         self.call_payload(gear, port, Arg::typed(req), None).await?.take()
     }
 
-    /// Like [`Ctx::call`], with options (a timeout now; strategies later).
+    /// Like [`Ctx::call`], with options (timeout, strategy, retries). A
+    /// [`Strategy::Scatter`] replies with a [`crate::Gathered`] document and a
+    /// [`Strategy::Broadcast`] with `{"sent": n, "nodes": [...]}`: decode `Resp` accordingly.
     ///
     /// # Errors
     /// As [`Ctx::call`].
@@ -192,7 +222,7 @@ impl Ctx {
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload(gear, port, Arg::typed(req), options.timeout).await?.take()
+        self.call_payload_with(gear, port, Arg::typed(req), options).await?.take()
     }
 
     /// Calls with an untyped [`Arg`] and returns the untyped [`Payload`] (for adapters).
@@ -206,6 +236,21 @@ impl Ctx {
         arg: Arg<'_>,
         timeout: Option<Duration>,
     ) -> Result<Payload, CallError> {
+        self.call_payload_with(gear, port, arg, CallOptions { timeout, ..CallOptions::default() }).await
+    }
+
+    /// Calls with an untyped [`Arg`] and [`CallOptions`], and returns the untyped [`Payload`].
+    ///
+    /// # Errors
+    /// As [`Ctx::call`].
+    pub async fn call_payload_with(
+        &self,
+        gear: &str,
+        port: &str,
+        arg: Arg<'_>,
+        options: CallOptions,
+    ) -> Result<Payload, CallError> {
+        let CallOptions { timeout, strategy, retry } = options;
         let deadline = match (self.deadline, timeout) {
             (d, None) => d,
             (None, Some(t)) => Some(Instant::now() + t),
@@ -213,7 +258,8 @@ impl Ctx {
         };
         // An earlier deadline than a capped one is capped too.
         let capped = self.capped && self.deadline.is_some();
-        let meta = CallMeta { caller: self.acting_as().clone(), deadline, trace_id: self.trace_id, capped };
+        let meta =
+            CallMeta { caller: self.acting_as().clone(), deadline, trace_id: self.trace_id, capped, strategy, retry };
         self.dispatch.call(Call { gear, port, arg, meta }).await
     }
 

@@ -399,7 +399,14 @@ async fn run_listener(
         let Some(front) = host.front() else { return };
         let deadline = Instant::now() + host.config.listener_timeout;
         drop(host);
-        let meta = CallMeta { caller: publisher, deadline: Some(deadline), trace_id, capped: true };
+        let meta = CallMeta {
+            caller: publisher,
+            deadline: Some(deadline),
+            trace_id,
+            capped: true,
+            strategy: None,
+            retry: crate::Retry::IfIdempotent,
+        };
         let ctx = Ctx::for_gear(front, me.clone(), meta, deadline);
         let gear = &me.name;
         let outcome = match isolate(|| handler(ctx, &event)) {

@@ -41,6 +41,7 @@ pub mod host;
 mod names;
 mod panic;
 mod payload;
+mod strategy;
 
 pub use ctx::{Call, CallMeta, CallOptions, Ctx, Dispatch, Publish};
 pub use error::{CallError, ErrorCode};
@@ -48,6 +49,7 @@ pub use gear::{Gear, GearError, GearMeta, ListenerMeta, PortMeta, PortOptions, P
 pub use names::{GearName, InvalidName, MAX_NAME_LEN, PortName, Principal, PrincipalKind, Topic, TraceId};
 pub use panic::install_panic_hook;
 pub use payload::{Arg, Event, Payload, WireBody};
+pub use strategy::{Gather, Gathered, Reply, Retry, ShardKey, Strategy};
 
 /// A boxed, sendable future, as returned by type-erased ports and [`Dispatch`].
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

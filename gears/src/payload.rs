@@ -68,10 +68,15 @@ fn conversion_error(what: &str, to: &'static str, e: &serde_json::Error) -> Stri
 // === impl Arg ===
 
 /// The input of one call, lent by the caller for the time it takes to start the port.
+///
+/// Cloning is cheap (a reference or a reference-counted buffer): strategies that try several
+/// replicas lend the same input to each.
+#[derive(Clone)]
 pub struct Arg<'a> {
     repr: ArgRepr<'a>,
 }
 
+#[derive(Clone)]
 enum ArgRepr<'a> {
     Typed(&'a dyn ErasedValue),
     Json(Bytes),

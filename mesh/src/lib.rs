@@ -5,10 +5,14 @@
 //!   shortest-path routing. No I/O, no clock, seeded randomness; see `docs/mesh.md`.
 //! - The async driver that connects the core to transport links and to the node.
 
+pub mod breaker;
 pub mod core;
 mod driver;
 
-pub use driver::{Authorizer, CallObserver, LinkView, Mesh, MeshConfig, MeshStats, MeshView, NodeView, RouteView};
+pub use driver::{
+    Authorizer, BreakerView, CallObserver, Failure, LinkView, Mesh, MeshConfig, MeshStats, MeshView, NodeView,
+    ResilienceConfig, ResilienceStats, RouteView, classify, p2c, rendezvous,
+};
 
 pub use crate::core::{
     Action, Config, Core, DecodeError, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId,

@@ -109,7 +109,8 @@ fn graceful_leave_reroutes_at_once() {
 fn gears_and_interests_spread_to_everyone() {
     let n = 100;
     let mut sim = mesh(15, n, NetConfig::default());
-    let gear = GearAd { name: "billing".into(), version: "1.2.0".into(), ports: vec!["charge".into()] };
+    let gear =
+        GearAd { name: "billing".into(), version: "1.2.0".into(), ports: vec!["charge".into()], idempotent: vec![] };
     for &i in &[3usize, 50, 99] {
         sim.nodes[i].core.set_local(vec![gear.clone()], vec!["orders.cancelled".into()]).expect("small record");
     }

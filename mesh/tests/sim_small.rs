@@ -50,7 +50,12 @@ fn oversized_catalogue_is_refused_and_nothing_changes() {
     use gearmesh_mesh::{Core, GearAd, NodeId, SetLocalError, Time};
     let mut core = Core::new(Time::ZERO, NodeId::from_bytes([1; 16]), vec!["wss://a:1".into()], Config::default());
     let gears: Vec<GearAd> = (0..2_000)
-        .map(|i| GearAd { name: format!("gear-{i}"), version: "1.0.0".into(), ports: vec!["run".into()] })
+        .map(|i| GearAd {
+            name: format!("gear-{i}"),
+            version: "1.0.0".into(),
+            ports: vec!["run".into()],
+            idempotent: vec![],
+        })
         .collect();
     let err = core.set_local(gears, Vec::new()).expect_err("too large for one record");
     assert!(matches!(err, SetLocalError::RecordTooLarge { .. }));

@@ -15,7 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Publish, TraceId, WireBody};
+use gearmesh_gears::{Arg, Call, CallError, CallMeta, ErrorCode, Event, Publish, Retry, Strategy, TraceId, WireBody};
 use gearmesh_transport::acme::{AcmeState, AcmeStatus};
 use serde::Deserialize;
 use serde_json::json;
@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::{
     authn::{self, Caller},
     node::NodeShared,
+    pipeline,
 };
 
 type Shared = Arc<NodeShared>;
@@ -43,6 +44,10 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/routes", get(routes))
         .route("/v1/mesh", get(crate::interface::upgrade))
+        .route("/v1/pipelines", get(pipeline::http::list).post(pipeline::http::define))
+        .route("/v1/pipelines/runs/{id}", get(pipeline::http::status))
+        .route("/v1/pipelines/{name}/call", post(pipeline::http::call))
+        .route("/v1/pipelines/{name}/cast", post(pipeline::http::cast))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -125,8 +130,34 @@ fn trace_from(headers: &HeaderMap) -> Option<TraceId> {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CallQuery {
     timeout_ms: Option<u64>,
+    /// `local-first`, `spread`, `shard`, `scatter` or `broadcast`.
+    strategy: Option<String>,
+    /// The shard key (`strategy=shard`).
+    key: Option<String>,
+    /// `all`, `quorum` or K (`strategy=scatter`).
+    gather: Option<String>,
+    /// `auto` (idempotent ports only), `yes` or `no`.
+    retry: Option<String>,
+}
+
+/// The strategy and retry policy of a call from its query (`None`: the node's defaults).
+pub(crate) fn routing_from(
+    strategy: Option<&str>,
+    key: Option<&str>,
+    gather: Option<&str>,
+    retry: Option<&str>,
+) -> Result<(Option<Strategy>, Retry), CallError> {
+    let strategy = match strategy {
+        Some(name) => Some(Strategy::from_parts(name, key, gather)?),
+        None if key.is_some() => Some(Strategy::from_parts("shard", key, gather)?),
+        None if gather.is_some() => Some(Strategy::from_parts("scatter", key, gather)?),
+        None => None,
+    };
+    let retry = retry.map(str::parse).transpose()?.unwrap_or_default();
+    Ok((strategy, retry))
 }
 
 async fn call(
@@ -145,7 +176,12 @@ async fn call(
         Some(ms) => Some(Instant::now() + Duration::from_millis(ms)),
         None => None,
     };
+    let (strategy, retry) =
+        routing_from(q.strategy.as_deref(), q.key.as_deref(), q.gather.as_deref(), q.retry.as_deref())?;
+    let status = if strategy == Some(Strategy::Broadcast) { StatusCode::ACCEPTED } else { StatusCode::OK };
     let mut meta = CallMeta::new(caller, deadline);
+    meta.strategy = strategy;
+    meta.retry = retry;
     if let Some(t) = trace_from(&headers) {
         meta.trace_id = t;
     }
@@ -153,7 +189,7 @@ async fn call(
     let dispatch = s.dispatch();
     let result = dispatch.call(Call { gear: &gear, port: &port, arg, meta }).await;
     let mut resp = match result.and_then(gearmesh_gears::Payload::into_wire) {
-        Ok(WireBody::Json(b)) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Ok(WireBody::Json(b)) => (status, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
         Ok(WireBody::Bytes(b)) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     };
@@ -262,6 +298,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
 fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
     use std::fmt::Write as _;
     let st = mesh.stats();
+    let rs = mesh.resilience_stats();
     let counters = [
         ("gearmesh_mesh_calls_sent_total", "Calls sent to gears on other nodes.", st.calls_sent),
         ("gearmesh_mesh_calls_received_total", "Calls from other nodes run here.", st.calls_received),
@@ -270,6 +307,14 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
         ("gearmesh_mesh_events_received_total", "Events from other nodes delivered here.", st.events_received),
         ("gearmesh_mesh_frames_forwarded_total", "Routed frames switched on to another node.", st.frames_forwarded),
         ("gearmesh_mesh_frames_dropped_total", "Frames dropped (no route, hop limit, full queue).", st.frames_dropped),
+        ("gearmesh_mesh_call_attempts_total", "Call attempts by the strategy layer.", rs.attempts),
+        ("gearmesh_mesh_call_retries_total", "Retries and re-routes within the retry budget.", rs.retries),
+        ("gearmesh_mesh_call_retries_refused_total", "Retries the retry budget refused.", rs.retries_refused),
+        (
+            "gearmesh_mesh_breaker_rejections_total",
+            "Attempts skipped on an open circuit breaker.",
+            rs.breaker_rejections,
+        ),
     ];
     for (name, help, v) in counters {
         let _infallible = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");

@@ -158,6 +158,9 @@ enum Required {
     Nothing,
     /// A valid token granting this permission.
     Scope(Permission),
+    /// A valid token; what the request does is checked call by call later (pipeline runs: each
+    /// step is a call checked against the caller's scopes).
+    Authenticated,
 }
 
 /// The table: what each route of the API needs, from its matched path and parameters.
@@ -173,6 +176,11 @@ fn required(route: &str, param: impl Fn(&str) -> String) -> Required {
         "/v1/call/{gear}/{port}" => Required::Scope(Permission::call(&param("gear"), &param("port"))),
         "/v1/events/{topic}" => Required::Scope(Permission::publish(&param("topic"))),
         "/v1/node" | "/v1/gears" | "/v1/nodes" | "/v1/routes" | "/metrics" => Required::Scope(Permission::Observe),
+        "/v1/pipelines/runs/{id}" => Required::Scope(Permission::Observe),
+        // One path, two methods: its handlers check observe (GET, listing) and admin (POST, defining).
+        "/v1/pipelines" => Required::Authenticated,
+        // Each step is then a call checked against the caller's scopes.
+        "/v1/pipelines/{name}/call" | "/v1/pipelines/{name}/cast" => Required::Authenticated,
         // Fail closed: a route not listed here is mesh control.
         _ => Required::Scope(Permission::Admin),
     }
@@ -207,14 +215,18 @@ pub(crate) async fn authenticate(State(shared): State<Arc<NodeShared>>, req: Req
     };
     let needed = match required(&route, param) {
         Required::Nothing => return next.run(Request::from_parts(parts, body)).await,
-        Required::Scope(p) => p,
+        Required::Scope(p) => Some(p),
+        Required::Authenticated => None,
     };
     let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let identity = match bearer_from_authorization(header) {
         Ok(token) => auth.verifier.verify_with_refresh(token).await,
         Err(e) => Err(e),
     };
-    let identity = match identity.and_then(|id| id.check(&needed).map(|()| id)) {
+    let identity = match identity.and_then(|id| match &needed {
+        Some(needed) => id.check(needed).map(|()| id),
+        None => Ok(id),
+    }) {
         Ok(id) => id,
         Err(e) => {
             tracing::debug!(route = %route, error = %e, "request refused");
@@ -286,6 +298,10 @@ mod tests {
             required("/v1/events/{topic}", params(&[("topic", "orders.placed")])),
             Required::Scope(Permission::publish("orders.placed"))
         );
+        assert_eq!(required("/v1/pipelines", &none), Required::Authenticated);
+        assert_eq!(required("/v1/pipelines/runs/{id}", &none), Required::Scope(Permission::Observe));
+        assert_eq!(required("/v1/pipelines/{name}/call", &none), Required::Authenticated);
+        assert_eq!(required("/v1/pipelines/{name}/cast", &none), Required::Authenticated);
         assert_eq!(required("/v1/something-new", &none), Required::Scope(Permission::Admin));
         assert_eq!(required("", &none), Required::Scope(Permission::Admin));
     }

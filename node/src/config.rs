@@ -53,6 +53,11 @@ pub struct NodeConfig {
     pub auth: gearmesh_auth::AuthConfig,
     /// The WebSocket interface at `/v1/mesh` (observers, drivers, external gears).
     pub interface: InterfaceConfig,
+    /// The default strategy of calls to a gear that name none, by gear (`[strategies]`, e.g.
+    /// `kv = "shard"`, the built-in default for `kv`; see `docs/strategies.md`).
+    pub strategies: std::collections::BTreeMap<String, String>,
+    /// Pipeline definitions (TOML or JSON files) defined at start (see `docs/pipelines.md`).
+    pub pipelines: Vec<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +74,8 @@ impl Default for NodeConfig {
             tls: TlsConfig::default(),
             mesh: MeshLinksConfig::default(),
             auth: gearmesh_auth::AuthConfig::default(),
+            strategies: std::collections::BTreeMap::new(),
+            pipelines: Vec::new(),
             interface: InterfaceConfig::default(),
         }
     }
@@ -392,6 +399,11 @@ impl NodeConfig {
                 key: "calls.default_timeout_ms",
                 reason: format!("must not exceed calls.max_timeout_ms ({})", self.calls.max_timeout_ms),
             });
+        }
+        for (gear, s) in &self.strategies {
+            if let Err(e) = s.parse::<gearmesh_gears::Strategy>() {
+                return Err(ConfigError::Invalid { key: "strategies", reason: format!("{gear}: {}", e.message()) });
+            }
         }
         Ok(())
     }

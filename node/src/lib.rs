@@ -28,6 +28,7 @@ mod dashboard;
 mod interface;
 mod links;
 mod node;
+pub mod pipeline;
 
 pub use config::{
     CallsConfig, ConfigError, HttpConfig, InterfaceConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode,

@@ -416,6 +416,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
          -H 'content-type: application/json' -d '{{\"user_id\":\"alice\",\"product_id\":\"widget\",\"qty\":2}}'"
     );
     println!("  curl -s{ca} -H \"Authorization: Bearer $GEARMESH_TOKEN\" -X POST {url}/v1/call/audit/recent");
+    println!("the same order as a pipeline (steps as data; mallory's reservation is released by compensation):");
+    println!(
+        "  curl -s{ca} -H \"Authorization: Bearer $GEARMESH_TOKEN\" -X POST {url}/v1/pipelines/order/call \\
+         -H 'content-type: application/json' -d '{{\"user_id\":\"mallory\",\"product_id\":\"widget\",\"qty\":1}}'"
+    );
     println!("  cargo run --release -- call echo/echo '{{\"hello\":\"mesh\"}}' --node {url}");
     println!("Ctrl-C stops the demo.");
     let token = first.shutdown_token();

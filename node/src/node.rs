@@ -15,7 +15,7 @@ use std::{
 };
 
 use gearmesh_gears::{
-    BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish,
+    BoxFuture, Call, CallError, Ctx, Dispatch, Gear, GearError, Payload, Principal, Publish, Strategy,
     host::{Host, HostConfig, Start},
 };
 use gearmesh_mesh::Mesh;
@@ -60,6 +60,14 @@ pub enum BuildError {
     /// The authentication configuration could not be loaded (a key file, a JWKS).
     #[error(transparent)]
     Auth(#[from] gearmesh_auth::SetupError),
+    /// A pipeline file of `pipelines` could not be read or is invalid.
+    #[error("pipeline file {path}: {message}")]
+    Pipeline {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Starting a node failed.
@@ -158,7 +166,20 @@ impl NodeBuilder {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(GearError::DuplicateGear(w[0].to_owned()).into());
         }
-        Ok(Node { config, gears, auth })
+        let pipelines = crate::pipeline::Pipelines::new(crate::pipeline::Limits::default());
+        if gears.iter().any(|g| builtin::SHOP.contains(&g.name())) {
+            pipelines.define(crate::pipeline::order_pipeline()).map_err(|e| BuildError::Pipeline {
+                path: "(built-in order)".into(),
+                message: e.message().to_owned(),
+            })?;
+        }
+        for path in &config.pipelines {
+            let fail = |message: String| BuildError::Pipeline { path: path.display().to_string(), message };
+            let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            let def = crate::pipeline::parse(&text).map_err(fail)?;
+            pipelines.define(def).map_err(|e| fail(e.message().to_owned()))?;
+        }
+        Ok(Node { config, gears, auth, pipelines })
     }
 }
 
@@ -168,10 +189,13 @@ pub struct Node {
     config: NodeConfig,
     gears: Vec<Gear>,
     auth: Option<gearmesh_auth::Auth>,
+    pipelines: Arc<crate::pipeline::Pipelines>,
 }
 
 /// Routes calls: to a gear hosted here (in-process, no serialization between typed gears), else
-/// across the mesh to a node hosting it.
+/// across the mesh to a node hosting it. A call that names a strategy or retry policy, or whose
+/// gear has a default strategy, goes through the mesh's strategy layer
+/// ([`Mesh::call_with_strategy`], see `docs/strategies.md`).
 pub(crate) struct Router {
     host: Arc<Host>,
     /// Set once at start, right after the mesh driver exists (it needs the host first).
@@ -180,12 +204,38 @@ pub(crate) struct Router {
     auth: Option<gearmesh_auth::Auth>,
     /// Samples calls into traces for observers (set once at start, with the mesh).
     telemetry: OnceLock<Arc<Telemetry>>,
+    /// The default strategy of calls to a gear that name none (`[strategies]`, plus `kv` =
+    /// shard); a short list scanned linearly, cheaper than hashing on the local fast path.
+    defaults: Vec<(String, Strategy)>,
+}
+
+/// The strategies of `[strategies]`, on top of the built-in default (`kv` is sharded).
+fn default_strategies(config: &NodeConfig) -> Vec<(String, Strategy)> {
+    let mut map = std::collections::BTreeMap::from([("kv".to_owned(), Strategy::Shard(None))]);
+    for (gear, s) in &config.strategies {
+        // Checked by `NodeConfig::validate`.
+        if let Ok(s) = s.parse() {
+            map.insert(gear.clone(), s);
+        }
+    }
+    map.into_iter().filter(|(_, s)| *s != Strategy::LocalFirst).collect()
 }
 
 impl Dispatch for Router {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
         if let Err(e) = authn::authorize_call(self.auth.as_ref(), &call) {
             return Box::pin(std::future::ready(Err(e)));
+        }
+        let default = self.defaults.iter().find(|(g, _)| g == call.gear).map(|(_, s)| s);
+        if !call.meta.is_plain() || default.is_some() {
+            let mut call = call;
+            if call.meta.strategy.is_none() {
+                call.meta.strategy = default.cloned();
+            }
+            return match self.mesh.get() {
+                Some(mesh) => Box::pin(mesh.call_with_strategy(call)),
+                None => Box::pin(std::future::ready(Err(CallError::unavailable("the mesh is not started yet")))),
+            };
         }
         let traced = match self.telemetry.get() {
             Some(t) if t.sample() => Some((t.clone(), call.gear.to_owned(), call.port.to_owned(), call.meta.trace_id)),
@@ -253,6 +303,8 @@ pub(crate) struct NodeShared {
     pub(crate) auth: Option<gearmesh_auth::Auth>,
     /// The WebSocket interface at `/v1/mesh`.
     pub(crate) interface: Arc<Interface>,
+    /// Pipeline definitions and runs.
+    pub(crate) pipelines: Arc<crate::pipeline::Pipelines>,
     /// The ACME client's status and HTTP-01 answers, in TLS `acme` mode.
     pub(crate) acme: Option<AcmeParts>,
 }
@@ -282,7 +334,7 @@ impl Node {
     /// # Errors
     /// The port cannot be bound, or a gear cannot be hosted.
     pub async fn start(self) -> Result<RunningNode, StartError> {
-        let Self { config, gears, auth } = self;
+        let Self { config, gears, auth, pipelines } = self;
         if config.insecure_dev {
             tracing::warn!(
                 "INSECURE DEVELOPMENT MODE: no authentication; anyone who can reach {} can call every gear",
@@ -299,11 +351,13 @@ impl Node {
             ..HostConfig::default()
         };
         let host = Host::new(host_config, Some(recorder));
+        let defaults = default_strategies(&config);
         let router = Arc::new(Router {
             host: host.clone(),
             mesh: OnceLock::new(),
             auth: auth.clone(),
             telemetry: OnceLock::new(),
+            defaults,
         });
         let front: Weak<dyn Dispatch> = Arc::downgrade(&(router.clone() as Arc<dyn Dispatch>));
         host.set_front(front);
@@ -347,8 +401,14 @@ impl Node {
             config.interface.traces_per_second,
         );
         let _first = router.telemetry.set(telemetry.clone());
-        let interface =
-            Interface::start(config.interface.clone(), host.clone(), parts.mesh.clone(), telemetry, shutdown.clone());
+        let interface = Interface::start(
+            config.interface.clone(),
+            host.clone(),
+            parts.mesh.clone(),
+            telemetry,
+            pipelines.subscribe(),
+            shutdown.clone(),
+        );
         let shared = Arc::new(NodeShared {
             id,
             name,
@@ -367,6 +427,7 @@ impl Node {
             auth,
             interface,
             acme: acme_parts,
+            pipelines,
         });
         authn::start(shared.auth(), &shutdown).await;
         let stop_accepting = CancellationToken::new();
@@ -482,6 +543,11 @@ impl RunningNode {
     /// The in-process gear host.
     pub fn host(&self) -> &Arc<Host> {
         &self.shared.host
+    }
+
+    /// The node's pipelines (define, call, cast, and their events).
+    pub fn pipelines(&self) -> &Arc<crate::pipeline::Pipelines> {
+        &self.shared.pipelines
     }
 
     /// A token that, when cancelled, starts a graceful shutdown (for signal handlers).

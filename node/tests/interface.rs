@@ -510,7 +510,16 @@ async fn bad_input_gets_an_error_and_the_connection_and_others_go_on() {
     let e = c.recv().await;
     assert!(e["error"]["message"].as_str().expect("message").contains("binary"), "{e}");
 
-    // Still usable.
+    let e = c
+        .request(json!({"v": 1, "type": "call", "id": "st", "gear": "echo", "port": "echo", "strategy": "teleport"}))
+        .await;
+    assert_eq!(e["error"]["code"], "bad_request", "{e}");
+
+    // Still usable; a call may name a strategy as over HTTP.
+    let r = c
+        .request(json!({"v": 1, "type": "call", "id": "sc", "gear": "echo", "port": "echo", "arg": 7, "strategy": "scatter"}))
+        .await;
+    assert_eq!(r["ok"]["replies"][0]["ok"], 7, "scatter gathers every replica's reply: {r}");
     let r = c.request(json!({"v": 1, "type": "call", "id": "ok", "gear": "echo", "port": "echo", "arg": [1, 2]})).await;
     assert_eq!(r["ok"], json!([1, 2]), "{r}");
     let r = c.request(json!({"v": 1, "type": "publish", "id": "p", "topic": "t", "event": {"x": 1}})).await;
@@ -894,5 +903,39 @@ async fn the_token_battery_over_http_and_the_websocket_interface() {
     let mut c = Client::connect(&a, &ca, Cred::Protocol(&good)).await;
     let r = c.request(json!({"v": 1, "type": "call", "id": 2, "gear": "echo", "port": "echo", "arg": 1})).await;
     assert_eq!(r["ok"], 1, "{r}");
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_observer_on_one_node_sees_pipeline_runs_on_another() {
+    let cl = Cluster::new();
+    let a = cl.node("a", &["shop"], vec![], None).await;
+    let b = cl.node("b", &["echo"], vec![], Some(&a)).await;
+    eventually("b sees the shop", 15, || sees(&b, &["orders", "billing"])).await;
+    let mut obs = Client::connect(&b, &cl.ca(), Cred::Header(&cl.token("observe"))).await;
+    let snap = obs.request(json!({"v": 1, "type": "subscribe", "id": "p", "mesh": false, "pipelines": true})).await;
+    assert_eq!(snap["type"], "snapshot", "{snap}");
+    eventually("a knows b wants pipeline runs", 15, || {
+        a.mesh().view().nodes.iter().any(|n| n.id == b.id() && n.topics.iter().any(|t| t == "gearmesh.runs"))
+    })
+    .await;
+    // Give a's own watcher a moment past what the view shows, then run mallory's order on a.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = common::client_trusting(&cl.ca())
+        .post(format!("{}/v1/pipelines/order/call", a.url()))
+        .bearer_auth(cl.token("call:*"))
+        .json(&json!({"user_id": "mallory", "product_id": "widget", "qty": 1}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 422);
+    let started = obs.recv_type("pipeline").await;
+    assert_eq!((started["status"].as_str(), started["name"].as_str()), (Some("running"), Some("a")), "{started}");
+    let ended = obs.recv_type("pipeline").await;
+    assert_eq!(ended["run"], started["run"]);
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(ended["failed_step"], "charge", "{ended}");
+    assert_eq!(ended["compensation"], "completed", "{ended}");
+    b.shutdown().await;
     a.shutdown().await;
 }

@@ -152,6 +152,9 @@ pub struct GearAd {
     pub version: String,
     /// The names of its ports.
     pub ports: Vec<String>,
+    /// The names of its ports marked idempotent (safe to retry), a subset of `ports`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idempotent: Vec<String>,
 }
 
 /// What the mesh believes about a node.
@@ -319,6 +322,16 @@ pub enum MeshEvent {
     LinkDown(NodeId),
     /// The routing table changed.
     RoutesChanged,
+    /// This node's circuit breaker for calls to a gear on a node changed state (emitted by the
+    /// driver, never by the core).
+    BreakerChanged {
+        /// The gear.
+        gear: String,
+        /// The node running it.
+        node: NodeId,
+        /// The new state.
+        state: crate::breaker::BreakerState,
+    },
 }
 
 /// One entry of the routing table.

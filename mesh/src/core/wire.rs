@@ -176,6 +176,7 @@ pub(crate) fn encode_record(b: &mut Vec<u8>, r: &NodeRecord) {
         put_str(b, &g.name);
         put_str(b, &g.version);
         put_strs(b, &g.ports, MAX_PORTS);
+        put_strs(b, &g.idempotent, MAX_PORTS);
     }
     put_strs(b, &r.topics, usize::from(u16::MAX));
     put_ids(b, &r.links, MAX_LINKS);
@@ -362,13 +363,14 @@ impl<'a> Reader<'a> {
         };
         let suspecters = self.ids(MAX_SUSPECTERS, "suspecters")?;
         let addrs = self.strs(MAX_ADDRS, "addresses")?;
-        let n = self.count(6, usize::from(u16::MAX), "gears")?;
+        let n = self.count(8, usize::from(u16::MAX), "gears")?;
         let mut gears = Vec::with_capacity(n);
         for _ in 0..n {
             let name = self.str()?;
             let version = self.str()?;
             let ports = self.strs(MAX_PORTS, "ports")?;
-            gears.push(GearAd { name, version, ports });
+            let idempotent = self.strs(MAX_PORTS, "idempotent ports")?;
+            gears.push(GearAd { name, version, ports, idempotent });
         }
         let topics = self.strs(usize::from(u16::MAX), "topics")?;
         let links = self.ids(MAX_LINKS, "links")?;
@@ -390,7 +392,12 @@ mod tests {
             state: NodeState::Suspect,
             suspecters: vec![NodeId::from_bytes([1; 16])],
             addrs: vec!["wss://a:1".into()],
-            gears: vec![GearAd { name: "billing".into(), version: "1.2.0".into(), ports: vec!["charge".into()] }],
+            gears: vec![GearAd {
+                name: "billing".into(),
+                version: "1.2.0".into(),
+                ports: vec!["charge".into(), "refund".into()],
+                idempotent: vec!["refund".into()],
+            }],
             topics: vec!["orders.cancelled".into()],
             links: vec![NodeId::from_bytes([2; 16]), NodeId::from_bytes([3; 16])],
             name: "billing-eu-1".into(),

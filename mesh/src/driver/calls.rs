@@ -16,15 +16,10 @@ use gearmesh_gears::{
     WireBody, host::Start,
 };
 use gearmesh_transport::{BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError};
-use rand::seq::IndexedRandom;
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
-use super::{Counters, Inner, Mesh, Replicas, lock, to_core, to_link};
+use super::{Counters, Inner, Mesh, lock, to_core, to_link};
 use crate::core::NodeId;
-
-/// How long a call waits for a route to a node that hosts its gear but is not routable yet
-/// (it joined a moment ago); past it the call fails `unavailable`.
-const ROUTE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One outgoing call waiting for its reply.
 #[derive(Debug)]
@@ -38,7 +33,6 @@ pub(crate) struct Pending {
 pub(crate) struct CallTable {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
-    outstanding: Mutex<HashMap<NodeId, usize>>,
     inbound: Mutex<HashMap<(NodeId, u64), AbortHandle>>,
 }
 
@@ -55,22 +49,12 @@ impl CallTable {
             return Err(CallError::overloaded(format!("{max} remote calls are already waiting for replies")));
         }
         pending.insert(id, Pending { dst, tx });
-        drop(pending);
-        *lock(&self.outstanding).entry(dst).or_default() += 1;
         Ok((id, rx))
     }
 
     /// Removes a pending call; `true` if it was still pending.
     fn remove(&self, id: u64) -> Option<Pending> {
-        let p = lock(&self.pending).remove(&id)?;
-        let mut out = lock(&self.outstanding);
-        if let Some(n) = out.get_mut(&p.dst) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                out.remove(&p.dst);
-            }
-        }
-        Some(p)
+        lock(&self.pending).remove(&id)
     }
 
     fn complete(&self, id: u64, result: Result<Payload, CallError>) {
@@ -100,16 +84,6 @@ impl CallTable {
     /// Fails every pending call.
     pub(crate) fn fail_all(&self, message: &str) {
         self.fail_where(message, |_| true);
-    }
-
-    /// The node among `nodes` with the fewest calls outstanding from here; ties broken at random
-    /// so that sequential callers spread over the replicas too.
-    fn least_loaded(&self, nodes: &[NodeId]) -> Option<NodeId> {
-        let out = lock(&self.outstanding);
-        let load = |n: &NodeId| out.get(n).copied().unwrap_or(0);
-        let least = nodes.iter().map(load).min()?;
-        let best: Vec<NodeId> = nodes.iter().copied().filter(|n| load(n) == least).collect();
-        best.choose(&mut rand::rng()).copied()
     }
 }
 
@@ -157,36 +131,19 @@ fn principal_from_wire(s: &str, scopes: Vec<String>) -> Principal {
 }
 
 impl Mesh {
-    /// Calls a gear on another node: picks the replica with the fewest outstanding calls from
-    /// here, sends the call along the shortest path, and waits for the reply until the deadline.
-    /// Dropping the future cancels the remote work.
+    /// Sends a call to the gear on node `dst` along the shortest path and waits for the reply
+    /// until `deadline`. Dropping the future cancels the remote work.
     ///
     /// # Errors
-    /// `not_found` when no node hosts the gear, `unavailable` when none that does can be reached
-    /// (or it goes away during the call), `timeout`, `overloaded`, or the callee's own error.
-    pub async fn call(&self, call: GearCall<'_>) -> Result<Payload, CallError> {
+    /// `unavailable` when `dst` cannot be reached (or goes away during the call), `timeout`,
+    /// `overloaded`, or the callee's own error.
+    pub(crate) async fn call_node(
+        &self,
+        dst: NodeId,
+        call: GearCall<'_>,
+        deadline: Instant,
+    ) -> Result<Payload, CallError> {
         let inner = &self.inner;
-        let now = Instant::now();
-        let deadline = call.meta.deadline.unwrap_or(now + inner.config.default_timeout);
-        // A node that just joined is known before routes reach it: wait for routes a little.
-        let route_wait = deadline.min(now + ROUTE_WAIT);
-        let unreachable = || CallError::unavailable(format!("no node hosting {:?} can be reached", call.gear));
-        let dst = loop {
-            let routes_changed = inner.routes_changed.notified();
-            tokio::pin!(routes_changed);
-            routes_changed.as_mut().enable();
-            match inner.replicas_of(call.gear) {
-                Replicas::Routable(nodes) => break inner.calls.least_loaded(&nodes).ok_or_else(unreachable)?,
-                Replicas::NoRouteYet if Instant::now() < route_wait => {
-                    // Woken by the next route change, or give up at `route_wait`.
-                    let _ = tokio::time::timeout_at(route_wait, routes_changed).await;
-                }
-                Replicas::NoRouteYet | Replicas::Down => return Err(unreachable()),
-                Replicas::Unknown => {
-                    return Err(CallError::not_found(format!("no gear named {:?} in the mesh", call.gear)));
-                }
-            }
-        };
         let now = Instant::now();
         let remaining_ms = deadline.saturating_duration_since(now).as_millis();
         if remaining_ms == 0 {

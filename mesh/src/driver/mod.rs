@@ -17,6 +17,9 @@
 //! - switching: a routed frame that has crossed `max_hops` links is dropped.
 
 mod calls;
+mod strategy;
+
+pub use strategy::{BreakerView, Failure, ResilienceConfig, ResilienceStats, classify, p2c, rendezvous};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -76,6 +79,8 @@ pub struct MeshConfig {
     pub default_timeout: Duration,
     /// Mesh events buffered per observer before it lags.
     pub event_buffer: usize,
+    /// Retries, circuit breakers and latency tracking of calls from this node.
+    pub resilience: ResilienceConfig,
 }
 
 impl Default for MeshConfig {
@@ -87,6 +92,7 @@ impl Default for MeshConfig {
             max_hops: 16,
             default_timeout: Duration::from_secs(30),
             event_buffer: 1024,
+            resilience: ResilienceConfig::default(),
         }
     }
 }
@@ -186,6 +192,8 @@ pub struct NodeView {
     pub links: Vec<LinkView>,
     /// How this node reaches it: `self`, `direct`, or `via <next hop>`, and the hop count.
     pub route: Option<RouteView>,
+    /// The circuit breakers this node keeps for the node's gears (calls from here to there).
+    pub breakers: Vec<BreakerView>,
 }
 
 /// A link in a [`NodeView`].
@@ -255,6 +263,7 @@ pub(crate) struct Inner {
     dialing: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
     pub(crate) counters: Counters,
+    pub(crate) resilience: strategy::Resilience,
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
@@ -306,6 +315,7 @@ impl Mesh {
             id: to_core(id),
             calls: calls::CallTable::default(),
             counters: Counters::default(),
+            resilience: strategy::Resilience::new(config.resilience.clone()),
             authorizer: std::sync::OnceLock::new(),
             call_observer: std::sync::OnceLock::new(),
             routes_changed: Notify::new(),
@@ -345,6 +355,7 @@ impl Mesh {
                 name: g.name.to_string(),
                 version: g.version.to_string(),
                 ports: g.ports.iter().map(|p| p.name.to_string()).collect(),
+                idempotent: g.ports.iter().filter(|p| p.options.idempotent).map(|p| p.name.to_string()).collect(),
             })
             .collect();
         let topics = self.inner.host.topics().into_iter().map(|t| t.to_string()).collect();
@@ -394,6 +405,7 @@ impl Mesh {
         let core = self.inner.core();
         let routes: HashMap<NodeId, crate::core::Route> = core.routes().into_iter().collect();
         let links = self.inner.links.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = self.inner.now();
         let mut nodes: Vec<NodeView> = core
             .nodes()
             .map(|r| NodeView {
@@ -421,6 +433,7 @@ impl Mesh {
                 } else {
                     routes.get(&r.id).map(|route| RouteView { next_hop: route.next_hop.to_string(), hops: route.hops })
                 },
+                breakers: self.inner.resilience.breakers_of(r.id, now),
             })
             .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));

@@ -16,7 +16,8 @@ use gearmesh_gears::Gear;
 /// The names `--gears` accepts: each gear, plus `shop` (the five shop gears) and `all`.
 pub const NAMES: &[&str] = &["echo", "kv", "users", "products", "billing", "orders", "audit", "shop", "all"];
 
-const SHOP: &[&str] = &["users", "products", "billing", "orders", "audit"];
+/// The shop's gears (a node hosting any of them defines the `order` pipeline).
+pub(crate) const SHOP: &[&str] = &["users", "products", "billing", "orders", "audit"];
 
 /// Expands `shop` and `all` and removes duplicates, keeping the order.
 ///

@@ -51,6 +51,9 @@ pub struct Stock {
     pub qty: u32,
     /// The unit price, in cents.
     pub unit_price_cents: u64,
+    /// `qty` x `unit_price_cents` (what the `order` pipeline charges).
+    #[serde(default)]
+    pub total_cents: u64,
     /// What is left in stock.
     pub remaining: u32,
 }
@@ -155,6 +158,7 @@ pub fn products() -> Gear {
                         product_id: r.product_id.clone(),
                         qty: r.qty,
                         unit_price_cents: *price,
+                        total_cents: *price * u64::from(r.qty),
                         remaining: *left,
                     })
                 })();
@@ -174,6 +178,7 @@ pub fn products() -> Gear {
                         product_id: r.product_id.clone(),
                         qty: r.qty,
                         unit_price_cents: *price,
+                        total_cents: *price * u64::from(r.qty),
                         remaining: *left,
                     })
                 })();
@@ -205,43 +210,82 @@ pub fn billing() -> Gear {
     )
 }
 
+/// `orders.confirm` input: an order whose user was found, stock reserved and charge made (the
+/// last step of the `order` pipeline).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirm {
+    /// The customer.
+    pub user: User,
+    /// The product.
+    pub product_id: String,
+    /// How many.
+    pub qty: u32,
+    /// The total charged, in cents.
+    pub cents: u64,
+    /// The charge's id.
+    pub charge_id: String,
+}
+
 /// `orders.place {"user_id","product_id","qty"}` → an [`Order`], published on `orders.placed`.
 /// Calls `users.find`, `products.reserve` and `billing.charge`; when the charge fails, it calls
-/// `products.release` and returns the charge's error.
+/// `products.release` and returns the charge's error. `orders.confirm` ([`Confirm`]) → an
+/// [`Order`], published on `orders.placed`: the same order, when a pipeline made the calls.
 pub fn orders() -> Gear {
     let next = Arc::new(AtomicU64::new(1));
-    Gear::new("orders").version(env!("CARGO_PKG_VERSION")).describe("Places orders").port_with(
-        PortSpec::new("place").describe("Finds the user, reserves stock, charges, confirms"),
-        move |ctx: Ctx, req: PlaceOrder| {
-            let id = next.fetch_add(1, Ordering::Relaxed);
-            async move {
-                let user: User = ctx.call("users", "find", &FindUser { id: req.user_id.clone() }).await?;
-                let reserve = Reserve { product_id: req.product_id.clone(), qty: req.qty };
-                let stock: Stock = ctx.call("products", "reserve", &reserve).await?;
-                let cents = stock.unit_price_cents * u64::from(req.qty);
-                let charge = Charge { user_id: user.id.clone(), cents };
-                let receipt: Receipt = match ctx.call("billing", "charge", &charge).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        if let Err(undo) = ctx.call::<_, Stock>("products", "release", &reserve).await {
-                            tracing::warn!(error = %undo, "could not release a reservation after a failed charge");
+    let next_confirm = next.clone();
+    Gear::new("orders")
+        .version(env!("CARGO_PKG_VERSION"))
+        .describe("Places orders")
+        .port_with(
+            PortSpec::new("confirm").describe("Records an order whose stock is reserved and charge made"),
+            move |ctx: Ctx, c: Confirm| {
+                let id = next_confirm.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let order = Order {
+                        order_id: format!("o-{id}"),
+                        user: c.user,
+                        product_id: c.product_id,
+                        qty: c.qty,
+                        cents: c.cents,
+                        charge_id: c.charge_id,
+                    };
+                    ctx.notify("orders.placed", &order).await?;
+                    Ok(order)
+                }
+            },
+        )
+        .port_with(
+            PortSpec::new("place").describe("Finds the user, reserves stock, charges, confirms"),
+            move |ctx: Ctx, req: PlaceOrder| {
+                let id = next.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let user: User = ctx.call("users", "find", &FindUser { id: req.user_id.clone() }).await?;
+                    let reserve = Reserve { product_id: req.product_id.clone(), qty: req.qty };
+                    let stock: Stock = ctx.call("products", "reserve", &reserve).await?;
+                    let cents = stock.unit_price_cents * u64::from(req.qty);
+                    let charge = Charge { user_id: user.id.clone(), cents };
+                    let receipt: Receipt = match ctx.call("billing", "charge", &charge).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if let Err(undo) = ctx.call::<_, Stock>("products", "release", &reserve).await {
+                                tracing::warn!(error = %undo, "could not release a reservation after a failed charge");
+                            }
+                            return Err(e);
                         }
-                        return Err(e);
-                    }
-                };
-                let order = Order {
-                    order_id: format!("o-{id}"),
-                    user,
-                    product_id: req.product_id,
-                    qty: req.qty,
-                    cents,
-                    charge_id: receipt.charge_id,
-                };
-                ctx.notify("orders.placed", &order).await?;
-                Ok(order)
-            }
-        },
-    )
+                    };
+                    let order = Order {
+                        order_id: format!("o-{id}"),
+                        user,
+                        product_id: req.product_id,
+                        qty: req.qty,
+                        cents,
+                        charge_id: receipt.charge_id,
+                    };
+                    ctx.notify("orders.placed", &order).await?;
+                    Ok(order)
+                }
+            },
+        )
 }
 
 /// `audit` listens to `orders.placed` and `billing.charged` and keeps the last 100 events;

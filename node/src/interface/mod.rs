@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use self::serve::Served;
 use self::{
     proto::{ClientMsg, VERSION},
-    watch::{Kind, STATS_TOPIC, StreamMsg, TRACES_TOPIC, Watch},
+    watch::{Kind, RUNS_TOPIC, STATS_TOPIC, StreamMsg, TRACES_TOPIC, Watch},
 };
 use crate::{InterfaceConfig, api::ApiError, node::NodeShared};
 pub(crate) use proto::SYSTEM_TOPIC_PREFIX;
@@ -107,6 +107,7 @@ impl Interface {
         host: Arc<Host>,
         mesh: Mesh,
         telemetry: Arc<Telemetry>,
+        runs: tokio::sync::broadcast::Receiver<crate::pipeline::PipelineEvent>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         mesh.set_call_observer(telemetry.clone());
@@ -115,7 +116,8 @@ impl Interface {
         let clients = Arc::new(Clients::default());
         tokio::spawn(watch.clone().run(shutdown.clone()));
         let interval = Duration::from_millis(config.stats_interval_ms);
-        tokio::spawn(telemetry.run_stats(interval, clients.clone(), shutdown.clone()));
+        tokio::spawn(telemetry.clone().run_stats(interval, clients.clone(), shutdown.clone()));
+        tokio::spawn(telemetry.run_pipelines(runs, shutdown.clone()));
         Arc::new(Self { config, host, mesh, watch, clients, shutdown })
     }
 
@@ -197,12 +199,21 @@ fn close_frame(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(&reason[..end]) }))
 }
 
+/// What a subscription asks for besides event topics.
+struct Wants {
+    mesh: bool,
+    traces: bool,
+    stats: bool,
+    pipelines: bool,
+}
+
 /// The client's subscription.
 struct Sub {
     id: Option<Value>,
     mesh: bool,
     traces: bool,
     stats: bool,
+    pipelines: bool,
     topics: HashSet<String>,
     rx: tokio::sync::broadcast::Receiver<Arc<StreamMsg>>,
 }
@@ -213,13 +224,14 @@ impl Sub {
             Kind::Mesh => self.mesh,
             Kind::Trace => self.traces,
             Kind::Stats => self.stats,
+            Kind::Run => self.pipelines,
             Kind::Event => m.topic.as_ref().is_some_and(|t| self.topics.contains(t)),
         }
     }
 
     /// Every tap topic this subscription holds.
     fn taps(&self) -> impl Iterator<Item = &str> {
-        let system = [(self.traces, TRACES_TOPIC), (self.stats, STATS_TOPIC)];
+        let system = [(self.traces, TRACES_TOPIC), (self.stats, STATS_TOPIC), (self.pipelines, RUNS_TOPIC)];
         system.into_iter().filter(|(on, _)| *on).map(|(_, t)| t).chain(self.topics.iter().map(String::as_str))
     }
 }
@@ -367,8 +379,8 @@ impl Conn {
                 let e = CallError::bad_request("already authenticated (auth is only the first message)");
                 self.reply(&proto::error(None, &e)).await
             }
-            ClientMsg::Subscribe { id, mesh, traces, stats, topics, .. } => {
-                match self.subscribe(id.clone(), mesh, traces, stats, topics) {
+            ClientMsg::Subscribe { id, mesh, traces, stats, pipelines, topics, .. } => {
+                match self.subscribe(id.clone(), Wants { mesh, traces, stats, pipelines }, topics) {
                     Ok(mut snap) => {
                         snap["id"] = id.unwrap_or(Value::Null);
                         self.reply(&snap).await
@@ -387,8 +399,12 @@ impl Conn {
                 };
                 self.reply(&v).await
             }
-            ClientMsg::Call { id, gear, port, arg, timeout_ms, .. } => {
-                self.call(id, gear, port, &arg, timeout_ms).await
+            ClientMsg::Call { id, gear, port, arg, timeout_ms, strategy, key, gather, retry, .. } => {
+                match crate::api::routing_from(strategy.as_deref(), key.as_deref(), gather.as_deref(), retry.as_deref())
+                {
+                    Ok(routing) => self.call(id, gear, port, &arg, timeout_ms, routing).await,
+                    Err(e) => self.reply(&proto::error(Some(&id), &e)).await,
+                }
             }
             ClientMsg::Publish { id, topic, event, .. } => {
                 let v = match self.publish(topic, &event) {
@@ -429,14 +445,7 @@ impl Conn {
         }
     }
 
-    fn subscribe(
-        &mut self,
-        id: Option<Value>,
-        mesh: bool,
-        traces: bool,
-        stats: bool,
-        topics: Vec<String>,
-    ) -> Result<Value, CallError> {
+    fn subscribe(&mut self, id: Option<Value>, wants: Wants, topics: Vec<String>) -> Result<Value, CallError> {
         self.grant.check(&Permission::Observe)?;
         if topics.len() > self.iface.config.max_topics {
             return Err(CallError::bad_request(format!(
@@ -454,7 +463,8 @@ impl Conn {
         }
         self.unsubscribe();
         let (rx, snapshot) = self.iface.watch.subscribe();
-        let sub = Sub { id, mesh, traces, stats, topics: topics.into_iter().collect(), rx };
+        let Wants { mesh, traces, stats, pipelines } = wants;
+        let sub = Sub { id, mesh, traces, stats, pipelines, topics: topics.into_iter().collect(), rx };
         let mut acquired = Vec::new();
         for t in sub.taps() {
             match self.iface.watch.acquire(t) {
@@ -512,6 +522,7 @@ impl Conn {
         port: String,
         arg: &Value,
         timeout_ms: Option<u64>,
+        (strategy, retry): (Option<gearmesh_gears::Strategy>, gearmesh_gears::Retry),
     ) -> Result<(), End> {
         let Ok(permit) = self.requests.clone().try_acquire_owned() else {
             let e = CallError::overloaded(format!(
@@ -532,7 +543,9 @@ impl Conn {
             Ok(b) => Bytes::from(b),
             Err(e) => return self.reply(&proto::error(Some(&id), &CallError::bad_request(e.to_string()))).await,
         };
-        let meta = CallMeta::new(self.grant.principal.clone(), deadline);
+        let mut meta = CallMeta::new(self.grant.principal.clone(), deadline);
+        meta.strategy = strategy;
+        meta.retry = retry;
         let dispatch = self.shared.dispatch();
         let out = self.out_tx.clone();
         self.tasks.spawn(async move {

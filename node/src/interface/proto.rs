@@ -41,6 +41,9 @@ pub(crate) enum ClientMsg {
         /// Periodic stats from every node.
         #[serde(default)]
         stats: bool,
+        /// Pipeline runs starting and ending on every node.
+        #[serde(default)]
+        pipelines: bool,
         /// Event topics.
         #[serde(default)]
         topics: Vec<String>,
@@ -63,6 +66,18 @@ pub(crate) enum ClientMsg {
         arg: Value,
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// As the HTTP API's query: `local-first`, `spread`, `shard`, `scatter`, `broadcast`.
+        #[serde(default)]
+        strategy: Option<String>,
+        /// The shard key.
+        #[serde(default)]
+        key: Option<String>,
+        /// `all`, `quorum` or K, for `scatter`.
+        #[serde(default)]
+        gather: Option<String>,
+        /// `auto`, `yes` or `no`.
+        #[serde(default)]
+        retry: Option<String>,
     },
     /// Publishes an event.
     Publish {

@@ -42,6 +42,8 @@ use super::proto::{SYSTEM_TOPIC_PREFIX, VERSION};
 pub(crate) const TRACES_TOPIC: &str = "gearmesh.traces";
 /// Where nodes publish their periodic stats.
 pub(crate) const STATS_TOPIC: &str = "gearmesh.stats";
+/// Where nodes publish their pipeline runs' starts and ends.
+pub(crate) const RUNS_TOPIC: &str = "gearmesh.runs";
 
 /// What a stream message is about (clients filter on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,7 @@ pub(crate) enum Kind {
     Event,
     Trace,
     Stats,
+    Run,
 }
 
 /// One message of the shared stream, serialized once for every client.
@@ -202,9 +205,12 @@ impl Watch {
             let body = event_json(&event);
             match topic.as_str() {
                 // System topics carry ready-made objects from trusted publishers (nodes).
-                TRACES_TOPIC | STATS_TOPIC => {
-                    let (kind, name) =
-                        if topic == TRACES_TOPIC { (Kind::Trace, "trace") } else { (Kind::Stats, "stats") };
+                TRACES_TOPIC | STATS_TOPIC | RUNS_TOPIC => {
+                    let (kind, name) = match topic.as_str() {
+                        TRACES_TOPIC => (Kind::Trace, "trace"),
+                        STATS_TOPIC => (Kind::Stats, "stats"),
+                        _ => (Kind::Run, "pipeline"),
+                    };
                     if let Value::Object(mut m) = body {
                         m.insert("v".into(), json!(VERSION));
                         m.insert("type".into(), json!(name));
@@ -315,6 +321,17 @@ pub(crate) fn diff(old: &MeshView, new: &MeshView) -> Vec<Value> {
     for (a, b) in e_old.difference(&e_new) {
         out.push(msg("link_down", json!({ "a": a, "b": b })));
     }
+    // The attached node's circuit breakers (for calls from it to each node's gears).
+    for n in &new.nodes {
+        let before = before.get(n.id.as_str());
+        for b in &n.breakers {
+            let was = before.and_then(|o| o.breakers.iter().find(|x| x.gear == b.gear)).map(|x| x.state);
+            // A breaker appears closed; it is news only when it is not.
+            if was != Some(b.state) && !(was.is_none() && b.state == gearmesh_mesh::breaker::BreakerState::Closed) {
+                out.push(msg("breaker", json!({ "node": n.id, "gear": b.gear, "state": b.state })));
+            }
+        }
+    }
     if routes_of(old) != routes_of(new) {
         let routes: Vec<Value> = routes_of(new)
             .into_iter()
@@ -336,6 +353,7 @@ pub(crate) struct Telemetry {
     mesh: Mesh,
     traces_wanted: AtomicBool,
     stats_wanted: AtomicBool,
+    runs_wanted: AtomicBool,
     per_second: f64,
     bucket: Mutex<(f64, Instant)>,
 }
@@ -350,6 +368,7 @@ impl Telemetry {
             mesh,
             traces_wanted: AtomicBool::new(false),
             stats_wanted: AtomicBool::new(false),
+            runs_wanted: AtomicBool::new(false),
             per_second,
             bucket: Mutex::new((per_second, Instant::now())),
         })
@@ -359,6 +378,36 @@ impl Telemetry {
         let wanted = |topic: &str| view.nodes.iter().any(|n| n.state == "alive" && n.topics.iter().any(|t| t == topic));
         self.traces_wanted.store(wanted(TRACES_TOPIC), Ordering::Relaxed);
         self.stats_wanted.store(wanted(STATS_TOPIC), Ordering::Relaxed);
+        self.runs_wanted.store(wanted(RUNS_TOPIC), Ordering::Relaxed);
+    }
+
+    /// Publishes this node's pipeline runs (starts and ends) while someone wants them.
+    pub(crate) async fn run_pipelines(
+        self: Arc<Self>,
+        mut runs: broadcast::Receiver<crate::pipeline::PipelineEvent>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let event = tokio::select! {
+                e = runs.recv() => match e {
+                    Ok(e) => e,
+                    // Missed runs are missed for observers too; carry on with the next.
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return,
+                },
+                () = shutdown.cancelled() => return,
+            };
+            if !self.runs_wanted.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut body = serde_json::to_value(&event).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut body {
+                m.insert("node".into(), json!(self.me));
+                m.insert("name".into(), json!(self.name));
+                m.insert("at_ms".into(), json!(unix_ms()));
+            }
+            self.publish(RUNS_TOPIC, &body);
+        }
     }
 
     /// This node's id.
@@ -497,11 +546,17 @@ mod tests {
             addrs: vec![],
             gears: gears
                 .iter()
-                .map(|g| gearmesh_mesh::GearAd { name: (*g).into(), version: "1.0.0".into(), ports: vec![] })
+                .map(|g| gearmesh_mesh::GearAd {
+                    name: (*g).into(),
+                    version: "1.0.0".into(),
+                    ports: vec![],
+                    idempotent: vec![],
+                })
                 .collect(),
             topics: vec![],
             links: links.iter().map(|p| LinkView { peer: (*p).into(), rtt_us: None }).collect(),
             route: (id != "a").then(|| RouteView { next_hop: id.into(), hops: 1 }),
+            breakers: vec![],
         }
     }
 
@@ -538,5 +593,27 @@ mod tests {
             "{m:?}"
         );
         assert_eq!(m[1]["graceful"], true);
+    }
+
+    #[test]
+    fn breaker_changes_are_news_but_a_new_closed_breaker_is_not() {
+        use gearmesh_mesh::{BreakerView, breaker::BreakerState};
+        let breaker = |state| BreakerView { gear: "billing".into(), state, calls: 20, failures: 12, latency_us: None };
+        let with = |b: Vec<BreakerView>| {
+            let mut n = node("b", "alive", &[], &["billing"]);
+            n.breakers = b;
+            MeshView { me: "a".into(), nodes: vec![node("a", "alive", &[], &[]), n] }
+        };
+        let (none, closed, open) =
+            (with(vec![]), with(vec![breaker(BreakerState::Closed)]), with(vec![breaker(BreakerState::Open)]));
+        assert!(diff(&none, &closed).is_empty());
+        let m = diff(&closed, &open);
+        assert_eq!(types(&m), ["breaker"]);
+        assert_eq!(
+            (m[0]["node"].as_str(), m[0]["gear"].as_str(), m[0]["state"].as_str()),
+            (Some("b"), Some("billing"), Some("open"))
+        );
+        assert_eq!(diff(&none, &open)[0]["state"], "open");
+        assert_eq!(diff(&open, &closed)[0]["state"], "closed");
     }
 }
