@@ -179,6 +179,10 @@ impl NodeBuilder {
             let def = crate::pipeline::parse(&text).map_err(fail)?;
             pipelines.define(def).map_err(|e| fail(e.message().to_owned()))?;
         }
+        // The node's own gear for running its pipelines from gears (`ctx.call("pipelines", ...)`).
+        if gears.iter().all(|g| g.name() != crate::pipeline::gear::GEAR) {
+            gears.push(crate::pipeline::gear::gear(pipelines.clone()));
+        }
         Ok(Node { config, gears, auth, pipelines })
     }
 }

@@ -350,11 +350,16 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
     assert!(expected_links.len() >= 2, "three connected nodes have at least two links: {expected_links:?}");
     assert_eq!(seen.links, expected_links, "the graph shows the mesh's links");
 
-    // Each node's card lists its gears.
+    // Each node's card lists its gears (with the node's own `pipelines` gear).
     let gears = |list: &[&str]| list.iter().map(|g| (*g).to_owned()).collect::<BTreeSet<_>>();
-    assert_eq!(seen.cards.get(&ids[0]), Some(&gears(&["echo", "kv", "products", "users"])), "{:?}", seen.cards);
-    assert_eq!(seen.cards.get(&ids[1]), Some(&gears(&["audit", "billing"])), "{:?}", seen.cards);
-    assert_eq!(seen.cards.get(&ids[2]), Some(&gears(&["orders"])), "{:?}", seen.cards);
+    assert_eq!(
+        seen.cards.get(&ids[0]),
+        Some(&gears(&["echo", "kv", "pipelines", "products", "users"])),
+        "{:?}",
+        seen.cards
+    );
+    assert_eq!(seen.cards.get(&ids[1]), Some(&gears(&["audit", "billing", "pipelines"])), "{:?}", seen.cards);
+    assert_eq!(seen.cards.get(&ids[2]), Some(&gears(&["orders", "pipelines"])), "{:?}", seen.cards);
 
     // Calls flow: orders on demo-3 calls users on demo-1; mallory's orders are refused.
     assert!(

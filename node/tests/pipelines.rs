@@ -340,3 +340,65 @@ async fn pipelines_run_with_the_callers_scopes_and_defining_needs_admin() {
         .expect("sent");
     assert_eq!(r.status(), 201);
 }
+
+/// A gear runs a pipeline with an ordinary call to the node's `pipelines` gear; the steps run
+/// with the calling gear's own permissions, so the `pipelines` gear launders nothing.
+#[tokio::test]
+async fn a_gear_runs_a_pipeline_through_ctx_with_its_own_permissions() {
+    gearmesh::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = gearmesh::auth::keygen(gearmesh::auth::Algorithm::HS256).expect("keygen");
+    let key_path = dir.path().join("mesh.key");
+    std::fs::write(&key_path, &key.contents).expect("write key");
+    let policy = r#"
+[auth.gears]
+checkout = ["call:pipelines/call", "call:users/find", "call:products/*", "call:billing/charge", "call:orders/confirm"]
+sneaky = ["call:pipelines/call"]
+billing = ["publish:billing.charged"]
+orders = ["publish:orders.placed"]
+"#;
+    let mut config = NodeConfig::from_toml(policy).expect("policy");
+    config.name = Some("shop".into());
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.gears = vec!["shop".into()];
+    config.auth.keys = vec![key_path];
+    config.tls.data_dir = Some(dir.path().to_owned());
+    let buy = |name: &'static str| {
+        Gear::new(name).port("buy", |ctx: Ctx, order: Value| async move {
+            let report: Value = ctx.call("pipelines", "call", &json!({"pipeline": "order", "event": order})).await?;
+            Ok(report)
+        })
+    };
+    let n = Node::builder()
+        .config(config)
+        .gear(buy("checkout"))
+        .gear(buy("sneaky"))
+        .build()
+        .expect("valid")
+        .start()
+        .await
+        .expect("started");
+    let ctx = n.ctx(Principal::user("tester", vec!["call:*".into()]));
+
+    let report: Value = ctx
+        .call("checkout", "buy", &json!({"user_id": "alice", "product_id": "widget", "qty": 1}))
+        .await
+        .expect("alice's order");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["event"]["order"]["user"]["id"], "alice", "{report}");
+
+    let e = ctx
+        .call::<_, Value>("checkout", "buy", &json!({"user_id": "mallory", "product_id": "widget", "qty": 1}))
+        .await
+        .expect_err("mallory cannot pay");
+    assert_eq!(e.app_code(), Some("insufficient_funds"), "{e}");
+    assert!(e.message().contains("failed at step charge"), "{e}");
+
+    // `sneaky` may call the pipelines gear but none of the steps: the first step is refused.
+    let e = ctx
+        .call::<_, Value>("sneaky", "buy", &json!({"user_id": "alice", "product_id": "widget", "qty": 1}))
+        .await
+        .expect_err("no laundering through the pipelines gear");
+    assert_eq!(e.code().as_str(), "forbidden", "{e}");
+    n.shutdown().await;
+}

@@ -13,6 +13,7 @@
 //! node stops or dies is lost.
 
 mod def;
+pub mod gear;
 pub(crate) mod http;
 mod run;
 
