@@ -58,6 +58,8 @@ pub struct NodeConfig {
     pub strategies: std::collections::BTreeMap<String, String>,
     /// Pipeline definitions (TOML or JSON files) defined at start (see `docs/pipelines.md`).
     pub pipelines: Vec<PathBuf>,
+    /// Retries, the retry budget and circuit breakers (`[resilience]`, see `docs/strategies.md`).
+    pub resilience: ResilienceSettings,
 }
 
 impl Default for NodeConfig {
@@ -76,8 +78,100 @@ impl Default for NodeConfig {
             auth: gearmesh_auth::AuthConfig::default(),
             strategies: std::collections::BTreeMap::new(),
             pipelines: Vec::new(),
+            resilience: ResilienceSettings::default(),
             interface: InterfaceConfig::default(),
         }
+    }
+}
+
+/// Retries, the retry budget and circuit breakers (`[resilience]`; the defaults are the mesh's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResilienceSettings {
+    /// Attempts per call at most, the first included (1: never retry).
+    pub max_attempts: u32,
+    /// The first retry waits up to this long (full jitter), doubling for each further retry.
+    pub backoff_base_ms: u64,
+    /// A retry never waits longer than this.
+    pub backoff_cap_ms: u64,
+    /// Retries allowed per call, node-wide (0.1: retries add at most 10% load, plus the floor).
+    pub retry_budget_ratio: f64,
+    /// Retries allowed per second whatever the traffic.
+    pub retry_budget_per_second: f64,
+    /// The window a breaker measures failures over.
+    pub breaker_window_ms: u64,
+    /// A breaker never opens on fewer calls than this in its window.
+    pub breaker_min_calls: u32,
+    /// A breaker opens when at least this share (0 to 1) of its window's calls failed.
+    pub breaker_failure_ratio: f64,
+    /// How long an open breaker waits before letting probes through.
+    pub breaker_open_ms: u64,
+    /// Probe calls let through while half-open.
+    pub breaker_probes: u32,
+}
+
+impl Default for ResilienceSettings {
+    fn default() -> Self {
+        let r = gearmesh_mesh::ResilienceConfig::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            max_attempts: r.max_attempts,
+            backoff_base_ms: ms(r.backoff_base),
+            backoff_cap_ms: ms(r.backoff_cap),
+            retry_budget_ratio: r.budget.ratio,
+            retry_budget_per_second: r.budget.min_per_sec,
+            breaker_window_ms: ms(r.breaker.window),
+            breaker_min_calls: r.breaker.min_calls,
+            breaker_failure_ratio: r.breaker.failure_ratio,
+            breaker_open_ms: ms(r.breaker.open_for),
+            breaker_probes: r.breaker.probes,
+        }
+    }
+}
+
+impl ResilienceSettings {
+    /// The mesh driver's settings with these applied.
+    pub fn to_mesh(&self) -> gearmesh_mesh::ResilienceConfig {
+        let d = gearmesh_mesh::ResilienceConfig::default();
+        gearmesh_mesh::ResilienceConfig {
+            max_attempts: self.max_attempts,
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_cap: Duration::from_millis(self.backoff_cap_ms),
+            budget: gearmesh_mesh::breaker::BudgetConfig {
+                ratio: self.retry_budget_ratio,
+                min_per_sec: self.retry_budget_per_second,
+                ..d.budget
+            },
+            breaker: gearmesh_mesh::breaker::BreakerConfig {
+                window: Duration::from_millis(self.breaker_window_ms),
+                min_calls: self.breaker_min_calls,
+                failure_ratio: self.breaker_failure_ratio,
+                open_for: Duration::from_millis(self.breaker_open_ms),
+                probes: self.breaker_probes,
+                ..d.breaker
+            },
+            ..d
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        if self.max_attempts == 0 {
+            return invalid("resilience.max_attempts", "must be at least 1 (1: never retry)");
+        }
+        if !(0.0..=1.0).contains(&self.breaker_failure_ratio) {
+            return invalid("resilience.breaker_failure_ratio", "must be between 0 and 1");
+        }
+        if !(self.retry_budget_ratio >= 0.0 && self.retry_budget_per_second >= 0.0) {
+            return invalid("resilience.retry_budget_ratio", "budgets must not be negative");
+        }
+        if self.breaker_window_ms == 0 || self.breaker_open_ms == 0 || self.breaker_probes == 0 {
+            return invalid("resilience.breaker_window_ms", "breaker window, open time and probes must be > 0");
+        }
+        if self.backoff_base_ms > self.backoff_cap_ms {
+            return invalid("resilience.backoff_base_ms", "must not exceed resilience.backoff_cap_ms");
+        }
+        Ok(())
     }
 }
 
@@ -363,6 +457,7 @@ impl NodeConfig {
                 reason: format!("must not exceed mesh.max_links ({})", self.mesh.max_links),
             });
         }
+        self.resilience.validate()?;
         if self.tls.mode == TlsMode::Off && !self.insecure_dev {
             return Err(ConfigError::Invalid {
                 key: "tls.mode",
@@ -434,6 +529,20 @@ mod tests {
         assert_eq!(c.name.as_deref(), Some("a"));
         assert_eq!(c.http.max_body_bytes, 10);
         assert_eq!(c.calls, CallsConfig::default());
+    }
+
+    #[test]
+    fn resilience_settings_reach_the_mesh_and_bad_ones_name_their_key() {
+        let c = NodeConfig::from_toml("[resilience]\nmax_attempts = 1\nbreaker_min_calls = 5\nbreaker_open_ms = 250\n")
+            .expect("valid");
+        let r = c.resilience.to_mesh();
+        assert_eq!((r.max_attempts, r.breaker.min_calls), (1, 5));
+        assert_eq!(r.breaker.open_for, Duration::from_millis(250));
+        assert_eq!(ResilienceSettings::default().to_mesh(), gearmesh_mesh::ResilienceConfig::default());
+        let e = NodeConfig::from_toml("[resilience]\nbreaker_failure_ratio = 1.5\n").expect_err("ratio");
+        assert!(e.to_string().contains("resilience.breaker_failure_ratio"), "{e}");
+        let e = NodeConfig::from_toml("[resilience]\nmax_attempts = 0\n").expect_err("attempts");
+        assert!(e.to_string().contains("resilience.max_attempts"), "{e}");
     }
 
     #[test]

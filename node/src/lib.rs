@@ -31,7 +31,8 @@ mod node;
 pub mod pipeline;
 
 pub use config::{
-    CallsConfig, ConfigError, HttpConfig, InterfaceConfig, LogFormat, MeshLinksConfig, NodeConfig, TlsConfig, TlsMode,
+    CallsConfig, ConfigError, HttpConfig, InterfaceConfig, LogFormat, MeshLinksConfig, NodeConfig, ResilienceSettings,
+    TlsConfig, TlsMode,
 };
 pub use gearmesh_auth as auth;
 pub use gearmesh_gears as gears;

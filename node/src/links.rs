@@ -318,6 +318,7 @@ pub(crate) fn start_mesh(
     let mesh_config = MeshConfig {
         core,
         default_timeout: std::time::Duration::from_millis(config.calls.default_timeout_ms),
+        resilience: config.resilience.to_mesh(),
         ..MeshConfig::default()
     };
     let mesh = Mesh::start(id, addrs.clone(), mesh_config, host, dialer, incoming, config.seeds.clone());
