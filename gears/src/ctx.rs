@@ -174,7 +174,7 @@ impl Ctx {
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload(gear, port, Arg::typed(req), None).await?.take()
+        self.dispatch_call(gear, port, Arg::typed(req), None).await?.take()
     }
 
     /// Like [`Ctx::call`], with options (a timeout now; strategies later).
@@ -192,7 +192,7 @@ impl Ctx {
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload(gear, port, Arg::typed(req), options.timeout).await?.take()
+        self.dispatch_call(gear, port, Arg::typed(req), options.timeout).await?.take()
     }
 
     /// Calls with an untyped [`Arg`] and returns the untyped [`Payload`] (for adapters).
@@ -206,6 +206,18 @@ impl Ctx {
         arg: Arg<'_>,
         timeout: Option<Duration>,
     ) -> Result<Payload, CallError> {
+        self.dispatch_call(gear, port, arg, timeout).await
+    }
+
+    /// Hands the call to the dispatcher and returns its future (awaited by the callers above
+    /// directly, so a call nests one future less).
+    fn dispatch_call<'a>(
+        &'a self,
+        gear: &'a str,
+        port: &'a str,
+        arg: Arg<'a>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Payload, CallError>> {
         let deadline = match (self.deadline, timeout) {
             (d, None) => d,
             (None, Some(t)) => Some(Instant::now() + t),
@@ -214,7 +226,7 @@ impl Ctx {
         // An earlier deadline than a capped one is capped too.
         let capped = self.capped && self.deadline.is_some();
         let meta = CallMeta { caller: self.acting_as().clone(), deadline, trace_id: self.trace_id, capped };
-        self.dispatch.call(Call { gear, port, arg, meta }).await
+        self.dispatch.call(Call { gear, port, arg, meta })
     }
 
     /// Publishes `event` on `topic` to every listener, wherever it runs. Returns once the event is

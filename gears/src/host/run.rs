@@ -29,6 +29,9 @@ pub(super) struct PortState {
     pub(super) max_concurrency: usize,
     pub(super) in_flight: AtomicUsize,
     pub(super) stats: PortStats,
+    /// The clock call latencies are measured with (raw TSC reads where available, scaled only
+    /// for the difference).
+    pub(super) clock: quanta::Clock,
 }
 
 /// Decrements a port's in-flight count when a call ends, however it ends.
@@ -54,9 +57,15 @@ impl PortState {
         Ok(InFlight(Arc::clone(self)))
     }
 
-    /// Records a finished call.
-    pub(super) fn record(&self, started: quanta::Instant, result: &Result<Payload, CallError>) {
-        self.stats.record(quanta::Instant::now() - started, result.as_ref().err().map(CallError::code));
+    /// A raw clock reading for [`PortState::record`].
+    pub(super) fn now(&self) -> u64 {
+        self.clock.raw()
+    }
+
+    /// Records a finished call that started at the raw reading `started`.
+    pub(super) fn record(&self, started: u64, result: &Result<Payload, CallError>) {
+        let elapsed = self.clock.delta_as_nanos(started, self.clock.raw());
+        self.stats.record(elapsed, result.as_ref().err().map(CallError::code));
     }
 }
 
@@ -70,11 +79,11 @@ pub(super) fn panicked(gear: &GearName, port: &str, panic: &str) -> CallError {
 pub(crate) struct Run {
     guard: InFlight,
     deadline: Instant,
-    started: quanta::Instant,
+    started: u64,
 }
 
 impl Run {
-    pub(super) fn new(guard: InFlight, deadline: Instant, started: quanta::Instant) -> Self {
+    pub(super) fn new(guard: InFlight, deadline: Instant, started: u64) -> Self {
         Self { guard, deadline, started }
     }
 
