@@ -319,7 +319,7 @@ impl Host {
     }
 
     fn run(&self, port: Arc<PortState>, call: Call<'_>) -> BoxFuture<'static, Result<Payload, CallError>> {
-        let started = port.now();
+        let started = port.start_clock();
         let fail = |port: &PortState, e: CallError| -> BoxFuture<'static, _> {
             let r = Err(e);
             port.record(started, &r);

@@ -3,9 +3,10 @@
 //! Why not a recorder's histograms: the Prometheus exporter keeps every latency sample until its
 //! next upkeep, which costs an allocation-prone push per call and memory proportional to the call
 //! rate. Here a latency lands in one of a fixed set of buckets, so memory per port is constant
-//! whatever the rate. A finished call costs two atomic adds (its bucket and the latency sum; the
-//! call count is the sum of the buckets) plus one for an error. Calls in flight are read from the
-//! host's own counter at render time, so they cost nothing per call.
+//! whatever the rate. Latency is sampled (one call in `run::LATENCY_SAMPLE` per thread is timed):
+//! a finished call costs one atomic add (the call count), a timed one two more (its bucket and
+//! the latency sum), an error one more. Calls in flight are read from the host's own counter at
+//! render time, so they cost nothing per call.
 
 use std::{
     fmt::Write as _,
@@ -48,25 +49,24 @@ impl FixedHistogram {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
-
-    /// How many samples were observed (the sum of the buckets).
-    fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
 }
 
-/// The metrics of one port. Every finished call lands in the latency histogram, so its count is
-/// the number of calls.
+/// The metrics of one port.
 #[derive(Debug, Default)]
 pub(super) struct PortStats {
+    calls: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// Sampled latencies.
     latency: FixedHistogram,
 }
 
 impl PortStats {
-    /// Records a finished call that took `elapsed_nanos`.
-    pub(super) fn record(&self, elapsed_nanos: u64, error: Option<ErrorCode>) {
-        self.latency.observe(elapsed_nanos);
+    /// Records a finished call, and its latency if it was timed.
+    pub(super) fn record(&self, elapsed_nanos: Option<u64>, error: Option<ErrorCode>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(nanos) = elapsed_nanos {
+            self.latency.observe(nanos);
+        }
         if let Some(code) = error {
             let i = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
             self.errors[i].fetch_add(1, Ordering::Relaxed);
@@ -93,7 +93,7 @@ pub(super) fn render(out: &mut String, ports: &[PortSample<'_>]) {
             "gearmesh_calls_total{{gear=\"{}\",port=\"{}\"}} {}",
             p.gear,
             p.port,
-            p.stats.latency.count()
+            p.stats.calls.load(Ordering::Relaxed)
         );
     }
     let _ = writeln!(out, "# HELP gearmesh_call_errors_total Failed calls to a port, by error code.");
@@ -109,7 +109,11 @@ pub(super) fn render(out: &mut String, ports: &[PortSample<'_>]) {
             );
         }
     }
-    let _ = writeln!(out, "# HELP gearmesh_call_duration_seconds Latency of calls to a port.");
+    let _ = writeln!(
+        out,
+        "# HELP gearmesh_call_duration_seconds Latency of calls to a port, sampled (one call in {} per thread).",
+        super::run::LATENCY_SAMPLE
+    );
     let _ = writeln!(out, "# TYPE gearmesh_call_duration_seconds histogram");
     for p in ports {
         let mut cumulative = 0u64;
@@ -144,12 +148,13 @@ mod tests {
     #[test]
     fn latencies_land_in_their_bucket_and_render_cumulatively() {
         let s = PortStats::default();
-        s.record(200, None);
-        s.record(3_000, Some(ErrorCode::Timeout));
-        s.record(100_000_000_000, None);
+        s.record(Some(200), None);
+        s.record(Some(3_000), Some(ErrorCode::Timeout));
+        s.record(Some(100_000_000_000), None);
+        s.record(None, None);
         let mut out = String::new();
         render(&mut out, &[PortSample { gear: "g", port: "p", stats: &s, in_flight: 2 }]);
-        assert!(out.contains("gearmesh_calls_total{gear=\"g\",port=\"p\"} 3"), "{out}");
+        assert!(out.contains("gearmesh_calls_total{gear=\"g\",port=\"p\"} 4"), "{out}");
         assert!(out.contains("gearmesh_call_errors_total{gear=\"g\",port=\"p\",code=\"timeout\"} 1"));
         assert!(out.contains("gearmesh_call_errors_total{gear=\"g\",port=\"p\",code=\"internal\"} 0"));
         assert!(out.contains("le=\"0.00000025\"} 1"), "{out}");
