@@ -202,7 +202,7 @@ impl Ctx {
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload(gear, port, Arg::typed(req), None).await?.take()
+        self.dispatch_call(gear, port, Arg::typed(req), CallOptions::default()).await?.take()
     }
 
     /// Like [`Ctx::call`], with options (timeout, strategy, retries). A
@@ -222,7 +222,7 @@ impl Ctx {
         Req: Serialize + Send + Sync + 'static,
         Resp: DeserializeOwned + Send + 'static,
     {
-        self.call_payload_with(gear, port, Arg::typed(req), options).await?.take()
+        self.dispatch_call(gear, port, Arg::typed(req), options).await?.take()
     }
 
     /// Calls with an untyped [`Arg`] and returns the untyped [`Payload`] (for adapters).
@@ -236,7 +236,7 @@ impl Ctx {
         arg: Arg<'_>,
         timeout: Option<Duration>,
     ) -> Result<Payload, CallError> {
-        self.call_payload_with(gear, port, arg, CallOptions { timeout, ..CallOptions::default() }).await
+        self.dispatch_call(gear, port, arg, CallOptions { timeout, ..CallOptions::default() }).await
     }
 
     /// Calls with an untyped [`Arg`] and [`CallOptions`], and returns the untyped [`Payload`].
@@ -250,6 +250,18 @@ impl Ctx {
         arg: Arg<'_>,
         options: CallOptions,
     ) -> Result<Payload, CallError> {
+        self.dispatch_call(gear, port, arg, options).await
+    }
+
+    /// Hands the call to the dispatcher and returns its future (awaited by the callers above
+    /// directly, so a call nests one future less).
+    fn dispatch_call<'a>(
+        &'a self,
+        gear: &'a str,
+        port: &'a str,
+        arg: Arg<'a>,
+        options: CallOptions,
+    ) -> BoxFuture<'a, Result<Payload, CallError>> {
         let CallOptions { timeout, strategy, retry } = options;
         let deadline = match (self.deadline, timeout) {
             (d, None) => d,
@@ -260,7 +272,7 @@ impl Ctx {
         let capped = self.capped && self.deadline.is_some();
         let meta =
             CallMeta { caller: self.acting_as().clone(), deadline, trace_id: self.trace_id, capped, strategy, retry };
-        self.dispatch.call(Call { gear, port, arg, meta }).await
+        self.dispatch.call(Call { gear, port, arg, meta })
     }
 
     /// Publishes `event` on `topic` to every listener, wherever it runs. Returns once the event is

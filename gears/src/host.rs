@@ -115,6 +115,7 @@ pub struct Host {
     me: Weak<Host>,
     front: OnceLock<Weak<dyn Dispatch>>,
     recorder: Option<Arc<dyn Recorder + Send + Sync>>,
+    clock: quanta::Clock,
     gears: RwLock<FxHashMap<GearName, Arc<HostedGear>>>,
     topics: RwLock<FxHashMap<Topic, Arc<[Arc<ListenerSlot>]>>>,
 }
@@ -147,6 +148,7 @@ impl Host {
             me: me.clone(),
             front: OnceLock::new(),
             recorder,
+            clock: quanta::Clock::new(),
             gears: RwLock::default(),
             topics: RwLock::default(),
         })
@@ -202,6 +204,7 @@ impl Host {
                     timeout: p.meta.options.timeout,
                     max_concurrency: p.meta.options.max_concurrency.map_or(usize::MAX, NonZeroUsize::get),
                     in_flight: AtomicUsize::new(0),
+                    clock: self.clock.clone(),
                 };
                 (p.meta.name, Arc::new(state))
             })
@@ -323,7 +326,7 @@ impl Host {
     }
 
     fn run(&self, port: Arc<PortState>, call: Call<'_>) -> BoxFuture<'static, Result<Payload, CallError>> {
-        let started = quanta::Instant::now();
+        let started = port.start_clock();
         let fail = |port: &PortState, e: CallError| -> BoxFuture<'static, _> {
             let r = Err(e);
             port.record(started, &r);

@@ -205,11 +205,11 @@ impl Payload {
         match self.repr {
             PayloadRepr::Typed(v) => {
                 if v.as_any().is::<T>() {
-                    return v
-                        .into_any()
-                        .downcast::<T>()
-                        .map(|b| *b)
-                        .map_err(|_| CallError::internal("typed reply changed type"));
+                    // The same type: a move out of the box, nothing converted.
+                    return match v.into_any().downcast::<T>() {
+                        Ok(b) => Ok(*b),
+                        Err(_) => Err(CallError::internal("typed reply changed type")),
+                    };
                 }
                 let name = v.type_name();
                 let json = v.to_json().map_err(|e| CallError::internal(conversion_error(name, to, &e)))?;

@@ -12,78 +12,13 @@ use std::{
     time::Duration,
 };
 
-use common::{Proc, dev_ca_client, signal, spawn};
-use serde_json::{Value, json};
+use common::{
+    dev_ca_client,
+    mesh::{call, metric, start, view, wait_replicas},
+    signal,
+};
+use serde_json::json;
 use tokio::time::Instant;
-
-/// A node process started with `gearmesh start --listen 127.0.0.1:0 --insecure-dev ARGS`.
-struct Node {
-    proc: Proc,
-    /// Its link URLs (`wss://...`, `quic://...`), from its "listening on" line.
-    links: Vec<String>,
-}
-
-async fn start(args: &[&str]) -> Node {
-    let proc = spawn(&[&["start", "--listen", "127.0.0.1:0", "--insecure-dev"][..], args].concat(), &[]).await;
-    let links = proc
-        .line
-        .split([' ', '(', ')'])
-        .filter(|w| w.starts_with("wss://") || w.starts_with("quic://"))
-        .map(str::to_owned)
-        .collect();
-    Node { proc, links }
-}
-
-impl Node {
-    fn url(&self) -> &str {
-        &self.proc.url
-    }
-
-    fn link(&self, scheme: &str) -> String {
-        self.links.iter().find(|l| l.starts_with(scheme)).expect("link url").clone()
-    }
-}
-
-/// Nodes that are up (alive or suspect) and host `gear`, as the node at `url` sees them.
-async fn replicas(http: &reqwest::Client, url: &str, gear: &str) -> usize {
-    let Ok(r) = http.get(format!("{url}/v1/nodes")).send().await else { return 0 };
-    let view: Value = r.json().await.unwrap_or(Value::Null);
-    view["nodes"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter(|n| n["state"] == "alive" || n["state"] == "suspect")
-                .filter(|n| n["gears"].as_array().is_some_and(|g| g.iter().any(|x| x["name"] == gear)))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-async fn wait_replicas(http: &reqwest::Client, url: &str, gear: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while replicas(http, url, gear).await != n {
-        if Instant::now() > deadline {
-            let view: Value =
-                http.get(format!("{url}/v1/nodes")).send().await.expect("sent").json().await.expect("json");
-            panic!("timed out waiting for {n} replicas of {gear}: {view:#}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// One call through `url`: the HTTP status and the error code, if any.
-async fn call(http: &reqwest::Client, url: &str, gear_port: &str, body: Value) -> (u16, Option<String>) {
-    let r = http
-        .post(format!("{url}/v1/call/{gear_port}?timeout_ms=10000"))
-        .json(&body)
-        .send()
-        .await
-        .expect("the node answered");
-    let status = r.status().as_u16();
-    let v: Value = r.json().await.unwrap_or(Value::Null);
-    (status, v["error"]["code"].as_str().map(str::to_owned))
-}
 
 /// Polls until every worker has made at least `n` more calls than it had at `since`.
 async fn wait_calls(counts: &[Arc<AtomicUsize>], since: &[usize], n: usize) {
@@ -149,4 +84,71 @@ async fn processes_mesh_over_wss_and_quic_and_survive_a_kill_9() {
     let p2 = start(&["--name", "p2", "--gears", "echo", "--seed", &p1.link("wss://")]).await;
     wait_replicas(&http, p1.url(), "echo", 2).await;
     drop((p1, p2, p3, p4));
+}
+
+/// Polls `check` until it holds, or panics with `what` after 20 s.
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn processes_deliver_events_only_to_nodes_that_listen() {
+    // a hosts audit (listens to orders.placed and billing.charged); b publishes; c listens to
+    // nothing. b joined over WSS, c over QUIC.
+    let a = start(&["--name", "ev-a", "--gears", "audit"]).await;
+    let b = start(&["--name", "ev-b", "--gears", "echo", "--seed", &a.link("wss://")]).await;
+    let c = start(&["--name", "ev-c", "--gears", "kv", "--seed", &a.link("quic://")]).await;
+    let http = dev_ca_client();
+    for n in [&a, &b, &c] {
+        wait_replicas(&http, n.url(), "audit", 1).await;
+        wait_replicas(&http, n.url(), "kv", 1).await;
+        wait_replicas(&http, n.url(), "echo", 1).await;
+    }
+    // b knows a listens to the topic (interest spreads with the record).
+    wait_until("b sees a's interest in orders.placed", || async {
+        view(&http, b.url()).await["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| n["topics"].as_array().is_some_and(|t| t.iter().any(|t| t == "orders.placed")))
+        })
+    })
+    .await;
+
+    let publish = |topic: &'static str, body: serde_json::Value| {
+        let (http, url) = (http.clone(), b.url().to_owned());
+        async move { http.post(format!("{url}/v1/events/{topic}")).json(&body).send().await.expect("sent").status() }
+    };
+    assert_eq!(publish("orders.placed", json!({"order": "o-1"})).await.as_u16(), 202);
+    // A topic nobody listens to goes nowhere.
+    assert_eq!(publish("nobody.listens", json!({"order": "o-2"})).await.as_u16(), 202);
+
+    wait_until("a's audit gear has the event", || async {
+        let r = http.post(format!("{}/v1/call/audit/recent", a.url())).json(&json!({})).send().await;
+        let Ok(r) = r else { return false };
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        v.as_array()
+            .is_some_and(|evs| evs.iter().any(|e| e["topic"] == "orders.placed" && e["event"]["order"] == "o-1"))
+    })
+    .await;
+    assert_eq!(metric(&http, b.url(), "gearmesh_mesh_events_sent_total").await, 1.0, "one copy, to a only");
+    assert_eq!(metric(&http, a.url(), "gearmesh_mesh_events_received_total").await, 1.0);
+    assert_eq!(metric(&http, c.url(), "gearmesh_mesh_events_received_total").await, 0.0, "c has no listener");
+    // Only the one event ever reached a (the other topic was not sent anywhere).
+    let recent: serde_json::Value = http
+        .post(format!("{}/v1/call/audit/recent", a.url()))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
+    drop((a, b, c));
 }

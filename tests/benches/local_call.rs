@@ -3,6 +3,8 @@
 //!
 //! Run: `cargo bench -p gearmesh-tests --bench local_call` (add `taskset -c 0` to pin).
 //! Prints ns per call: the median of several batches of many calls each.
+//! `GEARMESH_BENCH_BATCH=N` sets the calls per batch (default 200,000; a small value makes a quick
+//! run under `valgrind --tool=callgrind`, whose instruction counts are steady on a busy machine).
 
 use std::{hint::black_box, sync::Arc, time::Instant};
 
@@ -37,19 +39,24 @@ fn caller() -> Gear {
 
 /// ns per gear-to-gear call: the median over batches of `caller.loop`.
 async fn measure_gear_to_gear(ctx: &Ctx) -> f64 {
+    let n = batch();
     let mut per_call = Vec::with_capacity(BATCHES);
     for _ in 0..BATCHES {
         let t0 = Instant::now();
-        let acc: u64 = ctx.call("caller", "loop", &BATCH).await.expect("loop ran");
+        let acc: u64 = ctx.call("caller", "loop", &n).await.expect("loop ran");
         black_box(acc);
-        per_call.push(t0.elapsed().as_nanos() as f64 / BATCH as f64);
+        per_call.push(t0.elapsed().as_nanos() as f64 / n as f64);
     }
     per_call.sort_by(f64::total_cmp);
     per_call[BATCHES / 2]
 }
 
-const BATCH: u64 = 200_000;
 const BATCHES: usize = 9;
+
+/// Calls per batch: `GEARMESH_BENCH_BATCH`, else 200,000.
+fn batch() -> u64 {
+    std::env::var("GEARMESH_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(200_000)
+}
 
 /// Runs `f` in batches and returns the median ns per iteration.
 async fn measure<F, Fut>(mut f: F) -> f64
@@ -57,15 +64,16 @@ where
     F: FnMut(u64) -> Fut,
     Fut: std::future::Future<Output = u64>,
 {
+    let n = batch();
     let mut per_call = Vec::with_capacity(BATCHES);
     for _ in 0..BATCHES {
         let t0 = Instant::now();
         let mut acc = 0u64;
-        for i in 0..BATCH {
+        for i in 0..n {
             acc = acc.wrapping_add(f(i).await);
         }
         black_box(acc);
-        per_call.push(t0.elapsed().as_nanos() as f64 / BATCH as f64);
+        per_call.push(t0.elapsed().as_nanos() as f64 / n as f64);
     }
     per_call.sort_by(f64::total_cmp);
     per_call[BATCHES / 2]
@@ -122,7 +130,7 @@ fn main() {
         .await;
         node.shutdown().await;
 
-        println!("local_call: ns per call, median of {BATCHES} batches of {BATCH}");
+        println!("local_call: ns per call, median of {BATCHES} batches of {}", batch());
         println!("  direct .await of the async fn      {direct:8.1} ns");
         println!("  gear-to-gear typed, bare Host      {bare:8.1} ns  ({:.1}x direct)", bare / direct);
         println!("  gear-to-gear typed, Node           {node_g2g:8.1} ns  ({:.1}x direct)", node_g2g / direct);

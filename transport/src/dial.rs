@@ -196,18 +196,47 @@ impl Dialer {
         crate::backoff::retry(backoff, rand::random(), |_| self.dial_url(url)).await
     }
 
-    /// Connects, verifies the server, exchanges hellos and starts the link, all within the
+    /// Resolves the URL's host and dials its addresses in turn until one of them connects,
+    /// verifies, exchanges hellos and starts the link. A name that resolves to several addresses
+    /// (`localhost` to `::1` and `127.0.0.1`, a Kubernetes headless service to each pod) is thus
+    /// reached through whichever of them answers. Resolving, then each address, get the
     /// handshake timeout.
+    ///
+    /// # Errors
+    /// The resolver's error, or the last address's.
     pub async fn dial_url(&self, url: &PeerUrl) -> Result<Link, DialError> {
         let timeout = self.setup.config.handshake_timeout;
-        match tokio::time::timeout(timeout, self.dial_inner(url)).await {
-            Ok(r) => r,
-            Err(_) => Err(DialError::Timeout(url.to_string())),
-        }
+        let addrs = match tokio::time::timeout(timeout, resolve_all(url)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(DialError::Timeout(url.to_string())),
+        };
+        self.dial_addrs(url, &addrs).await
     }
 
-    async fn dial_inner(&self, url: &PeerUrl) -> Result<Link, DialError> {
-        let addr = resolve(url).await?;
+    /// Dials `url` at each of `addrs` in turn (each within the handshake timeout) and returns the
+    /// first link that starts. The URL's host still names the server for TLS. For callers that
+    /// resolve names themselves; [`Dialer::dial_url`] resolves and calls this.
+    ///
+    /// # Errors
+    /// The last address's error (`Resolve` when `addrs` is empty).
+    pub async fn dial_addrs(&self, url: &PeerUrl, addrs: &[SocketAddr]) -> Result<Link, DialError> {
+        let timeout = self.setup.config.handshake_timeout;
+        let mut last = None;
+        for &addr in addrs {
+            let error = match tokio::time::timeout(timeout, self.dial_addr(addr, url)).await {
+                Ok(Ok(link)) => return Ok(link),
+                Ok(Err(e)) => e,
+                Err(_) => DialError::Timeout(format!("{url} at {addr}")),
+            };
+            if addrs.len() > 1 {
+                tracing::debug!(%url, %addr, %error, "one address of the peer failed; trying the next");
+            }
+            last = Some(error);
+        }
+        Err(last.unwrap_or_else(|| no_addresses(url)))
+    }
+
+    async fn dial_addr(&self, addr: SocketAddr, url: &PeerUrl) -> Result<Link, DialError> {
         match url.scheme {
             Scheme::Quic => {
                 let quic = self.quic.as_ref().ok_or(DialError::NoQuicEndpoint)?;
@@ -274,15 +303,33 @@ impl Dialer {
     }
 }
 
-async fn resolve(url: &PeerUrl) -> Result<SocketAddr, DialError> {
+/// Every address `url`'s host names, in the resolver's order without repeats (an IP address
+/// names itself).
+///
+/// # Errors
+/// `Resolve` when the name does not resolve or resolves to nothing.
+pub async fn resolve_all(url: &PeerUrl) -> Result<Vec<SocketAddr>, DialError> {
     if let Ok(ip) = url.host.parse::<std::net::IpAddr>() {
-        return Ok(SocketAddr::new(ip, url.port));
+        return Ok(vec![SocketAddr::new(ip, url.port)]);
     }
-    let mut addrs = tokio::net::lookup_host((url.host.as_str(), url.port))
+    let found = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await
         .map_err(|source| DialError::Resolve { host: url.host.clone(), source })?;
-    addrs.next().ok_or_else(|| DialError::Resolve {
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in found {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(no_addresses(url));
+    }
+    Ok(addrs)
+}
+
+fn no_addresses(url: &PeerUrl) -> DialError {
+    DialError::Resolve {
         host: url.host.clone(),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
-    })
+    }
 }

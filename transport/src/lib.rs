@@ -30,7 +30,7 @@ pub mod tls;
 pub mod ws;
 
 pub use accept::{AcceptConfig, Acceptor, Incoming};
-pub use dial::{DialError, Dialer, InvalidPeerUrl, PeerUrl, Scheme};
+pub use dial::{DialError, Dialer, InvalidPeerUrl, PeerUrl, Scheme, resolve_all};
 pub use frame::{
     BodyKind, Call, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind, Hello, Reply,
     ReplyResult, Route,

@@ -1,22 +1,17 @@
-//! Per-port call metrics: `metrics` crate handles backed by fixed, lock-free storage, and their
-//! Prometheus text rendering.
+//! Per-port call metrics: fixed, lock-free storage, and its Prometheus text rendering.
 //!
 //! Why not a recorder's histograms: the Prometheus exporter keeps every latency sample until its
 //! next upkeep, which costs an allocation-prone push per call and memory proportional to the call
-//! rate. Here a latency lands in one of a fixed set of buckets (two atomic adds), so memory per port
-//! is constant whatever the rate. Calls in flight are read from the host's own counter at render
-//! time, so they cost nothing per call.
+//! rate. Here a latency lands in one of a fixed set of buckets, so memory per port is constant
+//! whatever the rate. Latency is sampled (one call in `run::LATENCY_SAMPLE` per thread is timed):
+//! a finished call costs one atomic add (the call count), a timed one two more (its bucket and
+//! the latency sum), an error one more. Calls in flight are read from the host's own counter at
+//! render time, so they cost nothing per call.
 
 use std::{
     fmt::Write as _,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+    sync::atomic::{AtomicU64, Ordering},
 };
-
-use metrics::{Counter, Histogram, HistogramFn};
 
 use crate::ErrorCode;
 
@@ -49,49 +44,29 @@ pub(super) struct FixedHistogram {
 }
 
 impl FixedHistogram {
-    fn observe(&self, d: Duration) {
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    fn observe(&self, nanos: u64) {
         let i = BOUNDS_NANOS.iter().position(|b| nanos <= *b).unwrap_or(BOUNDS_NANOS.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
-impl HistogramFn for FixedHistogram {
-    fn record(&self, seconds: f64) {
-        self.observe(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
-    }
-}
-
 /// The metrics of one port.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct PortStats {
-    calls: Arc<AtomicU64>,
-    errors: [Arc<AtomicU64>; ErrorCode::ALL.len()],
-    latency: Arc<FixedHistogram>,
-    calls_handle: Counter,
-    latency_handle: Histogram,
-}
-
-impl Default for PortStats {
-    fn default() -> Self {
-        let calls = Arc::new(AtomicU64::new(0));
-        let latency = Arc::new(FixedHistogram::default());
-        Self {
-            calls_handle: Counter::from_arc(calls.clone()),
-            latency_handle: Histogram::from_arc(latency.clone()),
-            calls,
-            errors: std::array::from_fn(|_| Arc::new(AtomicU64::new(0))),
-            latency,
-        }
-    }
+    calls: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// Sampled latencies.
+    latency: FixedHistogram,
 }
 
 impl PortStats {
-    /// Records a finished call.
-    pub(super) fn record(&self, elapsed: Duration, error: Option<ErrorCode>) {
-        self.calls_handle.increment(1);
-        self.latency_handle.record(elapsed);
+    /// Records a finished call, and its latency if it was timed.
+    pub(super) fn record(&self, elapsed_nanos: Option<u64>, error: Option<ErrorCode>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(nanos) = elapsed_nanos {
+            self.latency.observe(nanos);
+        }
         if let Some(code) = error {
             let i = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
             self.errors[i].fetch_add(1, Ordering::Relaxed);
@@ -134,7 +109,11 @@ pub(super) fn render(out: &mut String, ports: &[PortSample<'_>]) {
             );
         }
     }
-    let _ = writeln!(out, "# HELP gearmesh_call_duration_seconds Latency of calls to a port.");
+    let _ = writeln!(
+        out,
+        "# HELP gearmesh_call_duration_seconds Latency of calls to a port, sampled (one call in {} per thread).",
+        super::run::LATENCY_SAMPLE
+    );
     let _ = writeln!(out, "# TYPE gearmesh_call_duration_seconds histogram");
     for p in ports {
         let mut cumulative = 0u64;
@@ -169,12 +148,13 @@ mod tests {
     #[test]
     fn latencies_land_in_their_bucket_and_render_cumulatively() {
         let s = PortStats::default();
-        s.record(Duration::from_nanos(200), None);
-        s.record(Duration::from_micros(3), Some(ErrorCode::Timeout));
-        s.record(Duration::from_secs(100), None);
+        s.record(Some(200), None);
+        s.record(Some(3_000), Some(ErrorCode::Timeout));
+        s.record(Some(100_000_000_000), None);
+        s.record(None, None);
         let mut out = String::new();
         render(&mut out, &[PortSample { gear: "g", port: "p", stats: &s, in_flight: 2 }]);
-        assert!(out.contains("gearmesh_calls_total{gear=\"g\",port=\"p\"} 3"), "{out}");
+        assert!(out.contains("gearmesh_calls_total{gear=\"g\",port=\"p\"} 4"), "{out}");
         assert!(out.contains("gearmesh_call_errors_total{gear=\"g\",port=\"p\",code=\"timeout\"} 1"));
         assert!(out.contains("gearmesh_call_errors_total{gear=\"g\",port=\"p\",code=\"internal\"} 0"));
         assert!(out.contains("le=\"0.00000025\"} 1"), "{out}");

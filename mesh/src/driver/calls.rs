@@ -273,7 +273,11 @@ impl Inner {
 
     pub(super) fn on_call(self: &Arc<Self>, from: &LinkSender, mut c: Call) {
         if to_core(c.route.dst) != self.id {
-            if self.hop(&mut c.route) {
+            if !self.hop(&mut c.route) {
+                // Dropped at the hop limit (routes still settling): fail fast, not at the deadline.
+                let e = CallError::unavailable("no stable route to the node yet (hop limit reached)");
+                self.reply(&c.route, from, c.call_id, Err(e));
+            } else {
                 let route = c.route;
                 let call_id = c.call_id;
                 if self.forward(&route, Frame::Call(c)).is_err() {

@@ -40,7 +40,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
-    Action, Config as CoreConfig, Core, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId, NodeState, Time,
+    Action, Config as CoreConfig, Core, DisconnectReason, GearAd, LinkDownReason, LinkInfo, MeshEvent, NodeId,
+    NodeState, Time,
 };
 
 /// Decides, on the node that runs a port, whether a call from another node may run. (Events are
@@ -486,6 +487,13 @@ impl Inner {
 
     /// The sender for the next hop towards `dst`.
     pub(crate) fn route_to(&self, dst: NodeId) -> Option<LinkSender> {
+        // A link of our own to `dst` is the shortest path whatever the records say. The core
+        // counts only links both ends already advertise, so for a moment after a link change its
+        // route can lead away from a linked destination while other nodes send the frame back:
+        // a loop until the hop limit drops it.
+        if let Some(tx) = self.sender(dst) {
+            return Some(tx);
+        }
         let hop = self.core().next_hop(dst)?;
         self.sender(hop)
     }
@@ -546,9 +554,22 @@ impl Inner {
                     let entry = self.links.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
                     if let Some(e) = entry {
                         tracing::debug!(%peer, ?reason, "closing link");
-                        tokio::spawn(async move {
-                            e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
-                        });
+                        match reason {
+                            // A healthy link dropped for the topology's sake: the peer still
+                            // routes calls and replies over it until it hears, so keep reading
+                            // them for a while, as for a duplicate link. Closing at once lost them
+                            // (the caller waited for its deadline).
+                            DisconnectReason::Pruned => self.retire(e.tx, "pruned"),
+                            DisconnectReason::Full => self.retire(e.tx, "too many links"),
+                            DisconnectReason::Timeout
+                            | DisconnectReason::PeerGone
+                            | DisconnectReason::Leaving
+                            | DisconnectReason::Protocol => {
+                                tokio::spawn(async move {
+                                    e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -623,9 +644,9 @@ impl Inner {
             // Not in the table, so its reader's end is not a link loss.
             None => {
                 tracing::debug!(%peer, "duplicate link; keeping the preferred one");
-                self.retire(tx.clone());
+                self.retire(tx.clone(), "duplicate link");
             }
-            Some(Some(replaced)) => self.retire(replaced.tx),
+            Some(Some(replaced)) => self.retire(replaced.tx, "duplicate link"),
             Some(None) => {}
         }
         tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
@@ -633,20 +654,21 @@ impl Inner {
 
     /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is
     /// sent on it, but frames the peer sent before it switched over (calls, replies) are still
-    /// read and handled, so a duplicate link never swallows a call.
-    fn retire(&self, tx: LinkSender) {
+    /// read and handled, so a duplicate or pruned link never swallows a call.
+    fn retire(&self, tx: LinkSender, why: &'static str) {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(RETIRE_LINGER) => {}
                 () = shutdown.cancelled() => {}
             }
-            tx.close(CloseCode::NORMAL, "duplicate link").await;
+            tx.close(CloseCode::NORMAL, why).await;
         });
     }
 }
 
-/// How long a link replaced by another to the same peer stays open for frames already on it.
+/// How long a link replaced by another to the same peer, or pruned, stays open for frames
+/// already on it or sent before the peer heard.
 const RETIRE_LINGER: Duration = Duration::from_secs(2);
 
 /// Reads one link's frames until it closes.

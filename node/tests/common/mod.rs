@@ -15,6 +15,8 @@ use tokio::{
     process::{Child, Command},
 };
 
+pub(crate) mod mesh;
+
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gearmesh");
 
 /// The development CA directory every node of these tests shares (under cargo's temporary

@@ -1,0 +1,353 @@
+//! Remote calls through the mesh: a typed call from node A to a gear on node B (64-byte body),
+//! over a WSS link and over a QUIC link, with 1, 16 and 256 calls in flight, and through one
+//! switching hop (A -> B -> C, A and C limited to one link each so A is not linked to C); next
+//! to the raw floor measured in the same run: a TLS-over-TCP length-prefixed 64-byte echo
+//! (sequential round trips, then 16 and 256 frames pipelined).
+//!
+//! Each node runs on its own thread with its own current-thread tokio runtime (as separate
+//! processes would), over loopback, with TLS from a development CA in a temporary directory. The
+//! calls are made from node A's embedding code (`RunningNode::ctx`), the same router path a
+//! gear's `ctx.call` takes. Run unpinned and pinned:
+//!
+//!     cargo bench -p gearmesh-tests --bench remote_call
+//!     taskset -c 0 cargo bench -p gearmesh-tests --bench remote_call
+//!
+//! `GEARMESH_BENCH_QUICK=1` runs a few hundred calls per row (a smoke run, not a measurement).
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use gearmesh::{
+    Node, NodeConfig, RunningNode,
+    gears::{CallError, Ctx, Gear, Principal},
+};
+use gearmesh_transport::tls::{CertResolver, ClientTls, ClientTrust, DevCa};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The body size of a call and of an echo frame (length prefix included for the echo).
+const SIZE: usize = 64;
+const IN_FLIGHT: [usize; 3] = [1, 16, 256];
+
+/// Calls (or round trips) per row and warm-up calls.
+fn rounds() -> (usize, usize) {
+    if std::env::var_os("GEARMESH_BENCH_QUICK").is_some() { (300, 50) } else { (20_000, 2_000) }
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// One measured row: latency percentiles in microseconds and calls (or frames) per second.
+struct Row {
+    p50: f64,
+    p99: f64,
+    per_sec: f64,
+}
+
+// === the raw floor ===
+
+/// Starts a TLS length-prefixed echo server on its own thread.
+fn tls_echo_server(resolver: Arc<CertResolver>) -> SocketAddr {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("report");
+            let cfg = gearmesh_transport::tls::server_config(resolver, &[]).expect("cfg");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            while let Ok((tcp, _)) = listener.accept().await {
+                tcp.set_nodelay(true).expect("nodelay");
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(s) = acceptor.accept(tcp).await else { return };
+                    let (r, mut w) = tokio::io::split(s);
+                    let mut r = tokio::io::BufReader::new(r);
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let mut len = [0u8; 4];
+                        if r.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let n = u32::from_le_bytes(len) as usize;
+                        if n + 4 > buf.len() {
+                            return;
+                        }
+                        buf[..4].copy_from_slice(&len);
+                        if r.read_exact(&mut buf[4..4 + n]).await.is_err() {
+                            return;
+                        }
+                        // Flush only when no further request is already buffered (pipelining).
+                        if w.write_all(&buf[..4 + n]).await.is_err() {
+                            return;
+                        }
+                        if r.buffer().is_empty() && w.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    rx.recv().expect("echo server up")
+}
+
+async fn tls_client(addr: SocketAddr, client: &ClientTls) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(client.wss_config()).connect(name, tcp).await.expect("tls")
+}
+
+/// Sequential round trips, then `window` frames pipelined.
+async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
+    let (n, warm) = rounds();
+    let mut s = tls_client(addr, client).await;
+    let mut msg = vec![0xabu8; SIZE];
+    msg[..4].copy_from_slice(&((SIZE - 4) as u32).to_le_bytes());
+    let mut back = vec![0u8; SIZE];
+    let mut samples = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    if window == 1 {
+        for i in 0..warm + n {
+            let t = Instant::now();
+            s.write_all(&msg).await.expect("write");
+            s.flush().await.expect("flush");
+            s.read_exact(&mut back).await.expect("read");
+            if i >= warm {
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        samples.sort_unstable();
+        let secs = t0.elapsed().as_secs_f64();
+        return Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: (warm + n) as f64 / secs };
+    }
+    // Pipelined: a writer keeps `window` frames outstanding; latency is from write to read.
+    let (mut r, mut w) = tokio::io::split(s);
+    let sem = Arc::new(tokio::sync::Semaphore::new(window));
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let writer = {
+        let sem = sem.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                sem.acquire().await.expect("sem").forget();
+                sent_tx.send(Instant::now()).expect("reader alive");
+                w.write_all(&msg).await.expect("write");
+                w.flush().await.expect("flush");
+            }
+            w
+        })
+    };
+    let t0 = Instant::now();
+    for _ in 0..n {
+        r.read_exact(&mut back).await.expect("read");
+        let sent = sent_rx.recv().await.expect("stamp");
+        samples.push(sent.elapsed().as_nanos() as u64);
+        sem.add_permits(1);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let _w = writer.await.expect("writer");
+    samples.sort_unstable();
+    Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: n as f64 / secs }
+}
+
+// === nodes ===
+
+fn bench_gear() -> Gear {
+    Gear::new("bench").port("ping", |_ctx: Ctx, body: Bytes| async move { Ok::<_, CallError>(body) })
+}
+
+fn config(dir: &Path, name: &str, seeds: Vec<String>, tweak: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
+    let mut c = NodeConfig {
+        name: Some(name.into()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        seeds,
+        insecure_dev: true,
+        ..NodeConfig::default()
+    };
+    c.tls.data_dir = Some(dir.to_owned());
+    tweak(&mut c);
+    c
+}
+
+async fn start(config: NodeConfig, gears: Vec<Gear>) -> RunningNode {
+    let mut b = Node::builder().config(config);
+    for g in gears {
+        b = b.gear(g);
+    }
+    b.build().expect("valid").start().await.expect("started")
+}
+
+/// A node on its own thread and runtime; dropping it shuts the node down and joins the thread.
+struct Remote {
+    links: Vec<String>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Remote {
+    fn spawn(config: NodeConfig, gears: Vec<Gear>) -> Remote {
+        let (tx, rx) = mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let node = start(config, gears).await;
+                tx.send(node.link_addrs().to_vec()).expect("report");
+                // Either a stop or the bench going away ends the node.
+                let _stop_or_gone = stopped.await;
+                node.shutdown().await;
+            });
+        });
+        let links = rx.recv().expect("remote node up");
+        Remote { links, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn link(&self, scheme: &str) -> String {
+        self.links.iter().find(|l| l.starts_with(scheme)).expect("link url").clone()
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // The node thread may already be gone; nothing to stop then.
+            let _gone = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _joined = t.join();
+        }
+    }
+}
+
+/// Waits until `a` routes to a node hosting `gear` in exactly `hops` links.
+async fn wait_route(a: &RunningNode, gear: &str, hops: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = a.mesh().view();
+        let found = view.nodes.iter().any(|n| {
+            n.state == "alive"
+                && n.gears.iter().any(|g| g.name == gear)
+                && n.route.as_ref().is_some_and(|r| r.hops == hops)
+        });
+        if found {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {hops}-hop route to {gear}: {view:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `window` tasks call `bench.ping` until `n` calls are done (after `warm` warm-up calls).
+async fn calls(ctx: &Ctx, window: usize) -> Row {
+    let (n, warm) = rounds();
+    let body = Bytes::from(vec![0xcd; SIZE]);
+    for _ in 0..warm {
+        let _: Bytes = ctx.call("bench", "ping", &body).await.expect("warm-up call");
+    }
+    let per_task = n / window;
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..window {
+        let (ctx, body) = (ctx.clone(), body.clone());
+        tasks.spawn(async move {
+            let mut samples = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                let _: Bytes = ctx.call("bench", "ping", &body).await.expect("call");
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
+            samples
+        });
+    }
+    let mut samples = Vec::with_capacity(n);
+    while let Some(s) = tasks.join_next().await {
+        samples.extend(s.expect("caller task"));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    samples.sort_unstable();
+    Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: samples.len() as f64 / secs }
+}
+
+fn print_row(system: &str, window: usize, row: &Row, floor: &Row) {
+    println!(
+        "| {system} | {window} | {:.1} us ({:.2}x) | {:.1} us | {:.0} |",
+        row.p50,
+        row.p50 / floor.p50,
+        row.p99,
+        row.per_sec
+    );
+}
+
+fn main() {
+    gearmesh::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = DevCa::generate().expect("CA");
+    let cert = ca.issue(&["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("cert");
+    let resolver = CertResolver::from_cert(&cert).expect("resolver");
+    let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
+    let echo = tls_echo_server(resolver);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async move {
+        let (n, _) = rounds();
+        println!("remote_call: {SIZE} B bodies, {n} calls per row; p50/p99 per call, calls/s; x = p50 / raw TLS p50");
+        println!("| system | in flight | p50 | p99 | calls/s |");
+        println!("|---|---:|---:|---:|---:|");
+        let mut floors = Vec::new();
+        for w in IN_FLIGHT {
+            let floor = tls_floor(echo, &client, w).await;
+            print_row("raw TLS echo (floor)", w, &floor, &floor);
+            floors.push(floor);
+        }
+
+        // A -> B over WSS (QUIC off on both, so the link can only be WebSocket).
+        let no_quic = |c: &mut NodeConfig| c.mesh.quic = false;
+        let b = Remote::spawn(config(dir.path(), "b-wss", vec![], no_quic), vec![bench_gear()]);
+        let a = start(config(dir.path(), "a-wss", vec![b.link("wss://")], no_quic), vec![]).await;
+        wait_route(&a, "bench", 1).await;
+        let ctx = a.ctx(Principal::anonymous());
+        for (w, floor) in IN_FLIGHT.iter().zip(&floors) {
+            print_row("direct call, WSS link", *w, &calls(&ctx, *w).await, floor);
+        }
+        a.shutdown().await;
+        drop(b);
+
+        // A -> B over QUIC (A joins through B's quic:// address).
+        let b = Remote::spawn(config(dir.path(), "b-quic", vec![], |_| {}), vec![bench_gear()]);
+        let a = start(config(dir.path(), "a-quic", vec![b.link("quic://")], |_| {}), vec![]).await;
+        wait_route(&a, "bench", 1).await;
+        let ctx = a.ctx(Principal::anonymous());
+        for (w, floor) in IN_FLIGHT.iter().zip(&floors) {
+            print_row("direct call, QUIC link", *w, &calls(&ctx, *w).await, floor);
+        }
+        a.shutdown().await;
+        drop(b);
+
+        // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
+        let one_link = |c: &mut NodeConfig| {
+            c.mesh.quic = false;
+            c.mesh.min_links = 1;
+            c.mesh.max_links = 1;
+        };
+        let b = Remote::spawn(config(dir.path(), "b-hop", vec![], no_quic), vec![]);
+        let c = Remote::spawn(config(dir.path(), "c-hop", vec![b.link("wss://")], one_link), vec![bench_gear()]);
+        let a = start(config(dir.path(), "a-hop", vec![b.link("wss://")], one_link), vec![]).await;
+        wait_route(&a, "bench", 2).await;
+        let ctx = a.ctx(Principal::anonymous());
+        for (w, floor) in IN_FLIGHT.iter().zip(&floors) {
+            print_row("one switching hop, WSS links", *w, &calls(&ctx, *w).await, floor);
+        }
+        a.shutdown().await;
+        drop((c, b));
+    });
+}
