@@ -6,7 +6,9 @@
 //!
 //! # Limits and what happens when they are hit
 //! - **Port concurrency** ([`crate::PortOptions::max_concurrency`]): one call more than the limit
-//!   fails at once with `overloaded`. Nothing is queued.
+//!   is not started: [`Host::start`] hands it back as [`Start::Busy`] with an `overloaded` error
+//!   (a router may send it to another replica), and as a dispatcher the host fails it at once.
+//!   Nothing is queued.
 //! - **Deadlines**: a call's deadline is the caller's, else the port's default timeout, else
 //!   [`HostConfig::default_timeout`], and never more than [`HostConfig::max_timeout`] from now.
 //!   When it passes, the port's future is dropped and the caller gets `timeout`.
@@ -98,6 +100,9 @@ pub enum Start<'a> {
     Running(BoxFuture<'static, Result<Payload, CallError>>),
     /// No gear of that name is hosted here: the call, untouched, for a router to send elsewhere.
     NotHosted(Call<'a>),
+    /// The port is at its concurrency limit (counted in its metrics as `overloaded`): the call,
+    /// untouched, for a router to send to another replica, and the error to answer otherwise.
+    Busy(Call<'a>, CallError),
 }
 
 impl fmt::Debug for Start<'_> {
@@ -105,6 +110,7 @@ impl fmt::Debug for Start<'_> {
         match self {
             Start::Running(_) => f.write_str("Start::Running"),
             Start::NotHosted(c) => f.debug_tuple("Start::NotHosted").field(c).finish(),
+            Start::Busy(c, e) => f.debug_tuple("Start::Busy").field(c).field(e).finish(),
         }
     }
 }
@@ -322,19 +328,27 @@ impl Host {
                 }
             }
         };
-        Start::Running(self.run(port, call))
+        let guard = match port.enter() {
+            Ok(g) => g,
+            Err(e) => {
+                port.record(None, &Err(e.clone()));
+                return Start::Busy(call, e);
+            }
+        };
+        Start::Running(self.run(port, guard, call))
     }
 
-    fn run(&self, port: Arc<PortState>, call: Call<'_>) -> BoxFuture<'static, Result<Payload, CallError>> {
+    fn run(
+        &self,
+        port: Arc<PortState>,
+        guard: run::InFlight,
+        call: Call<'_>,
+    ) -> BoxFuture<'static, Result<Payload, CallError>> {
         let started = port.start_clock();
         let fail = |port: &PortState, e: CallError| -> BoxFuture<'static, _> {
             let r = Err(e);
             port.record(started, &r);
             Box::pin(std::future::ready(r))
-        };
-        let guard = match port.enter() {
-            Ok(g) => g,
-            Err(e) => return fail(&port, e),
         };
         let Some(front) = self.front() else {
             return fail(&port, CallError::unavailable("node is shutting down"));
@@ -431,6 +445,7 @@ impl Dispatch for Host {
     fn call<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Payload, CallError>> {
         match self.start(call) {
             Start::Running(fut) => fut,
+            Start::Busy(_, e) => Box::pin(std::future::ready(Err(e))),
             Start::NotHosted(call) => {
                 let e = CallError::not_found(format!("no gear named {:?}", call.gear));
                 Box::pin(std::future::ready(Err(e)))

@@ -256,6 +256,12 @@ impl Dispatch for Router {
                     result
                 }),
             },
+            // The local replica is at its concurrency limit: another node's replica takes the
+            // call if there is one (load shedding that the default strategy routes around).
+            Start::Busy(call, e) => match self.mesh.get() {
+                Some(mesh) if mesh.gear_is_remote(call.gear) => Box::pin(mesh.call(call)),
+                _ => Box::pin(std::future::ready(Err(e))),
+            },
             Start::NotHosted(call) => match self.mesh.get() {
                 Some(mesh) => Box::pin(mesh.call(call)),
                 None => {

@@ -422,3 +422,37 @@ async fn every_defective_link_token_keeps_a_node_out() {
     }
     a.shutdown().await;
 }
+
+/// Load shedding routed around: a call to a local port at its concurrency limit goes to another
+/// node's replica instead of failing `overloaded`; with no other replica it fails at once.
+#[tokio::test]
+async fn a_busy_local_port_sends_the_call_to_another_replica() {
+    use gearmesh::gears::PortSpec;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = |name: &'static str, limit: usize| {
+        Gear::new("work").port_with(
+            PortSpec::new("hold").max_concurrency(std::num::NonZeroUsize::new(limit).expect("non-zero")),
+            move |_ctx: Ctx, ms: u64| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(name.to_owned())
+            },
+        )
+    };
+    let a = node(dir.path(), "a", &[], vec![work("a", 1)], vec![]).await;
+    let ctx = a.ctx(Principal::anonymous());
+    // Alone: the second concurrent call is refused at once.
+    let (first, second) =
+        tokio::join!(ctx.call::<_, String>("work", "hold", &300u64), ctx.call::<_, String>("work", "hold", &300u64));
+    assert_eq!(first.expect("the first runs"), "a");
+    assert_eq!(second.expect_err("no other replica").code().as_str(), "overloaded");
+
+    let b = node(dir.path(), "b", &[], vec![work("b", 8)], vec![wss(&a)]).await;
+    eventually("a sees b's replica", 15, || a.mesh().gear_is_remote("work")).await;
+    let (first, second) =
+        tokio::join!(ctx.call::<_, String>("work", "hold", &300u64), ctx.call::<_, String>("work", "hold", &300u64));
+    let mut served = vec![first.expect("first"), second.expect("second: routed to b")];
+    served.sort();
+    assert_eq!(served, ["a", "b"], "one ran here, the busy one's call ran on b");
+    b.shutdown().await;
+    a.shutdown().await;
+}

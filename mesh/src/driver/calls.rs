@@ -316,6 +316,8 @@ impl Inner {
             let result = match allowed.map(|()| inner.host.start(call)) {
                 Err(e) => Err(e),
                 Ok(Start::Running(fut)) => fut.await,
+                // The caller's strategy routes around a busy replica.
+                Ok(Start::Busy(_, e)) => Err(e),
                 Ok(Start::NotHosted(call)) => {
                     Err(CallError::not_found(format!("gear {:?} is not hosted on node {}", call.gear, inner.id)))
                 }

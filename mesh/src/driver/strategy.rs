@@ -416,6 +416,7 @@ impl Mesh {
     async fn run_here(&self, call: GearCall<'_>) -> Result<Payload, CallError> {
         match self.inner.host.start(call) {
             Start::Running(fut) => fut.await,
+            Start::Busy(_, e) => Err(e),
             Start::NotHosted(call) => Err(CallError::unavailable(format!("gear {:?} left this node", call.gear))),
         }
     }
