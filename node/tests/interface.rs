@@ -939,3 +939,30 @@ async fn an_observer_on_one_node_sees_pipeline_runs_on_another() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_observer_sees_a_circuit_breaker_open() {
+    let cl = Cluster::new();
+    let flaky = Gear::new("flaky").port("boom", |_ctx: Ctx, _: Value| async move {
+        Err::<Value, _>(gearmesh::gears::CallError::internal("boom"))
+    });
+    let a = cl.node("a", &["echo"], vec![], None).await;
+    let b = cl.node("b", &[], vec![flaky], Some(&a)).await;
+    eventually("a sees flaky on b", 15, || sees(&a, &["flaky"])).await;
+    let mut obs = Client::connect(&a, &cl.ca(), Cred::Header(&cl.token("observe"))).await;
+    let snap = obs.request(json!({"v": 1, "type": "subscribe", "id": "s"})).await;
+    assert_eq!(snap["type"], "snapshot");
+    let ctx = a.ctx(gearmesh::gears::Principal::user("tester", vec!["call:*".into()]));
+    for _ in 0..30 {
+        let e = ctx.call::<_, Value>("flaky", "boom", &json!(1)).await.expect_err("it fails");
+        assert!(matches!(e.code().as_str(), "internal" | "unavailable"), "{e}");
+    }
+    let m = obs.recv_type("breaker").await;
+    assert_eq!(
+        (m["node"].as_str(), m["gear"].as_str(), m["state"].as_str()),
+        (Some(b.id()), Some("flaky"), Some("open")),
+        "{m}"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
