@@ -388,10 +388,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
     }
     // Wait (briefly) until the first node sees every gear, so the printed commands work at once.
     let first = &nodes[0];
-    let wanted = DEMO_NODES.iter().flat_map(|(_, g)| g.iter()).count();
-    for _ in 0..100 {
-        let seen = first.mesh().view().nodes.iter().flat_map(|n| n.gears.iter().map(|g| g.name.clone())).count();
-        if seen >= wanted {
+    let wanted: Vec<&str> = DEMO_NODES.iter().flat_map(|(_, g)| g.iter().copied()).collect();
+    for _ in 0..200 {
+        let view = first.mesh().view();
+        let known = |g: &str| view.nodes.iter().any(|n| n.state == "alive" && n.gears.iter().any(|ad| ad.name == g));
+        if wanted.iter().all(|g| known(g)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
