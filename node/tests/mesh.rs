@@ -456,3 +456,72 @@ async fn a_busy_local_port_sends_the_call_to_another_replica() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A cancel that overtakes its call (over QUIC they travel on different streams) is remembered,
+/// and the call is not run when it arrives; other calls run as usual. Driven from a raw link.
+#[tokio::test]
+async fn a_cancel_that_overtakes_its_call_keeps_the_call_from_running() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use gearmesh_transport::{
+        BodyKind, Call, Cancel, Dialer, Frame, Hello, LinkSetup, NodeId, ReplyResult, Route,
+        tls::{ClientTls, ClientTrust, load_certs},
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let count = Gear::new("count").port("hit", move |_ctx: Ctx, _: Value| {
+        let counted = counted.clone();
+        async move { Ok(counted.fetch_add(1, Ordering::SeqCst) + 1) }
+    });
+    let a = node(dir.path(), "a", &[], vec![count], vec![]).await;
+    let url = a.link_addrs().iter().find(|u| u.starts_with("quic://")).expect("quic").clone();
+    let me = NodeId::random();
+    let hello = Hello { node_id: me, incarnation: 1, ..Hello::default() };
+    let trust = ClientTrust::Ca(load_certs(a.dev_ca_cert().expect("dev CA")).expect("CA"));
+    let quic = gearmesh_transport::quic::QuicEndpoint::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        None,
+        Some(&ClientTls::new(&trust).expect("tls")),
+    )
+    .expect("quic endpoint");
+    let dialer = Dialer::new(LinkSetup::new(hello), ClientTls::new(&trust).expect("tls")).with_quic(quic);
+    let link = dialer.dial(&url).await.expect("a raw link to a");
+    let (tx, mut rx) = link.split();
+    let route = Route { src: me, dst: a.mesh().id(), hops: 0 };
+    let call = |id: u64| {
+        Frame::Call(Call {
+            route,
+            call_id: id,
+            deadline_ms: 5_000,
+            caller: "anonymous".into(),
+            gear: "count".into(),
+            port: "hit".into(),
+            body_kind: BodyKind::Json,
+            body: bytes::Bytes::from_static(b"null"),
+            ..Call::default()
+        })
+    };
+    tx.send(&Frame::Cancel(Cancel { route, call_id: 7 })).await.expect("cancel first");
+    tx.send(&call(7)).await.expect("then its call");
+    tx.send(&call(8)).await.expect("another call");
+    // The reply to call 8 comes back; call 7 never ran and gets no reply.
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await.expect("link open").expect("a frame") {
+                Frame::Reply(r) => break r,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("a reply in time");
+    assert_eq!(reply.call_id, 8, "only call 8 is answered");
+    assert!(matches!(reply.result, ReplyResult::Ok { .. }), "{reply:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "call 7 was cancelled before it arrived and never ran");
+    a.shutdown().await;
+}

@@ -34,6 +34,40 @@ pub(crate) struct CallTable {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     inbound: Mutex<HashMap<(NodeId, u64), AbortHandle>>,
+    /// Cancels that arrived before their call (over QUIC they travel on another stream and can
+    /// overtake it): the call is dropped when it comes.
+    early_cancels: Mutex<EarlyCancels>,
+}
+
+/// Remembered early cancels, bounded: at [`EarlyCancels::CAP`] the oldest is forgotten (a call
+/// that late is then run and its reply ignored by a caller that gave up, as before). Ids are
+/// unique per calling node, so a remembered id never matches another call.
+#[derive(Debug, Default)]
+pub(crate) struct EarlyCancels {
+    set: std::collections::HashSet<(NodeId, u64)>,
+    order: std::collections::VecDeque<(NodeId, u64)>,
+}
+
+impl EarlyCancels {
+    /// How many early cancels are remembered at most.
+    pub(crate) const CAP: usize = 4096;
+
+    fn remember(&mut self, key: (NodeId, u64)) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
+            if self.order.len() > Self::CAP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `key` was cancelled early (forgetting it: each call comes once).
+    fn take(&mut self, key: &(NodeId, u64)) -> bool {
+        // The order queue keeps the key until it ages out; the set decides.
+        self.set.remove(key)
+    }
 }
 
 impl CallTable {
@@ -290,6 +324,11 @@ impl Inner {
         }
         let src = to_core(c.route.src);
         let key = (src, c.call_id);
+        if lock(&self.calls.early_cancels).take(&key) {
+            // Its caller gave up before the call arrived: nobody waits for a reply.
+            tracing::debug!(call = c.call_id, "call cancelled before it arrived; not run");
+            return;
+        }
         if lock(&self.calls.inbound).len() >= self.config.max_inbound_calls {
             Counters::bump(&self.counters.calls_refused);
             let e = CallError::overloaded("this node runs too many calls from other nodes");
@@ -329,9 +368,11 @@ impl Inner {
             inner.reply(&route, &from, call_id, result);
         });
         lock(&self.calls.inbound).insert(key, task.abort_handle());
-        // The task may have finished before we registered it; then drop the stale entry.
-        if task.is_finished() {
+        // The task may have finished before we registered it; then drop the stale entry. A
+        // cancel handled meanwhile (from another stream) found no entry: honour it now.
+        if task.is_finished() || lock(&self.calls.early_cancels).take(&key) {
             lock(&self.calls.inbound).remove(&key);
+            task.abort();
         }
     }
 
@@ -364,8 +405,12 @@ impl Inner {
             }
             return;
         }
-        if let Some(task) = lock(&self.calls.inbound).remove(&(to_core(c.route.src), c.call_id)) {
-            task.abort();
+        let key = (to_core(c.route.src), c.call_id);
+        let running = lock(&self.calls.inbound).remove(&key);
+        match running {
+            Some(task) => task.abort(),
+            // Not here yet (it may have overtaken its call), or already finished.
+            None => lock(&self.calls.early_cancels).remember(key),
         }
     }
 
@@ -389,5 +434,26 @@ impl Inner {
         if let Err(err) = self.host.publish_local(&p) {
             tracing::debug!(error = %err, "event from another node rejected");
         }
+    }
+}
+
+#[cfg(test)]
+mod early_cancel_tests {
+    use super::*;
+
+    #[test]
+    fn an_early_cancel_is_taken_once_and_the_oldest_is_forgotten_at_the_bound() {
+        let node = NodeId::from_bytes([1; 16]);
+        let mut e = EarlyCancels::default();
+        e.remember((node, 1));
+        e.remember((node, 1));
+        assert!(e.take(&(node, 1)));
+        assert!(!e.take(&(node, 1)), "each call comes once");
+        for id in 0..=EarlyCancels::CAP as u64 {
+            e.remember((node, 100 + id));
+        }
+        assert!(!e.take(&(node, 100)), "the oldest was forgotten");
+        assert!(e.take(&(node, 101)));
+        assert!(e.set.len() <= EarlyCancels::CAP && e.order.len() <= EarlyCancels::CAP);
     }
 }
