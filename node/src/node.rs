@@ -494,6 +494,9 @@ async fn lifecycle(
     shared.mesh.stop().await;
     if let Some(q) = quic {
         q.close();
+        // Let connections finish closing so the UDP port is released with the endpoint (a
+        // restart on the same port must not find it in use); bounded like the drain.
+        let _idle = tokio::time::timeout(Duration::from_secs(2), q.wait_idle()).await;
     }
 }
 

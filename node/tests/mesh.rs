@@ -525,3 +525,23 @@ async fn a_cancel_that_overtakes_its_call_keeps_the_call_from_running() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "call 7 was cancelled before it arrived and never ran");
     a.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_node_restarts_on_the_same_port_in_the_same_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &["echo"], vec![], vec![]).await;
+    let port = a.local_addr().port();
+    a.shutdown().await;
+    let t = Instant::now();
+    while std::net::UdpSocket::bind(("127.0.0.1", port)).is_err() && t.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("UDP port free after {:?}", t.elapsed());
+    let again = node_with(dir.path(), "a2", &["echo"], vec![], vec![], |c| {
+        c.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    })
+    .await;
+    assert_eq!(again.local_addr().port(), port);
+    assert!(again.link_addrs().iter().any(|u| u.starts_with("quic://")), "QUIC is back on the same port");
+    again.shutdown().await;
+}

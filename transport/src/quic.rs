@@ -203,6 +203,12 @@ impl QuicEndpoint {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"endpoint closed");
     }
+
+    /// Waits until every connection of the endpoint has finished closing (after
+    /// [`QuicEndpoint::close`]), so that once the last handle is dropped the UDP port is free.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
 }
 
 fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {

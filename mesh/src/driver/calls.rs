@@ -362,7 +362,8 @@ impl Inner {
                 }
             };
             lock(&inner.calls.inbound).remove(&(src, call_id));
-            if let Some(o) = inner.call_observer.get() {
+            let observer = inner.call_observer.read().ok().and_then(|o| o.clone());
+            if let Some(o) = observer {
                 o.served(to_link(src), &c.gear, &c.port, started.elapsed(), result.as_ref().map(|_| ()));
             }
             inner.reply(&route, &from, call_id, result);

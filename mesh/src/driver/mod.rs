@@ -268,8 +268,9 @@ pub(crate) struct Inner {
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
-    /// Told about each call from another node that ran here (set by the node).
-    pub(crate) call_observer: std::sync::OnceLock<Arc<dyn CallObserver>>,
+    /// Told about each call from another node that ran here (set by the node; cleared by
+    /// [`Mesh::stop`], since an observer may hold the mesh and so keep it alive).
+    pub(crate) call_observer: RwLock<Option<Arc<dyn CallObserver>>>,
     /// Woken whenever routes change (calls waiting for a route to a joining node).
     pub(crate) routes_changed: Notify,
     wake: Notify,
@@ -318,7 +319,7 @@ impl Mesh {
             counters: Counters::default(),
             resilience: strategy::Resilience::new(config.resilience.clone()),
             authorizer: std::sync::OnceLock::new(),
-            call_observer: std::sync::OnceLock::new(),
+            call_observer: RwLock::new(None),
             routes_changed: Notify::new(),
             config,
             core: Mutex::new(core),
@@ -385,8 +386,11 @@ impl Mesh {
 
     /// Makes this node report each call from another node that ran here to `observer`. Set once.
     pub fn set_call_observer(&self, observer: Arc<dyn CallObserver>) {
-        if self.inner.call_observer.set(observer).is_err() {
+        let mut slot = self.inner.call_observer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_some() {
             tracing::warn!("the mesh call observer is already set; keeping the first");
+        } else {
+            *slot = Some(observer);
         }
     }
 
@@ -461,6 +465,8 @@ impl Mesh {
     /// Closes every link and stops the driver.
     pub async fn stop(&self) {
         self.inner.shutdown.cancel();
+        // The observer may hold this mesh (a cycle): let go of it so everything can be dropped.
+        self.inner.call_observer.write().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let senders: Vec<LinkSender> = {
             let mut links = self.inner.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             links.drain().map(|(_, e)| e.tx).collect()
