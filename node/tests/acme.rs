@@ -35,11 +35,10 @@ fn data_dir(test: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("acme-{test}-{:08x}", rand::random::<u32>()))
 }
 
-/// A node in `acme` mode against `pebble`. QUIC is off (the tests that restart a node on the
-/// same port would race the UDP socket's release); the renewal test turns it on.
+/// A node in `acme` mode against `pebble`, with QUIC on the same port (the restart tests restart
+/// it on that port in this process: a node frees its UDP socket when it stops).
 fn node_config(pebble: &Pebble, data: &Path, domain: &str, port: u16) -> NodeConfig {
     let mut c = NodeConfig { name: Some(format!("acme-{domain}")), listen: loopback(port), ..NodeConfig::default() };
-    c.mesh.quic = false;
     c.insecure_dev = true;
     c.tls.mode = TlsMode::Acme;
     c.tls.data_dir = Some(data.to_owned());
