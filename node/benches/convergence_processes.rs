@@ -2,7 +2,8 @@
 //! each hosting one built-in gear, all joining through the first one's seed over TLS WebSocket
 //! links. Converged: every process's `GET /v1/nodes` shows all N nodes alive with every node's
 //! gears. Reports the time from the last process's start (it printed its address) to
-//! convergence, for a few rounds.
+//! convergence, then kills one process (SIGKILL) and reports the time until every other one has
+//! declared it dead, for a few rounds.
 //!
 //! ```sh
 //! cargo bench -p gearmesh --bench convergence_processes
@@ -63,6 +64,14 @@ async fn converged_at(http: &reqwest::Client, url: &str, n: usize, gear_ads: usi
     alive.len() == n && ads == gear_ads
 }
 
+/// Whether the node at `url` holds the node named `name` dead (or no longer knows it).
+async fn declared_dead(http: &reqwest::Client, url: &str, name: &str) -> bool {
+    let Ok(r) = http.get(format!("{url}/v1/nodes")).send().await else { return false };
+    let Ok(v) = r.json::<Value>().await else { return false };
+    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+    nodes.iter().filter(|x| x["name"] == name).all(|x| x["state"] == "dead" || x["state"] == "left")
+}
+
 #[tokio::main]
 async fn main() {
     gearmesh::install_crypto_provider();
@@ -109,6 +118,30 @@ async fn main() {
             if converged { "converged" } else { "NOT converged within 60 s:" },
             last_started.elapsed().as_secs_f64() * 1000.0,
         );
+        if converged {
+            // Kill one process (SIGKILL: no leave announced) and time until every other one
+            // has declared it dead (or forgotten it).
+            let victim = n / 2;
+            let victim_name = format!("p{victim}");
+            let _ = procs[victim].0.kill().await;
+            let killed = Instant::now();
+            let mut gone = vec![false; n];
+            gone[victim] = true;
+            while gone.iter().any(|g| !g) && killed.elapsed() < Duration::from_secs(60) {
+                for (i, (_, url)) in procs.iter().enumerate() {
+                    if !gone[i] {
+                        gone[i] = declared_dead(&http, url, &victim_name).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let all = gone.iter().all(|g| *g);
+            println!(
+                "round {round}: a killed process was {} {:.0} ms after the kill",
+                if all { "declared dead everywhere" } else { "NOT declared dead everywhere within 60 s:" },
+                killed.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         for (mut child, _) in procs {
             let _ = child.kill().await;
         }
