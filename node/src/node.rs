@@ -241,20 +241,17 @@ impl Dispatch for Router {
                 None => Box::pin(std::future::ready(Err(CallError::unavailable("the mesh is not started yet")))),
             };
         }
-        let traced = match self.telemetry.get() {
-            Some(t) if t.sample() => Some((t.clone(), call.gear.to_owned(), call.port.to_owned(), call.meta.trace_id)),
-            _ => None,
-        };
+        let (gear, port, trace_id) = (call.gear, call.port, call.meta.trace_id);
         match self.host.start(call) {
-            Start::Running(fut) => match traced {
-                None => fut,
+            Start::Running(fut) => match self.telemetry.get() {
                 // A sampled local call: this node called itself.
-                Some((t, gear, port, trace_id)) => Box::pin(async move {
+                Some(t) if t.sample() => Box::pin(async move {
                     let started = Instant::now();
                     let result = fut.await;
-                    t.trace(t.me(), &gear, &port, started.elapsed(), result.as_ref().map(|_| ()), Some(trace_id));
+                    t.trace(t.me(), gear, port, started.elapsed(), result.as_ref().map(|_| ()), Some(trace_id));
                     result
                 }),
+                _ => fut,
             },
             // The local replica is at its concurrency limit: another node's replica takes the
             // call if there is one (load shedding that the default strategy routes around).

@@ -15,6 +15,8 @@
 
 mod common;
 
+use common::wss;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -97,10 +99,6 @@ async fn mesh_with(count: usize, tweak: impl FnOnce(&mut NodeConfig)) -> Mesh {
 }
 
 /// The WebSocket link URL of a node (a seed for the next one).
-fn wss(n: &RunningNode) -> String {
-    n.link_addrs().iter().find(|a| a.starts_with("wss://")).expect("wss addr").clone()
-}
-
 impl Mesh {
     /// Every node sees every node alive and every gear.
     fn converged(&self) -> bool {

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{eventually, sees, wss};
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -97,24 +99,6 @@ impl Cluster {
     fn ca(&self) -> PathBuf {
         self.dir.path().join(gearmesh::DEV_CA_CERT_FILE)
     }
-}
-
-fn wss(n: &RunningNode) -> String {
-    n.link_addrs().iter().find(|a| a.starts_with("wss://")).expect("wss addr").clone()
-}
-
-/// Polls `f` every 20 ms until it holds, for at most `secs` seconds.
-async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn sees(n: &RunningNode, gears: &[&str]) -> bool {
-    let view = n.mesh().view();
-    gears.iter().all(|g| view.nodes.iter().any(|x| x.state == "alive" && x.gears.iter().any(|ad| ad.name == *g)))
 }
 
 // === a WebSocket client over TLS ===
@@ -964,5 +948,21 @@ async fn an_observer_sees_a_circuit_breaker_open() {
         "{m}"
     );
     b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_connection_serves_a_bounded_number_of_gears() {
+    let cl = Cluster::new();
+    let a = cl.node("a", &[], vec![], None).await;
+    let mut c = Client::connect(&a, &cl.ca(), Cred::Header(&cl.token("serve:*"))).await;
+    for i in 0..64 {
+        let r = c
+            .request(json!({"v": 1, "type": "register", "id": i, "gear": format!("g{i}"), "ports": [{"name": "p"}]}))
+            .await;
+        assert_eq!(r["type"], "registered", "{r}");
+    }
+    let e = c.request(json!({"v": 1, "type": "register", "id": 64, "gear": "g64", "ports": [{"name": "p"}]})).await;
+    assert_eq!(e["error"]["code"], "overloaded", "{e}");
     a.shutdown().await;
 }

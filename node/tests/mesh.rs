@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{eventually, sees, wss};
+
 use std::{path::Path, time::Duration};
 
 use gearmesh::{
@@ -41,26 +43,6 @@ async fn node_with(
         b = b.gear(g);
     }
     b.build().expect("valid").start().await.expect("started")
-}
-
-/// The WebSocket link URL of a node (a seed for others).
-fn wss(n: &RunningNode) -> String {
-    n.link_addrs().iter().find(|a| a.starts_with("wss://") || a.starts_with("ws://")).expect("ws addr").clone()
-}
-
-/// Polls `f` every 20 ms until it holds, for at most `secs` seconds.
-async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether `n` sees every gear in `gears` hosted by some alive node.
-fn sees(n: &RunningNode, gears: &[&str]) -> bool {
-    let view = n.mesh().view();
-    gears.iter().all(|g| view.nodes.iter().any(|x| x.state == "alive" && x.gears.iter().any(|ad| ad.name == *g)))
 }
 
 /// An HTTPS client trusting only the development CA of the test.

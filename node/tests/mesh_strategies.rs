@@ -23,6 +23,8 @@ use tokio::time::Instant;
 
 mod common;
 
+use common::{eventually, wss};
+
 async fn node(dir: &Path, name: &str, builtin: &[&str], extra: Vec<Gear>, seeds: Vec<String>) -> RunningNode {
     gearmesh::install_crypto_provider();
     let mut config = NodeConfig {
@@ -39,18 +41,6 @@ async fn node(dir: &Path, name: &str, builtin: &[&str], extra: Vec<Gear>, seeds:
         b = b.gear(g);
     }
     b.build().expect("valid").start().await.expect("started")
-}
-
-fn wss(n: &RunningNode) -> String {
-    n.link_addrs().iter().find(|a| a.starts_with("wss://")).expect("wss addr").clone()
-}
-
-async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Whether `n` sees `gear` on `count` alive nodes with a route to each.

@@ -31,6 +31,9 @@ use super::proto::{PortDecl, VERSION};
 
 type Waiter = oneshot::Sender<Result<Payload, CallError>>;
 
+/// Gears one connection may serve at once; one more is refused `overloaded`.
+pub(crate) const MAX_GEARS: usize = 64;
+
 /// The gears one connection serves and the calls waiting for its replies.
 pub(crate) struct Served {
     me: Weak<Served>,
@@ -87,6 +90,9 @@ impl Served {
     ) -> Result<(), CallError> {
         if ports.is_empty() {
             return Err(CallError::bad_request("a gear needs at least one port"));
+        }
+        if lock(&self.gears).len() >= MAX_GEARS {
+            return Err(CallError::overloaded(format!("a connection serves {MAX_GEARS} gears at most")));
         }
         let mut g = Gear::new(gear).version(version);
         if let Some(d) = description {

@@ -110,3 +110,25 @@ pub(crate) fn client_trusting(ca: &Path) -> reqwest::Client {
 pub(crate) fn dev_ca_client() -> reqwest::Client {
     client_trusting(&data_dir().join(gearmesh::DEV_CA_CERT_FILE))
 }
+
+// === in-process meshes ===
+
+/// The WebSocket link URL of a node (a seed for others): `wss://`, or `ws://` with TLS off.
+pub(crate) fn wss(n: &gearmesh::RunningNode) -> String {
+    n.link_addrs().iter().find(|a| a.starts_with("wss://") || a.starts_with("ws://")).expect("ws addr").clone()
+}
+
+/// Polls `f` every 20 ms until it holds, for at most `secs` seconds.
+pub(crate) async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `n` sees every gear in `gears` hosted by some alive node.
+pub(crate) fn sees(n: &gearmesh::RunningNode, gears: &[&str]) -> bool {
+    let view = n.mesh().view();
+    gears.iter().all(|g| view.nodes.iter().any(|x| x.state == "alive" && x.gears.iter().any(|ad| ad.name == *g)))
+}
