@@ -33,9 +33,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const SIZE: usize = 64;
 const IN_FLIGHT: [usize; 3] = [1, 16, 256];
 
+/// Whether the section `name` (`floor`, `wss`, `quic`, `hop`) runs: all of them unless
+/// `GEARMESH_BENCH_ONLY` lists some (comma-separated), for profiling one path.
+fn section(name: &str) -> bool {
+    std::env::var("GEARMESH_BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == name))
+}
+
+/// Whether rows with `depth` calls in flight run: all unless `GEARMESH_BENCH_DEPTHS` lists some.
+fn depth(depth: usize) -> bool {
+    std::env::var("GEARMESH_BENCH_DEPTHS")
+        .map_or(true, |only| only.split(',').any(|s| s.trim().parse::<usize>().ok() == Some(depth)))
+}
+
 /// Calls (or round trips) per row and warm-up calls.
 fn rounds() -> (usize, usize) {
-    if std::env::var_os("GEARMESH_BENCH_QUICK").is_some() { (300, 50) } else { (20_000, 2_000) }
+    if std::env::var_os("GEARMESH_BENCH_QUICK").is_some() {
+        (300, 50)
+    } else if let Some(n) = std::env::var("GEARMESH_BENCH_CALLS").ok().and_then(|n| n.parse().ok()) {
+        (n, 2_000)
+    } else {
+        (20_000, 2_000)
+    }
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -51,6 +69,21 @@ struct Row {
     p50: f64,
     p99: f64,
     per_sec: f64,
+    /// CPU time of the whole process (every node, both ends) per call, in microseconds: the
+    /// software's cost, much less sensitive to a busy machine than the latencies.
+    cpu_us: f64,
+}
+
+/// CPU time used so far by every thread of this process, in nanoseconds (Linux schedstat;
+/// NaN elsewhere).
+fn cpu_ns() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return f64::NAN };
+    let mut total = 0u64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        total += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    }
+    total as f64
 }
 
 // === the raw floor ===
@@ -116,7 +149,7 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     msg[..4].copy_from_slice(&((SIZE - 4) as u32).to_le_bytes());
     let mut back = vec![0u8; SIZE];
     let mut samples = Vec::with_capacity(n);
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), cpu_ns());
     if window == 1 {
         for i in 0..warm + n {
             let t = Instant::now();
@@ -129,7 +162,12 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
         }
         samples.sort_unstable();
         let secs = t0.elapsed().as_secs_f64();
-        return Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: (warm + n) as f64 / secs };
+        return Row {
+            p50: pct(&samples, 0.5),
+            p99: pct(&samples, 0.99),
+            per_sec: (warm + n) as f64 / secs,
+            cpu_us: (cpu_ns() - cpu0) / (warm + n) as f64 / 1e3,
+        };
     }
     // Pipelined: a writer keeps `window` frames outstanding; latency is from write to read.
     let (mut r, mut w) = tokio::io::split(s);
@@ -147,7 +185,7 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
             w
         })
     };
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), cpu_ns());
     for _ in 0..n {
         r.read_exact(&mut back).await.expect("read");
         let sent = sent_rx.recv().await.expect("stamp");
@@ -157,7 +195,122 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     let secs = t0.elapsed().as_secs_f64();
     let _w = writer.await.expect("writer");
     samples.sort_unstable();
-    Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: n as f64 / secs }
+    Row {
+        p50: pct(&samples, 0.5),
+        p99: pct(&samples, 0.99),
+        per_sec: n as f64 / secs,
+        cpu_us: (cpu_ns() - cpu0) / n as f64 / 1e3,
+    }
+}
+
+/// Starts a WebSocket-over-TLS echo server (tokio-tungstenite, binary messages) on its own thread.
+fn wss_echo_server(resolver: Arc<CertResolver>) -> SocketAddr {
+    use futures::{SinkExt, StreamExt};
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("report");
+            let cfg = gearmesh_transport::tls::server_config(resolver, &[]).expect("cfg");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            while let Ok((tcp, _)) = listener.accept().await {
+                tcp.set_nodelay(true).expect("nodelay");
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(s) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                    // Echo; flush only when no further message is already readable (pipelining).
+                    while let Some(Ok(m)) = ws.next().await {
+                        if !m.is_binary() {
+                            continue;
+                        }
+                        if ws.feed(m).await.is_err() {
+                            return;
+                        }
+                        let more = futures::FutureExt::now_or_never(ws.next());
+                        match more {
+                            Some(Some(Ok(m))) if m.is_binary() => {
+                                if ws.feed(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(_) => return,
+                            None => {}
+                        }
+                        if ws.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    rx.recv().expect("echo server up")
+}
+
+/// The raw WebSocket-over-TLS floor: sequential round trips of a 64-byte binary message, then
+/// `window` messages pipelined.
+async fn wss_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (n, warm) = rounds();
+    let tls = tls_client(addr, client).await;
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{}/", addr.port()), tls)
+        .await
+        .expect("websocket handshake");
+    let msg = Bytes::from(vec![0xabu8; SIZE]);
+    let mut samples = Vec::with_capacity(n);
+    if window == 1 {
+        let mut ws = ws;
+        let (t0, cpu0) = (Instant::now(), cpu_ns());
+        for i in 0..warm + n {
+            let t = Instant::now();
+            ws.send(Message::Binary(msg.clone())).await.expect("send");
+            ws.next().await.expect("open").expect("echo");
+            if i >= warm {
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        samples.sort_unstable();
+        return Row {
+            p50: pct(&samples, 0.5),
+            p99: pct(&samples, 0.99),
+            per_sec: (warm + n) as f64 / secs,
+            cpu_us: (cpu_ns() - cpu0) / (warm + n) as f64 / 1e3,
+        };
+    }
+    let (mut w, mut r) = ws.split();
+    let sem = Arc::new(tokio::sync::Semaphore::new(window));
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let writer = {
+        let sem = sem.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                sem.acquire().await.expect("sem").forget();
+                sent_tx.send(Instant::now()).expect("reader alive");
+                w.send(Message::Binary(msg.clone())).await.expect("send");
+            }
+            w
+        })
+    };
+    let (t0, cpu0) = (Instant::now(), cpu_ns());
+    for _ in 0..n {
+        r.next().await.expect("open").expect("echo");
+        let sent = sent_rx.recv().await.expect("stamp");
+        samples.push(sent.elapsed().as_nanos() as u64);
+        sem.add_permits(1);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let _w = writer.await.expect("writer");
+    samples.sort_unstable();
+    Row {
+        p50: pct(&samples, 0.5),
+        p99: pct(&samples, 0.99),
+        per_sec: n as f64 / secs,
+        cpu_us: (cpu_ns() - cpu0) / n as f64 / 1e3,
+    }
 }
 
 // === nodes ===
@@ -255,7 +408,7 @@ async fn calls(ctx: &Ctx, window: usize) -> Row {
         let _: Bytes = ctx.call("bench", "ping", &body).await.expect("warm-up call");
     }
     let per_task = n / window;
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), cpu_ns());
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..window {
         let (ctx, body) = (ctx.clone(), body.clone());
@@ -275,16 +428,29 @@ async fn calls(ctx: &Ctx, window: usize) -> Row {
     }
     let secs = t0.elapsed().as_secs_f64();
     samples.sort_unstable();
-    Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: samples.len() as f64 / secs }
+    Row {
+        p50: pct(&samples, 0.5),
+        p99: pct(&samples, 0.99),
+        per_sec: samples.len() as f64 / secs,
+        cpu_us: (cpu_ns() - cpu0) / samples.len() as f64 / 1e3,
+    }
 }
 
-fn print_row(system: &str, window: usize, row: &Row, floor: &Row) {
+/// The two floors at one depth: raw TLS and raw WebSocket over TLS.
+struct Floor {
+    tls: Row,
+    wss: Row,
+}
+
+fn print_row(system: &str, window: usize, row: &Row, floor: &Floor) {
     println!(
-        "| {system} | {window} | {:.1} us ({:.2}x) | {:.1} us | {:.0} |",
+        "| {system} | {window} | {:.1} us | {:.2}x | {:.2}x | {:.1} us | {:.0} | {:.1} us |",
         row.p50,
-        row.p50 / floor.p50,
+        row.p50 / floor.tls.p50,
+        row.p50 / floor.wss.p50,
         row.p99,
-        row.per_sec
+        row.per_sec,
+        row.cpu_us
     );
 }
 
@@ -295,59 +461,75 @@ fn main() {
     let cert = ca.issue(&["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("cert");
     let resolver = CertResolver::from_cert(&cert).expect("resolver");
     let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
-    let echo = tls_echo_server(resolver);
+    let echo = tls_echo_server(Arc::clone(&resolver));
+    let ws_echo = wss_echo_server(resolver);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async move {
         let (n, _) = rounds();
-        println!("remote_call: {SIZE} B bodies, {n} calls per row; p50/p99 per call, calls/s; x = p50 / raw TLS p50");
-        println!("| system | in flight | p50 | p99 | calls/s |");
-        println!("|---|---:|---:|---:|---:|");
+        println!(
+            "remote_call: {SIZE} B bodies, {n} calls per row; p50/p99 per call, calls/s; ratios = p50 / floor p50"
+        );
+        println!("| system | in flight | p50 | x TLS | x WSS | p99 | calls/s | CPU per call |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         let mut floors = Vec::new();
         for w in IN_FLIGHT {
-            let floor = tls_floor(echo, &client, w).await;
-            print_row("raw TLS echo (floor)", w, &floor, &floor);
+            let nan = || Row { p50: f64::NAN, p99: f64::NAN, per_sec: f64::NAN, cpu_us: f64::NAN };
+            let floor = if section("floor") {
+                Floor { tls: tls_floor(echo, &client, w).await, wss: wss_floor(ws_echo, &client, w).await }
+            } else {
+                Floor { tls: nan(), wss: nan() }
+            };
+            print_row("raw TLS echo (floor)", w, &floor.tls, &floor);
+            print_row("raw WSS echo (floor)", w, &floor.wss, &floor);
             floors.push(floor);
         }
 
-        // A -> B over WSS (QUIC off on both, so the link can only be WebSocket).
+        // WSS rows: QUIC off on both, so the link can only be WebSocket.
         let no_quic = |c: &mut NodeConfig| c.mesh.quic = false;
-        let b = Remote::spawn(config(dir.path(), "b-wss", vec![], no_quic), vec![bench_gear()]);
-        let a = start(config(dir.path(), "a-wss", vec![b.link("wss://")], no_quic), vec![]).await;
-        wait_route(&a, "bench", 1).await;
-        let ctx = a.ctx(Principal::anonymous());
-        for (w, floor) in IN_FLIGHT.iter().zip(&floors) {
-            print_row("direct call, WSS link", *w, &calls(&ctx, *w).await, floor);
+        if section("wss") {
+            // A -> B over WSS.
+            let b = Remote::spawn(config(dir.path(), "b-wss", vec![], no_quic), vec![bench_gear()]);
+            let a = start(config(dir.path(), "a-wss", vec![b.link("wss://")], no_quic), vec![]).await;
+            wait_route(&a, "bench", 1).await;
+            let ctx = a.ctx(Principal::anonymous());
+            for (w, floor) in IN_FLIGHT.iter().zip(&floors).filter(|(w, _)| depth(**w)) {
+                print_row("direct call, WSS link", *w, &calls(&ctx, *w).await, floor);
+            }
+            a.shutdown().await;
+            drop(b);
         }
-        a.shutdown().await;
-        drop(b);
 
-        // A -> B over QUIC (A joins through B's quic:// address).
-        let b = Remote::spawn(config(dir.path(), "b-quic", vec![], |_| {}), vec![bench_gear()]);
-        let a = start(config(dir.path(), "a-quic", vec![b.link("quic://")], |_| {}), vec![]).await;
-        wait_route(&a, "bench", 1).await;
-        let ctx = a.ctx(Principal::anonymous());
-        for (w, floor) in IN_FLIGHT.iter().zip(&floors) {
-            print_row("direct call, QUIC link", *w, &calls(&ctx, *w).await, floor);
+        if section("quic") {
+            // A -> B over QUIC (A joins through B's quic:// address).
+            let b = Remote::spawn(config(dir.path(), "b-quic", vec![], |_| {}), vec![bench_gear()]);
+            let a = start(config(dir.path(), "a-quic", vec![b.link("quic://")], |_| {}), vec![]).await;
+            wait_route(&a, "bench", 1).await;
+            let ctx = a.ctx(Principal::anonymous());
+            for (w, floor) in IN_FLIGHT.iter().zip(&floors).filter(|(w, _)| depth(**w)) {
+                print_row("direct call, QUIC link", *w, &calls(&ctx, *w).await, floor);
+            }
+            a.shutdown().await;
+            drop(b);
         }
-        a.shutdown().await;
-        drop(b);
 
-        // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
-        let one_link = |c: &mut NodeConfig| {
-            c.mesh.quic = false;
-            c.mesh.min_links = 1;
-            c.mesh.max_links = 1;
-        };
-        let b = Remote::spawn(config(dir.path(), "b-hop", vec![], no_quic), vec![]);
-        let c = Remote::spawn(config(dir.path(), "c-hop", vec![b.link("wss://")], one_link), vec![bench_gear()]);
-        let a = start(config(dir.path(), "a-hop", vec![b.link("wss://")], one_link), vec![]).await;
-        wait_route(&a, "bench", 2).await;
-        let ctx = a.ctx(Principal::anonymous());
-        for (w, floor) in IN_FLIGHT.iter().zip(&floors) {
-            print_row("one switching hop, WSS links", *w, &calls(&ctx, *w).await, floor);
+        if section("hop") {
+            // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
+            let one_link = |c: &mut NodeConfig| {
+                c.mesh.quic = false;
+                c.mesh.min_links = 1;
+                c.mesh.max_links = 1;
+            };
+            let b = Remote::spawn(config(dir.path(), "b-hop", vec![], no_quic), vec![]);
+            let c = Remote::spawn(config(dir.path(), "c-hop", vec![b.link("wss://")], one_link), vec![bench_gear()]);
+            let a = start(config(dir.path(), "a-hop", vec![b.link("wss://")], one_link), vec![]).await;
+            wait_route(&a, "bench", 2).await;
+            let ctx = a.ctx(Principal::anonymous());
+            for (w, floor) in IN_FLIGHT.iter().zip(&floors).filter(|(w, _)| depth(**w)) {
+                print_row("one switching hop, WSS links", *w, &calls(&ctx, *w).await, floor);
+            }
+            a.shutdown().await;
+            drop((c, b));
         }
-        a.shutdown().await;
-        drop((c, b));
     });
 }

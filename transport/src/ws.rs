@@ -23,11 +23,23 @@ use crate::link::{LinkConfig, PeerInfo, TransportKind};
 /// The path the node mounts the link endpoint at.
 pub const LINK_PATH: &str = "/v1/link";
 
+/// Bytes of encoded WebSocket frames a link collects before it writes to the TLS stream. The
+/// link driver writes a batch of frames and then flushes once, so a batch becomes one TLS write
+/// (and one syscall) instead of one per frame.
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+
+/// Bytes a link reads from the TLS stream at a time. tungstenite zeroes this much of its buffer
+/// before every read, so a large value costs on every small message; 16 KiB is one TLS record.
+const WS_READ_BUFFER: usize = 16 * 1024;
+
 pub(crate) fn ws_config(config: &LinkConfig) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(config.max_frame_len))
         .max_frame_size(Some(config.max_frame_len))
-        .write_buffer_size(0)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        // Bounded: the buffer never holds more than one batch plus one frame.
+        .max_write_buffer_size(WS_WRITE_BUFFER + config.max_frame_len + 64)
 }
 
 pub(crate) struct WsTx<S> {
