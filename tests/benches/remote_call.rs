@@ -475,13 +475,15 @@ fn main() {
         let mut floors = Vec::new();
         for w in IN_FLIGHT {
             let nan = || Row { p50: f64::NAN, p99: f64::NAN, per_sec: f64::NAN, cpu_us: f64::NAN };
-            let floor = if section("floor") {
+            let floor = if section("floor") && depth(w) {
                 Floor { tls: tls_floor(echo, &client, w).await, wss: wss_floor(ws_echo, &client, w).await }
             } else {
                 Floor { tls: nan(), wss: nan() }
             };
-            print_row("raw TLS echo (floor)", w, &floor.tls, &floor);
-            print_row("raw WSS echo (floor)", w, &floor.wss, &floor);
+            if !floor.tls.p50.is_nan() {
+                print_row("raw TLS echo (floor)", w, &floor.tls, &floor);
+                print_row("raw WSS echo (floor)", w, &floor.wss, &floor);
+            }
             floors.push(floor);
         }
 

@@ -529,7 +529,12 @@ impl Core {
 
     /// Up (alive or suspect) nodes hosting a gear of that name, this node included.
     pub fn replicas_of(&self, gear: &str) -> Vec<NodeId> {
-        self.nodes().filter(|r| r.state.is_up() && r.gears.iter().any(|g| g.name == gear)).map(|r| r.id).collect()
+        self.replicas(gear).collect()
+    }
+
+    /// [`Self::replicas_of`] without collecting.
+    pub fn replicas<'a>(&'a self, gear: &'a str) -> impl Iterator<Item = NodeId> + 'a {
+        self.nodes().filter(move |r| r.state.is_up() && r.gears.iter().any(|g| g.name == gear)).map(|r| r.id)
     }
 
     /// Up nodes with listeners for `topic`, this node included.

@@ -2,12 +2,9 @@
 //! fast when the callee's node goes away), calls from other nodes run on the local host, and
 //! switching of frames addressed to other nodes.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
 };
 
 use bytes::Bytes;
@@ -18,7 +15,7 @@ use gearmesh_gears::{
 use gearmesh_transport::{BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError};
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
-use super::{Counters, Inner, Mesh, lock, to_core, to_link};
+use super::{Counters, FastMap, Inner, Mesh, lock, to_core, to_link};
 use crate::core::NodeId;
 
 /// One outgoing call waiting for its reply.
@@ -32,8 +29,8 @@ pub(crate) struct Pending {
 #[derive(Debug, Default)]
 pub(crate) struct CallTable {
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, Pending>>,
-    inbound: Mutex<HashMap<(NodeId, u64), AbortHandle>>,
+    pending: Mutex<FastMap<u64, Pending>>,
+    inbound: Mutex<FastMap<(NodeId, u64), AbortHandle>>,
     /// Cancels that arrived before their call (over QUIC they travel on another stream and can
     /// overtake it): the call is dropped when it comes.
     early_cancels: Mutex<EarlyCancels>,
@@ -44,7 +41,7 @@ pub(crate) struct CallTable {
 /// unique per calling node, so a remembered id never matches another call.
 #[derive(Debug, Default)]
 pub(crate) struct EarlyCancels {
-    set: std::collections::HashSet<(NodeId, u64)>,
+    set: std::collections::HashSet<(NodeId, u64), foldhash::fast::RandomState>,
     order: std::collections::VecDeque<(NodeId, u64)>,
 }
 
@@ -342,7 +339,8 @@ impl Inner {
         let call_id = c.call_id;
         let task = tokio::spawn(async move {
             let caller = principal_from_wire(&c.caller, std::mem::take(&mut c.scopes));
-            let deadline = Instant::now() + std::time::Duration::from_millis(u64::from(c.deadline_ms));
+            let started = Instant::now();
+            let deadline = started + std::time::Duration::from_millis(u64::from(c.deadline_ms));
             let mut meta = CallMeta::new(caller, Some(deadline));
             meta.trace_id = TraceId::from_u128(c.trace_id);
             let arg = match c.body_kind {
@@ -350,7 +348,6 @@ impl Inner {
                 BodyKind::Bytes => Arg::bytes(c.body),
             };
             let call = GearCall { gear: &c.gear, port: &c.port, arg, meta };
-            let started = Instant::now();
             let allowed = inner.authorizer.get().map_or(Ok(()), |a| a.authorize_call(&call));
             let result = match allowed.map(|()| inner.host.start(call)) {
                 Err(e) => Err(e),

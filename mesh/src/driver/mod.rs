@@ -291,6 +291,10 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
+/// A hash map with a fast hasher, seeded per map (so keys a peer chooses, such as call ids,
+/// cannot be aimed at one bucket): these maps sit on every call's path.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section is a few map operations that leave the data consistent even if a
     // panic interrupted the holder, so a poisoned lock is still usable.
@@ -484,7 +488,12 @@ impl Inner {
     }
 
     pub(crate) fn now(&self) -> Time {
-        Time::from_millis(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+        self.time_at(Instant::now())
+    }
+
+    /// The core's time at `at` (a clock read the caller already made).
+    pub(crate) fn time_at(&self, at: Instant) -> Time {
+        Time::from_millis(u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX))
     }
 
     fn instant_of(&self, t: Time) -> Instant {
@@ -512,13 +521,19 @@ impl Inner {
     /// Where `gear` runs, as far as this node can tell.
     pub(crate) fn replicas_of(&self, gear: &str) -> Replicas {
         let core = self.core();
-        let up: Vec<NodeId> = core.replicas_of(gear).into_iter().filter(|n| *n != self.id).collect();
-        let (routable, unroutable): (Vec<NodeId>, Vec<NodeId>) =
-            up.into_iter().partition(|n| core.next_hop(*n).is_some());
+        let mut routable = Vec::new();
+        let mut unroutable = false;
+        for n in core.replicas(gear).filter(|n| *n != self.id) {
+            if core.next_hop(n).is_some() {
+                routable.push(n);
+            } else {
+                unroutable = true;
+            }
+        }
         if !routable.is_empty() {
             return Replicas::Routable(routable);
         }
-        if !unroutable.is_empty() {
+        if unroutable {
             return Replicas::NoRouteYet;
         }
         if core.nodes().any(|r| r.gears.iter().any(|g| g.name == gear)) { Replicas::Down } else { Replicas::Unknown }

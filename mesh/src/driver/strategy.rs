@@ -8,7 +8,7 @@
 //! `docs/strategies.md` for the choices.
 
 use std::{
-    collections::HashMap,
+    pin::Pin,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -22,9 +22,9 @@ use gearmesh_gears::{
 };
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::time::Instant;
+use tokio::{sync::futures::Notified, time::Instant};
 
-use super::{Mesh, Replicas, lock};
+use super::{FastMap, Mesh, Replicas, lock};
 use crate::{
     breaker::{Breaker, BreakerConfig, BreakerState, BudgetConfig, Ewma, RetryBudget, backoff},
     core::{MeshEvent, NodeId, Time},
@@ -110,12 +110,54 @@ pub struct ResilienceStats {
 #[derive(Debug)]
 pub(crate) struct Resilience {
     config: ResilienceConfig,
-    health: Mutex<HashMap<(String, NodeId), Health>>,
+    health: Mutex<HealthMap>,
     /// Calls in flight per node from this layer; removed at zero (so bounded by the nodes).
-    inflight: Mutex<HashMap<NodeId, usize>>,
+    inflight: Mutex<FastMap<NodeId, usize>>,
     budget: Mutex<RetryBudget>,
     attempts: AtomicU64,
     breaker_rejections: AtomicU64,
+}
+
+/// The health of every (gear, node) tracked, keyed by gear first so that a call looks its gear
+/// up by `&str` without allocating.
+#[derive(Debug, Default)]
+struct HealthMap {
+    by_gear: FastMap<String, FastMap<NodeId, Health>>,
+    /// Entries over all gears (bounded by `max_tracked`).
+    len: usize,
+}
+
+impl HealthMap {
+    fn get(&self, gear: &str, node: NodeId) -> Option<&Health> {
+        self.by_gear.get(gear).and_then(|m| m.get(&node))
+    }
+
+    fn get_mut(&mut self, gear: &str, node: NodeId) -> Option<&mut Health> {
+        self.by_gear.get_mut(gear).and_then(|m| m.get_mut(&node))
+    }
+
+    /// Forgets the least recently used entry.
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .by_gear
+            .iter()
+            .flat_map(|(g, m)| m.iter().map(move |(n, h)| (h.last_used, g, *n)))
+            .min_by_key(|(used, _, _)| *used)
+            .map(|(_, g, n)| (g.clone(), n));
+        if let Some((gear, node)) = oldest
+            && let Some(m) = self.by_gear.get_mut(&gear)
+            && m.remove(&node).is_some()
+        {
+            self.len -= 1;
+            if m.is_empty() {
+                self.by_gear.remove(&gear);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, NodeId, &Health)> {
+        self.by_gear.iter().flat_map(|(g, m)| m.iter().map(move |(n, h)| (g, *n, h)))
+    }
 }
 
 impl Resilience {
@@ -130,28 +172,33 @@ impl Resilience {
         }
     }
 
-    fn entry<'a>(
-        &self,
-        map: &'a mut HashMap<(String, NodeId), Health>,
-        gear: &str,
-        node: NodeId,
-        now: Time,
-    ) -> &'a mut Health {
-        let key = (gear.to_owned(), node);
-        if !map.contains_key(&key)
-            && map.len() >= self.config.max_tracked.max(1)
-            && let Some(oldest) = map.iter().min_by_key(|(_, h)| h.last_used).map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
+    fn entry<'a>(&self, map: &'a mut HealthMap, gear: &str, node: NodeId, now: Time) -> &'a mut Health {
+        if map.get(gear, node).is_none() {
+            if map.len >= self.config.max_tracked.max(1) {
+                map.evict_oldest();
+            }
+            if !map.by_gear.contains_key(gear) {
+                map.by_gear.insert(gear.to_owned(), FastMap::default());
+            }
+            let fresh = Health {
+                breaker: Breaker::new(self.config.breaker.clone()),
+                latency: Ewma::new(),
+                last_sample: Time::ZERO,
+                last_used: now,
+            };
+            if let Some(m) = map.by_gear.get_mut(gear) {
+                m.insert(node, fresh);
+                map.len += 1;
+            }
         }
-        let h = map.entry(key).or_insert_with(|| Health {
-            breaker: Breaker::new(self.config.breaker.clone()),
-            latency: Ewma::new(),
-            last_sample: Time::ZERO,
-            last_used: now,
-        });
-        h.last_used = now;
-        h
+        match map.get_mut(gear, node) {
+            Some(h) => {
+                h.last_used = now;
+                h
+            }
+            // Inserted just above.
+            None => unreachable!("a health entry was just inserted"),
+        }
     }
 
     /// Asks the breaker of (gear, node) for a permit; returns whether the call may go, and the
@@ -183,7 +230,7 @@ impl Resilience {
         let map = lock(&self.health);
         let inflight = lock(&self.inflight);
         let fresh = |n: &NodeId| {
-            map.get(&(gear.to_owned(), *n))
+            map.get(gear, *n)
                 .filter(|h| now.since(h.last_sample) <= self.config.latency_ttl)
                 .and_then(|h| h.latency.get())
         };
@@ -212,7 +259,7 @@ impl Resilience {
     }
 
     fn release(&self, gear: &str, node: NodeId) {
-        if let Some(h) = lock(&self.health).get_mut(&(gear.to_owned(), node)) {
+        if let Some(h) = lock(&self.health).get_mut(gear, node) {
             h.breaker.release();
         }
     }
@@ -221,8 +268,8 @@ impl Resilience {
         let map = lock(&self.health);
         let mut v: Vec<BreakerView> = map
             .iter()
-            .filter(|((_, n), _)| *n == node)
-            .map(|((gear, _), h)| {
+            .filter(|(_, n, _)| *n == node)
+            .map(|(gear, _, h)| {
                 let (calls, failures) = h.breaker.window(now);
                 BreakerView {
                     gear: gear.clone(),
@@ -433,19 +480,33 @@ impl Mesh {
     async fn candidates(&self, gear: &str, include_here: bool, deadline: Instant) -> Result<Vec<NodeId>, CallError> {
         let inner = &self.inner;
         let here = include_here && inner.host.has_gear(gear);
-        let route_wait = deadline.min(Instant::now() + ROUTE_WAIT);
         let unreachable = || CallError::unavailable(format!("no node hosting {gear:?} can be reached"));
+        // Only a call that finds no route yet reads the clock or waits for a route change.
+        let mut route_wait: Option<Instant> = None;
+        let mut waiter: Option<Pin<Box<Notified<'_>>>> = None;
         loop {
-            let routes_changed = inner.routes_changed.notified();
-            tokio::pin!(routes_changed);
-            routes_changed.as_mut().enable();
             let mut nodes = match inner.replicas_of(gear) {
-                Replicas::Routable(nodes) => nodes,
-                Replicas::NoRouteYet if !here && Instant::now() < route_wait => {
-                    // Woken by the next route change, or give up at `route_wait`.
-                    let _woken = tokio::time::timeout_at(route_wait, routes_changed).await;
+                Replicas::NoRouteYet
+                    if !here
+                        && Instant::now()
+                            < *route_wait.get_or_insert_with(|| deadline.min(Instant::now() + ROUTE_WAIT)) =>
+                {
+                    match waiter.take() {
+                        // Registered before looking again, so a change in between is not missed.
+                        None => {
+                            let mut w = Box::pin(inner.routes_changed.notified());
+                            w.as_mut().enable();
+                            waiter = Some(w);
+                        }
+                        // Woken by the next route change, or give up at `route_wait`.
+                        Some(w) => {
+                            let until = route_wait.unwrap_or(deadline);
+                            let _woken = tokio::time::timeout_at(until, w).await;
+                        }
+                    }
                     continue;
                 }
+                Replicas::Routable(nodes) => nodes,
                 Replicas::NoRouteYet | Replicas::Down if !here => return Err(unreachable()),
                 Replicas::Unknown if !here => {
                     return Err(CallError::not_found(format!("no gear named {gear:?} in the mesh")));
@@ -480,20 +541,22 @@ impl Mesh {
     async fn unary(&self, call: GearCall<'_>, order: Order, include_here: bool) -> Result<Payload, CallError> {
         let inner = &self.inner;
         let res = &inner.resilience;
-        let deadline = call.meta.deadline.unwrap_or_else(|| Instant::now() + inner.config.default_timeout);
+        // The clock is read once before each attempt and once after it.
+        let mut clock = Instant::now();
+        let deadline = call.meta.deadline.unwrap_or(clock + inner.config.default_timeout);
         let (gear, port) = (call.gear, call.port);
         let mut idempotent: Option<bool> = match call.meta.retry {
             Retry::Yes => Some(true),
             Retry::No => Some(false),
             _ => None,
         };
-        lock(&res.budget).deposit(inner.now());
+        lock(&res.budget).deposit(inner.time_at(clock));
         // Replicas that failed this call, to try others first.
         let mut failed: Vec<NodeId> = Vec::new();
         let mut last_error: Option<CallError> = None;
         for attempt in 1..=res.config.max_attempts.max(1) {
             let nodes = self.candidates(gear, include_here, deadline).await?;
-            let now = inner.now();
+            let now = inner.time_at(clock);
             let ordered: Vec<NodeId> = match &order {
                 Order::Shard(key) => rendezvous(key, &nodes),
                 Order::Spread => {
@@ -518,24 +581,26 @@ impl Mesh {
                 }));
             };
             let mut guard = InFlight::begin(res, gear, dst);
-            let started = Instant::now();
+            let started = clock;
             let result = self.attempt(dst, call.clone_parts(), deadline).await;
             guard.recorded = true;
             drop(guard);
+            clock = Instant::now();
             let failure = result.as_ref().err().filter(|e| is_replica_failure(e));
-            let changed = res.record(gear, dst, inner.now(), failure.is_some(), started.elapsed());
+            let took = clock.saturating_duration_since(started);
+            let changed = res.record(gear, dst, inner.time_at(clock), failure.is_some(), took);
             self.breaker_changed(gear, dst, changed);
             let e = match result {
                 Ok(p) => return Ok(p),
                 Err(e) => e,
             };
-            let may_retry = match classify(&e, Instant::now() >= deadline) {
+            let may_retry = match classify(&e, clock >= deadline) {
                 Failure::Final => false,
                 // A shard's key belongs to its owner: do not move it elsewhere while it sheds load.
                 Failure::Shed => !matches!(order, Order::Shard(_)),
                 Failure::Transient => *idempotent.get_or_insert_with(|| self.is_idempotent(gear, port)),
             };
-            if !may_retry || attempt == res.config.max_attempts || !lock(&res.budget).withdraw(inner.now()) {
+            if !may_retry || attempt == res.config.max_attempts || !lock(&res.budget).withdraw(inner.time_at(clock)) {
                 return Err(e);
             }
             if !failed.contains(&dst) {
@@ -543,10 +608,11 @@ impl Mesh {
             }
             if matches!(classify(&e, false), Failure::Transient) {
                 let wait = backoff(attempt, res.config.backoff_base, res.config.backoff_cap, rand::random::<f64>());
-                if Instant::now() + wait >= deadline {
+                if clock + wait >= deadline {
                     return Err(e);
                 }
                 tokio::time::sleep(wait).await;
+                clock = Instant::now();
             }
             tracing::debug!(gear, port, node = %dst, attempt, error = %e, "retrying");
             last_error = Some(e);
@@ -738,7 +804,7 @@ mod tests {
     #[test]
     fn shard_spreads_keys_evenly_and_the_same_on_every_node() {
         let nodes = ids(4, 2);
-        let mut counts = HashMap::new();
+        let mut counts = std::collections::HashMap::new();
         for k in 0..8_000 {
             *counts.entry(rendezvous(&format!("k{k}"), &nodes)[0]).or_insert(0usize) += 1;
         }

@@ -72,11 +72,13 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
     }
 }
 
-/// Clocks shared by the reader, writer and watchdog of one link.
+/// Clocks shared by the reader, writer and watchdog of one link. The reader never reads the
+/// clock for a frame: it raises `heard`, and the watchdog, which wakes every quarter heartbeat,
+/// turns that into a time. Silence is therefore measured to within one watchdog step.
 struct Clock {
     start: Instant,
-    /// Micros since `start` of the last frame received.
-    last_recv: AtomicU64,
+    /// Something arrived since the watchdog last looked.
+    heard: AtomicBool,
     /// The reader is waiting for the application, not the network.
     reader_blocked: AtomicBool,
 }
@@ -87,7 +89,7 @@ impl Clock {
     }
 
     fn touch(&self) {
-        self.last_recv.store(self.now_micros(), Ordering::Relaxed);
+        self.heard.store(true, Ordering::Relaxed);
     }
 }
 
@@ -100,7 +102,7 @@ async fn run<T: WireTx, R: WireRx>(
     config: LinkConfig,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let clock = Clock { start: Instant::now(), last_recv: AtomicU64::new(0), reader_blocked: AtomicBool::new(false) };
+    let clock = Clock { start: Instant::now(), heard: AtomicBool::new(false), reader_blocked: AtomicBool::new(false) };
     let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<Frame>(32);
     let mut close_rx = shared.close_req.subscribe();
     let outcome = tokio::select! {
@@ -150,13 +152,15 @@ async fn close_requested(rx: &mut watch::Receiver<Option<Close>>) -> Outcome {
 async fn watchdog(config: &LinkConfig, clock: &Clock) -> Outcome {
     let idle = u64::try_from(config.idle_timeout.as_micros()).unwrap_or(u64::MAX);
     let step = (config.heartbeat_interval / 4).max(std::time::Duration::from_millis(5));
+    let mut last_heard = clock.now_micros();
     loop {
         tokio::time::sleep(step).await;
-        if clock.reader_blocked.load(Ordering::Relaxed) {
-            clock.touch();
+        let now = clock.now_micros();
+        if clock.heard.swap(false, Ordering::Relaxed) || clock.reader_blocked.load(Ordering::Relaxed) {
+            last_heard = now;
             continue;
         }
-        let silent = clock.now_micros().saturating_sub(clock.last_recv.load(Ordering::Relaxed));
+        let silent = now.saturating_sub(last_heard);
         if silent > idle {
             return Outcome::local(CloseCode::HEARTBEAT_TIMEOUT, format!("nothing received for {} ms", silent / 1000));
         }
