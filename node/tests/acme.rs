@@ -12,7 +12,7 @@ mod pebble;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -23,7 +23,11 @@ use gearmesh_transport::{
     quic::QuicEndpoint,
     tls::{ALPN_GEARMESH, ClientTls, ClientTrust},
 };
-use pebble::{Options, Pebble, free_port, loopback};
+use pebble::{
+    Options, Pebble,
+    ari::{Answer, AriFront, Asked},
+    free_port, loopback,
+};
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -621,4 +625,229 @@ async fn the_binary_takes_the_acme_flags() {
     wait_for_trusted(&trusting(&root, domain, port, false), domain, port).await;
     assert!(data.join("acme").exists(), "state kept under --data-dir");
     drop(node);
+}
+
+// === ACME Renewal Information (RFC 9773), through the ARI front (`pebble/ari.rs`) ===
+
+/// The ACME status the node shows under `acme` in `/v1/node`.
+async fn acme_status(port: u16) -> Value {
+    let resp = insecure().get(format!("https://127.0.0.1:{port}/v1/node")).send().await.expect("/v1/node answers");
+    let body: Value = resp.json().await.expect("/v1/node JSON");
+    body["acme"].clone()
+}
+
+/// The leaf the node serves to `client`, parsed.
+async fn served_leaf(client: &reqwest::Client, domain: &str, port: u16) -> Result<CertInfo, String> {
+    let resp = client.get(format!("https://{domain}:{port}/healthz")).send().await.map_err(|e| format!("{e:?}"))?;
+    let der = resp.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).ok_or("no cert")?;
+    CertInfo::parse(&CertificateDer::from(der.to_vec()))
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).expect("after 1970").as_secs()
+}
+
+/// Waits until the front has seen a renewalInfo request about the certificate with `serial`;
+/// checks it named that certificate by its RFC 9773 identifier.
+async fn asked_about(front: &AriFront, serial: &str, limit: Duration) -> Asked {
+    let asked = wait_for(&format!("a renewalInfo request about {serial}"), limit, || async {
+        let all = front.asked();
+        all.iter().find(|a| a.served_serial.as_deref() == Some(serial)).cloned().ok_or_else(|| format!("{all:?}"))
+    })
+    .await;
+    assert_eq!(
+        asked.expected.as_deref(),
+        Ok(asked.cert_id.as_str()),
+        "the node asked with the RFC 9773 identifier of the certificate it serves"
+    );
+    asked
+}
+
+/// Waits until the node's status shows, for the certificate `serial`, the window the front
+/// answered and a renewal time inside it; returns the renewal time.
+async fn planned_in_window(port: u16, serial: &str, (start, end): (u64, u64)) -> u64 {
+    wait_for("the ARI window in the node's status", Duration::from_secs(15), || async {
+        let acme = acme_status(port).await;
+        let renew_at = acme["renew_at_unix"].as_u64().ok_or_else(|| format!("{acme}"))?;
+        if acme["serial"] == serial && acme["ari_window_unix"] == serde_json::json!([start, end]) {
+            assert!((start..=end).contains(&renew_at), "renewal planned inside the window: {acme}");
+            Ok(renew_at)
+        } else {
+            Err(format!("{acme}"))
+        }
+    })
+    .await
+}
+
+/// The earliest time the lifetime rule renews `cert` at (a third of the lifetime left, minus
+/// the largest jitter, 1/30).
+fn lifetime_rule_earliest(cert: &CertInfo) -> u64 {
+    let lifetime = cert.lifetime().as_secs_f64();
+    unix(cert.not_after) - (lifetime * (1.0 / 3.0 + 1.0 / 30.0)).ceil() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ari_window_drives_renewal_and_is_asked_again_after_each_issue() {
+    if !pebble::available() {
+        return;
+    }
+    let port = free_port();
+    // One-hour certificates: the lifetime rule renews after 37 minutes at the earliest.
+    let pebble =
+        Pebble::start("ari", Options { http_port: free_port(), tls_port: port, validity_secs: Some(3600) }).await;
+    let answers = vec![
+        // The first certificate: renew within seconds.
+        Answer::Window { start: 5, end: 10, retry_after: 3600 },
+        // The renewed one: in half an hour, still before the lifetime rule.
+        Answer::Window { start: 1800, end: 1900, retry_after: 3600 },
+    ];
+    let front = AriFront::start(&pebble, loopback(port), answers).await;
+    let data = data_dir("ari");
+    let domain = "ari.gearmesh.test";
+    let mut config = node_config(&pebble, &data, domain, port);
+    config.tls.acme_directory = Some(front.directory_url());
+    let node = start(config).await;
+    let root = pebble.root_pem().await;
+    let client = trusting(&root, domain, port, false);
+    let first = wait_for_trusted(&client, domain, port).await;
+    let first_cert = served_leaf(&client, domain, port).await.expect("the first certificate");
+
+    // Right after the issue, the node asked about the certificate it serves, and planned the
+    // renewal inside the window the server suggested, long before the lifetime rule.
+    let asked = asked_about(&front, &first, Duration::from_secs(15)).await;
+    let window = asked.window.expect("a window was answered");
+    let renew_at = planned_in_window(port, &first, window).await;
+    assert!(renew_at < lifetime_rule_earliest(&first_cert), "ARI, not the lifetime rule, decides");
+
+    // The renewal: a new certificate, issued inside the window (Pebble's notBefore is the
+    // issue time), long before the lifetime rule.
+    let second = wait_for("the renewal ARI asked for", Duration::from_secs(60), || async {
+        match served_serial(&client, domain, port).await? {
+            s if s != first => Ok(s),
+            s => Err(format!("still {s}")),
+        }
+    })
+    .await;
+    let second_cert = served_leaf(&client, domain, port).await.expect("the renewed certificate");
+    assert_eq!(second_cert.serial, second);
+    let issued = unix(second_cert.not_before);
+    assert!(issued >= window.0, "renewed at {issued}, not before the window {window:?}");
+    assert!(issued < lifetime_rule_earliest(&first_cert), "renewed by ARI, not by lifetime");
+
+    // The renewed certificate's plan comes from ARI again, asked right after its issue.
+    let asked = asked_about(&front, &second, Duration::from_secs(15)).await;
+    planned_in_window(port, &second, asked.window.expect("a window was answered")).await;
+    assert_eq!(metric(port, "gearmesh_acme_certificates_issued_total").await, Some(2.0));
+    assert_eq!(readyz(port).await.0, 200);
+    assert_eq!(front.asked().len(), 2, "one question per certificate until Retry-After: {:?}", front.asked());
+    // `replaces` (RFC 9773 §5) cannot be seen here: the order goes to Pebble directly. What
+    // shows is its effect: Pebble 2.4 ignores the field and does not reflect it, so instant-acme
+    // refuses that order and the node orders again without it: two orders for the renewal. (A
+    // Pebble with ARI would reflect it; the front refuses to run in front of one.)
+    assert_eq!(pebble.orders(), 3, "one order, then two for the renewal");
+    assert_eq!(pebble.issued(), 2);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ari_is_asked_again_after_retry_after_and_a_window_now_renews_at_once() {
+    if !pebble::available() {
+        return;
+    }
+    let port = free_port();
+    let pebble =
+        Pebble::start("ari-again", Options { http_port: free_port(), tls_port: port, validity_secs: Some(3600) }).await;
+    let answers = vec![
+        // Half an hour away, but ask again after 1 s (clamped to the client's minute).
+        Answer::Window { start: 1800, end: 1900, retry_after: 1 },
+        // Asked again: the window has moved to now (as for a certificate about to be revoked).
+        Answer::Window { start: -120, end: -60, retry_after: 3600 },
+        Answer::Window { start: 1800, end: 1900, retry_after: 3600 },
+    ];
+    let front = AriFront::start(&pebble, loopback(port), answers).await;
+    let data = data_dir("ari-again");
+    let domain = "ari-again.gearmesh.test";
+    let mut config = node_config(&pebble, &data, domain, port);
+    config.tls.acme_directory = Some(front.directory_url());
+    let node = start(config).await;
+    let root = pebble.root_pem().await;
+    let client = trusting(&root, domain, port, false);
+    let first = wait_for_trusted(&client, domain, port).await;
+    let asked = asked_about(&front, &first, Duration::from_secs(15)).await;
+    planned_in_window(port, &first, asked.window.expect("a window")).await;
+
+    // After Retry-After (1 s, clamped to RFC 9773's suggested minute) the node asks again,
+    // learns the window is now, and renews at once.
+    let second = wait_for("the renewal after the second question", Duration::from_secs(150), || async {
+        match served_serial(&client, domain, port).await? {
+            s if s != first => Ok(s),
+            s => Err(format!("still {s}")),
+        }
+    })
+    .await;
+    let all = front.asked();
+    assert!(all.len() >= 2, "{all:?}");
+    assert_eq!(all[1].served_serial.as_deref(), Some(first.as_str()), "asked again about the same certificate");
+    assert_eq!(all[1].expected.as_deref(), Ok(all[1].cert_id.as_str()));
+    let waited = all[1].at.duration_since(all[0].at).expect("in order");
+    assert!(
+        waited >= gearmesh_transport::acme::ARI_RECHECK_MIN - Duration::from_secs(1),
+        "Retry-After: 1 is clamped to a minute, asked again after {waited:?}"
+    );
+    asked_about(&front, &second, Duration::from_secs(15)).await;
+    assert_eq!(readyz(port).await.0, 200);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ari_errors_fall_back_to_the_lifetime_rule_and_the_node_keeps_serving() {
+    if !pebble::available() {
+        return;
+    }
+    let port = free_port();
+    // 30 s certificates: the lifetime rule renews 19-20 s after each issue.
+    let pebble =
+        Pebble::start("ari-error", Options { http_port: free_port(), tls_port: port, validity_secs: Some(30) }).await;
+    let front = AriFront::start(&pebble, loopback(port), vec![Answer::Status(500), Answer::Status(404)]).await;
+    let data = data_dir("ari-error");
+    let domain = "ari-error.gearmesh.test";
+    let mut config = node_config(&pebble, &data, domain, port);
+    config.tls.acme_directory = Some(front.directory_url());
+    let node = start(config).await;
+    let root = pebble.root_pem().await;
+    let client = trusting(&root, domain, port, false);
+    let first = wait_for_trusted(&client, domain, port).await;
+    let first_cert = served_leaf(&client, domain, port).await.expect("the first certificate");
+    asked_about(&front, &first, Duration::from_secs(15)).await;
+
+    // A 500 from renewalInfo: the plan is the lifetime rule, and no window is shown.
+    let (earliest, latest) = (lifetime_rule_earliest(&first_cert), unix(first_cert.not_after) - 10);
+    wait_for("a renewal planned by the lifetime rule", Duration::from_secs(15), || async {
+        let acme = acme_status(port).await;
+        match acme["renew_at_unix"].as_u64() {
+            Some(at) if acme["serial"] == first && (earliest..=latest).contains(&at) => {
+                assert!(acme["ari_window_unix"].is_null(), "{acme}");
+                Ok(())
+            }
+            _ => Err(format!("{acme}, want renew_at_unix in {earliest}..={latest}")),
+        }
+    })
+    .await;
+    assert_eq!(readyz(port).await.0, 200);
+
+    // The lifetime rule renews it; the node keeps serving and asks about the new certificate
+    // (a 404 this time).
+    let second = wait_for("the renewal by lifetime", Duration::from_secs(60), || async {
+        match served_serial(&client, domain, port).await? {
+            s if s != first => Ok(s),
+            s => Err(format!("still {s}")),
+        }
+    })
+    .await;
+    let second_cert = served_leaf(&client, domain, port).await.expect("the renewed certificate");
+    assert!(unix(second_cert.not_before) >= earliest, "not renewed before the lifetime rule");
+    asked_about(&front, &second, Duration::from_secs(15)).await;
+    assert_eq!(readyz(port).await.0, 200);
+    assert_eq!(metric(port, "gearmesh_acme_failures_total").await, Some(0.0), "ARI errors are not renewal failures");
+    node.shutdown().await;
 }

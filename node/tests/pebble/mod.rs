@@ -5,6 +5,10 @@
 //!
 //! Both processes are killed when the [`Pebble`] is dropped. Without the `pebble` package the
 //! tests print a SKIP line and pass, unless GEARMESH_REQUIRE_PEBBLE is set (CI sets it).
+//!
+//! `ari.rs` adds the ACME Renewal Information resource that Pebble 2.4 lacks, in front of it.
+
+pub(crate) mod ari;
 
 use std::{
     net::SocketAddr,
@@ -170,7 +174,13 @@ impl Pebble {
         &self.dir
     }
 
-    fn api_client(&self) -> reqwest::Client {
+    /// Pebble's API certificate and key (PEM files), which the ARI front serves too.
+    pub(crate) fn api_cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("api-cert.pem"), self.dir.join("api-key.pem"))
+    }
+
+    /// A client trusting Pebble's API CA.
+    pub(crate) fn api_client(&self) -> reqwest::Client {
         let certs = gearmesh_transport::tls::load_certs(&self.api_ca()).expect("api ca");
         let tls = gearmesh_transport::tls::ClientTls::new(&gearmesh_transport::tls::ClientTrust::Ca(certs))
             .expect("client tls")
@@ -188,6 +198,13 @@ impl Pebble {
         let resp = self.api_client().get(&url).send().await.expect("pebble management answers");
         assert!(resp.status().is_success(), "{url}: {}", resp.status());
         resp.text().await.expect("root PEM")
+    }
+
+    /// How many orders this Pebble was asked to create (from its log).
+    pub(crate) fn orders(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("pebble.log"))
+            .map(|log| log.matches("POST /order-plz").count())
+            .unwrap_or(0)
     }
 
     /// How many certificates this Pebble issued (from its log).

@@ -10,7 +10,9 @@
 //!   `store.rs`), files 0600, written atomically; a stored certificate that is valid, covers the
 //!   domains and is not due is served at start without contacting the server (rate limits).
 //! - Renewal: when a third of the lifetime remains, minus a random jitter, or inside the
-//!   server's ACME Renewal Information window when it offers one (`policy.rs`). Failures are
+//!   server's ACME Renewal Information window when it offers one (`policy.rs`), asked right
+//!   after each issue (and at start for a stored certificate) and again after the server's
+//!   `Retry-After`; a renewal order then names the certificate it `replaces`. Failures are
 //!   retried with capped exponential backoff while the old certificate keeps being served; the
 //!   status ([`AcmeStatus`]) carries the expiry for metrics and the last error (with the ACME
 //!   problem document) for logs and readiness.
@@ -32,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use challenge::{HTTP01_PREFIX, HTTP01_ROUTE, Http01Tokens, serve_http01};
-pub use policy::{CertInfo, RenewPolicy};
+pub use policy::{ARI_RECHECK_AFTER_ERROR, ARI_RECHECK_MAX, ARI_RECHECK_MIN, CertInfo, RenewPolicy};
 pub use store::{ACCOUNT_FILE, CERT_FILE, KEY_FILE};
 
 use crate::backoff::Backoff;
@@ -274,6 +276,10 @@ pub struct AcmeStatus {
     pub not_after_unix: Option<u64>,
     /// When the next renewal is planned, in Unix seconds.
     pub renew_at_unix: Option<u64>,
+    /// The server's suggested renewal window for the served certificate (ACME Renewal
+    /// Information, RFC 9773), `[start, end]` in Unix seconds, when it offers one; a renewal
+    /// that is not a retry is then planned inside it.
+    pub ari_window_unix: Option<[u64; 2]>,
     /// Certificates issued by this process (0 after a restart that reused the stored one).
     pub issued: u64,
     /// Failed attempts by this process.
@@ -292,6 +298,51 @@ impl AcmeStatus {
         let end = self.not_after_unix?;
         let now = unix(now);
         Some(i64::try_from(end).unwrap_or(i64::MAX).saturating_sub(i64::try_from(now).unwrap_or(0)))
+    }
+}
+
+// === the renewal plan ===
+
+/// The longest one renewal information request may take.
+const ARI_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// When to renew the served certificate, and when to ask the server's renewal information
+/// (ARI) again.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Uniform in `[0, 1)`, drawn once per certificate: where in the lifetime rule's jitter or in
+    /// the ARI window to renew (the same window asked twice gives the same time).
+    draw: f64,
+    /// The lifetime rule's time (`None` when there is no certificate: order now).
+    by_lifetime: Option<SystemTime>,
+    /// The server's last suggested window for this certificate.
+    window: Option<(SystemTime, SystemTime)>,
+    /// Whether the server offers ARI (`renewalInfo` in its directory): decides `replaces`.
+    ari_offered: bool,
+    /// When to ask ARI again; `None` while retrying, or when the server offers no ARI.
+    ari_check: Option<SystemTime>,
+}
+
+impl Plan {
+    fn new(current: Option<&StoredCert>, policy: &RenewPolicy) -> Self {
+        let draw = rand::random::<f64>();
+        Plan {
+            draw,
+            by_lifetime: current.map(|c| policy.renew_at(&c.info, draw)),
+            window: None,
+            ari_offered: false,
+            ari_check: None,
+        }
+    }
+
+    /// Inside the server's window when there is one, else by lifetime; never before `now`
+    /// for a window (a window in the past means "now").
+    fn renew_at(&self, now: SystemTime) -> SystemTime {
+        match (self.window, self.by_lifetime) {
+            (Some((start, end)), _) => RenewPolicy::in_window(start, end, self.draw, now),
+            (None, Some(at)) => at,
+            (None, None) => now,
+        }
     }
 }
 
@@ -356,6 +407,7 @@ impl Acme {
             serial: current.as_ref().map(|c| c.info.serial.clone()),
             not_after_unix: current.as_ref().map(|c| unix(c.info.not_after)),
             renew_at_unix: None,
+            ari_window_unix: None,
             issued: 0,
             failures: 0,
             last_error: None,
@@ -395,15 +447,73 @@ impl Acme {
         self.status.send_modify(f);
     }
 
-    /// When the current certificate is due, asking the server's renewal window when it offers one.
-    async fn plan(&self, account: Option<&instant_acme::Account>) -> SystemTime {
-        let Some(cur) = &self.current else { return SystemTime::now() };
-        if let Some(acc) = account
-            && let Some((start, end)) = order::renewal_window(acc, cur).await
-        {
-            return RenewPolicy::in_window(start, end, rand::random::<f64>(), SystemTime::now());
+    /// Asks the server's renewal information (ARI) for the served certificate and plans from
+    /// it: inside the suggested window when there is one, else by lifetime. Returns when to
+    /// renew; sets when to ask again.
+    async fn ask_ari(&self, account: Option<&instant_acme::Account>, plan: &mut Plan) -> SystemTime {
+        let now = SystemTime::now();
+        plan.ari_check = None;
+        let Some(cur) = &self.current else { return now };
+        if cur.info.expired_at(now) {
+            // RFC 9773 §4.3: no more questions about an expired certificate; renew by lifetime.
+            return plan.renew_at(now);
         }
-        self.config.renew.renew_at(&cur.info, rand::random::<f64>())
+        let Some(account) = account else {
+            // No account to ask with (the server was down at start, or none is stored): try
+            // again later.
+            plan.ari_check = Some(now + ARI_RECHECK_AFTER_ERROR);
+            return plan.renew_at(now);
+        };
+        let answer = tokio::time::timeout(ARI_REQUEST_TIMEOUT, order::renewal_info(account, cur)).await;
+        let answer = answer.unwrap_or_else(|_| order::Ari::Failed(format!("no answer within {ARI_REQUEST_TIMEOUT:?}")));
+        match answer {
+            order::Ari::Unsupported => {
+                tracing::debug!("the ACME server offers no renewal information (ARI); renewing by lifetime");
+                plan.ari_offered = false;
+            }
+            order::Ari::Window { start, end, retry_after } => {
+                plan.ari_offered = true;
+                plan.window = Some((start, end));
+                let recheck = RenewPolicy::ari_recheck(retry_after);
+                plan.ari_check = Some(now + recheck);
+                let at = plan.renew_at(now);
+                tracing::info!(
+                    serial = %cur.info.serial,
+                    window_start_unix = unix(start),
+                    window_end_unix = unix(end),
+                    renew_in_s = at.duration_since(now).unwrap_or_default().as_secs(),
+                    ask_again_in_s = recheck.as_secs(),
+                    "renewal planned in the ACME server's suggested window (ARI)"
+                );
+            }
+            order::Ari::Failed(e) => {
+                tracing::info!(error = %e, "ACME renewal information unavailable; keeping the last plan");
+                plan.ari_offered = true;
+                plan.ari_check = Some(now + ARI_RECHECK_AFTER_ERROR);
+            }
+        }
+        let window = plan.window.map(|(s, e)| [unix(s), unix(e)]);
+        self.update(|s| s.ari_window_unix = window);
+        plan.renew_at(now)
+    }
+
+    /// The stored account, for asking ARI without an order (never creates one). Best effort: a
+    /// server that is down or slow gives `None`.
+    async fn load_account(&self) -> Option<instant_acme::Account> {
+        // Only a stored one: no account is created just to ask.
+        self.store.read_account().ok().flatten()?;
+        let loaded = tokio::time::timeout(Duration::from_secs(30), order::account(&self.config, &self.store, false));
+        match loaded.await {
+            Ok(Ok(acc)) => Some(acc),
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "ACME server not reachable for renewal information; renewing by lifetime");
+                None
+            }
+            Err(_) => {
+                tracing::info!("ACME server slow for renewal information; renewing by lifetime");
+                None
+            }
+        }
     }
 
     async fn run(mut self, resolver: Arc<CertResolver>, shutdown: CancellationToken) {
@@ -412,19 +522,13 @@ impl Acme {
         // Set when the server no longer knows the stored account (a reset test server, a
         // deactivated account): the next attempt registers a new one.
         let mut fresh_account = false;
+        let mut plan = Plan::new(self.current.as_ref(), &self.config.renew);
         // With a stored certificate, ask the server for its renewal window (ARI) if it offers
-        // one: that costs the directory and the stored account, never an order. Best effort: a
-        // server that is down falls back to the lifetime rule.
-        if self.current.is_some() && self.store.read_account().ok().flatten().is_some() {
-            let loaded =
-                tokio::time::timeout(Duration::from_secs(30), order::account(&self.config, &self.store, false));
-            match loaded.await {
-                Ok(Ok(acc)) => account = Some(acc),
-                Ok(Err(e)) => tracing::info!(error = %e, "ACME server not reachable at start; renewing by lifetime"),
-                Err(_) => tracing::info!("ACME server slow at start; renewing by lifetime"),
-            }
+        // one: that costs the directory and the stored account, never an order.
+        if self.current.is_some() {
+            account = self.load_account().await;
         }
-        let mut renew_at = self.plan(account.as_ref()).await;
+        let mut renew_at = self.ask_ari(account.as_ref(), &mut plan).await;
         loop {
             self.update(|s| s.renew_at_unix = Some(unix(renew_at)));
             let now = SystemTime::now();
@@ -434,12 +538,22 @@ impl Acme {
                 self.update(|s| s.state = AcmeState::Expired);
             }
             if renew_at > now {
-                let wait = renew_at.duration_since(now).unwrap_or_default().min(Duration::from_secs(3600));
+                if plan.ari_check.is_some_and(|at| at <= now) {
+                    // RFC 9773 §4.3: ask again after the server's Retry-After (clamped).
+                    if account.is_none() {
+                        account = self.load_account().await;
+                    }
+                    renew_at = self.ask_ari(account.as_ref(), &mut plan).await;
+                    continue;
+                }
+                let wake = plan.ari_check.map_or(renew_at, |at| at.min(renew_at));
+                let wait = wake.duration_since(now).unwrap_or_default().min(Duration::from_secs(3600));
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
                     () = shutdown.cancelled() => return,
                 }
             }
+            let replaces = order::replaces(self.current.as_ref(), plan.ari_offered);
             let attempt = async {
                 if account.is_none() {
                     account = Some(order::account(&self.config, &self.store, fresh_account).await?);
@@ -447,7 +561,7 @@ impl Acme {
                 let Some(acc) = account.as_ref() else {
                     return Err(AcmeError::Config("no ACME account".into()));
                 };
-                order::issue(&self.config, acc, &resolver, &self.http01).await
+                order::issue(&self.config, acc, &resolver, &self.http01, replaces).await
             };
             let result = tokio::select! {
                 r = tokio::time::timeout(self.config.attempt_timeout, attempt) => match r {
@@ -478,12 +592,17 @@ impl Acme {
                         s.state = AcmeState::Valid;
                         s.serial = Some(stored.info.serial.clone());
                         s.not_after_unix = Some(unix(stored.info.not_after));
+                        s.ari_window_unix = None;
                         s.issued += 1;
                         s.last_error = None;
                     });
                     self.current = Some(stored);
                     delays = self.config.retry.delays(rand::random());
-                    renew_at = self.plan(account.as_ref()).await;
+                    // RFC 9773 §4.3: ask the new certificate's renewal information right away.
+                    let offered = plan.ari_offered;
+                    plan = Plan::new(self.current.as_ref(), &self.config.renew);
+                    plan.ari_offered = offered;
+                    renew_at = self.ask_ari(account.as_ref(), &mut plan).await;
                 }
                 Err(e) => {
                     let rate_limited = e.problem().is_some_and(ProblemDocument::is_rate_limited);
@@ -497,8 +616,10 @@ impl Acme {
                         s.failures += 1;
                         s.last_error = Some(text);
                     });
-                    // Retry after the delay (the loop sees renewal is still due).
+                    // Retry after the delay (the loop sees renewal is still due); ARI is not
+                    // asked while retrying.
                     renew_at = SystemTime::now() + delay;
+                    plan.ari_check = None;
                     if let Some(p) = e.problem() {
                         // A refused account or order may be stale state on the server: start over.
                         account = None;

@@ -1,11 +1,11 @@
 //! One issuance: account (loaded or created), order, challenges, finalize with our own key,
 //! download the chain. The driver in `mod.rs` decides when; this file only does it.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
-    RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewAccount,
+    NewOrder, Order, OrderStatus, RetryPolicy,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 
@@ -78,17 +78,45 @@ impl Drop for Installed<'_> {
     }
 }
 
-/// Orders a certificate for `config.domains`, answers the challenges, and returns the new chain
-/// and key (as PEM, and parsed).
+/// Creates the order, naming the certificate it `replaces` (RFC 9773 §5) when given. An order
+/// with `replaces` that fails for any reason is made once more without it, so the ARI
+/// bookkeeping never blocks a renewal: the server may refuse it (`alreadyReplaced`, a
+/// certificate from another account) or, like Pebble 2.4, ignore the field and not reflect it
+/// in the order, which instant-acme reports as an error after the order was made.
+async fn new_order(
+    account: &Account,
+    ids: &[Identifier],
+    replaces: Option<CertificateIdentifier<'static>>,
+) -> Result<Order, AcmeError> {
+    if let Some(id) = replaces {
+        let shown = id.to_string();
+        match account.new_order(&NewOrder::new(ids).replaces(id)).await {
+            Ok(order) => {
+                tracing::debug!(replaces = %shown, "the order names the certificate it replaces (ARI)");
+                return Ok(order);
+            }
+            Err(e) => tracing::info!(
+                error = %e,
+                replaces = %shown,
+                "the order naming the certificate it replaces (ARI) failed; ordering without `replaces`"
+            ),
+        }
+    }
+    account.new_order(&NewOrder::new(ids)).await.map_err(|e| AcmeError::from_acme("creating the order", e))
+}
+
+/// Orders a certificate for `config.domains` (naming the certificate it `replaces`, see
+/// [`replaces`]), answers the challenges, and returns the new chain and key (as PEM, and
+/// parsed).
 pub(crate) async fn issue(
     config: &AcmeConfig,
     account: &Account,
     resolver: &CertResolver,
     http01: &Http01Tokens,
+    replaces: Option<CertificateIdentifier<'static>>,
 ) -> Result<(String, String, StoredCert), AcmeError> {
     let ids: Vec<Identifier> = config.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
-    let mut order =
-        account.new_order(&NewOrder::new(&ids)).await.map_err(|e| AcmeError::from_acme("creating the order", e))?;
+    let mut order = new_order(account, &ids, replaces).await?;
     let mut installed = Installed { resolver, http01, tokens: Vec::new(), domains: Vec::new() };
     let kind = match config.challenge {
         ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
@@ -175,35 +203,98 @@ pub(crate) async fn issue(
     Ok((chain_pem, key_pem, stored))
 }
 
-/// The server's suggested renewal window for `cert` (ACME Renewal Information, RFC 9773), or
-/// `None` when the server does not offer it.
-pub(crate) async fn renewal_window(
-    account: &Account,
-    cert: &StoredCert,
-) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
-    let leaf = cert.cert.chain.first()?;
-    let id = match instant_acme::CertificateIdentifier::try_from(leaf) {
+/// What the server says about renewing a certificate (ACME Renewal Information, RFC 9773).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ari {
+    /// The directory has no `renewalInfo`: the server offers no ARI; renew by lifetime.
+    Unsupported,
+    /// The suggested window (`end` after `start`), and when to ask again (its `Retry-After`).
+    Window {
+        /// Start of the window.
+        start: SystemTime,
+        /// End of the window.
+        end: SystemTime,
+        /// The server's `Retry-After`, as a delay from now (not yet clamped).
+        retry_after: Duration,
+    },
+    /// The server offers ARI but this answer is missing or unusable (an HTTP error, no
+    /// `Retry-After`, a window that ends before it starts, a certificate without an AKI).
+    Failed(String),
+}
+
+/// Asks the server's suggested renewal window for `cert` (RFC 9773 §4.2: a plain GET of
+/// `<renewalInfo>/<certID>`).
+pub(crate) async fn renewal_info(account: &Account, cert: &StoredCert) -> Ari {
+    let Some(leaf) = cert.cert.chain.first() else { return Ari::Failed("no certificate in the chain".into()) };
+    let id = match CertificateIdentifier::try_from(leaf) {
         Ok(id) => id,
-        Err(e) => {
-            tracing::debug!(error = %e, "no ARI identifier for the certificate");
-            return None;
-        }
+        Err(e) => return Ari::Failed(format!("no ARI identifier for the certificate: {e}")),
     };
     match account.renewal_info(&id).await {
-        Ok((info, _recheck)) => {
+        Ok((info, retry_after)) => {
             let to_system = |t: time::OffsetDateTime| {
                 let secs = u64::try_from(t.unix_timestamp()).unwrap_or(0);
-                std::time::UNIX_EPOCH + Duration::from_secs(secs)
+                UNIX_EPOCH + Duration::from_secs(secs)
             };
-            Some((to_system(info.suggested_window.start), to_system(info.suggested_window.end)))
+            let (start, end) = (to_system(info.suggested_window.start), to_system(info.suggested_window.end));
+            if end <= start {
+                // RFC 9773 §4.2: treated as no answer at all.
+                return Ari::Failed(format!("the suggested window for {id} ends before it starts"));
+            }
+            Ari::Window { start, end, retry_after }
         }
-        Err(instant_acme::Error::Unsupported(_)) => {
-            tracing::debug!("the ACME server offers no renewal information (ARI); renewing by lifetime");
-            None
-        }
-        Err(e) => {
-            tracing::info!(error = %e, "ACME renewal information unavailable; renewing by lifetime");
-            None
-        }
+        Err(instant_acme::Error::Unsupported(_)) => Ari::Unsupported,
+        Err(e) => Ari::Failed(format!("renewal information for {id}: {e}")),
+    }
+}
+
+/// The certificate a new order replaces (RFC 9773 §5, the order's `replaces`): the one being
+/// renewed, named only when the server offers ARI (`renewalInfo` in its directory). `None`
+/// for a first order, a server without ARI, or a certificate without an Authority Key
+/// Identifier.
+pub(crate) fn replaces(current: Option<&StoredCert>, ari_offered: bool) -> Option<CertificateIdentifier<'static>> {
+    if !ari_offered {
+        return None;
+    }
+    let leaf = current?.cert.chain.first()?;
+    CertificateIdentifier::try_from(leaf).ok().map(CertificateIdentifier::into_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, IsCa, Issuer, KeyIdMethod, SerialNumber};
+
+    /// A CA whose key identifier and a leaf whose serial are RFC 9773 §4.1's example, so the
+    /// identifier must come out as the RFC's `aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE`.
+    fn rfc_example(with_aki: bool) -> StoredCert {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_identifier_method = KeyIdMethod::PreSpecified(vec![
+            0x69, 0x88, 0x5b, 0x6b, 0x87, 0x46, 0x40, 0x41, 0xe1, 0xb3, 0x7b, 0x84, 0x7b, 0xa0, 0xae, 0x2c, 0xde, 0x01,
+            0xc8, 0xd4,
+        ]);
+        let issuer = Issuer::new(ca, &ca_key);
+        let key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(vec!["node.example".to_owned()]).expect("params");
+        leaf.serial_number = Some(SerialNumber::from_slice(&[0x87, 0x65, 0x43, 0x21]));
+        leaf.use_authority_key_identifier_extension = with_aki;
+        let cert = leaf.signed_by(&key, &issuer).expect("leaf");
+        parse_cert(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).expect("parses")
+    }
+
+    #[test]
+    fn replaces_names_the_renewed_certificate_only_when_the_server_offers_ari() {
+        let cert = rfc_example(true);
+        let id = replaces(Some(&cert), true).expect("an identifier");
+        assert_eq!(id.to_string(), "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE");
+        // No renewalInfo in the directory: instant-acme would refuse the order, and the server
+        // would not know the field.
+        assert_eq!(replaces(Some(&cert), false), None);
+        // A first order replaces nothing.
+        assert_eq!(replaces(None, true), None);
+        // A certificate without an AKI has no identifier: the order goes without `replaces`.
+        assert_eq!(replaces(Some(&rfc_example(false)), true), None);
     }
 }

@@ -80,6 +80,14 @@ impl CertInfo {
     }
 }
 
+/// The shortest wait before asking a certificate's renewal information again (RFC 9773 §4.3).
+pub const ARI_RECHECK_MIN: Duration = Duration::from_secs(60);
+/// The longest wait before asking a certificate's renewal information again (RFC 9773 §4.3).
+pub const ARI_RECHECK_MAX: Duration = Duration::from_secs(86_400);
+/// The wait before asking again after a failed or unusable answer (the lifetime rule, or the
+/// last window the server suggested, stands meanwhile).
+pub const ARI_RECHECK_AFTER_ERROR: Duration = Duration::from_secs(3600);
+
 /// The renewal policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewPolicy {
@@ -114,6 +122,13 @@ impl RenewPolicy {
         let span = end.duration_since(start).unwrap_or_default();
         let at = start + Duration::from_secs_f64(span.as_secs_f64() * draw.clamp(0.0, 1.0));
         at.max(now)
+    }
+
+    /// How long to wait before asking the server's renewal information again, from its
+    /// `Retry-After`, clamped to [`ARI_RECHECK_MIN`, `ARI_RECHECK_MAX`] as RFC 9773 §4.3
+    /// suggests (a server asking for less than a minute, or more than a day, is not followed).
+    pub fn ari_recheck(retry_after: Duration) -> Duration {
+        retry_after.clamp(ARI_RECHECK_MIN, ARI_RECHECK_MAX)
     }
 
     /// When expiry counts as near: half-way from the renewal time to the end of validity. Past
@@ -160,6 +175,14 @@ mod tests {
         assert_eq!(RenewPolicy::in_window(s, e, 0.5, UNIX_EPOCH), UNIX_EPOCH + Duration::from_secs(150));
         let now = UNIX_EPOCH + Duration::from_secs(500);
         assert_eq!(RenewPolicy::in_window(s, e, 0.5, now), now);
+    }
+
+    #[test]
+    fn ari_retry_after_is_clamped_to_a_minute_and_a_day() {
+        assert_eq!(RenewPolicy::ari_recheck(Duration::ZERO), Duration::from_secs(60));
+        assert_eq!(RenewPolicy::ari_recheck(Duration::from_secs(1)), Duration::from_secs(60));
+        assert_eq!(RenewPolicy::ari_recheck(Duration::from_secs(6 * 3600)), Duration::from_secs(6 * 3600));
+        assert_eq!(RenewPolicy::ari_recheck(Duration::from_secs(30 * 86_400)), Duration::from_secs(86_400));
     }
 
     #[test]
