@@ -10,8 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::Semaphore;
 
 use crate::accept::Acceptor;
 use crate::dial::{DialError, Dialer, PeerUrl};
@@ -28,8 +33,6 @@ const SPAWN_WRITE_ABOVE: usize = 64 * 1024;
 const MAX_LARGE_WRITES: usize = 16;
 /// Frame streams read at once per link; bounds the memory a peer can make us buffer.
 const MAX_STREAM_READERS: usize = 8;
-/// Frames read from streams and not yet taken by the link driver.
-const READ_AHEAD: usize = 16;
 /// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
 pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
@@ -212,9 +215,15 @@ impl QuicEndpoint {
 }
 
 fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
-    let (items_tx, items) = mpsc::channel(READ_AHEAD);
-    let task = tokio::spawn(receive(conn.clone(), items_tx, max_frame_len));
-    (QuicTx { conn, control: None, large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)) }, QuicRx { items, task })
+    let rx = QuicRx {
+        conn: conn.clone(),
+        max: max_frame_len,
+        readers: FuturesUnordered::new(),
+        accepting: None,
+        control: None,
+        ended: None,
+    };
+    (QuicTx { conn, control: None, large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)) }, rx)
 }
 
 struct QuicTx {
@@ -274,112 +283,130 @@ impl WireTx for QuicTx {
 
 type Item = Result<Option<Bytes>, WireError>;
 
-struct QuicRx {
-    items: mpsc::Receiver<Item>,
-    task: tokio::task::JoinHandle<()>,
+/// What reading one of the peer's streams gave.
+enum StreamOut {
+    /// A frame stream's frame (or why it could not be read).
+    Frame(Item),
+    /// The stream is the peer's control stream: read it frame by frame from now on.
+    Control(quinn::RecvStream),
+    /// A stream that ended before its type byte: nothing to deliver.
+    Nothing,
 }
 
-impl Drop for QuicRx {
-    fn drop(&mut self) {
-        self.task.abort();
+type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The receiving half: accepts the peer's streams and reads their frames, in arrival order,
+/// all inside the link driver's task (no task or queue per frame). At most
+/// [`MAX_STREAM_READERS`] frame streams are read at once; further streams wait in quinn, under
+/// its flow control, so a peer cannot make us hold more than that many frames.
+struct QuicRx {
+    conn: quinn::Connection,
+    max: usize,
+    /// Streams being read.
+    readers: FuturesUnordered<Pending<StreamOut>>,
+    /// The next stream from the peer, while a reader slot is free.
+    accepting: Option<Pending<Result<quinn::RecvStream, quinn::ConnectionError>>>,
+    /// The next frame on the peer's control stream, once it is open.
+    control: Option<Pending<(quinn::RecvStream, Item)>>,
+    /// The connection ended like this; delivered once the streams being read are done.
+    ended: Option<Item>,
+}
+
+/// One step of [`QuicRx::recv`].
+enum Step {
+    Stream(StreamOut),
+    Control(quinn::RecvStream, Item),
+    Accepted(Result<quinn::RecvStream, quinn::ConnectionError>),
+    End,
+}
+
+impl QuicRx {
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        if let Poll::Ready(Some(out)) = self.readers.poll_next_unpin(cx) {
+            return Poll::Ready(Step::Stream(out));
+        }
+        if let Some(c) = &mut self.control
+            && let Poll::Ready((stream, item)) = c.as_mut().poll(cx)
+        {
+            self.control = None;
+            return Poll::Ready(Step::Control(stream, item));
+        }
+        if self.ended.is_some() {
+            return if self.readers.is_empty() { Poll::Ready(Step::End) } else { Poll::Pending };
+        }
+        if self.readers.len() < MAX_STREAM_READERS {
+            let conn = self.conn.clone();
+            let accepting = self.accepting.get_or_insert_with(|| Box::pin(async move { conn.accept_uni().await }));
+            if let Poll::Ready(r) = accepting.as_mut().poll(cx) {
+                self.accepting = None;
+                return Poll::Ready(Step::Accepted(r));
+            }
+        }
+        Poll::Pending
     }
 }
 
 impl WireRx for QuicRx {
     async fn recv(&mut self) -> Result<Option<Bytes>, WireError> {
-        match self.items.recv().await {
-            Some(item) => item,
-            None => Ok(None),
-        }
-    }
-}
-
-/// Accepts the peer's streams and feeds their frames, in arrival order, to the link. At most
-/// [`MAX_STREAM_READERS`] frame streams are read at once; further streams wait in quinn, under
-/// its flow control, so a peer cannot make us buffer more than that many frames.
-async fn receive(conn: quinn::Connection, items: mpsc::Sender<Item>, max: usize) {
-    let mut streams = JoinSet::new();
-    let readers = Arc::new(Semaphore::new(MAX_STREAM_READERS));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&readers).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            Some(_) = streams.join_next() => continue,
-        };
-        let accepted = loop {
-            tokio::select! {
-                a = conn.accept_uni() => break a,
-                Some(_) = streams.join_next() => {}
-            }
-        };
-        match accepted {
-            Ok(stream) => {
-                streams.spawn(read_stream(stream, items.clone(), max, permit));
-            }
-            Err(e) => {
-                let item = match e {
-                    quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => Ok(None),
-                    other => Err(io_err(other)),
-                };
-                // Let frames already read reach the link before the end.
-                while streams.join_next().await.is_some() {}
-                if items.send(item).await.is_err() {
-                    tracing::trace!("link gone");
+        loop {
+            match std::future::poll_fn(|cx| self.poll_step(cx)).await {
+                Step::Stream(StreamOut::Frame(item)) => return item,
+                Step::Stream(StreamOut::Nothing) => {}
+                Step::Stream(StreamOut::Control(stream)) => {
+                    self.control = Some(Box::pin(read_control(stream, self.max)));
                 }
-                return;
+                Step::Control(stream, item) => {
+                    if matches!(item, Ok(Some(_))) {
+                        self.control = Some(Box::pin(read_control(stream, self.max)));
+                    }
+                    // The control stream ending is not the link ending: the connection says so.
+                    if !matches!(item, Ok(None)) {
+                        return item;
+                    }
+                }
+                Step::Accepted(Ok(stream)) => self.readers.push(Box::pin(read_stream(stream, self.max))),
+                Step::Accepted(Err(e)) => {
+                    // Frames already being read reach the link before the end.
+                    self.ended = Some(match e {
+                        quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => {
+                            Ok(None)
+                        }
+                        other => Err(io_err(other)),
+                    });
+                }
+                Step::End => return self.ended.take().unwrap_or(Ok(None)),
             }
         }
     }
 }
 
-async fn read_stream(
-    mut s: quinn::RecvStream,
-    items: mpsc::Sender<Item>,
-    max: usize,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+/// Reads one stream: its type byte, then for a frame stream the whole frame.
+async fn read_stream(mut s: quinn::RecvStream, max: usize) -> StreamOut {
     let mut kind = [0u8; 1];
     if s.read_exact(&mut kind).await.is_err() {
-        return;
+        return StreamOut::Nothing;
     }
-    let result = match kind[0] {
-        STREAM_CONTROL => {
-            // The control stream lives as long as the link: it takes no reader slot.
-            drop(permit);
-            read_control(&mut s, &items, max).await
-        }
-        STREAM_FRAME => match s.read_to_end(max).await {
-            Ok(b) => {
-                // The slot is held until the frame is queued, so blocked readers stay bounded.
-                let sent = items.send(Ok(Some(Bytes::from(b)))).await;
-                drop(permit);
-                if sent.is_err() {
-                    return;
-                }
-                Ok(())
-            }
+    match kind[0] {
+        STREAM_CONTROL => StreamOut::Control(s),
+        STREAM_FRAME => StreamOut::Frame(match s.read_to_end(max).await {
+            Ok(b) => Ok(Some(Bytes::from(b))),
             Err(quinn::ReadToEndError::TooLong) => {
                 Err(WireError::Decode(DecodeError::Oversized { len: max.saturating_add(1), max }))
             }
             Err(e) => Err(io_err(e)),
-        },
-        other => Err(WireError::Protocol(format!("unknown QUIC stream type {other}"))),
-    };
-    if let Err(e) = result
-        && items.send(Err(e)).await.is_err()
-    {
-        tracing::trace!("link gone");
+        }),
+        other => StreamOut::Frame(Err(WireError::Protocol(format!("unknown QUIC stream type {other}")))),
     }
 }
 
-async fn read_control(s: &mut quinn::RecvStream, items: &mpsc::Sender<Item>, max: usize) -> Result<(), WireError> {
-    let mut header = [0u8; HEADER_LEN];
-    loop {
+/// Reads the next frame of the control stream and gives the stream back; `Ok(None)` when the
+/// peer finished it.
+async fn read_control(mut s: quinn::RecvStream, max: usize) -> (quinn::RecvStream, Item) {
+    let item = async {
+        let mut header = [0u8; HEADER_LEN];
         match s.read_exact(&mut header).await {
             Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
             Err(e) => return Err(io_err(e)),
         }
         let h = frame::peek_header(&header, max)?
@@ -387,8 +414,8 @@ async fn read_control(s: &mut quinn::RecvStream, items: &mpsc::Sender<Item>, max
         let mut buf = vec![0u8; h.frame_len()];
         buf[..HEADER_LEN].copy_from_slice(&header);
         s.read_exact(&mut buf[HEADER_LEN..]).await.map_err(io_err)?;
-        if items.send(Ok(Some(Bytes::from(buf)))).await.is_err() {
-            return Ok(());
-        }
+        Ok(Some(Bytes::from(buf)))
     }
+    .await;
+    (s, item)
 }
