@@ -318,11 +318,23 @@ pub struct MeshLinksConfig {
     pub max_links: usize,
     /// Link connections (handshaking or established) accepted at once; more are refused.
     pub max_connections: usize,
+    /// Frames queued per link for sending. When full, a call or a reply waits for room (a reply
+    /// at most until its caller's deadline) and a forwarded or best-effort frame (an event, a
+    /// frame switched for other nodes) is dropped and counted.
+    pub send_queue: usize,
 }
 
 impl Default for MeshLinksConfig {
     fn default() -> Self {
-        Self { advertise_host: None, quic: true, no_listen: false, min_links: 6, max_links: 8, max_connections: 1024 }
+        Self {
+            advertise_host: None,
+            quic: true,
+            no_listen: false,
+            min_links: 6,
+            max_links: 8,
+            max_connections: 1024,
+            send_queue: gearmesh_transport::LinkConfig::default().send_queue,
+        }
     }
 }
 
@@ -442,6 +454,7 @@ impl NodeConfig {
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("http.max_connections", self.http.max_connections as u64)?;
         positive("mesh.max_links", self.mesh.max_links as u64)?;
+        positive("mesh.send_queue", self.mesh.send_queue as u64)?;
         positive("mesh.min_links", self.mesh.min_links as u64)?;
         positive("mesh.max_connections", self.mesh.max_connections as u64)?;
         positive("interface.max_clients", self.interface.max_clients as u64)?;

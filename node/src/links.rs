@@ -262,7 +262,8 @@ pub(crate) fn start_mesh(
         listen_addrs: addrs.clone(),
         features: 0,
     };
-    let mut setup = LinkSetup::new(hello);
+    let link_config = gearmesh_transport::LinkConfig { send_queue: config.mesh.send_queue, ..Default::default() };
+    let mut setup = LinkSetup::new(hello).with_config(link_config);
     if let Some(a) = auth.filter(|a| a.issuer.is_some()) {
         let (auth, me) = (a.clone(), id.to_string());
         setup = setup.with_token_source(move || match auth.link_token(&me, LINK_TOKEN_TTL) {

@@ -527,3 +527,33 @@ async fn a_node_restarts_on_the_same_port_in_the_same_process() {
     assert!(again.link_addrs().iter().any(|u| u.starts_with("quic://")), "QUIC is back on the same port");
     again.shutdown().await;
 }
+
+/// Replies of calls that ran here wait for room when the link back to the caller is full (here:
+/// a send queue of 2 frames against 200 calls finishing at once) instead of being dropped and
+/// leaving their callers to time out.
+#[tokio::test]
+async fn replies_wait_for_room_on_a_full_link_instead_of_being_dropped() {
+    use gearmesh::gears::CallOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo = Gear::new("echo").port("n", |_ctx: Ctx, n: u64| async move { Ok(n) });
+    // The caller's queue is roomy, so the calls arrive together and finish together on b.
+    let b = node_with(dir.path(), "b", &[], vec![echo], vec![], |c| {
+        c.mesh.quic = false;
+        c.mesh.send_queue = 2;
+    })
+    .await;
+    let a = node_with(dir.path(), "a", &[], vec![], vec![wss(&b)], |c| c.mesh.quic = false).await;
+    eventually("a sees b's echo gear", 15, || a.mesh().gear_is_remote("echo")).await;
+    let ctx = a.ctx(Principal::anonymous());
+    let calls = (0..200u64).map(|i| {
+        let ctx = ctx.clone();
+        async move {
+            (i, ctx.call_with::<_, u64>("echo", "n", &i, CallOptions::default().timeout(Duration::from_secs(5))).await)
+        }
+    });
+    for (i, result) in futures::future::join_all(calls).await {
+        assert_eq!(result.expect("every call gets its reply"), i);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -203,6 +203,12 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     }
 }
 
+/// The floor's WebSocket settings: tungstenite's defaults except a 16 KiB read buffer, as links
+/// use (tungstenite zeroes its whole read buffer, 128 KiB by default, before every read).
+fn floor_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024)
+}
+
 /// Starts a WebSocket-over-TLS echo server (tokio-tungstenite, binary messages) on its own thread.
 fn wss_echo_server(resolver: Arc<CertResolver>) -> SocketAddr {
     use futures::{SinkExt, StreamExt};
@@ -219,24 +225,21 @@ fn wss_echo_server(resolver: Arc<CertResolver>) -> SocketAddr {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let Ok(s) = acceptor.accept(tcp).await else { return };
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(s, Some(floor_ws_config())).await
+                    else {
+                        return;
+                    };
                     // Echo; flush only when no further message is already readable (pipelining).
-                    while let Some(Ok(m)) = ws.next().await {
-                        if !m.is_binary() {
-                            continue;
-                        }
-                        if ws.feed(m).await.is_err() {
-                            return;
-                        }
-                        let more = futures::FutureExt::now_or_never(ws.next());
-                        match more {
-                            Some(Some(Ok(m))) if m.is_binary() => {
-                                if ws.feed(m).await.is_err() {
-                                    return;
-                                }
+                    while let Some(Ok(mut m)) = ws.next().await {
+                        loop {
+                            if m.is_binary() && ws.feed(m).await.is_err() {
+                                return;
                             }
-                            Some(_) => return,
-                            None => {}
+                            match futures::FutureExt::now_or_never(ws.next()) {
+                                Some(Some(Ok(next))) => m = next,
+                                Some(_) => return,
+                                None => break,
+                            }
                         }
                         if ws.flush().await.is_err() {
                             return;
@@ -256,7 +259,8 @@ async fn wss_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     use tokio_tungstenite::tungstenite::Message;
     let (n, warm) = rounds();
     let tls = tls_client(addr, client).await;
-    let (ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{}/", addr.port()), tls)
+    let url = format!("wss://localhost:{}/", addr.port());
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tls, Some(floor_ws_config()))
         .await
         .expect("websocket handshake");
     let msg = Bytes::from(vec![0xabu8; SIZE]);

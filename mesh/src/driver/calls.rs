@@ -285,6 +285,48 @@ impl Inner {
     }
 
     fn reply(&self, to: &Route, via: &LinkSender, call_id: u64, result: Result<Payload, CallError>) {
+        let (tx, frame) = self.reply_frame(to, via, call_id, result);
+        if let Err(e) = tx.try_send(&frame) {
+            tracing::debug!(error = %e, "reply dropped; the caller will time out");
+        }
+    }
+
+    /// Sends the reply of a call that ran here, waiting for room on a congested link (never
+    /// dropping it) until the caller's deadline, after which nobody waits for it.
+    async fn reply_when_room(
+        &self,
+        to: &Route,
+        via: &LinkSender,
+        call_id: u64,
+        result: Result<Payload, CallError>,
+        deadline: Instant,
+    ) {
+        let (tx, frame) = self.reply_frame(to, via, call_id, result);
+        // The common case needs no timer.
+        match tx.try_send(&frame) {
+            Ok(()) => return,
+            Err(TrySendError::Full) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "reply not sent: the link closed");
+                return;
+            }
+        }
+        match tokio::time::timeout_at(deadline, tx.send(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "reply not sent: the link closed"),
+            Err(_) => tracing::debug!(call = call_id, "reply not sent before the caller's deadline"),
+        }
+    }
+
+    /// The reply frame, and the link towards the caller (the one the call came on if there is no
+    /// route).
+    fn reply_frame(
+        &self,
+        to: &Route,
+        via: &LinkSender,
+        call_id: u64,
+        result: Result<Payload, CallError>,
+    ) -> (LinkSender, Frame) {
         let result = match result.and_then(Payload::into_wire) {
             Ok(w) => {
                 let (kind, body) = wire_to_kind(w);
@@ -297,9 +339,7 @@ impl Inner {
         // Prefer the shortest path; a caller we have no record of yet is answered on the link the
         // call came in on.
         let tx = self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone());
-        if let Err(e) = tx.try_send(&frame) {
-            tracing::debug!(error = %e, "reply dropped; the caller will time out");
-        }
+        (tx, frame)
     }
 
     pub(super) fn on_call(self: &Arc<Self>, from: &LinkSender, mut c: Call) {
@@ -363,7 +403,7 @@ impl Inner {
             if let Some(o) = observer {
                 o.served(to_link(src), &c.gear, &c.port, started.elapsed(), result.as_ref().map(|_| ()));
             }
-            inner.reply(&route, &from, call_id, result);
+            inner.reply_when_room(&route, &from, call_id, result, deadline).await;
         });
         lock(&self.calls.inbound).insert(key, task.abort_handle());
         // The task may have finished before we registered it; then drop the stale entry. A

@@ -259,7 +259,7 @@ pub(crate) struct Inner {
     epoch: Instant,
     pub(crate) host: Arc<Host>,
     dialer: Dialer,
-    links: RwLock<HashMap<NodeId, LinkEntry>>,
+    links: RwLock<FastMap<NodeId, LinkEntry>>,
     link_generation: AtomicU64,
     dialing: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
