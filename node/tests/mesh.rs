@@ -557,3 +557,52 @@ async fn replies_wait_for_room_on_a_full_link_instead_of_being_dropped() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A call a switch cannot pass on (it has no route to the destination) is answered at once with
+/// `unavailable` instead of being dropped, which left the caller waiting for its deadline.
+/// Driven from a raw WSS link posing as a node, to a destination no node knows.
+#[tokio::test]
+async fn a_call_a_switch_cannot_route_is_answered_unavailable_at_once() {
+    use gearmesh_transport::{
+        BodyKind, Call, Dialer, Frame, Hello, LinkSetup, NodeId, ReplyResult, Route,
+        tls::{ClientTls, ClientTrust, load_certs},
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &[], vec![], vec![]).await;
+    let me = NodeId::random();
+    let hello = Hello { node_id: me, incarnation: 1, ..Hello::default() };
+    let trust = ClientTrust::Ca(load_certs(a.dev_ca_cert().expect("dev CA")).expect("CA"));
+    let dialer = Dialer::new(LinkSetup::new(hello), ClientTls::new(&trust).expect("tls"));
+    let link = dialer.dial(&wss(&a)).await.expect("a raw link to a");
+    let (tx, mut rx) = link.split();
+    let nowhere = NodeId::random();
+    let call = Frame::Call(Call {
+        route: Route { src: me, dst: nowhere, hops: 0 },
+        call_id: 1,
+        deadline_ms: 60_000,
+        caller: "anonymous".into(),
+        gear: "count".into(),
+        port: "hit".into(),
+        body_kind: BodyKind::Json,
+        body: bytes::Bytes::from_static(b"null"),
+        ..Call::default()
+    });
+    tx.send(&call).await.expect("sent");
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await.expect("link open").expect("a frame") {
+                Frame::Reply(r) => break r,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("answered well before the call's 60 s deadline");
+    assert_eq!(reply.call_id, 1);
+    let ReplyResult::Err(body) = reply.result else { panic!("an error reply: {reply:?}") };
+    let err: Value = serde_json::from_slice(&body).expect("an error document");
+    assert_eq!(err["code"], "unavailable", "{err}");
+    assert!(a.mesh().stats().frames_dropped >= 1, "the unroutable frame is counted");
+    a.shutdown().await;
+}

@@ -258,20 +258,32 @@ impl Mesh {
     }
 }
 
+/// Why a switch did not pass a routed frame on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unforwarded {
+    /// No link or route towards the destination (it left, died, or routes are still forming).
+    NoRoute,
+    /// The link towards the destination has a full send queue.
+    Congested,
+}
+
 impl Inner {
-    /// Sends a routed frame one hop further, or handles it here.
-    fn forward(&self, route: &Route, frame: Frame) -> Result<(), TrySendError> {
+    /// Sends a routed frame one hop further. Never waits: a switch must not hold up the link the
+    /// frame came on.
+    fn forward(&self, route: &Route, frame: Frame) -> Result<(), Unforwarded> {
         let dst = to_core(route.dst);
         let result = match self.route_to(dst) {
-            Some(tx) => tx.try_send(&frame),
-            None => {
-                tracing::debug!(node = %dst, "no route; dropping a routed frame");
-                Counters::bump(&self.counters.frames_dropped);
-                return Ok(());
-            }
+            Some(tx) => tx.try_send(&frame).map_err(|e| match e {
+                TrySendError::Full => Unforwarded::Congested,
+                _ => Unforwarded::NoRoute,
+            }),
+            None => Err(Unforwarded::NoRoute),
         };
         let counter = if result.is_ok() { &self.counters.frames_forwarded } else { &self.counters.frames_dropped };
         Counters::bump(counter);
+        if let Err(e) = &result {
+            tracing::debug!(node = %dst, reason = ?e, "routed frame not forwarded");
+        }
         result
     }
 
@@ -351,9 +363,17 @@ impl Inner {
             } else {
                 let route = c.route;
                 let call_id = c.call_id;
-                if self.forward(&route, Frame::Call(c)).is_err() {
+                if let Err(why) = self.forward(&route, Frame::Call(c)) {
                     Counters::bump(&self.counters.calls_refused);
-                    let e = CallError::overloaded("a switch on the way is congested");
+                    // The caller hears at once instead of waiting for its deadline.
+                    let e = match why {
+                        Unforwarded::Congested => CallError::overloaded("a switch on the way is congested"),
+                        Unforwarded::NoRoute => CallError::unavailable(format!(
+                            "node {} has no route to node {} right now",
+                            self.id,
+                            to_core(route.dst)
+                        )),
+                    };
                     self.reply(&route, from, call_id, Err(e));
                 }
             }
@@ -418,9 +438,8 @@ impl Inner {
         if to_core(r.route.dst) != self.id {
             if self.hop(&mut r.route) {
                 let route = r.route;
-                if let Err(e) = self.forward(&route, Frame::Reply(r)) {
-                    tracing::debug!(error = %e, "forwarded reply dropped");
-                }
+                // Not forwarded: counted and logged; the caller's deadline ends its wait.
+                let _dropped = self.forward(&route, Frame::Reply(r));
             }
             return;
         }
@@ -437,9 +456,7 @@ impl Inner {
         if to_core(c.route.dst) != self.id {
             if self.hop(&mut c.route) {
                 let route = c.route;
-                if let Err(e) = self.forward(&route, Frame::Cancel(c)) {
-                    tracing::debug!(error = %e, "forwarded cancel dropped");
-                }
+                let _dropped = self.forward(&route, Frame::Cancel(c));
             }
             return;
         }
@@ -456,9 +473,7 @@ impl Inner {
         if to_core(e.route.dst) != self.id {
             if self.hop(&mut e.route) {
                 let route = e.route;
-                if let Err(err) = self.forward(&route, Frame::Event(e)) {
-                    tracing::debug!(error = %err, "forwarded event dropped");
-                }
+                let _dropped = self.forward(&route, Frame::Event(e));
             }
             return;
         }
