@@ -559,6 +559,8 @@ impl Mesh {
             let now = inner.time_at(clock);
             let ordered: Vec<NodeId> = match &order {
                 Order::Shard(key) => rendezvous(key, &nodes),
+                // One candidate: nothing to choose, so no scores to look up.
+                Order::Spread if nodes.len() == 1 => nodes,
                 Order::Spread => {
                     let fresh: Vec<NodeId> = nodes.iter().copied().filter(|n| !failed.contains(n)).collect();
                     let pool = if fresh.is_empty() { nodes.clone() } else { fresh };
