@@ -58,6 +58,24 @@ async fn start(config: NodeConfig) -> RunningNode {
     Node::builder().config(config).build().expect("valid config").start().await.expect("node started")
 }
 
+/// Starts a node again on the port a stopped node used. The stopped node has freed it (tested
+/// on its own in `mesh.rs`), but while it was down another process may briefly hold the same
+/// UDP port number as an ephemeral socket (Pebble's DNS queries, other tests' clients: `free_port`
+/// only checks TCP), so a bind refused as "in use" is retried for up to 5 s.
+async fn restart(config: NodeConfig) -> RunningNode {
+    gearmesh::install_crypto_provider();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Node::builder().config(config.clone()).build().expect("valid config").start().await {
+            Ok(node) => return node,
+            Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("node restarted: {e:?}"),
+        }
+    }
+}
+
 fn der_certs(pem: &str) -> Vec<CertificateDer<'static>> {
     rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<_, _>>().expect("PEM certificates")
 }
@@ -396,7 +414,7 @@ async fn a_restart_reuses_the_stored_certificate_without_ordering() {
     let serial = wait_for_trusted(&client, domain, port).await;
     node.shutdown().await;
 
-    let node = start(node_config(&pebble, &data, domain, port)).await;
+    let node = restart(node_config(&pebble, &data, domain, port)).await;
     // Served at once: no wait, no order.
     assert_eq!(served_serial(&client, domain, port).await, Ok(serial));
     assert_eq!(readyz(port).await.0, 200);
@@ -421,7 +439,7 @@ async fn with_pebble_down_the_stored_certificate_is_served_and_renewal_retries()
     node.shutdown().await;
     pebble.stop_pebble().await;
 
-    let node = start(node_config(&pebble, &data, domain, port)).await;
+    let node = restart(node_config(&pebble, &data, domain, port)).await;
     assert_eq!(any_serial(port).await, Ok(first.clone()), "the stored certificate is served at start");
     assert_eq!(readyz(port).await.0, 200);
     // When renewal falls due, attempts fail and are retried; the old certificate stays.
