@@ -1,18 +1,23 @@
 //! Remote calls through the mesh: a typed call from node A to a gear on node B (64-byte body),
 //! over a WSS link and over a QUIC link, with 1, 16 and 256 calls in flight, and through one
 //! switching hop (A -> B -> C, A and C limited to one link each so A is not linked to C); next
-//! to the raw floor measured in the same run: a TLS-over-TCP length-prefixed 64-byte echo
-//! (sequential round trips, then 16 and 256 frames pipelined).
+//! to two floors measured in the same run: a TLS-over-TCP length-prefixed 64-byte echo and a
+//! WebSocket-over-TLS echo (sequential round trips, then 16 and 256 messages pipelined).
 //!
-//! Each node runs on its own thread with its own current-thread tokio runtime (as separate
-//! processes would), over loopback, with TLS from a development CA in a temporary directory. The
-//! calls are made from node A's embedding code (`RunningNode::ctx`), the same router path a
-//! gear's `ctx.call` takes. Run unpinned and pinned:
+//! Every row is measured twice: with the other nodes and the echo servers on threads of this
+//! process (each with its own current-thread tokio runtime), then with each of them in a process
+//! of its own (this binary started again with `GEARMESH_BENCH_ROLE`), as the mesh issue asks.
+//! Node A, the caller, is always this process. Loopback, TLS from a development CA in a
+//! temporary directory. The calls are made from node A's embedding code (`RunningNode::ctx`),
+//! the same router path a gear's `ctx.call` takes. Run unpinned and pinned (child processes
+//! inherit the CPU set):
 //!
 //!     cargo bench -p gearmesh-tests --bench remote_call
 //!     taskset -c 0 cargo bench -p gearmesh-tests --bench remote_call
 //!
 //! `GEARMESH_BENCH_QUICK=1` runs a few hundred calls per row (a smoke run, not a measurement).
+//! `GEARMESH_BENCH_ONLY` (sections `floor`, `wss`, `quic`, `hop`, `procs`, `procs-wss`, ...),
+//! `GEARMESH_BENCH_DEPTHS` (1, 16, 256) and `GEARMESH_BENCH_CALLS` pick rows for profiling.
 
 use std::{
     net::SocketAddr,
@@ -20,6 +25,8 @@ use std::{
     sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
+
+use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use gearmesh::{
@@ -74,16 +81,25 @@ struct Row {
     cpu_us: f64,
 }
 
-/// CPU time used so far by every thread of this process, in nanoseconds (Linux schedstat;
-/// NaN elsewhere).
+/// Processes this bench started (their CPU time counts in "CPU per call").
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// CPU time used so far by every thread of this process and of the processes it started, in
+/// nanoseconds (Linux schedstat; NaN elsewhere).
 fn cpu_ns() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return f64::NAN };
+    let mut procs = vec!["self".to_owned()];
+    procs.extend(CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(u32::to_string));
     let mut total = 0u64;
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
-        total += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let mut any = false;
+    for p in procs {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        any = true;
+        for t in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+            total += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
     }
-    total as f64
+    if any { total as f64 } else { f64::NAN }
 }
 
 // === the raw floor ===
@@ -344,11 +360,50 @@ async fn start(config: NodeConfig, gears: Vec<Gear>) -> RunningNode {
     b.build().expect("valid").start().await.expect("started")
 }
 
-/// A node on its own thread and runtime; dropping it shuts the node down and joins the thread.
+/// A node on its own thread and runtime, or in a process of its own (this binary again, see
+/// [`child_main`]); dropping it shuts the node down and joins the thread or the process.
 struct Remote {
     links: Vec<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    process: Option<Child>,
+}
+
+/// How a benchmark node is configured: its links and whether it hosts `bench`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// WSS only.
+    Wss,
+    /// WSS and QUIC.
+    Quic,
+    /// WSS only, one link at most.
+    OneLink,
+}
+
+impl Shape {
+    fn apply(self, c: &mut NodeConfig) {
+        c.mesh.quic = self == Shape::Quic;
+        if self == Shape::OneLink {
+            c.mesh.min_links = 1;
+            c.mesh.max_links = 1;
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Wss => "wss",
+            Shape::Quic => "quic",
+            Shape::OneLink => "one-link",
+        }
+    }
+
+    fn parse(s: &str) -> Shape {
+        match s {
+            "quic" => Shape::Quic,
+            "one-link" => Shape::OneLink,
+            _ => Shape::Wss,
+        }
+    }
 }
 
 impl Remote {
@@ -366,7 +421,23 @@ impl Remote {
             });
         });
         let links = rx.recv().expect("remote node up");
-        Remote { links, stop: Some(stop), thread: Some(thread) }
+        Remote { links, stop: Some(stop), thread: Some(thread), process: None }
+    }
+
+    /// Starts a node in a process of its own.
+    fn spawn_process(dir: &Path, name: &str, seed: Option<String>, shape: Shape, gear: bool) -> Remote {
+        let mut env = vec![
+            ("GEARMESH_BENCH_DIR", dir.display().to_string()),
+            ("GEARMESH_BENCH_NAME", name.to_owned()),
+            ("GEARMESH_BENCH_SHAPE", shape.name().to_owned()),
+            ("GEARMESH_BENCH_GEAR", if gear { "1" } else { "0" }.to_owned()),
+        ];
+        if let Some(seed) = seed {
+            env.push(("GEARMESH_BENCH_SEED", seed));
+        }
+        let (process, line) = spawn_child("node", &env);
+        let links = line.split(',').map(str::to_owned).collect();
+        Remote { links, stop: None, thread: None, process: Some(process) }
     }
 
     fn link(&self, scheme: &str) -> String {
@@ -383,7 +454,92 @@ impl Drop for Remote {
         if let Some(t) = self.thread.take() {
             let _joined = t.join();
         }
+        if let Some(p) = self.process.take() {
+            stop_child(p);
+        }
     }
+}
+
+// === separate processes ===
+
+/// Starts this binary again as `role`; returns the process and the first line it prints (its
+/// address or its link URLs). The child lives until its standard input closes.
+fn spawn_child(role: &str, env: &[(&str, String)]) -> (Child, String) {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().expect("this binary");
+    let mut child = Command::new(exe)
+        .env("GEARMESH_BENCH_ROLE", role)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("child process");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("child stdout");
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("child reports");
+    CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(child.id());
+    (child, line.trim().to_owned())
+}
+
+/// Closes the child's standard input (it then shuts down) and waits for it, killing it after 10 s.
+fn stop_child(mut child: Child) {
+    CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|p| *p != child.id());
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _killed = child.kill();
+    let _reaped = child.wait();
+}
+
+/// Blocks until standard input closes: the parent is done with this child (or gone).
+fn wait_for_parent() {
+    use std::io::Read;
+    let mut sink = Vec::new();
+    let _eof = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// The certificate every separate-process floor serves: from the development CA in `dir`.
+fn dir_resolver(dir: &Path) -> Arc<CertResolver> {
+    let ca = DevCa::load_or_create(dir).expect("CA");
+    let cert = ca.issue(&["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("cert");
+    CertResolver::from_cert(&cert).expect("resolver")
+}
+
+/// Runs this binary as a child when `GEARMESH_BENCH_ROLE` says so: `tls-echo`, `wss-echo` or
+/// `node`. Returns false when it is the bench itself.
+fn child_main() -> bool {
+    let Ok(role) = std::env::var("GEARMESH_BENCH_ROLE") else { return false };
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let dir = std::path::PathBuf::from(var("GEARMESH_BENCH_DIR"));
+    match role.as_str() {
+        "tls-echo" | "wss-echo" => {
+            let resolver = dir_resolver(&dir);
+            let addr = if role == "tls-echo" { tls_echo_server(resolver) } else { wss_echo_server(resolver) };
+            println!("{addr}");
+            wait_for_parent();
+        }
+        "node" => {
+            let shape = Shape::parse(&var("GEARMESH_BENCH_SHAPE"));
+            let seeds = std::env::var("GEARMESH_BENCH_SEED").map(|s| vec![s]).unwrap_or_default();
+            let gears = if var("GEARMESH_BENCH_GEAR") == "1" { vec![bench_gear()] } else { vec![] };
+            let config = config(&dir, &var("GEARMESH_BENCH_NAME"), seeds, |c| shape.apply(c));
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let node = start(config, gears).await;
+                println!("{}", node.link_addrs().join(","));
+                let _parent_done = tokio::task::spawn_blocking(wait_for_parent).await;
+                node.shutdown().await;
+            });
+        }
+        other => panic!("unknown bench role {other}"),
+    }
+    true
 }
 
 /// Waits until `a` routes to a node hosting `gear` in exactly `hops` links.
@@ -458,7 +614,88 @@ fn print_row(system: &str, window: usize, row: &Row, floor: &Floor) {
     );
 }
 
+/// Whether a section runs: `name` among in-process rows, or, for the rows between separate
+/// processes, `procs` or `procs-<name>` (all of them unless `GEARMESH_BENCH_ONLY` is set).
+fn section_in(procs: bool, name: &str) -> bool {
+    if procs { section("procs") || section(&format!("procs-{name}")) } else { section(name) }
+}
+
+/// The floors at every depth (NaN where filtered out).
+async fn measure_floors(tls: SocketAddr, wss: SocketAddr, client: &ClientTls, procs: bool) -> Vec<Floor> {
+    let label = if procs { ", separate processes" } else { "" };
+    let mut floors = Vec::new();
+    for w in IN_FLIGHT {
+        let nan = || Row { p50: f64::NAN, p99: f64::NAN, per_sec: f64::NAN, cpu_us: f64::NAN };
+        let floor = if section_in(procs, "floor") && depth(w) {
+            Floor { tls: tls_floor(tls, client, w).await, wss: wss_floor(wss, client, w).await }
+        } else {
+            Floor { tls: nan(), wss: nan() }
+        };
+        if !floor.tls.p50.is_nan() {
+            print_row(&format!("raw TLS echo (floor){label}"), w, &floor.tls, &floor);
+            print_row(&format!("raw WSS echo (floor){label}"), w, &floor.wss, &floor);
+        }
+        floors.push(floor);
+    }
+    floors
+}
+
+/// The mesh rows: direct over WSS, direct over QUIC, one switching hop; the other nodes on
+/// threads of this process, or in processes of their own.
+async fn mesh_rows(dir: &Path, floors: &[Floor], procs: bool) {
+    let label = if procs { ", separate processes" } else { "" };
+    let remote = |name: &str, seed: Option<String>, shape: Shape, gear: bool| {
+        if procs {
+            Remote::spawn_process(dir, name, seed, shape, gear)
+        } else {
+            let gears = if gear { vec![bench_gear()] } else { vec![] };
+            Remote::spawn(config(dir, name, seed.into_iter().collect(), |c| shape.apply(c)), gears)
+        }
+    };
+    let rows = |w: &usize| depth(*w);
+    if section_in(procs, "wss") {
+        // A -> B over WSS (QUIC off on both, so the link can only be WebSocket).
+        let b = remote("b-wss", None, Shape::Wss, true);
+        let a = start(config(dir, "a-wss", vec![b.link("wss://")], |c| Shape::Wss.apply(c)), vec![]).await;
+        wait_route(&a, "bench", 1).await;
+        let ctx = a.ctx(Principal::anonymous());
+        for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| rows(w)) {
+            print_row(&format!("direct call, WSS link{label}"), *w, &calls(&ctx, *w).await, floor);
+        }
+        a.shutdown().await;
+        drop(b);
+    }
+    if section_in(procs, "quic") {
+        // A -> B over QUIC (A joins through B's quic:// address).
+        let b = remote("b-quic", None, Shape::Quic, true);
+        let a = start(config(dir, "a-quic", vec![b.link("quic://")], |c| Shape::Quic.apply(c)), vec![]).await;
+        wait_route(&a, "bench", 1).await;
+        let ctx = a.ctx(Principal::anonymous());
+        for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| rows(w)) {
+            print_row(&format!("direct call, QUIC link{label}"), *w, &calls(&ctx, *w).await, floor);
+        }
+        a.shutdown().await;
+        drop(b);
+    }
+    if section_in(procs, "hop") {
+        // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
+        let b = remote("b-hop", None, Shape::Wss, false);
+        let c = remote("c-hop", Some(b.link("wss://")), Shape::OneLink, true);
+        let a = start(config(dir, "a-hop", vec![b.link("wss://")], |c| Shape::OneLink.apply(c)), vec![]).await;
+        wait_route(&a, "bench", 2).await;
+        let ctx = a.ctx(Principal::anonymous());
+        for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| rows(w)) {
+            print_row(&format!("one switching hop, WSS links{label}"), *w, &calls(&ctx, *w).await, floor);
+        }
+        a.shutdown().await;
+        drop((c, b));
+    }
+}
+
 fn main() {
+    if child_main() {
+        return;
+    }
     gearmesh::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = DevCa::generate().expect("CA");
@@ -476,66 +713,23 @@ fn main() {
         );
         println!("| system | in flight | p50 | x TLS | x WSS | p99 | calls/s | CPU per call |");
         println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-        let mut floors = Vec::new();
-        for w in IN_FLIGHT {
-            let nan = || Row { p50: f64::NAN, p99: f64::NAN, per_sec: f64::NAN, cpu_us: f64::NAN };
-            let floor = if section("floor") && depth(w) {
-                Floor { tls: tls_floor(echo, &client, w).await, wss: wss_floor(ws_echo, &client, w).await }
-            } else {
-                Floor { tls: nan(), wss: nan() }
-            };
-            if !floor.tls.p50.is_nan() {
-                print_row("raw TLS echo (floor)", w, &floor.tls, &floor);
-                print_row("raw WSS echo (floor)", w, &floor.wss, &floor);
-            }
-            floors.push(floor);
-        }
+        let floors = measure_floors(echo, ws_echo, &client, false).await;
+        mesh_rows(dir.path(), &floors, false).await;
 
-        // WSS rows: QUIC off on both, so the link can only be WebSocket.
-        let no_quic = |c: &mut NodeConfig| c.mesh.quic = false;
-        if section("wss") {
-            // A -> B over WSS.
-            let b = Remote::spawn(config(dir.path(), "b-wss", vec![], no_quic), vec![bench_gear()]);
-            let a = start(config(dir.path(), "a-wss", vec![b.link("wss://")], no_quic), vec![]).await;
-            wait_route(&a, "bench", 1).await;
-            let ctx = a.ctx(Principal::anonymous());
-            for (w, floor) in IN_FLIGHT.iter().zip(&floors).filter(|(w, _)| depth(**w)) {
-                print_row("direct call, WSS link", *w, &calls(&ctx, *w).await, floor);
-            }
-            a.shutdown().await;
-            drop(b);
-        }
-
-        if section("quic") {
-            // A -> B over QUIC (A joins through B's quic:// address).
-            let b = Remote::spawn(config(dir.path(), "b-quic", vec![], |_| {}), vec![bench_gear()]);
-            let a = start(config(dir.path(), "a-quic", vec![b.link("quic://")], |_| {}), vec![]).await;
-            wait_route(&a, "bench", 1).await;
-            let ctx = a.ctx(Principal::anonymous());
-            for (w, floor) in IN_FLIGHT.iter().zip(&floors).filter(|(w, _)| depth(**w)) {
-                print_row("direct call, QUIC link", *w, &calls(&ctx, *w).await, floor);
-            }
-            a.shutdown().await;
-            drop(b);
-        }
-
-        if section("hop") {
-            // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
-            let one_link = |c: &mut NodeConfig| {
-                c.mesh.quic = false;
-                c.mesh.min_links = 1;
-                c.mesh.max_links = 1;
-            };
-            let b = Remote::spawn(config(dir.path(), "b-hop", vec![], no_quic), vec![]);
-            let c = Remote::spawn(config(dir.path(), "c-hop", vec![b.link("wss://")], one_link), vec![bench_gear()]);
-            let a = start(config(dir.path(), "a-hop", vec![b.link("wss://")], one_link), vec![]).await;
-            wait_route(&a, "bench", 2).await;
-            let ctx = a.ctx(Principal::anonymous());
-            for (w, floor) in IN_FLIGHT.iter().zip(&floors).filter(|(w, _)| depth(**w)) {
-                print_row("one switching hop, WSS links", *w, &calls(&ctx, *w).await, floor);
-            }
-            a.shutdown().await;
-            drop((c, b));
+        // The same between separate processes: the floors' echo servers and the other nodes
+        // run in processes of their own (this binary again), node A stays here.
+        if ["floor", "wss", "quic", "hop"].iter().any(|s| section_in(true, s)) {
+            let dev_ca = DevCa::load_or_create(dir.path()).expect("CA");
+            let client = ClientTls::new(&ClientTrust::dev_ca(&dev_ca)).expect("client tls");
+            let env = [("GEARMESH_BENCH_DIR", dir.path().display().to_string())];
+            let (tls_child, tls_addr) = spawn_child("tls-echo", &env);
+            let (wss_child, wss_addr) = spawn_child("wss-echo", &env);
+            let tls_addr: SocketAddr = tls_addr.parse().expect("TLS echo address");
+            let wss_addr: SocketAddr = wss_addr.parse().expect("WSS echo address");
+            let floors = measure_floors(tls_addr, wss_addr, &client, true).await;
+            stop_child(tls_child);
+            stop_child(wss_child);
+            mesh_rows(dir.path(), &floors, true).await;
         }
     });
 }
