@@ -418,12 +418,14 @@ impl Inner {
                     Err(CallError::not_found(format!("gear {:?} is not hosted on node {}", call.gear, inner.id)))
                 }
             };
-            lock(&inner.calls.inbound).remove(&(src, call_id));
             let observer = inner.call_observer.read().ok().and_then(|o| o.clone());
             if let Some(o) = observer {
                 o.served(to_link(src), &c.gear, &c.port, started.elapsed(), result.as_ref().map(|_| ()));
             }
             inner.reply_when_room(&route, &from, call_id, result, deadline).await;
+            // Counted until its reply is sent, so replies waiting for a congested link stay
+            // within `max_inbound_calls`.
+            lock(&inner.calls.inbound).remove(&(src, call_id));
         });
         lock(&self.calls.inbound).insert(key, task.abort_handle());
         // The task may have finished before we registered it; then drop the stale entry. A

@@ -9,12 +9,14 @@
 //! What is bounded, and what happens at the bound:
 //! - outgoing remote calls waiting for a reply (`max_pending_calls`): one more fails at once
 //!   with `overloaded`;
-//! - calls from other nodes running here (`max_inbound_calls`): one more is answered
-//!   `overloaded`;
-//! - a link's send queue (the transport's): calls wait for room until their deadline; gossip,
-//!   events and forwarded frames are dropped when it is full (gossip repairs itself, events are
-//!   at-most-once, a forwarded call times out at its caller);
-//! - switching: a routed frame that has crossed `max_hops` links is dropped.
+//! - calls from other nodes running here or waiting to send their reply
+//!   (`max_inbound_calls`): one more is answered `overloaded`;
+//! - a link's send queue (the transport's): calls, and replies of calls run here, wait for room
+//!   until their deadline; gossip, events and forwarded frames are dropped when it is full
+//!   (gossip repairs itself, events are at-most-once, a call a switch cannot pass on is answered
+//!   `overloaded`, a forwarded reply leaves its caller to time out);
+//! - switching: a routed frame that has crossed `max_hops` links is answered `unavailable` (a
+//!   call) or dropped, and a call with no route onwards is answered `unavailable`.
 
 mod calls;
 mod strategy;
