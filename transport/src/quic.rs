@@ -335,8 +335,11 @@ impl QuicRx {
             return if self.readers.is_empty() { Poll::Ready(Step::End) } else { Poll::Pending };
         }
         if self.readers.len() < MAX_STREAM_READERS {
-            let conn = self.conn.clone();
-            let accepting = self.accepting.get_or_insert_with(|| Box::pin(async move { conn.accept_uni().await }));
+            let conn = &self.conn;
+            let accepting = self.accepting.get_or_insert_with(|| {
+                let conn = conn.clone();
+                Box::pin(async move { conn.accept_uni().await })
+            });
             if let Poll::Ready(r) = accepting.as_mut().poll(cx) {
                 self.accepting = None;
                 return Poll::Ready(Step::Accepted(r));
@@ -352,6 +355,9 @@ impl WireRx for QuicRx {
             match std::future::poll_fn(|cx| self.poll_step(cx)).await {
                 Step::Stream(StreamOut::Frame(item)) => return item,
                 Step::Stream(StreamOut::Nothing) => {}
+                Step::Stream(StreamOut::Control(_)) if self.control.is_some() => {
+                    return Err(WireError::Protocol("a second QUIC control stream".into()));
+                }
                 Step::Stream(StreamOut::Control(stream)) => {
                     self.control = Some(Box::pin(read_control(stream, self.max)));
                 }

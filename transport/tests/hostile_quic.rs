@@ -1,5 +1,6 @@
-//! Hostile QUIC peers: a hand-driven quinn client sends garbage on a frame stream, or opens a
-//! stream of unknown type; only its link closes, with a protocol error.
+//! Hostile QUIC peers: a hand-driven quinn client sends garbage on a frame stream, opens a stream
+//! of unknown type, or opens a second control stream; only its link closes, with a protocol
+//! error.
 
 mod common;
 
@@ -78,4 +79,9 @@ async fn garbage_frame_stream_closes_only_that_link() {
 #[tokio::test]
 async fn unknown_stream_type_closes_only_that_link() {
     expect_protocol_error(7, b"whatever").await;
+}
+
+#[tokio::test]
+async fn a_second_control_stream_closes_only_that_link() {
+    expect_protocol_error(0, b"").await;
 }
