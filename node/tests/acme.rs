@@ -704,27 +704,41 @@ fn lifetime_rule_earliest(cert: &CertInfo) -> u64 {
     unix(cert.not_after) - (lifetime * (1.0 / 3.0 + 1.0 / 30.0)).ceil() as u64
 }
 
+/// What an ARI test runs against: Pebble issuing `validity_secs` certificates, the ARI front in
+/// front of it, and a node on `port` whose ACME directory is the front's.
+struct AriSetup {
+    pebble: Pebble,
+    front: AriFront,
+    node: RunningNode,
+    port: u16,
+}
+
+async fn ari_setup(name: &str, domain: &str, validity_secs: u64, answers: Vec<Answer>) -> AriSetup {
+    let port = free_port();
+    let pebble =
+        Pebble::start(name, Options { http_port: free_port(), tls_port: port, validity_secs: Some(validity_secs) })
+            .await;
+    let front = AriFront::start(&pebble, loopback(port), answers).await;
+    let mut config = node_config(&pebble, &data_dir(name), domain, port);
+    config.tls.acme_directory = Some(front.directory_url());
+    let node = start(config).await;
+    AriSetup { pebble, front, node, port }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ari_window_drives_renewal_and_is_asked_again_after_each_issue() {
     if !pebble::available() {
         return;
     }
-    let port = free_port();
     // One-hour certificates: the lifetime rule renews after 37 minutes at the earliest.
-    let pebble =
-        Pebble::start("ari", Options { http_port: free_port(), tls_port: port, validity_secs: Some(3600) }).await;
     let answers = vec![
         // The first certificate: renew within seconds.
         Answer::Window { start: 5, end: 10, retry_after: 3600 },
         // The renewed one: in half an hour, still before the lifetime rule.
         Answer::Window { start: 1800, end: 1900, retry_after: 3600 },
     ];
-    let front = AriFront::start(&pebble, loopback(port), answers).await;
-    let data = data_dir("ari");
     let domain = "ari.gearmesh.test";
-    let mut config = node_config(&pebble, &data, domain, port);
-    config.tls.acme_directory = Some(front.directory_url());
-    let node = start(config).await;
+    let AriSetup { pebble, front, node, port } = ari_setup("ari", domain, 3600, answers).await;
     let root = pebble.root_pem().await;
     let client = trusting(&root, domain, port, false);
     let first = wait_for_trusted(&client, domain, port).await;
@@ -772,9 +786,6 @@ async fn ari_is_asked_again_after_retry_after_and_a_window_now_renews_at_once() 
     if !pebble::available() {
         return;
     }
-    let port = free_port();
-    let pebble =
-        Pebble::start("ari-again", Options { http_port: free_port(), tls_port: port, validity_secs: Some(3600) }).await;
     let answers = vec![
         // Half an hour away, but ask again after 1 s (clamped to the client's minute).
         Answer::Window { start: 1800, end: 1900, retry_after: 1 },
@@ -782,12 +793,8 @@ async fn ari_is_asked_again_after_retry_after_and_a_window_now_renews_at_once() 
         Answer::Window { start: -120, end: -60, retry_after: 3600 },
         Answer::Window { start: 1800, end: 1900, retry_after: 3600 },
     ];
-    let front = AriFront::start(&pebble, loopback(port), answers).await;
-    let data = data_dir("ari-again");
     let domain = "ari-again.gearmesh.test";
-    let mut config = node_config(&pebble, &data, domain, port);
-    config.tls.acme_directory = Some(front.directory_url());
-    let node = start(config).await;
+    let AriSetup { pebble, front, node, port } = ari_setup("ari-again", domain, 3600, answers).await;
     let root = pebble.root_pem().await;
     let client = trusting(&root, domain, port, false);
     let first = wait_for_trusted(&client, domain, port).await;
@@ -822,16 +829,10 @@ async fn ari_errors_fall_back_to_the_lifetime_rule_and_the_node_keeps_serving() 
     if !pebble::available() {
         return;
     }
-    let port = free_port();
     // 30 s certificates: the lifetime rule renews 19-20 s after each issue.
-    let pebble =
-        Pebble::start("ari-error", Options { http_port: free_port(), tls_port: port, validity_secs: Some(30) }).await;
-    let front = AriFront::start(&pebble, loopback(port), vec![Answer::Status(500), Answer::Status(404)]).await;
-    let data = data_dir("ari-error");
     let domain = "ari-error.gearmesh.test";
-    let mut config = node_config(&pebble, &data, domain, port);
-    config.tls.acme_directory = Some(front.directory_url());
-    let node = start(config).await;
+    let answers = vec![Answer::Status(500), Answer::Status(404)];
+    let AriSetup { pebble, front, node, port } = ari_setup("ari-error", domain, 30, answers).await;
     let root = pebble.root_pem().await;
     let client = trusting(&root, domain, port, false);
     let first = wait_for_trusted(&client, domain, port).await;

@@ -27,22 +27,7 @@ async fn node_with(
     seeds: Vec<String>,
     tweak: impl FnOnce(&mut NodeConfig),
 ) -> RunningNode {
-    gearmesh::install_crypto_provider();
-    let mut config = NodeConfig {
-        name: Some(name.into()),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        gears: gears.iter().map(|g| (*g).to_owned()).collect(),
-        seeds,
-        insecure_dev: true,
-        ..NodeConfig::default()
-    };
-    config.tls.data_dir = Some(dir.to_owned());
-    tweak(&mut config);
-    let mut b = Node::builder().config(config);
-    for g in extra {
-        b = b.gear(g);
-    }
-    b.build().expect("valid").start().await.expect("started")
+    common::in_process_node(dir, name, gears, extra, seeds, tweak).await
 }
 
 /// An HTTPS client trusting only the development CA of the test.
@@ -439,6 +424,59 @@ async fn a_busy_local_port_sends_the_call_to_another_replica() {
     a.shutdown().await;
 }
 
+/// A link to `node` from a test posing as a node of its own (a fresh id), over `url` (WSS or
+/// QUIC): the test speaks the link protocol by hand.
+async fn raw_link(
+    node: &RunningNode,
+    url: &str,
+) -> (gearmesh_transport::NodeId, gearmesh_transport::LinkSender, gearmesh_transport::LinkReceiver) {
+    use gearmesh_transport::{
+        Dialer, Hello, LinkSetup, NodeId,
+        tls::{ClientTls, ClientTrust, load_certs},
+    };
+    let me = NodeId::random();
+    let hello = Hello { node_id: me, incarnation: 1, ..Hello::default() };
+    let trust = ClientTrust::Ca(load_certs(node.dev_ca_cert().expect("dev CA")).expect("CA"));
+    let quic = gearmesh_transport::quic::QuicEndpoint::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        None,
+        Some(&ClientTls::new(&trust).expect("tls")),
+    )
+    .expect("quic endpoint");
+    let dialer = Dialer::new(LinkSetup::new(hello), ClientTls::new(&trust).expect("tls")).with_quic(quic);
+    let (tx, rx) = dialer.dial(url).await.expect("a raw link").split();
+    (me, tx, rx)
+}
+
+/// A call to `count.hit` (JSON `null`, 60 s deadline) along `route`.
+fn count_call(route: gearmesh_transport::Route, call_id: u64) -> gearmesh_transport::Frame {
+    use gearmesh_transport::{BodyKind, Call, Frame};
+    Frame::Call(Call {
+        route,
+        call_id,
+        deadline_ms: 60_000,
+        caller: "anonymous".into(),
+        gear: "count".into(),
+        port: "hit".into(),
+        body_kind: BodyKind::Json,
+        body: bytes::Bytes::from_static(b"null"),
+        ..Call::default()
+    })
+}
+
+/// The next reply on a raw link, skipping other frames; `None` after 10 s.
+async fn next_reply(rx: &mut gearmesh_transport::LinkReceiver) -> Option<gearmesh_transport::Reply> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let gearmesh_transport::Frame::Reply(r) = rx.recv().await.expect("link open").expect("a frame") {
+                return r;
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 /// A cancel that overtakes its call (over QUIC they travel on different streams) is remembered,
 /// and the call is not run when it arrives; other calls run as usual. Driven from a raw link.
 #[tokio::test]
@@ -448,10 +486,7 @@ async fn a_cancel_that_overtakes_its_call_keeps_the_call_from_running() {
         atomic::{AtomicUsize, Ordering},
     };
 
-    use gearmesh_transport::{
-        BodyKind, Call, Cancel, Dialer, Frame, Hello, LinkSetup, NodeId, ReplyResult, Route,
-        tls::{ClientTls, ClientTrust, load_certs},
-    };
+    use gearmesh_transport::{Cancel, Frame, ReplyResult, Route};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = Arc::new(AtomicUsize::new(0));
@@ -462,46 +497,14 @@ async fn a_cancel_that_overtakes_its_call_keeps_the_call_from_running() {
     });
     let a = node(dir.path(), "a", &[], vec![count], vec![]).await;
     let url = a.link_addrs().iter().find(|u| u.starts_with("quic://")).expect("quic").clone();
-    let me = NodeId::random();
-    let hello = Hello { node_id: me, incarnation: 1, ..Hello::default() };
-    let trust = ClientTrust::Ca(load_certs(a.dev_ca_cert().expect("dev CA")).expect("CA"));
-    let quic = gearmesh_transport::quic::QuicEndpoint::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        None,
-        Some(&ClientTls::new(&trust).expect("tls")),
-    )
-    .expect("quic endpoint");
-    let dialer = Dialer::new(LinkSetup::new(hello), ClientTls::new(&trust).expect("tls")).with_quic(quic);
-    let link = dialer.dial(&url).await.expect("a raw link to a");
-    let (tx, mut rx) = link.split();
+    let (me, tx, mut rx) = raw_link(&a, &url).await;
     let route = Route { src: me, dst: a.mesh().id(), hops: 0 };
-    let call = |id: u64| {
-        Frame::Call(Call {
-            route,
-            call_id: id,
-            deadline_ms: 5_000,
-            caller: "anonymous".into(),
-            gear: "count".into(),
-            port: "hit".into(),
-            body_kind: BodyKind::Json,
-            body: bytes::Bytes::from_static(b"null"),
-            ..Call::default()
-        })
-    };
+    let call = |id: u64| count_call(route, id);
     tx.send(&Frame::Cancel(Cancel { route, call_id: 7 })).await.expect("cancel first");
     tx.send(&call(7)).await.expect("then its call");
     tx.send(&call(8)).await.expect("another call");
     // The reply to call 8 comes back; call 7 never ran and gets no reply.
-    let reply = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match rx.recv().await.expect("link open").expect("a frame") {
-                Frame::Reply(r) => break r,
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("a reply in time");
+    let reply = next_reply(&mut rx).await.expect("a reply in time");
     assert_eq!(reply.call_id, 8, "only call 8 is answered");
     assert!(matches!(reply.result, ReplyResult::Ok { .. }), "{reply:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "call 7 was cancelled before it arrived and never ran");
@@ -563,42 +566,14 @@ async fn replies_wait_for_room_on_a_full_link_instead_of_being_dropped() {
 /// Driven from a raw WSS link posing as a node, to a destination no node knows.
 #[tokio::test]
 async fn a_call_a_switch_cannot_route_is_answered_unavailable_at_once() {
-    use gearmesh_transport::{
-        BodyKind, Call, Dialer, Frame, Hello, LinkSetup, NodeId, ReplyResult, Route,
-        tls::{ClientTls, ClientTrust, load_certs},
-    };
+    use gearmesh_transport::{NodeId, ReplyResult, Route};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let a = node(dir.path(), "a", &[], vec![], vec![]).await;
-    let me = NodeId::random();
-    let hello = Hello { node_id: me, incarnation: 1, ..Hello::default() };
-    let trust = ClientTrust::Ca(load_certs(a.dev_ca_cert().expect("dev CA")).expect("CA"));
-    let dialer = Dialer::new(LinkSetup::new(hello), ClientTls::new(&trust).expect("tls"));
-    let link = dialer.dial(&wss(&a)).await.expect("a raw link to a");
-    let (tx, mut rx) = link.split();
+    let (me, tx, mut rx) = raw_link(&a, &wss(&a)).await;
     let nowhere = NodeId::random();
-    let call = Frame::Call(Call {
-        route: Route { src: me, dst: nowhere, hops: 0 },
-        call_id: 1,
-        deadline_ms: 60_000,
-        caller: "anonymous".into(),
-        gear: "count".into(),
-        port: "hit".into(),
-        body_kind: BodyKind::Json,
-        body: bytes::Bytes::from_static(b"null"),
-        ..Call::default()
-    });
-    tx.send(&call).await.expect("sent");
-    let reply = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match rx.recv().await.expect("link open").expect("a frame") {
-                Frame::Reply(r) => break r,
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("answered well before the call's 60 s deadline");
+    tx.send(&count_call(Route { src: me, dst: nowhere, hops: 0 }, 1)).await.expect("sent");
+    let reply = next_reply(&mut rx).await.expect("answered well before the call's 60 s deadline");
     assert_eq!(reply.call_id, 1);
     let ReplyResult::Err(body) = reply.result else { panic!("an error reply: {reply:?}") };
     let err: Value = serde_json::from_slice(&body).expect("an error document");

@@ -22,21 +22,7 @@ use tokio::{sync::Barrier, time::Instant};
 mod common;
 
 async fn node(dir: &Path, name: &str, builtin: &[&str], extra: Vec<Gear>, seeds: Vec<String>) -> RunningNode {
-    gearmesh::install_crypto_provider();
-    let mut config = NodeConfig {
-        name: Some(name.into()),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        gears: builtin.iter().map(|g| (*g).to_owned()).collect(),
-        seeds,
-        insecure_dev: true,
-        ..NodeConfig::default()
-    };
-    config.tls.data_dir = Some(dir.to_owned());
-    let mut b = Node::builder().config(config);
-    for g in extra {
-        b = b.gear(g);
-    }
-    b.build().expect("valid").start().await.expect("started")
+    common::in_process_node(dir, name, builtin, extra, seeds, |_| {}).await
 }
 
 async fn post(c: &reqwest::Client, url: String, body: Value) -> (u16, Value) {

@@ -640,6 +640,18 @@ async fn measure_floors(tls: SocketAddr, wss: SocketAddr, client: &ClientTls, pr
     floors
 }
 
+/// Starts node A joined through `seed`, waits for a route of `hops` links to `bench`, and prints
+/// one row per depth.
+async fn rows_from_a(dir: &Path, seed: String, shape: Shape, hops: u32, system: &str, floors: &[Floor]) {
+    let a = start(config(dir, "a", vec![seed], |c| shape.apply(c)), vec![]).await;
+    wait_route(&a, "bench", hops).await;
+    let ctx = a.ctx(Principal::anonymous());
+    for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| depth(**w)) {
+        print_row(system, *w, &calls(&ctx, *w).await, floor);
+    }
+    a.shutdown().await;
+}
+
 /// The mesh rows: direct over WSS, direct over QUIC, one switching hop; the other nodes on
 /// threads of this process, or in processes of their own.
 async fn mesh_rows(dir: &Path, floors: &[Floor], procs: bool) {
@@ -652,43 +664,22 @@ async fn mesh_rows(dir: &Path, floors: &[Floor], procs: bool) {
             Remote::spawn(config(dir, name, seed.into_iter().collect(), |c| shape.apply(c)), gears)
         }
     };
-    let rows = |w: &usize| depth(*w);
     if section_in(procs, "wss") {
         // A -> B over WSS (QUIC off on both, so the link can only be WebSocket).
         let b = remote("b-wss", None, Shape::Wss, true);
-        let a = start(config(dir, "a-wss", vec![b.link("wss://")], |c| Shape::Wss.apply(c)), vec![]).await;
-        wait_route(&a, "bench", 1).await;
-        let ctx = a.ctx(Principal::anonymous());
-        for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| rows(w)) {
-            print_row(&format!("direct call, WSS link{label}"), *w, &calls(&ctx, *w).await, floor);
-        }
-        a.shutdown().await;
-        drop(b);
+        rows_from_a(dir, b.link("wss://"), Shape::Wss, 1, &format!("direct call, WSS link{label}"), floors).await;
     }
     if section_in(procs, "quic") {
         // A -> B over QUIC (A joins through B's quic:// address).
         let b = remote("b-quic", None, Shape::Quic, true);
-        let a = start(config(dir, "a-quic", vec![b.link("quic://")], |c| Shape::Quic.apply(c)), vec![]).await;
-        wait_route(&a, "bench", 1).await;
-        let ctx = a.ctx(Principal::anonymous());
-        for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| rows(w)) {
-            print_row(&format!("direct call, QUIC link{label}"), *w, &calls(&ctx, *w).await, floor);
-        }
-        a.shutdown().await;
-        drop(b);
+        rows_from_a(dir, b.link("quic://"), Shape::Quic, 1, &format!("direct call, QUIC link{label}"), floors).await;
     }
     if section_in(procs, "hop") {
         // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
         let b = remote("b-hop", None, Shape::Wss, false);
-        let c = remote("c-hop", Some(b.link("wss://")), Shape::OneLink, true);
-        let a = start(config(dir, "a-hop", vec![b.link("wss://")], |c| Shape::OneLink.apply(c)), vec![]).await;
-        wait_route(&a, "bench", 2).await;
-        let ctx = a.ctx(Principal::anonymous());
-        for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| rows(w)) {
-            print_row(&format!("one switching hop, WSS links{label}"), *w, &calls(&ctx, *w).await, floor);
-        }
-        a.shutdown().await;
-        drop((c, b));
+        let _c = remote("c-hop", Some(b.link("wss://")), Shape::OneLink, true);
+        let system = format!("one switching hop, WSS links{label}");
+        rows_from_a(dir, b.link("wss://"), Shape::OneLink, 2, &system, floors).await;
     }
 }
 

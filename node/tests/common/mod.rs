@@ -118,6 +118,35 @@ pub(crate) fn wss(n: &gearmesh::RunningNode) -> String {
     n.link_addrs().iter().find(|a| a.starts_with("wss://") || a.starts_with("ws://")).expect("ws addr").clone()
 }
 
+/// Starts a node in this process on port 0 with TLS from the development CA in `dir`, hosting
+/// the built-in gears named in `builtin` and `extra`, joined through `seeds`; `tweak` adjusts
+/// the configuration first.
+pub(crate) async fn in_process_node(
+    dir: &Path,
+    name: &str,
+    builtin: &[&str],
+    extra: Vec<gearmesh::gears::Gear>,
+    seeds: Vec<String>,
+    tweak: impl FnOnce(&mut gearmesh::NodeConfig),
+) -> gearmesh::RunningNode {
+    gearmesh::install_crypto_provider();
+    let mut config = gearmesh::NodeConfig {
+        name: Some(name.into()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        gears: builtin.iter().map(|g| (*g).to_owned()).collect(),
+        seeds,
+        insecure_dev: true,
+        ..gearmesh::NodeConfig::default()
+    };
+    config.tls.data_dir = Some(dir.to_owned());
+    tweak(&mut config);
+    let mut b = gearmesh::Node::builder().config(config);
+    for g in extra {
+        b = b.gear(g);
+    }
+    b.build().expect("valid").start().await.expect("started")
+}
+
 /// Polls `f` every 20 ms until it holds, for at most `secs` seconds.
 pub(crate) async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
