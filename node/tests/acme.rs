@@ -60,8 +60,7 @@ async fn start(config: NodeConfig) -> RunningNode {
 
 /// Starts a node again on the port a stopped node used. The stopped node has freed it (tested
 /// on its own in `mesh.rs`), but while it was down another process may briefly hold the same
-/// UDP port number as an ephemeral socket (Pebble's DNS queries, other tests' clients: `free_port`
-/// only checks TCP), so a bind refused as "in use" is retried for up to 5 s.
+/// port number, so a bind refused as "in use" is retried for up to 5 s.
 async fn restart(config: NodeConfig) -> RunningNode {
     gearmesh::install_crypto_provider();
     let deadline = Instant::now() + Duration::from_secs(5);

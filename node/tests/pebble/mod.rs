@@ -35,13 +35,25 @@ pub(crate) fn available() -> bool {
     found
 }
 
-/// A free loopback port (bound, then released: a small race the tests accept).
+/// A loopback port free for both TCP and UDP, for the servers whose port Pebble must know in
+/// advance (so port 0 will not do). It is picked at random below the kernel's ephemeral range
+/// (32768 and up on Linux): a port taken from that range could be handed to some other
+/// process's outgoing socket (Pebble's DNS queries, other tests' clients) before our server
+/// binds it. Checked free, then released: a small race with other tests' picks remains.
 pub(crate) fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000u16..32_000);
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free UDP port").port()
+    free_port()
 }
 
 /// What a Pebble instance is configured with.
