@@ -21,6 +21,11 @@ use gearmesh_transport::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RTT_ROUNDS: usize = 10_000;
+
+/// Sequential round trips per row: [`RTT_ROUNDS`], or `GEARMESH_BENCH_ROUNDS` (for profiling).
+fn rtt_rounds() -> usize {
+    std::env::var("GEARMESH_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(RTT_ROUNDS)
+}
 const WARMUP: usize = 1_000;
 const THROUGHPUT_FRAMES: usize = 50_000;
 const WINDOW: usize = 64;
@@ -132,9 +137,23 @@ fn call(size: usize) -> Frame {
     Frame::Call(c)
 }
 
-async fn link_rtt(link: &mut Link, frame: &Frame) -> (f64, f64) {
-    let mut samples = Vec::with_capacity(RTT_ROUNDS);
-    for i in 0..WARMUP + RTT_ROUNDS {
+/// Round trips on `link`, measured from a spawned task, as a node's callers run (a runtime's
+/// `block_on` future is polled differently: waking it makes the runtime poll for I/O first).
+async fn link_rtt(link: Link, frame: &Frame) -> (Link, f64, f64) {
+    let frame = frame.clone();
+    tokio::spawn(async move {
+        let mut link = link;
+        let (p50, p99) = link_rtt_in_task(&mut link, &frame).await;
+        (link, p50, p99)
+    })
+    .await
+    .expect("round-trip task")
+}
+
+async fn link_rtt_in_task(link: &mut Link, frame: &Frame) -> (f64, f64) {
+    let rounds = rtt_rounds();
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..WARMUP + rounds {
         let t = Instant::now();
         link.send(frame).await.expect("send");
         link.recv().await.expect("open").expect("frame");
@@ -146,7 +165,15 @@ async fn link_rtt(link: &mut Link, frame: &Frame) -> (f64, f64) {
     (pct(&samples, 0.5), pct(&samples, 0.99))
 }
 
+/// `GEARMESH_BENCH_RTT_ONLY=1` skips the throughput runs (for profiling the round trip alone).
+fn rtt_only() -> bool {
+    std::env::var_os("GEARMESH_BENCH_RTT_ONLY").is_some()
+}
+
 async fn link_throughput(link: Link, frame: &Frame) -> f64 {
+    if rtt_only() {
+        return 0.0;
+    }
     let (tx, mut rx) = link.split();
     let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
     let t = Instant::now();
@@ -179,13 +206,22 @@ async fn tls_client(addr: SocketAddr, client: &ClientTls) -> tokio_rustls::clien
     tokio_rustls::TlsConnector::from(client.wss_config()).connect(name, tcp).await.expect("tls")
 }
 
+/// The raw TLS ping-pong, from a spawned task like the links' (see [`link_rtt`]).
 async fn tls_rtt(addr: SocketAddr, client: &ClientTls, size: usize) -> (f64, f64, f64) {
-    let mut s = tls_client(addr, client).await;
+    let s = tls_client(addr, client).await;
+    tokio::spawn(tls_rtt_in_task(s, size)).await.expect("round-trip task")
+}
+
+async fn tls_rtt_in_task(
+    mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    size: usize,
+) -> (f64, f64, f64) {
     let mut msg = vec![0xabu8; size];
     msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
     let mut back = vec![0u8; size];
-    let mut samples = Vec::with_capacity(RTT_ROUNDS);
-    for i in 0..WARMUP + RTT_ROUNDS {
+    let rounds = rtt_rounds();
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..WARMUP + rounds {
         let t = Instant::now();
         s.write_all(&msg).await.expect("write");
         s.flush().await.expect("flush");
@@ -195,6 +231,9 @@ async fn tls_rtt(addr: SocketAddr, client: &ClientTls, size: usize) -> (f64, f64
         }
     }
     samples.sort_unstable();
+    if rtt_only() {
+        return (pct(&samples, 0.5), pct(&samples, 0.99), 0.0);
+    }
     // Echo throughput with a window of WINDOW messages in flight.
     let (mut r, mut w) = tokio::io::split(s);
     let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
@@ -249,42 +288,64 @@ fn main() {
     let resolver = CertResolver::from_cert(&cert).expect("resolver");
     let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client");
     let servers = start_servers(resolver);
-    codec_bench();
+    if std::env::var_os("GEARMESH_BENCH_ONLY").is_none() {
+        codec_bench();
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let rows = rt.block_on(async {
         let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(&client)).expect("quic");
         let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep);
         let mut rows = Vec::new();
-        for size in [64usize, 4096] {
+        // `GEARMESH_BENCH_ONLY=tls,mem,wss,quic,quic-call` picks rows (for profiling one path);
+        // `GEARMESH_BENCH_SIZES=64` picks frame sizes.
+        let only = std::env::var("GEARMESH_BENCH_ONLY").ok();
+        let want = |row: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w == row));
+        let sizes: Vec<usize> = std::env::var("GEARMESH_BENCH_SIZES")
+            .ok()
+            .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![64, 4096]);
+        for size in sizes {
             // Alternate the systems within one run.
-            let (p50, p99, fps) = tls_rtt(servers.tls_addr, &client, size).await;
-            rows.push(Row { system: "raw TLS over TCP (length-prefixed)", size, p50, p99, fps });
-            let (mut mem, echo) = Link::pair();
-            let echo_task = tokio::spawn(async move {
-                let (tx, mut rx) = echo.split();
-                while let Some(Ok(f)) = rx.recv().await {
-                    if tx.send(&f).await.is_err() {
-                        return;
+            if want("tls") {
+                let (p50, p99, fps) = tls_rtt(servers.tls_addr, &client, size).await;
+                rows.push(Row { system: "raw TLS over TCP (length-prefixed)", size, p50, p99, fps });
+            }
+            if want("mem") {
+                let (mem, echo) = Link::pair();
+                let echo_task = tokio::spawn(async move {
+                    let (tx, mut rx) = echo.split();
+                    while let Some(Ok(f)) = rx.recv().await {
+                        if tx.send(&f).await.is_err() {
+                            return;
+                        }
                     }
-                }
-            });
-            let (p50, p99) = link_rtt(&mut mem, &gossip(size)).await;
-            let fps = link_throughput(mem, &gossip(size)).await;
-            echo_task.abort();
-            rows.push(Row { system: "in-memory link (driver cost, no IO)", size, p50, p99, fps });
-            let mut wss = dialer.dial(&format!("wss://localhost:{}", servers.wss_addr.port())).await.expect("wss");
-            let (p50, p99) = link_rtt(&mut wss, &gossip(size)).await;
-            let fps = link_throughput(wss, &gossip(size)).await;
-            rows.push(Row { system: "WSS link", size, p50, p99, fps });
-            let mut quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
-            let (p50, p99) = link_rtt(&mut quic, &gossip(size)).await;
-            let fps = link_throughput(quic, &gossip(size)).await;
-            rows.push(Row { system: "QUIC link, control stream (gossip)", size, p50, p99, fps });
-            let mut quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
-            let (p50, p99) = link_rtt(&mut quic, &call(size.max(140))).await;
-            let fps = link_throughput(quic, &call(size.max(140))).await;
-            rows.push(Row { system: "QUIC link, stream per call", size: size.max(140), p50, p99, fps });
+                });
+                let (mem, p50, p99) = link_rtt(mem, &gossip(size)).await;
+                let fps = link_throughput(mem, &gossip(size)).await;
+                echo_task.abort();
+                rows.push(Row { system: "in-memory link (driver cost, no IO)", size, p50, p99, fps });
+            }
+            if want("wss") {
+                let wss = dialer.dial(&format!("wss://localhost:{}", servers.wss_addr.port())).await.expect("wss");
+                let (wss, p50, p99) = link_rtt(wss, &gossip(size)).await;
+                let fps = link_throughput(wss, &gossip(size)).await;
+                rows.push(Row { system: "WSS link", size, p50, p99, fps });
+            }
+            if want("quic") {
+                let quic =
+                    dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
+                let (quic, p50, p99) = link_rtt(quic, &gossip(size)).await;
+                let fps = link_throughput(quic, &gossip(size)).await;
+                rows.push(Row { system: "QUIC link, control stream (gossip)", size, p50, p99, fps });
+            }
+            if want("quic-call") {
+                let quic =
+                    dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
+                let (quic, p50, p99) = link_rtt(quic, &call(size.max(140))).await;
+                let fps = link_throughput(quic, &call(size.max(140))).await;
+                rows.push(Row { system: "QUIC link, stream per call", size: size.max(140), p50, p99, fps });
+            }
         }
         rows
     });

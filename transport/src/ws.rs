@@ -2,23 +2,25 @@
 //! dialing `wss://` / `ws://`, and accepting upgrades on the node's HTTP server at `/v1/link`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
-use bytes::Bytes;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::accept::Acceptor;
 use crate::frame::{DecodeError, FrameKind, HEADER_LEN};
 use crate::link::wire::{WireError, WireRx, WireTx};
 use crate::link::{LinkConfig, PeerInfo, TransportKind};
+
+mod codec;
+
+use codec::{Opcode, ParseError, Side};
 
 /// The path the node mounts the link endpoint at.
 pub const LINK_PATH: &str = "/v1/link";
@@ -28,80 +30,209 @@ pub const LINK_PATH: &str = "/v1/link";
 /// (and one syscall) instead of one per frame.
 const WS_WRITE_BUFFER: usize = 64 * 1024;
 
-/// Bytes a link reads from the TLS stream at a time. tungstenite zeroes this much of its buffer
-/// before every read, so a large value costs on every small message; 16 KiB is one TLS record.
+/// Bytes a link asks the TLS stream for at a time (one TLS record). The buffer grows to hold one
+/// frame that is longer, up to the link's frame limit.
 const WS_READ_BUFFER: usize = 16 * 1024;
 
+/// The upgrade handshake's settings for tokio-tungstenite, which dials (the link then frames
+/// its messages itself, see [`split_raw`]).
 pub(crate) fn ws_config(config: &LinkConfig) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(config.max_frame_len))
-        .max_frame_size(Some(config.max_frame_len))
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        // Bounded: the buffer never holds more than one batch plus one frame.
-        .max_write_buffer_size(WS_WRITE_BUFFER + config.max_frame_len + 64)
+    WebSocketConfig::default().max_message_size(Some(config.max_frame_len)).max_frame_size(Some(config.max_frame_len))
 }
 
+/// The sending half of a WebSocket link: encodes each link frame as one binary message into a
+/// bounded write buffer that [`WireTx::flush`] writes out.
 pub(crate) struct WsTx<S> {
-    sink: SplitSink<WebSocketStream<S>, Message>,
+    io: WriteHalf<S>,
+    side: Side,
+    out: BytesMut,
+    /// A ping's payload the reader saw, to be answered with a pong at the next write.
+    pong: Arc<PendingPong>,
 }
 
+/// The receiving half: parses frames from a read buffer, reassembling fragmented messages.
 pub(crate) struct WsRx<S> {
-    stream: SplitStream<WebSocketStream<S>>,
+    io: ReadHalf<S>,
+    side: Side,
+    buf: BytesMut,
+    /// The fragments of a message still being received.
+    partial: Option<BytesMut>,
     max_frame_len: usize,
+    pong: Arc<PendingPong>,
 }
 
+/// The payload of the latest ping not yet answered (RFC 6455 allows answering only the latest).
+#[derive(Default)]
+struct PendingPong {
+    set: AtomicBool,
+    payload: std::sync::Mutex<Option<Bytes>>,
+}
+
+impl PendingPong {
+    fn put(&self, payload: Bytes) {
+        *self.payload.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(payload);
+        self.set.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<Bytes> {
+        if !self.set.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        self.payload.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+/// Splits a connection whose WebSocket upgrade is done into the link's halves. The link frames
+/// its messages itself (module [`codec`]) instead of through tungstenite's message stream: one
+/// buffer each way, no zeroing of the read buffer, no lock shared between the halves' polls.
+pub(crate) fn split_raw<S>(io: S, side: Side, config: &LinkConfig) -> (WsTx<S>, WsRx<S>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(io);
+    let pong = Arc::new(PendingPong::default());
+    (
+        WsTx { io: w, side, out: BytesMut::with_capacity(4096), pong: Arc::clone(&pong) },
+        WsRx {
+            io: r,
+            side,
+            buf: BytesMut::with_capacity(WS_READ_BUFFER),
+            partial: None,
+            max_frame_len: config.max_frame_len,
+            pong,
+        },
+    )
+}
+
+/// The dialing side's halves, from the stream tokio-tungstenite upgraded. Nothing can be left in
+/// tungstenite's read buffer: the accepting side sends nothing until it has the dialer's hello.
 pub(crate) fn split<S>(ws: WebSocketStream<S>, config: &LinkConfig) -> (WsTx<S>, WsRx<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, stream) = ws.split();
-    (WsTx { sink }, WsRx { stream, max_frame_len: config.max_frame_len })
+    split_raw(ws.into_inner(), Side::Client, config)
+}
+
+fn io_err(e: &std::io::Error) -> WireError {
+    WireError::Io(format!("websocket: {e}"))
+}
+
+impl<S> WsTx<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    fn push(&mut self, opcode: Opcode, payload: &[u8]) {
+        let mask = (self.side == Side::Client).then(rand::random::<[u8; 4]>);
+        codec::encode(&mut self.out, opcode, payload, mask);
+    }
+
+    async fn write_out(&mut self) -> Result<(), WireError> {
+        if let Some(p) = self.pong.take() {
+            self.push(Opcode::Pong, &p);
+        }
+        if !self.out.is_empty() {
+            let r = self.io.write_all(&self.out).await;
+            self.out.clear();
+            r.map_err(|e| io_err(&e))?;
+        }
+        Ok(())
+    }
 }
 
 impl<S> WireTx for WsTx<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    async fn send(&mut self, frame: Bytes, _kind: FrameKind) -> Result<(), WireError> {
-        self.sink.send(Message::Binary(frame)).await.map_err(|e| WireError::Io(format!("websocket: {e}")))
+    async fn send(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
+        self.feed(frame, kind).await?;
+        self.flush().await
     }
 
     async fn feed(&mut self, frame: Bytes, _kind: FrameKind) -> Result<(), WireError> {
-        self.sink.feed(Message::Binary(frame)).await.map_err(|e| WireError::Io(format!("websocket: {e}")))
+        // Bounded: the buffer holds at most one batch plus one frame.
+        if !self.out.is_empty() && self.out.len() + frame.len() > WS_WRITE_BUFFER {
+            self.write_out().await?;
+        }
+        self.push(Opcode::Binary, &frame);
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), WireError> {
-        self.sink.flush().await.map_err(|e| WireError::Io(format!("websocket: {e}")))
+        self.write_out().await?;
+        self.io.flush().await.map_err(|e| io_err(&e))
     }
 
     async fn shutdown(&mut self) {
-        if let Err(e) = self.sink.close().await {
+        self.push(Opcode::Close, &codec::close_payload(1000, ""));
+        if let Err(e) = self.flush().await {
             tracing::trace!(error = %e, "websocket close");
+        }
+        if let Err(e) = self.io.shutdown().await {
+            tracing::trace!(error = %e, "websocket shutdown");
+        }
+    }
+}
+
+impl<S> WsRx<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    /// The next whole frame in the buffer, reading more as needed; `None` at the end of the
+    /// connection between frames.
+    async fn next_frame(&mut self) -> Result<Option<codec::WsFrame>, WireError> {
+        loop {
+            match codec::parse(&mut self.buf, self.side, self.max_frame_len) {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(ParseError::Oversized { len, max }) => {
+                    let len = usize::try_from(len).unwrap_or(usize::MAX).max(HEADER_LEN);
+                    return Err(WireError::Decode(DecodeError::Oversized { len, max }));
+                }
+                Err(e) => return Err(WireError::Protocol(format!("websocket protocol: {e}"))),
+            }
+            if self.buf.capacity() - self.buf.len() < WS_READ_BUFFER / 4 {
+                self.buf.reserve(WS_READ_BUFFER);
+            }
+            let n = self.io.read_buf(&mut self.buf).await.map_err(|e| io_err(&e))?;
+            if n == 0 {
+                return if self.buf.is_empty() && self.partial.is_none() {
+                    Ok(None)
+                } else {
+                    Err(WireError::Io("websocket: connection ended inside a frame".into()))
+                };
+            }
         }
     }
 }
 
 impl<S> WireRx for WsRx<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
     async fn recv(&mut self) -> Result<Option<Bytes>, WireError> {
         loop {
-            return match self.stream.next().await {
-                None | Some(Ok(Message::Close(_))) => Ok(None),
-                Some(Ok(Message::Binary(b))) => Ok(Some(b)),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Text(_))) => Err(WireError::Protocol("text message on a link".into())),
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. }))) => {
-                    Err(WireError::Decode(DecodeError::Oversized {
-                        len: size.max(HEADER_LEN),
-                        max: self.max_frame_len,
-                    }))
+            let Some(f) = self.next_frame().await? else { return Ok(None) };
+            match (f.opcode, self.partial.as_mut()) {
+                (Opcode::Binary, None) if f.fin => return Ok(Some(f.payload)),
+                (Opcode::Binary, None) => self.partial = Some(BytesMut::from(&f.payload[..])),
+                (Opcode::Continuation, Some(partial)) => {
+                    if partial.len() + f.payload.len() > self.max_frame_len {
+                        let len = partial.len() + f.payload.len();
+                        return Err(WireError::Decode(DecodeError::Oversized { len, max: self.max_frame_len }));
+                    }
+                    partial.extend_from_slice(&f.payload);
+                    if f.fin {
+                        return Ok(self.partial.take().map(BytesMut::freeze));
+                    }
                 }
-                Some(Err(WsError::Protocol(p))) => Err(WireError::Protocol(format!("websocket protocol: {p}"))),
-                Some(Err(e)) => Err(WireError::Io(format!("websocket: {e}"))),
-            };
+                (Opcode::Close, _) => return Ok(None),
+                (Opcode::Ping, _) => self.pong.put(f.payload),
+                (Opcode::Pong, _) => {}
+                (Opcode::Text, _) => return Err(WireError::Protocol("text message on a link".into())),
+                (Opcode::Binary, Some(_)) | (Opcode::Continuation, None) => {
+                    return Err(WireError::Protocol("websocket protocol: bad fragment sequence".into()));
+                }
+            }
         }
     }
 }
@@ -161,8 +292,7 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&config))).await;
-        let (tx, rx) = split(ws, &config);
+        let (tx, rx) = split_raw(TokioIo::new(upgraded), Side::Server, &config);
         let peer = PeerInfo::connecting(TransportKind::Wss, remote, None);
         acceptor.establish(tx, rx, peer, permit, deadline).await;
     });

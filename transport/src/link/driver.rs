@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::wire::{WireError, WireRx, WireTx};
 use super::{CloseReason, Initiator, Link, LinkConfig, LinkError, LinkReceiver, LinkSender, PeerInfo, Shared};
@@ -48,6 +48,21 @@ impl Outcome {
     }
 }
 
+/// A message for the driver's writer that is not an application frame.
+#[derive(Debug)]
+pub(crate) enum Ctrl {
+    /// A heartbeat to send.
+    Ping { seq: u64, sent_at_micros: u64 },
+    /// The answer to the peer's heartbeat.
+    Pong { seq: u64, echo: u64 },
+    /// `close` was called: the request is in [`Shared::close_req`].
+    CloseRequested,
+}
+
+/// Control messages queued at most; a pong beyond that is dropped (the peer's next ping gets
+/// one), and a close request is still seen at the next check.
+const CTRL_QUEUE: usize = 32;
+
 /// Starts the driver task for an established connection and returns the link.
 pub(crate) fn start<T: WireTx, R: WireRx>(
     tx: T,
@@ -58,23 +73,25 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
 ) -> Link {
     let (out_tx, out_rx) = mpsc::channel(config.send_queue.max(1));
     let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
+    let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
     let shared = Arc::new(Shared {
         peer,
         rtt_micros: AtomicU64::new(0),
         closed: watch::Sender::new(None),
         close_req: watch::Sender::new(None),
+        ctrl: ctrl_tx,
         max_frame_len: config.max_frame_len,
     });
-    tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, in_tx, config.clone(), permit));
+    tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, ctrl_rx, in_tx, config.clone(), permit));
     Link {
         sender: LinkSender { out: out_tx, shared: Arc::clone(&shared) },
         receiver: LinkReceiver { inbound: in_rx, shared },
     }
 }
 
-/// Clocks shared by the reader, writer and watchdog of one link. The reader never reads the
-/// clock for a frame: it raises `heard`, and the watchdog, which wakes every quarter heartbeat,
-/// turns that into a time. Silence is therefore measured to within one watchdog step.
+/// Clocks shared by the reader, writer and timer of one link. The reader never reads the clock
+/// for a frame: it raises `heard`, and the timer, which wakes every quarter heartbeat, turns
+/// that into a time. Silence is therefore measured to within one watchdog step.
 struct Clock {
     start: Instant,
     /// Something arrived since the watchdog last looked.
@@ -93,23 +110,25 @@ impl Clock {
     }
 }
 
+/// The driver: three futures polled by one task (reading, writing, and one timer for heartbeats,
+/// the watchdog and close requests), so a wake-up polls as few wakers as possible.
+#[allow(clippy::too_many_arguments)]
 async fn run<T: WireTx, R: WireRx>(
     mut tx: T,
     mut rx: R,
     shared: Arc<Shared>,
     mut out_rx: mpsc::Receiver<Bytes>,
+    mut ctrl_rx: mpsc::Receiver<Ctrl>,
     in_tx: mpsc::Sender<Result<Frame, LinkError>>,
     config: LinkConfig,
     permit: Option<OwnedSemaphorePermit>,
 ) {
     let clock = Clock { start: Instant::now(), heard: AtomicBool::new(false), reader_blocked: AtomicBool::new(false) };
-    let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<Frame>(32);
-    let mut close_rx = shared.close_req.subscribe();
     let outcome = tokio::select! {
-        o = read_loop(&mut rx, &in_tx, ctrl_tx, &shared, &config, &clock) => o,
-        o = write_loop(&mut tx, &mut out_rx, &mut ctrl_rx, &config, &clock) => o,
-        o = watchdog(&config, &clock) => o,
-        o = close_requested(&mut close_rx) => o,
+        biased;
+        o = read_loop(&mut rx, &in_tx, &shared, &config, &clock) => o,
+        o = write_loop(&mut tx, &mut out_rx, &mut ctrl_rx, &shared, &config) => o,
+        o = timer(&shared, &config, &clock) => o,
     };
     let peer = shared.peer.node_id;
     if outcome.reason.code.is_orderly() {
@@ -137,73 +156,93 @@ async fn run<T: WireTx, R: WireRx>(
     drop(permit);
 }
 
-async fn close_requested(rx: &mut watch::Receiver<Option<Close>>) -> Outcome {
-    let req = match rx.wait_for(Option::is_some).await {
-        Ok(req) => req.clone(),
-        // The sender lives in `Shared`, which outlives this future.
-        Err(_) => None,
-    };
-    match req {
-        Some(c) => Outcome::local(c.code, c.reason),
-        None => std::future::pending().await,
-    }
+/// The close `close` asked for, if any.
+fn close_requested(shared: &Shared) -> Option<Outcome> {
+    shared.close_req.borrow().as_ref().map(|c| Outcome::local(c.code, c.reason.clone()))
 }
 
-async fn watchdog(config: &LinkConfig, clock: &Clock) -> Outcome {
+/// One timer for the link: sends a ping every heartbeat interval, closes the link when nothing
+/// has been heard for the idle timeout (checked every quarter heartbeat), and notices a close
+/// request even when the writer is stuck on a peer that does not read.
+async fn timer(shared: &Shared, config: &LinkConfig, clock: &Clock) -> Outcome {
     let idle = u64::try_from(config.idle_timeout.as_micros()).unwrap_or(u64::MAX);
+    // A zero interval would spin: treat it as 1 ms.
+    let heartbeat = config.heartbeat_interval.max(std::time::Duration::from_millis(1));
     let step = (config.heartbeat_interval / 4).max(std::time::Duration::from_millis(5));
     let mut last_heard = clock.now_micros();
+    let mut seq = 0u64;
+    let start = Instant::now();
+    let (mut next_ping, mut next_watch) = (start, start + step);
+    let sleep = tokio::time::sleep_until(start);
+    tokio::pin!(sleep);
     loop {
-        tokio::time::sleep(step).await;
-        let now = clock.now_micros();
-        if clock.heard.swap(false, Ordering::Relaxed) || clock.reader_blocked.load(Ordering::Relaxed) {
-            last_heard = now;
-            continue;
+        sleep.as_mut().await;
+        let now = Instant::now();
+        if now >= next_ping {
+            seq += 1;
+            let ping = Ctrl::Ping { seq, sent_at_micros: clock.now_micros() };
+            if shared.ctrl.try_send(ping).is_err() {
+                tracing::trace!("ping dropped: control queue full");
+            }
+            next_ping = (next_ping + heartbeat).max(now);
         }
-        let silent = now.saturating_sub(last_heard);
-        if silent > idle {
-            return Outcome::local(CloseCode::HEARTBEAT_TIMEOUT, format!("nothing received for {} ms", silent / 1000));
+        if now >= next_watch {
+            if let Some(o) = close_requested(shared) {
+                return o;
+            }
+            let now_us = clock.now_micros();
+            if clock.heard.swap(false, Ordering::Relaxed) || clock.reader_blocked.load(Ordering::Relaxed) {
+                last_heard = now_us;
+            } else {
+                let silent = now_us.saturating_sub(last_heard);
+                if silent > idle {
+                    return Outcome::local(
+                        CloseCode::HEARTBEAT_TIMEOUT,
+                        format!("nothing received for {} ms", silent / 1000),
+                    );
+                }
+            }
+            next_watch = (next_watch + step).max(now);
         }
+        sleep.as_mut().reset(next_ping.min(next_watch));
     }
 }
 
 async fn write_loop<T: WireTx>(
     tx: &mut T,
     out_rx: &mut mpsc::Receiver<Bytes>,
-    ctrl_rx: &mut mpsc::Receiver<Frame>,
+    ctrl_rx: &mut mpsc::Receiver<Ctrl>,
+    shared: &Shared,
     config: &LinkConfig,
-    clock: &Clock,
 ) -> Outcome {
-    // A zero interval would panic in tokio: treat it as 1 ms.
-    let mut ticker = tokio::time::interval(config.heartbeat_interval.max(std::time::Duration::from_millis(1)));
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut seq = 0u64;
     let mut buf = BytesMut::with_capacity(256);
     loop {
-        let control = tokio::select! {
+        tokio::select! {
             biased;
-            Some(f) = ctrl_rx.recv() => Some(f),
-            _ = ticker.tick() => {
-                seq += 1;
-                Some(Frame::Ping { seq, sent_at_micros: clock.now_micros() })
+            Some(c) = ctrl_rx.recv() => {
+                if let Some(o) = close_requested(shared) {
+                    return o;
+                }
+                let f = match c {
+                    Ctrl::Ping { seq, sent_at_micros } => Frame::Ping { seq, sent_at_micros },
+                    Ctrl::Pong { seq, echo } => Frame::Pong { seq, echo },
+                    Ctrl::CloseRequested => continue,
+                };
+                if f.encode(&mut buf, config.max_frame_len).is_err() {
+                    continue;
+                }
+                if let Err(e) = tx.send(buf.split().freeze(), f.kind()).await {
+                    return Outcome::transport(&e);
+                }
             }
             out = out_rx.recv() => match out {
                 Some(bytes) => {
                     if let Err(e) = write_batch(tx, out_rx, bytes).await {
                         return Outcome::transport(&e);
                     }
-                    None
                 }
                 None => return Outcome::local(CloseCode::NORMAL, "link dropped"),
             },
-        };
-        if let Some(f) = control {
-            if f.encode(&mut buf, config.max_frame_len).is_err() {
-                continue;
-            }
-            if let Err(e) = tx.send(buf.split().freeze(), f.kind()).await {
-                return Outcome::transport(&e);
-            }
         }
     }
 }
@@ -226,7 +265,6 @@ async fn write_batch<T: WireTx>(tx: &mut T, out_rx: &mut mpsc::Receiver<Bytes>, 
 async fn read_loop<R: WireRx>(
     rx: &mut R,
     in_tx: &mpsc::Sender<Result<Frame, LinkError>>,
-    ctrl_tx: mpsc::Sender<Frame>,
     shared: &Shared,
     config: &LinkConfig,
     clock: &Clock,
@@ -253,7 +291,7 @@ async fn read_loop<R: WireRx>(
         };
         match frame {
             Frame::Ping { seq, sent_at_micros } => {
-                if ctrl_tx.try_send(Frame::Pong { seq, echo: sent_at_micros }).is_err() {
+                if shared.ctrl.try_send(Ctrl::Pong { seq, echo: sent_at_micros }).is_err() {
                     tracing::trace!("pong dropped: control queue full");
                 }
             }

@@ -181,6 +181,8 @@ pub(crate) struct Shared {
     pub(crate) closed: watch::Sender<Option<CloseReason>>,
     /// Set by `close`: asks the driver to close with this frame.
     pub(crate) close_req: watch::Sender<Option<Close>>,
+    /// The driver's control queue: pongs to send, and the nudge that a close was asked for.
+    pub(crate) ctrl: mpsc::Sender<driver::Ctrl>,
     pub(crate) max_frame_len: usize,
 }
 
@@ -200,6 +202,11 @@ impl Shared {
             *req = Some(Close { code, reason: reason.to_owned() });
             true
         });
+        // If the queue is full the driver still sees the request: it checks after every control
+        // message and at every watchdog step.
+        if self.ctrl.try_send(driver::Ctrl::CloseRequested).is_err() {
+            tracing::trace!("close nudge not queued; the driver's next check sees the request");
+        }
     }
 
     async fn closed(&self) -> CloseReason {
