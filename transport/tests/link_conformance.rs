@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Transport, connect, setup};
 use gearmesh_transport::{
-    BodyKind, Call, CloseCode, Event, Frame, Initiator, LinkError, NodeId, Reply, ReplyResult, Route, SendError,
-    TrySendError,
+    BodyKind, Call, CloseCode, Event, Frame, FrameHandler, Initiator, LinkError, NodeId, Reply, ReplyResult, Route,
+    SendError, TrySendError,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -214,6 +214,74 @@ async fn oversized_frame_closes_link(t: Transport) {
     assert!(!theirs.code.is_orderly());
 }
 
+/// Records what a [`FrameHandler`] is given, for the tests below.
+struct Recorder {
+    frames: tokio::sync::mpsc::UnboundedSender<Frame>,
+    closed: Option<tokio::sync::oneshot::Sender<gearmesh_transport::CloseReason>>,
+}
+
+impl FrameHandler for Recorder {
+    fn on_frame(&mut self, frame: Frame) {
+        assert!(self.closed.is_some(), "no frame after on_closed");
+        self.frames.send(frame).expect("test listening");
+    }
+
+    fn on_closed(&mut self, reason: &gearmesh_transport::CloseReason) {
+        let tx = self.closed.take().expect("on_closed once");
+        tx.send(reason.clone()).expect("test listening");
+    }
+}
+
+fn recorder() -> (
+    Box<Recorder>,
+    tokio::sync::mpsc::UnboundedReceiver<Frame>,
+    tokio::sync::oneshot::Receiver<gearmesh_transport::CloseReason>,
+) {
+    let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed, closed_rx) = tokio::sync::oneshot::channel();
+    (Box::new(Recorder { frames, closed: Some(closed) }), rx, closed_rx)
+}
+
+async fn a_handler_gets_queued_then_later_frames_in_order_then_the_close(t: Transport) {
+    let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    let gossip = |i: u16| Frame::Gossip { payload: Bytes::from(i.to_be_bytes().to_vec()) };
+    // Some frames wait in the receiving queue before the handler is given.
+    for i in 0..20 {
+        a.send(&gossip(i)).await.expect("send");
+    }
+    let (b_tx, b_rx) = b.split();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (handler, mut frames, closed) = recorder();
+    b_rx.into_handler(handler);
+    for i in 20..200 {
+        a.send(&gossip(i)).await.expect("send");
+    }
+    for i in 0..200 {
+        let got = tokio::time::timeout(WAIT, frames.recv()).await.expect("in time").expect("frame");
+        assert_eq!(got, gossip(i), "frame {i} in order");
+    }
+    a.close(CloseCode::PROTOCOL_ERROR, "bye").await;
+    let reason = tokio::time::timeout(WAIT, closed).await.expect("in time").expect("on_closed");
+    assert_eq!((reason.code, reason.initiator), (CloseCode::PROTOCOL_ERROR, Initiator::Remote));
+    assert!(b_tx.close_reason().is_some(), "the link is closed when on_closed runs");
+}
+
+async fn a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once(t: Transport) {
+    let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    // Gossip: on QUIC it shares the ordered control stream with the close (a call has a
+    // stream of its own, which the close may overtake).
+    let gossip = Frame::Gossip { payload: Bytes::from_static(b"x") };
+    a.send(&gossip).await.expect("send");
+    a.close(CloseCode::NORMAL, "done").await;
+    let (b_tx, b_rx) = b.split();
+    tokio::time::timeout(WAIT, b_tx.closed()).await.expect("closed");
+    let (handler, mut frames, closed) = recorder();
+    b_rx.into_handler(handler);
+    assert_eq!(frames.try_recv().expect("the queued frame, at once"), gossip);
+    let reason = closed.await.expect("on_closed at once");
+    assert_eq!(reason.code, CloseCode::NORMAL);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -230,6 +298,8 @@ macro_rules! suite {
 
 suite!(
     frames_flow_both_ways,
+    a_handler_gets_queued_then_later_frames_in_order_then_the_close,
+    a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once,
     peer_info_after_hello,
     link_frames_are_refused,
     close_with_reason_reaches_peer,

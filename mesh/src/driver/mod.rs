@@ -33,7 +33,9 @@ use std::{
 };
 
 use gearmesh_gears::host::Host;
-use gearmesh_transport::{CloseCode, Dialer, Frame, Incoming, Link, LinkReceiver, LinkSender, NodeId as LinkNodeId};
+use gearmesh_transport::{
+    CloseCode, CloseReason, Dialer, Frame, FrameHandler, Incoming, Link, LinkSender, NodeId as LinkNodeId,
+};
 use serde::Serialize;
 use tokio::{
     sync::{Notify, broadcast},
@@ -672,7 +674,7 @@ impl Inner {
             Some(Some(replaced)) => self.retire(replaced.tx, "duplicate link"),
             Some(None) => {}
         }
-        tokio::spawn(read_link(self.clone(), peer, generation, tx, rx));
+        rx.into_handler(Box::new(LinkFrames { inner: self.clone(), peer, generation, tx }));
     }
 
     /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is
@@ -694,38 +696,45 @@ impl Inner {
 /// already on it or sent before the peer heard.
 const RETIRE_LINGER: Duration = Duration::from_secs(2);
 
-/// Reads one link's frames until it closes.
-async fn read_link(inner: Arc<Inner>, peer: NodeId, generation: u64, tx: LinkSender, mut rx: LinkReceiver) {
-    while let Some(item) = rx.recv().await {
-        match item {
-            Ok(frame) => inner.on_frame(peer, &tx, frame),
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "link failed");
-                break;
-            }
-        }
+/// Takes one link's frames inside the link's own task (no queue and no task switch per frame:
+/// `on_frame` only decides and spawns), and tells the core when the link is gone.
+struct LinkFrames {
+    inner: Arc<Inner>,
+    peer: NodeId,
+    generation: u64,
+    tx: LinkSender,
+}
+
+impl FrameHandler for LinkFrames {
+    fn on_frame(&mut self, frame: Frame) {
+        self.inner.on_frame(self.peer, &self.tx, frame);
     }
-    let reason = match tx.close_reason() {
-        Some(r) if r.code == CloseCode::HEARTBEAT_TIMEOUT => LinkDownReason::Timeout,
-        // Only an orderly close (ours or the peer's) is not a sign of failure. A connection that
-        // just ended (a killed process: no close frame) or broke is, whoever noticed it.
-        Some(r) if r.code.is_orderly() => LinkDownReason::Closed,
-        Some(_) | None => LinkDownReason::Error,
-    };
-    let current = {
-        let mut links = inner.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match links.get(&peer) {
-            Some(e) if e.generation == generation => {
-                links.remove(&peer);
-                true
+
+    fn on_closed(&mut self, close: &CloseReason) {
+        let (inner, peer) = (&self.inner, self.peer);
+        tracing::debug!(%peer, reason = %close, "link down");
+        let reason = match close.code {
+            CloseCode::HEARTBEAT_TIMEOUT => LinkDownReason::Timeout,
+            // Only an orderly close (ours or the peer's) is not a sign of failure. A connection
+            // that just ended (a killed process: no close frame) or broke is, whoever noticed it.
+            code if code.is_orderly() => LinkDownReason::Closed,
+            _ => LinkDownReason::Error,
+        };
+        let current = {
+            let mut links = inner.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match links.get(&peer) {
+                Some(e) if e.generation == self.generation => {
+                    links.remove(&peer);
+                    true
+                }
+                _ => false,
             }
-            _ => false,
+        };
+        if current && !inner.shutdown.is_cancelled() {
+            let now = inner.now();
+            inner.core().handle_link_down(now, peer, reason);
+            inner.flush();
         }
-    };
-    if current && !inner.shutdown.is_cancelled() {
-        let now = inner.now();
-        inner.core().handle_link_down(now, peer, reason);
-        inner.flush();
     }
 }
 

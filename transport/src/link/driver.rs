@@ -2,15 +2,17 @@
 //! and dispatches incoming ones, sends heartbeats, measures RTT, detects a frozen peer, and
 //! closes the link with a reason.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::Instant;
 
 use super::wire::{WireError, WireRx, WireTx};
-use super::{CloseReason, Initiator, Link, LinkConfig, LinkError, LinkReceiver, LinkSender, PeerInfo, Shared};
+use super::{
+    CloseReason, Handled, Handoff, Initiator, Link, LinkConfig, LinkError, LinkReceiver, LinkSender, PeerInfo, Shared,
+};
 use crate::frame::{self, Close, CloseCode, DecodeError, Frame, FrameKind};
 
 /// How a link ended, and whether the peer should be told.
@@ -57,6 +59,8 @@ pub(crate) enum Ctrl {
     Pong { seq: u64, echo: u64 },
     /// `close` was called: the request is in [`Shared::close_req`].
     CloseRequested,
+    /// A [`crate::FrameHandler`] waits in [`Shared::handoff`].
+    HandlerGiven,
 }
 
 /// Control messages queued at most; a pong beyond that is dropped (the peer's next ping gets
@@ -81,6 +85,8 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
         close_req: watch::Sender::new(None),
         ctrl: ctrl_tx,
         max_frame_len: config.max_frame_len,
+        handoff: Mutex::new(Handoff::default()),
+        handoff_pending: AtomicBool::new(false),
     });
     tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, ctrl_rx, in_tx, config.clone(), permit));
     Link {
@@ -124,10 +130,11 @@ async fn run<T: WireTx, R: WireRx>(
     permit: Option<OwnedSemaphorePermit>,
 ) {
     let clock = Clock { start: Instant::now(), heard: AtomicBool::new(false), reader_blocked: AtomicBool::new(false) };
+    let handler = Mutex::new(None);
     let outcome = tokio::select! {
         biased;
-        o = read_loop(&mut rx, &in_tx, &shared, &config, &clock) => o,
-        o = write_loop(&mut tx, &mut out_rx, &mut ctrl_rx, &shared, &config) => o,
+        o = read_loop(&mut rx, &in_tx, &handler, &shared, &config, &clock) => o,
+        o = write_loop(&mut tx, &mut out_rx, &mut ctrl_rx, &handler, &shared, &config) => o,
         o = timer(&shared, &config, &clock) => o,
     };
     let peer = shared.peer.node_id;
@@ -149,11 +156,38 @@ async fn run<T: WireTx, R: WireRx>(
     if tokio::time::timeout(config.close_timeout, tx.shutdown()).await.is_err() {
         tracing::debug!(%peer, "transport shutdown timed out");
     }
-    shared.closed.send_replace(Some(outcome.reason.clone()));
-    if !outcome.reason.code.is_orderly() && in_tx.try_send(Err(LinkError::Closed(outcome.reason))).is_err() {
+    // Under the hand-over lock, so that a handler given from now on sees the link closed.
+    let waiting = {
+        let mut handoff = lock(&shared.handoff);
+        shared.closed.send_replace(Some(outcome.reason.clone()));
+        handoff.done = true;
+        handoff.waiting.take()
+    };
+    let handled = waiting.or_else(|| handler.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
+    if let Some(mut handled) = handled {
+        handled.drain();
+        handled.handler.on_closed(&outcome.reason);
+    } else if !outcome.reason.code.is_orderly() && in_tx.try_send(Err(LinkError::Closed(outcome.reason))).is_err() {
         tracing::trace!(%peer, "receiver gone or full; close reason not queued");
     }
     drop(permit);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes a handler given by [`crate::LinkReceiver::into_handler`], if one waits, and hands it
+/// what was queued before it.
+fn adopt(shared: &Shared, handler: &Mutex<Option<Handled>>) {
+    if !shared.handoff_pending.load(Ordering::Acquire) {
+        return;
+    }
+    shared.handoff_pending.store(false, Ordering::Relaxed);
+    if let Some(mut handled) = lock(&shared.handoff).waiting.take() {
+        handled.drain();
+        *lock(handler) = Some(handled);
+    }
 }
 
 /// The close `close` asked for, if any.
@@ -212,6 +246,7 @@ async fn write_loop<T: WireTx>(
     tx: &mut T,
     out_rx: &mut mpsc::Receiver<Bytes>,
     ctrl_rx: &mut mpsc::Receiver<Ctrl>,
+    handler: &Mutex<Option<Handled>>,
     shared: &Shared,
     config: &LinkConfig,
 ) -> Outcome {
@@ -221,12 +256,23 @@ async fn write_loop<T: WireTx>(
             biased;
             Some(c) = ctrl_rx.recv() => {
                 if let Some(o) = close_requested(shared) {
+                    // Frames queued before the close go first (a stuck write is cut short by
+                    // the timer's own close check).
+                    while let Ok(bytes) = out_rx.try_recv() {
+                        if let Err(e) = write_batch(tx, out_rx, bytes).await {
+                            return Outcome::transport(&e);
+                        }
+                    }
                     return o;
                 }
                 let f = match c {
                     Ctrl::Ping { seq, sent_at_micros } => Frame::Ping { seq, sent_at_micros },
                     Ctrl::Pong { seq, echo } => Frame::Pong { seq, echo },
                     Ctrl::CloseRequested => continue,
+                    Ctrl::HandlerGiven => {
+                        adopt(shared, handler);
+                        continue;
+                    }
                 };
                 if f.encode(&mut buf, config.max_frame_len).is_err() {
                     continue;
@@ -265,6 +311,7 @@ async fn write_batch<T: WireTx>(tx: &mut T, out_rx: &mut mpsc::Receiver<Bytes>, 
 async fn read_loop<R: WireRx>(
     rx: &mut R,
     in_tx: &mpsc::Sender<Result<Frame, LinkError>>,
+    handler: &Mutex<Option<Handled>>,
     shared: &Shared,
     config: &LinkConfig,
     clock: &Clock,
@@ -311,12 +358,22 @@ async fn read_loop<R: WireRx>(
                 return Outcome::local(CloseCode::PROTOCOL_ERROR, "unexpected second hello");
             }
             app => {
+                adopt(shared, handler);
+                if let Some(handled) = lock(handler).as_mut() {
+                    handled.handler.on_frame(app);
+                    continue;
+                }
                 clock.reader_blocked.store(true, Ordering::Relaxed);
                 let delivered = in_tx.send(Ok(app)).await;
                 clock.reader_blocked.store(false, Ordering::Relaxed);
                 clock.touch();
                 if delivered.is_err() {
                     return Outcome::local(CloseCode::NORMAL, "receiver dropped");
+                }
+                // A handler given while this frame waited for room takes it from the queue.
+                adopt(shared, handler);
+                if let Some(handled) = lock(handler).as_mut() {
+                    handled.drain();
                 }
             }
         }

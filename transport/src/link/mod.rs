@@ -12,8 +12,8 @@ pub(crate) mod wire;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -181,9 +181,62 @@ pub(crate) struct Shared {
     pub(crate) closed: watch::Sender<Option<CloseReason>>,
     /// Set by `close`: asks the driver to close with this frame.
     pub(crate) close_req: watch::Sender<Option<Close>>,
-    /// The driver's control queue: pongs to send, and the nudge that a close was asked for.
+    /// The driver's control queue: pongs to send, and the nudges that a close was asked for or
+    /// a handler given.
     pub(crate) ctrl: mpsc::Sender<driver::Ctrl>,
     pub(crate) max_frame_len: usize,
+    /// A [`FrameHandler`] given by [`LinkReceiver::into_handler`], until the driver takes it.
+    pub(crate) handoff: Mutex<Handoff>,
+    /// `handoff` holds a handler the driver has not taken yet.
+    pub(crate) handoff_pending: AtomicBool,
+}
+
+/// The hand-over of a [`FrameHandler`] from [`LinkReceiver::into_handler`] to the driver.
+#[derive(Default)]
+pub(crate) struct Handoff {
+    /// The driver has stopped: it will take nothing more.
+    pub(crate) done: bool,
+    /// The handler, with the receiving queue whose frames it must get first.
+    pub(crate) waiting: Option<Handled>,
+}
+
+impl fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handoff").field("done", &self.done).field("waiting", &self.waiting.is_some()).finish()
+    }
+}
+
+/// A handler and the queue it takes over from.
+pub(crate) struct Handled {
+    pub(crate) handler: Box<dyn FrameHandler>,
+    pub(crate) queued: mpsc::Receiver<Result<Frame, LinkError>>,
+}
+
+impl Handled {
+    /// Hands the handler every frame still queued, in order.
+    pub(crate) fn drain(&mut self) {
+        while let Ok(item) = self.queued.try_recv() {
+            // A queued `Err` is the close reason, which `on_closed` gives.
+            if let Ok(frame) = item {
+                self.handler.on_frame(frame);
+            }
+        }
+    }
+}
+
+/// Takes a link's frames inside the link's own task, as they are decoded, instead of through
+/// [`LinkReceiver::recv`]: no queue and no task switch per frame. See
+/// [`LinkReceiver::into_handler`].
+///
+/// Both methods run on the link's driver task and must not block: a handler that has slow work
+/// to do spawns it. While `on_frame` runs the link reads nothing more, so a handler is the
+/// link's back-pressure, as a slow `recv` loop is.
+pub trait FrameHandler: Send + 'static {
+    /// One frame from the peer (an application frame: call, reply, cancel, event or gossip).
+    fn on_frame(&mut self, frame: Frame);
+
+    /// The link has closed, for `reason`; called once, after the last `on_frame`.
+    fn on_closed(&mut self, reason: &CloseReason);
 }
 
 impl Shared {
@@ -323,6 +376,30 @@ impl LinkReceiver {
     /// The peer.
     pub fn peer(&self) -> &PeerInfo {
         &self.shared.peer
+    }
+
+    /// From now on hands every frame to `handler` inside the link's task, first those already
+    /// queued, in order; then `on_closed` once the link has closed (at once, if it already has).
+    /// This saves the queue and the task switch a `recv` loop costs per frame.
+    pub fn into_handler(self, handler: Box<dyn FrameHandler>) {
+        let LinkReceiver { inbound, shared } = self;
+        let mut handled = Handled { handler, queued: inbound };
+        let mut handoff = shared.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if handoff.done {
+            drop(handoff);
+            handled.drain();
+            let reason = shared.closed.borrow().clone().unwrap_or_else(lost);
+            handled.handler.on_closed(&reason);
+            return;
+        }
+        handoff.waiting = Some(handled);
+        shared.handoff_pending.store(true, Ordering::Release);
+        drop(handoff);
+        // The driver also takes the handler at its next frame; this makes it take it (and the
+        // frames queued so far) now.
+        if shared.ctrl.try_send(driver::Ctrl::HandlerGiven).is_err() {
+            tracing::trace!("handler nudge not queued; the driver takes it at its next frame");
+        }
     }
 }
 
