@@ -424,6 +424,52 @@ async fn a_busy_local_port_sends_the_call_to_another_replica() {
     a.shutdown().await;
 }
 
+/// A caller that gives up (its call future dropped at its own timeout) stops the work on the
+/// remote node: the port's future there is dropped, not left running to its end. A port that
+/// answers at once and one that waits both reach the caller.
+#[tokio::test]
+async fn a_caller_that_gives_up_stops_the_remote_work() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Dropped(Arc<AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let slow = {
+        let (started, dropped) = (started.clone(), dropped.clone());
+        Gear::new("slow")
+            .port("wait", move |_ctx: Ctx, ms: u64| {
+                let (started, dropped) = (started.clone(), dropped.clone());
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _flag = Dropped(dropped);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(ms)
+                }
+            })
+            .port("now", |_ctx: Ctx, x: u64| async move { Ok(x + 1) })
+    };
+    let b = node(dir.path(), "b", &[], vec![slow], vec![]).await;
+    let a = node(dir.path(), "a", &[], vec![], vec![wss(&b)]).await;
+    eventually("a sees b's gear", 15, || a.mesh().gear_is_remote("slow")).await;
+    let ctx = a.ctx(Principal::anonymous());
+    assert_eq!(ctx.call::<_, u64>("slow", "now", &41u64).await.expect("answers at once"), 42);
+    assert_eq!(ctx.call::<_, u64>("slow", "wait", &50u64).await.expect("answers after a wait"), 50);
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the finished call's future is gone");
+
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(300), ctx.call::<_, u64>("slow", "wait", &60_000u64)).await;
+    assert!(gave_up.is_err(), "the caller gave up");
+    eventually("the remote work is stopped", 10, || dropped.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// A link to `node` from a test posing as a node of its own (a fresh id), over `url` (WSS or
 /// QUIC): the test speaks the link protocol by hand.
 async fn raw_link(

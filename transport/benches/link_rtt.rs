@@ -38,10 +38,12 @@ struct Servers {
     tls_addr: SocketAddr,
     wss_addr: SocketAddr,
     quic_addr: SocketAddr,
+    raw_quic_addr: SocketAddr,
 }
 
 /// Starts the echo servers on their own thread; returns their addresses.
 fn start_servers(resolver: Arc<CertResolver>) -> Servers {
+    let resolver_for_raw = resolver.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -86,7 +88,33 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
             let quic = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), Some(resolver), None).expect("quic");
             let quic_addr = quic.local_addr().expect("addr");
             tokio::spawn(quic.serve(link_acceptor));
-            tx.send(Servers { tls_addr, wss_addr, quic_addr }).expect("report");
+            // Raw quinn echo: one bidirectional stream, length-prefixed messages.
+            let raw_quic = raw_quic_server(resolver_for_raw);
+            let raw_quic_addr = raw_quic.local_addr().expect("addr");
+            tokio::spawn(async move {
+                while let Some(incoming) = raw_quic.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+                        let mut buf = vec![0u8; 1 << 20];
+                        loop {
+                            let mut len = [0u8; 4];
+                            if recv.read_exact(&mut len).await.is_err() {
+                                return;
+                            }
+                            let n = u32::from_le_bytes(len) as usize;
+                            buf[..4].copy_from_slice(&len);
+                            if recv.read_exact(&mut buf[4..4 + n]).await.is_err() {
+                                return;
+                            }
+                            if send.write_all(&buf[..4 + n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            tx.send(Servers { tls_addr, wss_addr, quic_addr, raw_quic_addr }).expect("report");
             while let Some(link) = incoming.accept().await {
                 tokio::spawn(async move {
                     let (tx, mut rx) = link.split();
@@ -100,6 +128,51 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
         });
     });
     rx.recv().expect("servers up")
+}
+
+/// ALPN of the raw quinn floor (any value both ends agree on).
+const RAW_ALPN: &[u8] = b"bench";
+
+/// A plain quinn server endpoint with quinn's default transport settings.
+fn raw_quic_server(resolver: Arc<CertResolver>) -> quinn::Endpoint {
+    let tls = gearmesh_transport::tls::server_config(resolver, &[RAW_ALPN]).expect("tls");
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic tls");
+    let cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")).expect("raw quic endpoint")
+}
+
+/// The raw quinn ping-pong: one bidirectional stream, `size`-byte messages (the floor under
+/// QUIC links, which add framing, a control stream each way and the link driver).
+async fn raw_quic_rtt(addr: SocketAddr, ca: &DevCa, size: usize) -> (f64, f64, f64) {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(ca.cert_der()).expect("root");
+    let mut tls = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    tls.alpn_protocols = vec![RAW_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = ep.connect(addr, "localhost").expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    tokio::spawn(async move {
+        let mut msg = vec![0xabu8; size];
+        msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
+        let mut back = vec![0u8; size];
+        let rounds = rtt_rounds();
+        let mut samples = Vec::with_capacity(rounds);
+        for i in 0..WARMUP + rounds {
+            let t = Instant::now();
+            send.write_all(&msg).await.expect("write");
+            recv.read_exact(&mut back).await.expect("read");
+            if i >= WARMUP {
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        samples.sort_unstable();
+        conn.close(0u32.into(), b"done");
+        (pct(&samples, 0.5), pct(&samples, 0.99), 0.0)
+    })
+    .await
+    .expect("round-trip task")
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -297,7 +370,7 @@ fn main() {
         let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(&client)).expect("quic");
         let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep);
         let mut rows = Vec::new();
-        // `GEARMESH_BENCH_ONLY=tls,mem,wss,quic,quic-call` picks rows (for profiling one path);
+        // `GEARMESH_BENCH_ONLY=tls,mem,wss,raw-quic,quic,quic-call` picks rows (for profiling one path);
         // `GEARMESH_BENCH_SIZES=64` picks frame sizes.
         let only = std::env::var("GEARMESH_BENCH_ONLY").ok();
         let want = |row: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w == row));
@@ -332,16 +405,18 @@ fn main() {
                 let fps = link_throughput(wss, &gossip(size)).await;
                 rows.push(Row { system: "WSS link", size, p50, p99, fps });
             }
+            if want("raw-quic") {
+                let (p50, p99, fps) = raw_quic_rtt(servers.raw_quic_addr, &ca, size).await;
+                rows.push(Row { system: "raw quinn stream ping-pong (QUIC floor)", size, p50, p99, fps });
+            }
             if want("quic") {
-                let quic =
-                    dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
+                let quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
                 let (quic, p50, p99) = link_rtt(quic, &gossip(size)).await;
                 let fps = link_throughput(quic, &gossip(size)).await;
                 rows.push(Row { system: "QUIC link, control stream (gossip)", size, p50, p99, fps });
             }
             if want("quic-call") {
-                let quic =
-                    dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
+                let quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
                 let (quic, p50, p99) = link_rtt(quic, &call(size.max(140))).await;
                 let fps = link_throughput(quic, &call(size.max(140))).await;
                 rows.push(Row { system: "QUIC link, stream per call", size: size.max(140), p50, p99, fps });

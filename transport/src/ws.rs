@@ -126,14 +126,18 @@ where
         codec::encode(&mut self.out, opcode, payload, mask);
     }
 
+    /// Writes the buffer out. Cancel-safe: the buffer advances past what was written, so a
+    /// dropped call leaves the rest for the next one and never repeats or splits a frame.
     async fn write_out(&mut self) -> Result<(), WireError> {
         if let Some(p) = self.pong.take() {
             self.push(Opcode::Pong, &p);
         }
-        if !self.out.is_empty() {
-            let r = self.io.write_all(&self.out).await;
-            self.out.clear();
-            r.map_err(|e| io_err(&e))?;
+        while !self.out.is_empty() {
+            match self.io.write_buf(&mut self.out).await {
+                Ok(0) => return Err(WireError::Io("websocket: the connection accepts no more data".into())),
+                Ok(_) => {}
+                Err(e) => return Err(io_err(&e)),
+            }
         }
         Ok(())
     }
@@ -143,6 +147,10 @@ impl<S> WireTx for WsTx<S>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    // Frames are encoded whole into the buffer before any await, and `write_out` is
+    // cancel-safe.
+    const DIRECT: bool = true;
+
     async fn send(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
         self.feed(frame, kind).await?;
         self.flush().await

@@ -282,6 +282,39 @@ async fn a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once(t
     assert_eq!(reason.code, CloseCode::NORMAL);
 }
 
+/// Several tasks sending at once, some frames written directly by the sender and some queued
+/// for the driver: each sender's frames arrive in the order it sent them.
+async fn each_senders_frames_keep_their_order_under_concurrency(t: Transport) {
+    let (a, mut b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    const TASKS: u8 = 8;
+    const EACH: u16 = 300;
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let tx = a.sender().clone();
+        tasks.push(tokio::spawn(async move {
+            for seq in 0..EACH {
+                let mut payload = vec![task];
+                payload.extend_from_slice(&seq.to_be_bytes());
+                tx.send(&Frame::Gossip { payload: Bytes::from(payload) }).await.expect("send");
+                if seq % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    let mut next = [0u16; TASKS as usize];
+    for _ in 0..u32::from(TASKS) * u32::from(EACH) {
+        let Frame::Gossip { payload } = recv(&mut b).await else { panic!("a gossip frame") };
+        let task = usize::from(payload[0]);
+        let seq = u16::from_be_bytes([payload[1], payload[2]]);
+        assert_eq!(seq, next[task], "sender {task} in order");
+        next[task] += 1;
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -298,6 +331,7 @@ macro_rules! suite {
 
 suite!(
     frames_flow_both_ways,
+    each_senders_frames_keep_their_order_under_concurrency,
     a_handler_gets_queued_then_later_frames_in_order_then_the_close,
     a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once,
     peer_info_after_hello,

@@ -395,9 +395,8 @@ impl Inner {
         Counters::bump(&self.counters.calls_received);
         let inner = self.clone();
         let from = from.clone();
-        let route = c.route;
-        let call_id = c.call_id;
-        let task = tokio::spawn(async move {
+        let mut serve = Box::pin(async move {
+            let route = c.route;
             let caller = principal_from_wire(&c.caller, std::mem::take(&mut c.scopes));
             let started = Instant::now();
             let deadline = started + std::time::Duration::from_millis(u64::from(c.deadline_ms));
@@ -422,10 +421,22 @@ impl Inner {
             if let Some(o) = observer {
                 o.served(to_link(src), &c.gear, &c.port, started.elapsed(), result.as_ref().map(|_| ()));
             }
-            inner.reply_when_room(&route, &from, call_id, result, deadline).await;
+            inner.reply_when_room(&route, &from, c.call_id, result, deadline).await;
+        });
+        // Polled once here first, on the link's task: a port that answers at once (most do)
+        // replies with no task spawned and no task switch. Ports run isolated, so a panicking
+        // port fails its own call and not the link. One that must wait goes on in a task of
+        // its own (polled again there, as the Future contract allows).
+        let mut first = std::task::Context::from_waker(std::task::Waker::noop());
+        if serve.as_mut().poll(&mut first).is_ready() {
+            return;
+        }
+        let inner = self.clone();
+        let task = tokio::spawn(async move {
+            serve.await;
             // Counted until its reply is sent, so replies waiting for a congested link stay
             // within `max_inbound_calls`.
-            lock(&inner.calls.inbound).remove(&(src, call_id));
+            lock(&inner.calls.inbound).remove(&key);
         });
         lock(&self.calls.inbound).insert(key, task.abort_handle());
         // The task may have finished before we registered it; then drop the stale entry. A

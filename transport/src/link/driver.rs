@@ -2,7 +2,7 @@
 //! and dispatches incoming ones, sends heartbeats, measures RTT, detects a frozen peer, and
 //! closes the link with a reason.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -78,6 +78,8 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
     let (out_tx, out_rx) = mpsc::channel(config.send_queue.max(1));
     let (in_tx, in_rx) = mpsc::channel(config.recv_queue.max(1));
     let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
+    let tx: SharedTx<T> = Arc::new(tokio::sync::Mutex::new(Some(tx)));
+    let direct: Option<Arc<dyn DirectWrite>> = if T::DIRECT { Some(Arc::new(Direct(Arc::clone(&tx)))) } else { None };
     let shared = Arc::new(Shared {
         peer,
         rtt_micros: AtomicU64::new(0),
@@ -87,6 +89,9 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
         max_frame_len: config.max_frame_len,
         handoff: Mutex::new(Handoff::default()),
         handoff_pending: AtomicBool::new(false),
+        direct,
+        queued: AtomicUsize::new(0),
+        direct_used: AtomicBool::new(false),
     });
     tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, ctrl_rx, in_tx, config.clone(), permit));
     Link {
@@ -120,7 +125,7 @@ impl Clock {
 /// the watchdog and close requests), so a wake-up polls as few wakers as possible.
 #[allow(clippy::too_many_arguments)]
 async fn run<T: WireTx, R: WireRx>(
-    mut tx: T,
+    tx: SharedTx<T>,
     mut rx: R,
     shared: Arc<Shared>,
     mut out_rx: mpsc::Receiver<Bytes>,
@@ -134,7 +139,7 @@ async fn run<T: WireTx, R: WireRx>(
     let outcome = tokio::select! {
         biased;
         o = read_loop(&mut rx, &in_tx, &handler, &shared, &config, &clock) => o,
-        o = write_loop(&mut tx, &mut out_rx, &mut ctrl_rx, &handler, &shared, &config) => o,
+        o = write_loop(&tx, &mut out_rx, &mut ctrl_rx, &handler, &shared, &config) => o,
         o = timer(&shared, &config, &clock) => o,
     };
     let peer = shared.peer.node_id;
@@ -143,18 +148,30 @@ async fn run<T: WireTx, R: WireRx>(
     } else {
         tracing::warn!(%peer, transport = %shared.peer.transport, reason = %outcome.reason, "link closed");
     }
-    if outcome.tell_peer {
-        let close = Frame::Close(Close { code: outcome.reason.code, reason: outcome.reason.reason.clone() });
-        let mut buf = BytesMut::new();
-        if close.encode(&mut buf, config.max_frame_len).is_ok() {
-            let sent = tokio::time::timeout(config.close_timeout, tx.send(buf.freeze(), FrameKind::Close)).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::debug!(%peer, "could not send the close frame");
+    // The writer leaves the shared slot: no sender writes directly from now on. A sender's
+    // direct write stuck on a peer that does not read is waited for no longer than the close
+    // timeout; then the connection ends without a close frame.
+    let writer = match tokio::time::timeout(config.close_timeout, tx.lock()).await {
+        Ok(mut slot) => slot.take(),
+        Err(_) => {
+            tracing::debug!(%peer, "a sender's write is stuck; no close frame");
+            None
+        }
+    };
+    if let Some(mut tx) = writer {
+        if outcome.tell_peer {
+            let close = Frame::Close(Close { code: outcome.reason.code, reason: outcome.reason.reason.clone() });
+            let mut buf = BytesMut::new();
+            if close.encode(&mut buf, config.max_frame_len).is_ok() {
+                let sent = tokio::time::timeout(config.close_timeout, tx.send(buf.freeze(), FrameKind::Close)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::debug!(%peer, "could not send the close frame");
+                }
             }
         }
-    }
-    if tokio::time::timeout(config.close_timeout, tx.shutdown()).await.is_err() {
-        tracing::debug!(%peer, "transport shutdown timed out");
+        if tokio::time::timeout(config.close_timeout, tx.shutdown()).await.is_err() {
+            tracing::debug!(%peer, "transport shutdown timed out");
+        }
     }
     // Under the hand-over lock, so that a handler given from now on sees the link closed.
     let waiting = {
@@ -242,8 +259,14 @@ async fn timer(shared: &Shared, config: &LinkConfig, clock: &Clock) -> Outcome {
     }
 }
 
+/// Why the writer slot is empty while the driver still runs: it never is (only the driver's
+/// end empties it), but a write must not assume it.
+fn writer_gone() -> WireError {
+    WireError::Io("the link's writer is closed".into())
+}
+
 async fn write_loop<T: WireTx>(
-    tx: &mut T,
+    tx: &tokio::sync::Mutex<Option<T>>,
     out_rx: &mut mpsc::Receiver<Bytes>,
     ctrl_rx: &mut mpsc::Receiver<Ctrl>,
     handler: &Mutex<Option<Handled>>,
@@ -255,11 +278,12 @@ async fn write_loop<T: WireTx>(
         tokio::select! {
             biased;
             Some(c) = ctrl_rx.recv() => {
+                shared.direct_used.store(false, Ordering::Relaxed);
                 if let Some(o) = close_requested(shared) {
                     // Frames queued before the close go first (a stuck write is cut short by
                     // the timer's own close check).
                     while let Ok(bytes) = out_rx.try_recv() {
-                        if let Err(e) = write_batch(tx, out_rx, bytes).await {
+                        if let Err(e) = write_batch(tx, out_rx, bytes, shared).await {
                             return Outcome::transport(&e);
                         }
                     }
@@ -277,13 +301,18 @@ async fn write_loop<T: WireTx>(
                 if f.encode(&mut buf, config.max_frame_len).is_err() {
                     continue;
                 }
-                if let Err(e) = tx.send(buf.split().freeze(), f.kind()).await {
+                let sent = match tx.lock().await.as_mut() {
+                    Some(w) => w.send(buf.split().freeze(), f.kind()).await,
+                    None => Err(writer_gone()),
+                };
+                if let Err(e) = sent {
                     return Outcome::transport(&e);
                 }
             }
             out = out_rx.recv() => match out {
                 Some(bytes) => {
-                    if let Err(e) = write_batch(tx, out_rx, bytes).await {
+                    shared.direct_used.store(false, Ordering::Relaxed);
+                    if let Err(e) = write_batch(tx, out_rx, bytes, shared).await {
                         return Outcome::transport(&e);
                     }
                 }
@@ -297,15 +326,62 @@ async fn write_loop<T: WireTx>(
 const MAX_BATCH: usize = 64;
 
 /// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`]), then flushes once.
-async fn write_batch<T: WireTx>(tx: &mut T, out_rx: &mut mpsc::Receiver<Bytes>, first: Bytes) -> Result<(), WireError> {
+/// The frames are counted out of [`Shared::queued`] once written, so that senders write
+/// directly only when nothing queued before them is still to be written.
+async fn write_batch<T: WireTx>(
+    tx: &tokio::sync::Mutex<Option<T>>,
+    out_rx: &mut mpsc::Receiver<Bytes>,
+    first: Bytes,
+    shared: &Shared,
+) -> Result<(), WireError> {
+    let mut slot = tx.lock().await;
+    let tx = slot.as_mut().ok_or_else(writer_gone)?;
     let kind = frame::encode_raw_kind(&first);
     tx.feed(first, kind).await?;
-    for _ in 1..MAX_BATCH {
+    let mut n = 1;
+    while n < MAX_BATCH {
         let Ok(next) = out_rx.try_recv() else { break };
         let kind = frame::encode_raw_kind(&next);
         tx.feed(next, kind).await?;
+        n += 1;
     }
-    tx.flush().await
+    let flushed = tx.flush().await;
+    shared.queued.fetch_sub(n, Ordering::Release);
+    flushed
+}
+
+/// A link's writer, for senders that find the link idle: they write and flush themselves,
+/// saving the switch to the driver's task. Only for transports whose writes are cancel-safe
+/// ([`WireTx::DIRECT`]).
+pub(crate) trait DirectWrite: Send + Sync + std::fmt::Debug + 'static {
+    /// A future writing `frame` and flushing, if no one else is writing; `None` otherwise.
+    fn try_write(&self, frame: Bytes, kind: FrameKind) -> Option<DirectFuture>;
+}
+
+/// See [`DirectWrite::try_write`].
+pub(crate) type DirectFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), WireError>> + Send>>;
+
+/// The writer, shared by the driver and direct senders; `None` once the driver has closed it.
+type SharedTx<T> = Arc<tokio::sync::Mutex<Option<T>>>;
+
+/// [`DirectWrite`] over a link's shared writer.
+struct Direct<T>(SharedTx<T>);
+
+impl<T> std::fmt::Debug for Direct<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Direct")
+    }
+}
+
+impl<T: WireTx> DirectWrite for Direct<T> {
+    fn try_write(&self, frame: Bytes, kind: FrameKind) -> Option<DirectFuture> {
+        let mut slot = Arc::clone(&self.0).try_lock_owned().ok()?;
+        Some(Box::pin(async move {
+            let tx = slot.as_mut().ok_or_else(writer_gone)?;
+            tx.feed(frame, kind).await?;
+            tx.flush().await
+        }))
+    }
 }
 
 async fn read_loop<R: WireRx>(
@@ -332,6 +408,7 @@ async fn read_loop<R: WireRx>(
             Err(e) => return Outcome::transport(&e),
         };
         clock.touch();
+        shared.direct_used.store(false, Ordering::Relaxed);
         let frame = match frame::decode(&bytes, config.max_frame_len) {
             Ok(f) => f,
             Err(e) => return Outcome::invalid(&e),

@@ -12,7 +12,7 @@ pub(crate) mod wire;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,6 +189,15 @@ pub(crate) struct Shared {
     pub(crate) handoff: Mutex<Handoff>,
     /// `handoff` holds a handler the driver has not taken yet.
     pub(crate) handoff_pending: AtomicBool,
+    /// The writer, for senders that find the link idle (transports with cancel-safe writes).
+    pub(crate) direct: Option<Arc<dyn driver::DirectWrite>>,
+    /// Frames queued for the driver and not yet written: a sender writes directly only when
+    /// this is zero, so it never overtakes a frame queued before it.
+    pub(crate) queued: AtomicUsize,
+    /// A sender wrote directly since the driver last ran. Further sends until then go through
+    /// the queue, so a burst of sends still becomes one batch (one write) in the driver: only
+    /// the first frame of a burst is written on its own.
+    pub(crate) direct_used: AtomicBool,
 }
 
 /// The hand-over of a [`FrameHandler`] from [`LinkReceiver::into_handler`] to the driver.
@@ -304,29 +313,53 @@ impl LinkSender {
         Ok(())
     }
 
-    /// Queues a frame, waiting while the send queue is full (back-pressure).
+    /// Sends a frame, waiting while the send queue is full (back-pressure). When the link is
+    /// idle (nothing queued, nobody writing) and its transport allows it (WSS), the frame is
+    /// written and flushed from this task, saving the switch to the link's driver; otherwise
+    /// it is queued for the driver.
     ///
     /// # Cancel safety
-    /// Cancel-safe: if the future is dropped the frame was either queued whole or not at all.
+    /// Cancel-safe: if the future is dropped the frame was either sent or queued whole, or not
+    /// at all; a direct write cut short leaves the rest buffered for the next write.
     pub async fn send(&self, frame: &Frame) -> Result<(), SendError> {
         let bytes = self.encode(frame)?;
-        self.out.send(bytes).await.map_err(|_| SendError::Closed)
+        self.send_bytes(bytes).await
+    }
+
+    async fn send_bytes(&self, bytes: Bytes) -> Result<(), SendError> {
+        if let Some(direct) = &self.shared.direct
+            && self.shared.queued.load(Ordering::Acquire) == 0
+            && !self.out.is_closed()
+            && !self.shared.direct_used.swap(true, Ordering::Relaxed)
+            && let Some(write) = direct.try_write(bytes.clone(), frame::encode_raw_kind(&bytes))
+        {
+            // The driver's reader notices a broken connection and closes the link.
+            return write.await.map_err(|_| SendError::Closed);
+        }
+        let queued = Queued::count(&self.shared);
+        self.out.send(bytes).await.map_err(|_| SendError::Closed)?;
+        queued.keep();
+        Ok(())
     }
 
     /// Queues a frame if there is room now; fails with [`TrySendError::Full`] otherwise.
     pub fn try_send(&self, frame: &Frame) -> Result<(), TrySendError> {
         let bytes = self.encode(frame)?;
+        let queued = Queued::count(&self.shared);
         self.out.try_send(bytes).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TrySendError::Full,
             mpsc::error::TrySendError::Closed(_) => SendError::Closed.into(),
-        })
+        })?;
+        queued.keep();
+        Ok(())
     }
 
-    /// Queues an already-encoded frame (for example one received on another link, forwarded
-    /// after [`frame::set_hops`]) without decoding it again. Its header is checked.
+    /// Sends an already-encoded frame (for example one received on another link, forwarded
+    /// after [`frame::set_hops`]) without decoding it again, as [`LinkSender::send`] does. Its
+    /// header is checked.
     pub async fn send_raw(&self, raw: Bytes) -> Result<(), SendError> {
         self.check_raw(&raw)?;
-        self.out.send(raw).await.map_err(|_| SendError::Closed)
+        self.send_bytes(raw).await
     }
 
     /// Asks the link to close, telling the peer `code` and `reason`, and waits until it has.
@@ -353,6 +386,32 @@ impl LinkSender {
     /// The smoothed round-trip time from heartbeats; `None` before the first pong.
     pub fn rtt(&self) -> Option<Duration> {
         self.shared.rtt()
+    }
+}
+
+/// One frame counted in [`Shared::queued`] while it is being queued; uncounted again unless
+/// it made it into the queue (the driver uncounts it once written).
+struct Queued<'a> {
+    shared: &'a Shared,
+    kept: bool,
+}
+
+impl<'a> Queued<'a> {
+    fn count(shared: &'a Shared) -> Self {
+        shared.queued.fetch_add(1, Ordering::AcqRel);
+        Queued { shared, kept: false }
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -23,6 +23,11 @@ pub(crate) enum WireError {
 
 /// Sends encoded frames.
 pub(crate) trait WireTx: Send + 'static {
+    /// `feed` and `flush` are cancel-safe: a future dropped part-way leaves the stream
+    /// consistent (what was not written yet stays buffered for the next call). Senders may then
+    /// write directly when the link is idle, instead of through the driver's queue.
+    const DIRECT: bool = false;
+
     /// Sends one complete encoded frame of the given kind.
     fn send(&mut self, frame: Bytes, kind: FrameKind) -> impl Future<Output = Result<(), WireError>> + Send;
 
