@@ -92,6 +92,7 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
         direct,
         queued: AtomicUsize::new(0),
         direct_used: AtomicBool::new(false),
+        direct_ok: AtomicBool::new(true),
     });
     tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, ctrl_rx, in_tx, config.clone(), permit));
     Link {
@@ -347,6 +348,7 @@ async fn write_batch<T: WireTx>(
     }
     let flushed = tx.flush().await;
     shared.queued.fetch_sub(n, Ordering::Release);
+    shared.direct_ok.store(n == 1, Ordering::Relaxed);
     flushed
 }
 

@@ -198,6 +198,9 @@ pub(crate) struct Shared {
     /// the queue, so a burst of sends still becomes one batch (one write) in the driver: only
     /// the first frame of a burst is written on its own.
     pub(crate) direct_used: AtomicBool,
+    /// The driver's last batch was a single frame: the link is not under a pipelined load.
+    /// Under load (batches of several frames) senders queue, so every write stays a batch.
+    pub(crate) direct_ok: AtomicBool,
 }
 
 /// The hand-over of a [`FrameHandler`] from [`LinkReceiver::into_handler`] to the driver.
@@ -330,6 +333,7 @@ impl LinkSender {
         if let Some(direct) = &self.shared.direct
             && self.shared.queued.load(Ordering::Acquire) == 0
             && !self.out.is_closed()
+            && self.shared.direct_ok.load(Ordering::Relaxed)
             && !self.shared.direct_used.swap(true, Ordering::Relaxed)
             && let Some(write) = direct.try_write(bytes.clone(), frame::encode_raw_kind(&bytes))
         {
