@@ -18,7 +18,7 @@ use crate::frame::{DecodeError, FrameKind, HEADER_LEN};
 use crate::link::wire::{WireError, WireRx, WireTx};
 use crate::link::{LinkConfig, PeerInfo, TransportKind};
 
-mod codec;
+pub mod codec;
 
 use codec::{Opcode, ParseError, Side};
 

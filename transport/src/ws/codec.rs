@@ -1,5 +1,6 @@
 //! The WebSocket framing (RFC 6455, section 5) that links use once the upgrade handshake is done:
-//! a pure, sans-IO encoder and parser over byte buffers.
+//! a pure, sans-IO encoder and parser over byte buffers. Public for the fuzz target
+//! (`transport/fuzz`) and for tools that speak the link protocol by hand.
 //!
 //! Links carry one binary message per link frame, so this is the subset a link needs, done with
 //! no copies beyond the (client) masking: binary messages, possibly fragmented; close, ping and
@@ -12,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// Which end of the connection this is: a client masks what it sends and must receive unmasked
 /// frames; a server the reverse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+pub enum Side {
     /// The dialing side.
     Client,
     /// The accepting side.
@@ -21,7 +22,7 @@ pub(crate) enum Side {
 
 /// A frame's opcode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Opcode {
+pub enum Opcode {
     /// A later fragment of a message.
     Continuation,
     /// A text message (never valid on a link).
@@ -67,18 +68,18 @@ impl Opcode {
 
 /// One parsed frame, its payload unmasked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct WsFrame {
+pub struct WsFrame {
     /// The last fragment of its message.
-    pub(crate) fin: bool,
+    pub fin: bool,
     /// What it carries.
-    pub(crate) opcode: Opcode,
+    pub opcode: Opcode,
     /// The payload (a slice of the read buffer: no copy).
-    pub(crate) payload: Bytes,
+    pub payload: Bytes,
 }
 
 /// Why the bytes received are not valid WebSocket framing for a link.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum ParseError {
+pub enum ParseError {
     /// A reserved bit is set (no extension was negotiated).
     #[error("reserved bits set")]
     Reserved,
@@ -105,7 +106,7 @@ pub(crate) enum ParseError {
 }
 
 /// The largest header: 2 bytes, an 8-byte length and a 4-byte mask.
-pub(crate) const MAX_HEADER_LEN: usize = 14;
+pub const MAX_HEADER_LEN: usize = 14;
 
 /// Parses one frame from the front of `buf`, received by `side`, removing it from `buf`.
 /// `Ok(None)` when `buf` does not yet hold a whole frame (nothing is removed); `max` bounds the
@@ -113,7 +114,7 @@ pub(crate) const MAX_HEADER_LEN: usize = 14;
 ///
 /// # Errors
 /// A [`ParseError`] for framing a link does not accept; the connection must then be closed.
-pub(crate) fn parse(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option<WsFrame>, ParseError> {
+pub fn parse(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option<WsFrame>, ParseError> {
     let Some(&[b0, b1]) = buf.get(..2) else { return Ok(None) };
     if b0 & 0x70 != 0 {
         return Err(ParseError::Reserved);
@@ -171,7 +172,7 @@ pub(crate) fn parse(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option
 
 /// Appends one unfragmented frame to `out`; `mask` is given on the client side (a fresh random
 /// key per frame) and `None` on the server side.
-pub(crate) fn encode(out: &mut BytesMut, opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) {
+pub fn encode(out: &mut BytesMut, opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) {
     out.reserve(MAX_HEADER_LEN + payload.len());
     out.put_u8(0x80 | opcode.bits());
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
@@ -199,7 +200,7 @@ pub(crate) fn encode(out: &mut BytesMut, opcode: Opcode, payload: &[u8], mask: O
 }
 
 /// XORs `data` with the repeating 4-byte `mask` (masking and unmasking are the same operation).
-pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
+pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
@@ -213,7 +214,7 @@ pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
 }
 
 /// The payload of a close frame: a status code and a reason (RFC 6455, section 5.5.1).
-pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(2 + reason.len().min(123));
     p.extend_from_slice(&code.to_be_bytes());
     let mut end = reason.len().min(123);
