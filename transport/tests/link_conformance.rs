@@ -282,6 +282,31 @@ async fn a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once(t
     assert_eq!(reason.code, CloseCode::NORMAL);
 }
 
+/// A handler that panics closes its link with `INTERNAL_ERROR` (and still hears `on_closed`)
+/// instead of killing the link's task silently; the peer sees the close.
+async fn a_panicking_handler_closes_its_link_and_hears_on_closed(t: Transport) {
+    struct Panics(Option<tokio::sync::oneshot::Sender<gearmesh_transport::CloseReason>>);
+    impl FrameHandler for Panics {
+        fn on_frame(&mut self, _frame: Frame) {
+            panic!("a bug in the handler");
+        }
+        fn on_closed(&mut self, reason: &gearmesh_transport::CloseReason) {
+            if let Some(tx) = self.0.take() {
+                tx.send(reason.clone()).expect("test listening");
+            }
+        }
+    }
+    let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    let (_b_tx, b_rx) = b.split();
+    b_rx.into_handler(Box::new(Panics(Some(closed_tx))));
+    a.send(&Frame::Gossip { payload: Bytes::from_static(b"boom") }).await.expect("send");
+    let reason = tokio::time::timeout(WAIT, closed).await.expect("in time").expect("on_closed");
+    assert_eq!((reason.code, reason.initiator), (CloseCode::INTERNAL_ERROR, Initiator::Local));
+    let theirs = tokio::time::timeout(WAIT, a.closed()).await.expect("the peer sees the close");
+    assert_eq!(theirs.code, CloseCode::INTERNAL_ERROR);
+}
+
 /// Several tasks sending at once, some frames written directly by the sender and some queued
 /// for the driver: each sender's frames arrive in the order it sent them.
 async fn each_senders_frames_keep_their_order_under_concurrency(t: Transport) {
@@ -331,6 +356,7 @@ macro_rules! suite {
 
 suite!(
     frames_flow_both_ways,
+    a_panicking_handler_closes_its_link_and_hears_on_closed,
     each_senders_frames_keep_their_order_under_concurrency,
     a_handler_gets_queued_then_later_frames_in_order_then_the_close,
     a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once,

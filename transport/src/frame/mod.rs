@@ -242,6 +242,8 @@ impl CloseCode {
     pub const TOO_MANY_LINKS: CloseCode = CloseCode(7);
     /// The underlying connection failed.
     pub const TRANSPORT_ERROR: CloseCode = CloseCode(8);
+    /// This node failed handling the link's frames (a bug: its frame handler panicked).
+    pub const INTERNAL_ERROR: CloseCode = CloseCode(9);
 
     /// Whether this is [`CloseCode::NORMAL`] or [`CloseCode::GOING_AWAY`].
     pub fn is_orderly(self) -> bool {
@@ -261,6 +263,7 @@ impl fmt::Display for CloseCode {
             CloseCode::HANDSHAKE_TIMEOUT => "handshake timeout",
             CloseCode::TOO_MANY_LINKS => "too many links",
             CloseCode::TRANSPORT_ERROR => "transport error",
+            CloseCode::INTERNAL_ERROR => "internal error",
             CloseCode(other) => return write!(f, "code {other}"),
         };
         f.write_str(name)

@@ -439,7 +439,13 @@ async fn read_loop<R: WireRx>(
             app => {
                 adopt(shared, handler);
                 if let Some(handled) = lock(handler).as_mut() {
-                    handled.handler.on_frame(app);
+                    // A handler that panics is a bug on this node: the link closes (and the
+                    // handler hears `on_closed`) instead of the driver dying silently.
+                    let handled_ok =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handled.handler.on_frame(app)));
+                    if handled_ok.is_err() {
+                        return Outcome::local(CloseCode::INTERNAL_ERROR, "the frame handler panicked");
+                    }
                     continue;
                 }
                 clock.reader_blocked.store(true, Ordering::Relaxed);
