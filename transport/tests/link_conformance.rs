@@ -307,6 +307,52 @@ async fn a_panicking_handler_closes_its_link_and_hears_on_closed(t: Transport) {
     assert_eq!(theirs.code, CloseCode::INTERNAL_ERROR);
 }
 
+/// A sender stuck because the peer stopped reading (its receiving queue is full and the
+/// transport's buffers with it) gets `Closed` once the link is closed, and `close` returns:
+/// nothing waits forever on a dead link, whether the stuck write is the driver's or a sender's
+/// own direct write.
+async fn a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes(t: Transport) {
+    let mut deaf = setup(2);
+    deaf.config.recv_queue = 1;
+    // Frequent heartbeats: a's driver runs (reading b's pings) between two sends, so on WSS
+    // each send finds the link idle and writes directly; the one that sticks is a sender's.
+    deaf.config.heartbeat_interval = Duration::from_millis(10);
+    let mut a_setup = setup(1);
+    a_setup.config.heartbeat_interval = Duration::from_millis(10);
+    let (a, b, _f) = connect(t, a_setup, deaf).await.expect("connect");
+    let tx = a.sender().clone();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sender = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let big = Frame::Gossip { payload: Bytes::from(vec![1u8; 1 << 20]) };
+            loop {
+                if let Err(e) = tx.send(&big).await {
+                    return e;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Until the sender makes no more progress: b never reads.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = sent.load(std::sync::atomic::Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(!sender.is_finished(), "the sender is held up by the peer");
+    let reason = tokio::time::timeout(WAIT, a.close(CloseCode::NORMAL, "bye")).await.expect("close returns");
+    assert_eq!(reason.code, CloseCode::NORMAL);
+    let err = tokio::time::timeout(WAIT, sender).await.expect("the stuck sender returns").expect("task");
+    assert_eq!(err, SendError::Closed);
+    drop(b);
+}
+
 /// Several tasks sending at once, some frames written directly by the sender and some queued
 /// for the driver: each sender's frames arrive in the order it sent them.
 async fn each_senders_frames_keep_their_order_under_concurrency(t: Transport) {
@@ -356,6 +402,7 @@ macro_rules! suite {
 
 suite!(
     frames_flow_both_ways,
+    a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes,
     a_panicking_handler_closes_its_link_and_hears_on_closed,
     each_senders_frames_keep_their_order_under_concurrency,
     a_handler_gets_queued_then_later_frames_in_order_then_the_close,

@@ -357,7 +357,14 @@ async fn write_batch<T: WireTx>(
 /// ([`WireTx::DIRECT`]).
 pub(crate) trait DirectWrite: Send + Sync + std::fmt::Debug + 'static {
     /// A future writing `frame` and flushing, if no one else is writing; `None` otherwise.
-    fn try_write(&self, frame: Bytes, kind: FrameKind) -> Option<DirectFuture>;
+    /// It ends with an error once `closed` says the link has closed, even if the peer stopped
+    /// reading and the write is stuck (the writer is then dropped, closing the connection).
+    fn try_write(
+        &self,
+        frame: Bytes,
+        kind: FrameKind,
+        closed: watch::Receiver<Option<CloseReason>>,
+    ) -> Option<DirectFuture>;
 }
 
 /// See [`DirectWrite::try_write`].
@@ -376,12 +383,35 @@ impl<T> std::fmt::Debug for Direct<T> {
 }
 
 impl<T: WireTx> DirectWrite for Direct<T> {
-    fn try_write(&self, frame: Bytes, kind: FrameKind) -> Option<DirectFuture> {
+    fn try_write(
+        &self,
+        frame: Bytes,
+        kind: FrameKind,
+        mut closed: watch::Receiver<Option<CloseReason>>,
+    ) -> Option<DirectFuture> {
         let mut slot = Arc::clone(&self.0).try_lock_owned().ok()?;
         Some(Box::pin(async move {
-            let tx = slot.as_mut().ok_or_else(writer_gone)?;
-            tx.feed(frame, kind).await?;
-            tx.flush().await
+            let written = {
+                let tx = slot.as_mut().ok_or_else(writer_gone)?;
+                let write = async {
+                    tx.feed(frame, kind).await?;
+                    tx.flush().await
+                };
+                tokio::select! {
+                    biased;
+                    r = write => Some(r),
+                    _ = closed.wait_for(Option::is_some) => None,
+                }
+            };
+            match written {
+                Some(r) => r,
+                None => {
+                    // The driver has ended without the writer (this write held it): drop it
+                    // here, which ends the connection.
+                    drop(slot.take());
+                    Err(writer_gone())
+                }
+            }
         }))
     }
 }

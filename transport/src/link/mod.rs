@@ -335,7 +335,8 @@ impl LinkSender {
             && !self.out.is_closed()
             && self.shared.direct_ok.load(Ordering::Relaxed)
             && !self.shared.direct_used.swap(true, Ordering::Relaxed)
-            && let Some(write) = direct.try_write(bytes.clone(), frame::encode_raw_kind(&bytes))
+            && let Some(write) =
+                direct.try_write(bytes.clone(), frame::encode_raw_kind(&bytes), self.shared.closed.subscribe())
         {
             // The driver's reader notices a broken connection and closes the link.
             return write.await.map_err(|_| SendError::Closed);
