@@ -18,7 +18,7 @@ use gearmesh_transport::tls::{CertResolver, ClientTls, ClientTrust, DevCa};
 use gearmesh_transport::{
     AcceptConfig, Acceptor, BodyKind, Call, Dialer, Frame, Hello, Link, LinkSetup, NodeId, Route, https,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const RTT_ROUNDS: usize = 10_000;
 
@@ -58,22 +58,8 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
                     tcp.set_nodelay(true).expect("nodelay");
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        let Ok(mut s) = acceptor.accept(tcp).await else { return };
-                        let mut buf = vec![0u8; 1 << 20];
-                        loop {
-                            let mut len = [0u8; 4];
-                            if s.read_exact(&mut len).await.is_err() {
-                                return;
-                            }
-                            let n = u32::from_le_bytes(len) as usize;
-                            buf[..4].copy_from_slice(&len);
-                            if s.read_exact(&mut buf[4..4 + n]).await.is_err() {
-                                return;
-                            }
-                            if s.write_all(&buf[..4 + n]).await.is_err() || s.flush().await.is_err() {
-                                return;
-                            }
-                        }
+                        let Ok(s) = acceptor.accept(tcp).await else { return };
+                        echo_length_prefixed(s).await;
                     });
                 }
             });
@@ -95,22 +81,8 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
                 while let Some(incoming) = raw_quic.accept().await {
                     tokio::spawn(async move {
                         let Ok(conn) = incoming.await else { return };
-                        let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
-                        let mut buf = vec![0u8; 1 << 20];
-                        loop {
-                            let mut len = [0u8; 4];
-                            if recv.read_exact(&mut len).await.is_err() {
-                                return;
-                            }
-                            let n = u32::from_le_bytes(len) as usize;
-                            buf[..4].copy_from_slice(&len);
-                            if recv.read_exact(&mut buf[4..4 + n]).await.is_err() {
-                                return;
-                            }
-                            if send.write_all(&buf[..4 + n]).await.is_err() {
-                                return;
-                            }
-                        }
+                        let Ok((send, recv)) = conn.accept_bi().await else { return };
+                        echo_length_prefixed(tokio::io::join(recv, send)).await;
                     });
                 }
             });
@@ -152,27 +124,85 @@ async fn raw_quic_rtt(addr: SocketAddr, ca: &DevCa, size: usize) -> (f64, f64, f
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = ep.connect(addr, "localhost").expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let (send, recv) = conn.open_bi().await.expect("stream");
     tokio::spawn(async move {
-        let mut msg = vec![0xabu8; size];
-        msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
-        let mut back = vec![0u8; size];
-        let rounds = rtt_rounds();
-        let mut samples = Vec::with_capacity(rounds);
-        for i in 0..WARMUP + rounds {
-            let t = Instant::now();
-            send.write_all(&msg).await.expect("write");
-            recv.read_exact(&mut back).await.expect("read");
-            if i >= WARMUP {
-                samples.push(t.elapsed().as_nanos() as u64);
-            }
-        }
-        samples.sort_unstable();
+        let (p50, p99) = ping_pong(&mut tokio::io::join(recv, send), size).await;
         conn.close(0u32.into(), b"done");
-        (pct(&samples, 0.5), pct(&samples, 0.99), 0.0)
+        (p50, p99, 0.0)
     })
     .await
     .expect("round-trip task")
+}
+
+/// Echoes length-prefixed messages (a little-endian `u32` length, then that many bytes) until
+/// the connection ends: the server side of the raw floors.
+async fn echo_length_prefixed(mut s: impl AsyncRead + AsyncWrite + Unpin) {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        buf[..4].copy_from_slice(&len);
+        if s.read_exact(&mut buf[4..4 + n]).await.is_err() {
+            return;
+        }
+        if s.write_all(&buf[..4 + n]).await.is_err() || s.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The client side of the raw floors: sequential round trips of one `size`-byte
+/// length-prefixed message; p50 and p99 in microseconds.
+async fn ping_pong(s: &mut (impl AsyncRead + AsyncWrite + Unpin), size: usize) -> (f64, f64) {
+    let mut msg = vec![0xabu8; size];
+    msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
+    let mut back = vec![0u8; size];
+    let mut rounds = RoundTrips::new();
+    while let Some(started) = rounds.start() {
+        s.write_all(&msg).await.expect("write");
+        s.flush().await.expect("flush");
+        s.read_exact(&mut back).await.expect("read");
+        rounds.done(started);
+    }
+    rounds.p50_p99()
+}
+
+/// Sequential round trips: [`WARMUP`] untimed ones, then [`rtt_rounds`] timed ones.
+struct RoundTrips {
+    warm_left: usize,
+    timed_left: usize,
+    samples: Vec<u64>,
+}
+
+impl RoundTrips {
+    fn new() -> Self {
+        let rounds = rtt_rounds();
+        RoundTrips { warm_left: WARMUP, timed_left: rounds, samples: Vec::with_capacity(rounds) }
+    }
+
+    /// Starts the next round trip, if any is left.
+    fn start(&mut self) -> Option<Instant> {
+        (self.warm_left + self.timed_left > 0).then(Instant::now)
+    }
+
+    /// Ends the round trip started at `started`.
+    fn done(&mut self, started: Instant) {
+        if self.warm_left > 0 {
+            self.warm_left -= 1;
+        } else {
+            self.timed_left -= 1;
+            self.samples.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+
+    /// p50 and p99 in microseconds.
+    fn p50_p99(mut self) -> (f64, f64) {
+        self.samples.sort_unstable();
+        (pct(&self.samples, 0.5), pct(&self.samples, 0.99))
+    }
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -224,18 +254,13 @@ async fn link_rtt(link: Link, frame: &Frame) -> (Link, f64, f64) {
 }
 
 async fn link_rtt_in_task(link: &mut Link, frame: &Frame) -> (f64, f64) {
-    let rounds = rtt_rounds();
-    let mut samples = Vec::with_capacity(rounds);
-    for i in 0..WARMUP + rounds {
-        let t = Instant::now();
+    let mut rounds = RoundTrips::new();
+    while let Some(started) = rounds.start() {
         link.send(frame).await.expect("send");
         link.recv().await.expect("open").expect("frame");
-        if i >= WARMUP {
-            samples.push(t.elapsed().as_nanos() as u64);
-        }
+        rounds.done(started);
     }
-    samples.sort_unstable();
-    (pct(&samples, 0.5), pct(&samples, 0.99))
+    rounds.p50_p99()
 }
 
 /// `GEARMESH_BENCH_RTT_ONLY=1` skips the throughput runs (for profiling the round trip alone).
@@ -289,26 +314,15 @@ async fn tls_rtt_in_task(
     mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
     size: usize,
 ) -> (f64, f64, f64) {
-    let mut msg = vec![0xabu8; size];
-    msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
-    let mut back = vec![0u8; size];
-    let rounds = rtt_rounds();
-    let mut samples = Vec::with_capacity(rounds);
-    for i in 0..WARMUP + rounds {
-        let t = Instant::now();
-        s.write_all(&msg).await.expect("write");
-        s.flush().await.expect("flush");
-        s.read_exact(&mut back).await.expect("read");
-        if i >= WARMUP {
-            samples.push(t.elapsed().as_nanos() as u64);
-        }
-    }
-    samples.sort_unstable();
+    let (p50, p99) = ping_pong(&mut s, size).await;
     if rtt_only() {
-        return (pct(&samples, 0.5), pct(&samples, 0.99), 0.0);
+        return (p50, p99, 0.0);
     }
     // Echo throughput with a window of WINDOW messages in flight.
     let (mut r, mut w) = tokio::io::split(s);
+    let mut msg = vec![0xabu8; size];
+    msg[..4].copy_from_slice(&((size - 4) as u32).to_le_bytes());
+    let mut back = vec![0u8; size];
     let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
     let t = Instant::now();
     let sender = {
@@ -328,7 +342,7 @@ async fn tls_rtt_in_task(
     }
     let fps = THROUGHPUT_FRAMES as f64 / t.elapsed().as_secs_f64();
     sender.await.expect("sender");
-    (pct(&samples, 0.5), pct(&samples, 0.99), fps)
+    (p50, p99, fps)
 }
 
 fn codec_bench() {

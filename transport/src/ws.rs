@@ -84,7 +84,7 @@ impl PendingPong {
 
 /// Splits a connection whose WebSocket upgrade is done into the link's halves. The link frames
 /// its messages itself (module [`codec`]) instead of through tungstenite's message stream: one
-/// buffer each way, no zeroing of the read buffer, no lock shared between the halves' polls.
+/// buffer each way, no zeroing of the read buffer, no copy of a message's payload.
 pub(crate) fn split_raw<S>(io: S, side: Side, config: &LinkConfig) -> (WsTx<S>, WsRx<S>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,

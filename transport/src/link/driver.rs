@@ -191,7 +191,9 @@ async fn run<T: WireTx, R: WireRx>(
     drop(permit);
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, ignoring poisoning (the data stays consistent: no guard is held across a panic
+/// in this crate's code).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

@@ -448,7 +448,7 @@ impl LinkReceiver {
     pub fn into_handler(self, handler: Box<dyn FrameHandler>) {
         let LinkReceiver { inbound, shared } = self;
         let mut handled = Handled { handler, queued: inbound };
-        let mut handoff = shared.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut handoff = driver::lock(&shared.handoff);
         if handoff.done {
             drop(handoff);
             handled.drain();
