@@ -365,16 +365,71 @@ fn codec_bench() {
     println!("codec: Call frame of {} bytes (64 B body): encode {enc:.0} ns, decode {dec:.0} ns", bytes.len());
 }
 
+/// Set (to the development CA's directory) in the child process that runs the echo servers.
+const SERVE_ENV: &str = "GEARMESH_BENCH_SERVE_CA_DIR";
+
+fn resolver(ca: &DevCa) -> Arc<CertResolver> {
+    let cert = ca.issue(&["localhost".into(), "127.0.0.1".into()]).expect("cert");
+    CertResolver::from_cert(&cert).expect("resolver")
+}
+
+/// The child process: starts the echo servers, prints their addresses, and runs until its
+/// parent closes stdin.
+fn serve_child(ca_dir: &std::path::Path) {
+    let ca = DevCa::load_or_create(ca_dir).expect("ca");
+    let s = start_servers(resolver(&ca));
+    println!("{} {} {} {}", s.tls_addr, s.wss_addr, s.quic_addr, s.raw_quic_addr);
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+}
+
+/// The echo servers in a child process (this binary again), killed when dropped.
+struct ServerProcess(std::process::Child);
+
+impl ServerProcess {
+    fn start(ca_dir: &std::path::Path) -> (Self, Servers) {
+        let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .env(SERVE_ENV, ca_dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("server process");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("addresses");
+        let a: Vec<SocketAddr> = line.split_whitespace().map(|a| a.parse().expect("address")).collect();
+        let servers = Servers { tls_addr: a[0], wss_addr: a[1], quic_addr: a[2], raw_quic_addr: a[3] };
+        (ServerProcess(child), servers)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     gearmesh_transport::tls::install_crypto_provider();
-    let ca = DevCa::generate().expect("ca");
-    let cert = ca.issue(&["localhost".into(), "127.0.0.1".into()]).expect("cert");
-    let resolver = CertResolver::from_cert(&cert).expect("resolver");
+    if let Some(dir) = std::env::var_os(SERVE_ENV) {
+        serve_child(std::path::Path::new(&dir));
+        return;
+    }
+    let ca_dir = tempfile::tempdir().expect("temp dir");
+    let ca = DevCa::load_or_create(ca_dir.path()).expect("ca");
     let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client");
-    let servers = start_servers(resolver);
+    // `GEARMESH_BENCH_PROCS=1`: the echo side is another process, as two nodes are; otherwise
+    // another thread of this process (cheaper to switch to on one CPU).
+    let procs = std::env::var_os("GEARMESH_BENCH_PROCS").is_some_and(|v| v == "1");
+    let (_server_process, servers) = if procs {
+        let (p, s) = ServerProcess::start(ca_dir.path());
+        (Some(p), s)
+    } else {
+        (None, start_servers(resolver(&ca)))
+    };
     if std::env::var_os("GEARMESH_BENCH_ONLY").is_none() {
         codec_bench();
     }
@@ -443,6 +498,7 @@ fn main() {
         .and_then(|s| s.lines().find(|l| l.starts_with("Cpus_allowed_list")).map(|l| l.to_string()))
         .unwrap_or_default();
     println!("\n{pinned}");
+    println!("echo side: {}", if procs { "another process" } else { "another thread of this process" });
     println!("| system | frame | p50 RTT | p99 RTT | echo throughput (window {WINDOW}) |");
     println!("|---|---:|---:|---:|---:|");
     let base: Vec<(usize, f64)> =

@@ -18,6 +18,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::Semaphore;
 
+mod socket;
+
 use crate::accept::Acceptor;
 use crate::dial::{DialError, Dialer, PeerUrl};
 use crate::frame::{self, DecodeError, FrameKind, HEADER_LEN};
@@ -139,9 +141,11 @@ impl QuicEndpoint {
             None => None,
         };
         let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime for quinn".into()))?;
+        let err = |source| QuicError::Socket { addr, source };
+        let socket = Arc::new(socket::ReadWatchedSocket::new(udp_socket(addr)?).map_err(err)?);
         let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), server_config, udp_socket(addr)?, runtime)
-                .map_err(|source| QuicError::Socket { addr, source })?;
+            quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), server_config, socket, runtime)
+                .map_err(err)?;
         Ok(QuicEndpoint { endpoint, client })
     }
 
