@@ -353,6 +353,54 @@ async fn a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_clo
     drop(b);
 }
 
+/// Sends given up part-way, while the peer is not reading and the transport's buffers are full
+/// (a caller that times out), leave the stream whole: the peer later reads only complete frames,
+/// each sent frame at most once and in order, then the frame sent after them, and the link
+/// stays open. A frame whose send was dropped may still arrive (it was queued whole) or not.
+async fn sends_dropped_part_way_leave_only_whole_frames(t: Transport) {
+    let mut slow = setup(2);
+    slow.config.recv_queue = 1;
+    // A short send queue, so that sends wait once the transport's buffers are full; frequent
+    // heartbeats and a pause between sends, so that each send finds the link idle and, where
+    // the transport allows it, writes directly (the write that is dropped is then the sender's).
+    let mut fast = setup(1);
+    fast.config.send_queue = 2;
+    for s in [&mut fast, &mut slow] {
+        s.config.heartbeat_interval = Duration::from_millis(10);
+    }
+    let (mut a, mut b, _f) = connect(t, fast, slow).await.expect("connect");
+    const BIG: usize = 1 << 20;
+    let mut dropped = 0;
+    let mut sent = 0u8;
+    while dropped < 4 && sent < 200 {
+        let frame = Frame::Gossip { payload: Bytes::from(vec![sent; BIG]) };
+        sent += 1;
+        if tokio::time::timeout(Duration::from_millis(50), a.send(&frame)).await.is_err() {
+            dropped += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dropped, 4, "the peer's buffers never filled");
+    let tx = a.sender().clone();
+    let last = tokio::spawn(async move { tx.send(&Frame::Gossip { payload: Bytes::from_static(b"last") }).await });
+    let mut next = 0u8;
+    loop {
+        let Frame::Gossip { payload } = recv(&mut b).await else { panic!("a gossip frame") };
+        if payload.as_ref() == b"last" {
+            break;
+        }
+        assert_eq!(payload.len(), BIG, "a whole frame");
+        let n = payload[0];
+        assert!(payload.iter().all(|&x| x == n), "frame {n} is not mixed with another");
+        assert!(n >= next && n < sent, "frame {n} after {next}: in order, once");
+        next = n + 1;
+    }
+    last.await.expect("task").expect("the last frame was sent");
+    b.send(&Frame::Gossip { payload: Bytes::from_static(b"still open") }).await.expect("send back");
+    let Frame::Gossip { payload } = recv(&mut a).await else { panic!("gossip") };
+    assert_eq!(payload.as_ref(), b"still open");
+}
+
 /// Several tasks sending at once, some frames written directly by the sender and some queued
 /// for the driver: each sender's frames arrive in the order it sent them.
 async fn each_senders_frames_keep_their_order_under_concurrency(t: Transport) {
@@ -405,6 +453,7 @@ suite!(
     a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes,
     a_panicking_handler_closes_its_link_and_hears_on_closed,
     each_senders_frames_keep_their_order_under_concurrency,
+    sends_dropped_part_way_leave_only_whole_frames,
     a_handler_gets_queued_then_later_frames_in_order_then_the_close,
     a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once,
     peer_info_after_hello,

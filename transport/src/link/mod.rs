@@ -317,7 +317,7 @@ impl LinkSender {
     }
 
     /// Sends a frame, waiting while the send queue is full (back-pressure). When the link is
-    /// idle (nothing queued, nobody writing) and its transport allows it (WSS), the frame is
+    /// idle (nothing queued, nobody writing) and its transport allows it, the frame is
     /// written and flushed from this task, saving the switch to the link's driver; otherwise
     /// it is queued for the driver.
     ///

@@ -4,6 +4,7 @@
 //! 0) for hello, ping, pong, gossip and close, and one unidirectional stream per call, reply,
 //! cancel or event (type byte 1), so a large body never holds up later small frames.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,53 +228,116 @@ fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
         control: None,
         ended: None,
     };
-    (QuicTx { conn, control: None, large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)) }, rx)
+    let tx = QuicTx {
+        conn,
+        control: None,
+        large: Arc::new(Semaphore::new(MAX_LARGE_WRITES)),
+        control_out: VecDeque::new(),
+        routed_out: VecDeque::new(),
+        stream_out: None,
+    };
+    (tx, rx)
 }
 
+/// The sending half. Its writes are cancel-safe ([`WireTx::DIRECT`]): a frame is queued here
+/// first and leaves the queue only as quinn takes its bytes (quinn's `write_chunks` takes some
+/// or none), so a write dropped part-way leaves the rest for the next one and never splits a
+/// frame on the control stream. The queues hold more than the frame being written only after
+/// such a drop (one frame per dropped write).
 struct QuicTx {
     conn: quinn::Connection,
     control: Option<quinn::SendStream>,
     large: Arc<Semaphore>,
+    /// Control-stream bytes not yet taken by quinn (the stream's type byte, then frames).
+    control_out: VecDeque<Bytes>,
+    /// Routed frames waiting for a stream of their own.
+    routed_out: VecDeque<Bytes>,
+    /// A frame stream opened and not yet fully written: its type byte and frame.
+    stream_out: Option<(quinn::SendStream, [Bytes; 2])>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> WireError {
     WireError::Io(format!("quic: {e}"))
 }
 
-impl WireTx for QuicTx {
-    async fn send(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
-        if !kind.is_routed() {
+impl QuicTx {
+    /// Hands every queued frame to quinn, in order per stream. Cancel-safe: each await either
+    /// makes progress that is recorded in `self` at once, or none.
+    async fn write_queued(&mut self) -> Result<(), WireError> {
+        if !self.control_out.is_empty() {
             let control = match &mut self.control {
                 Some(s) => s,
                 None => {
-                    let mut s = self.conn.open_uni().await.map_err(io_err)?;
-                    s.write_all(&[STREAM_CONTROL]).await.map_err(io_err)?;
+                    let s = self.conn.open_uni().await.map_err(io_err)?;
+                    self.control_out.push_front(Bytes::from_static(&[STREAM_CONTROL]));
                     self.control.insert(s)
                 }
             };
-            return control.write_all(&frame).await.map_err(io_err);
-        }
-        let mut stream = self.conn.open_uni().await.map_err(io_err)?;
-        let mut chunks = [Bytes::from_static(&[STREAM_FRAME]), frame];
-        if chunks[1].len() <= SPAWN_WRITE_ABOVE {
-            stream.write_all_chunks(&mut chunks).await.map_err(io_err)?;
-            return stream.finish().map_err(io_err);
-        }
-        let permit = Arc::clone(&self.large).acquire_owned().await.map_err(io_err)?;
-        tokio::spawn(async move {
-            let r = async {
-                stream.write_all_chunks(&mut chunks).await.map_err(io_err)?;
-                stream.finish().map_err(io_err)
-            };
-            if let Err(e) = r.await {
-                tracing::debug!(error = %e, "large QUIC frame not delivered");
+            while !self.control_out.is_empty() {
+                control.write_chunks(self.control_out.make_contiguous()).await.map_err(io_err)?;
+                while self.control_out.front().is_some_and(Bytes::is_empty) {
+                    self.control_out.pop_front();
+                }
             }
-            drop(permit);
-        });
-        Ok(())
+        }
+        loop {
+            if let Some((stream, chunks)) = &mut self.stream_out {
+                while chunks.iter().any(|c| !c.is_empty()) {
+                    stream.write_chunks(chunks).await.map_err(io_err)?;
+                }
+                let finished = stream.finish().map_err(io_err);
+                self.stream_out = None;
+                finished?;
+            }
+            let Some(len) = self.routed_out.front().map(Bytes::len) else { return Ok(()) };
+            if len > SPAWN_WRITE_ABOVE {
+                // A large frame is written by a task of its own, so the link's writer moves on.
+                let permit = Arc::clone(&self.large).acquire_owned().await.map_err(io_err)?;
+                let mut stream = self.conn.open_uni().await.map_err(io_err)?;
+                let Some(frame) = self.routed_out.pop_front() else { return Ok(()) };
+                tokio::spawn(async move {
+                    let r = async {
+                        stream
+                            .write_all_chunks(&mut [Bytes::from_static(&[STREAM_FRAME]), frame])
+                            .await
+                            .map_err(io_err)?;
+                        stream.finish().map_err(io_err)
+                    };
+                    if let Err(e) = r.await {
+                        tracing::debug!(error = %e, "large QUIC frame not delivered");
+                    }
+                    drop(permit);
+                });
+                continue;
+            }
+            let stream = self.conn.open_uni().await.map_err(io_err)?;
+            let Some(frame) = self.routed_out.pop_front() else { return Ok(()) };
+            self.stream_out = Some((stream, [Bytes::from_static(&[STREAM_FRAME]), frame]));
+        }
+    }
+}
+
+impl WireTx for QuicTx {
+    const DIRECT: bool = true;
+
+    async fn send(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
+        if kind.is_routed() {
+            self.routed_out.push_back(frame);
+        } else {
+            self.control_out.push_back(frame);
+        }
+        self.write_queued().await
+    }
+
+    async fn flush(&mut self) -> Result<(), WireError> {
+        // Bytes quinn has taken are on their way; only frames left by a dropped write wait.
+        self.write_queued().await
     }
 
     async fn shutdown(&mut self) {
+        if let Err(e) = self.write_queued().await {
+            tracing::trace!(error = %e, "frames left at shutdown");
+        }
         if let Some(mut s) = self.control.take()
             && s.finish().is_ok()
             && let Err(e) = s.stopped().await
