@@ -85,22 +85,18 @@ impl PendingPong {
 /// Splits a connection whose WebSocket upgrade is done into the link's halves. The link frames
 /// its messages itself (module [`codec`]) instead of through tungstenite's message stream: one
 /// buffer each way, no zeroing of the read buffer, no copy of a message's payload.
-pub(crate) fn split_raw<S>(io: S, side: Side, config: &LinkConfig) -> (WsTx<S>, WsRx<S>)
+/// `read` holds bytes already read from the connection past the upgrade, if any.
+pub(crate) fn split_raw<S>(io: S, side: Side, config: &LinkConfig, read: &[u8]) -> (WsTx<S>, WsRx<S>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (r, w) = tokio::io::split(io);
     let pong = Arc::new(PendingPong::default());
+    let mut buf = BytesMut::with_capacity(WS_READ_BUFFER.max(read.len()));
+    buf.extend_from_slice(read);
     (
         WsTx { io: w, side, out: BytesMut::with_capacity(4096), pong: Arc::clone(&pong) },
-        WsRx {
-            io: r,
-            side,
-            buf: BytesMut::with_capacity(WS_READ_BUFFER),
-            partial: None,
-            max_frame_len: config.max_frame_len,
-            pong,
-        },
+        WsRx { io: r, side, buf, partial: None, max_frame_len: config.max_frame_len, pong },
     )
 }
 
@@ -110,7 +106,7 @@ pub(crate) fn split<S>(ws: WebSocketStream<S>, config: &LinkConfig) -> (WsTx<S>,
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    split_raw(ws.into_inner(), Side::Client, config)
+    split_raw(ws.into_inner(), Side::Client, config, &[])
 }
 
 fn io_err(e: &std::io::Error) -> WireError {
@@ -300,9 +296,21 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
                 return;
             }
         };
-        let (tx, rx) = split_raw(TokioIo::new(upgraded), Side::Server, &config);
         let peer = PeerInfo::connecting(TransportKind::Wss, remote, None);
-        acceptor.establish(tx, rx, peer, permit, deadline).await;
+        // Over the node's TLS server, take the TLS stream back from hyper: the link then reads
+        // and writes it directly instead of through hyper's upgrade wrappers (boxed, with a
+        // rewind buffer and two adapters between tokio's and hyper's IO traits on every call).
+        type Tls = TokioIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+        match hyper_util::server::conn::auto::upgrade::downcast::<Tls>(upgraded) {
+            Ok(parts) => {
+                let (tx, rx) = split_raw(parts.io.into_inner(), Side::Server, &config, &parts.read_buf);
+                acceptor.establish(tx, rx, peer, permit, deadline).await;
+            }
+            Err(upgraded) => {
+                let (tx, rx) = split_raw(TokioIo::new(upgraded), Side::Server, &config, &[]);
+                acceptor.establish(tx, rx, peer, permit, deadline).await;
+            }
+        }
     });
     let mut r = Response::new(Body::empty());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
