@@ -300,12 +300,23 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
         // Over the node's TLS server, take the TLS stream back from hyper: the link then reads
         // and writes it directly instead of through hyper's upgrade wrappers (boxed, with a
         // rewind buffer and two adapters between tokio's and hyper's IO traits on every call).
+        // The same for plaintext (development mode).
+        use hyper_util::server::conn::auto::upgrade::downcast;
         type Tls = TokioIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
-        match hyper_util::server::conn::auto::upgrade::downcast::<Tls>(upgraded) {
+        type Plain = TokioIo<tokio::net::TcpStream>;
+        let upgraded = match downcast::<Tls>(upgraded) {
+            Ok(parts) => {
+                let (tx, rx) = split_raw(parts.io.into_inner(), Side::Server, &config, &parts.read_buf);
+                return acceptor.establish(tx, rx, peer, permit, deadline).await;
+            }
+            Err(upgraded) => upgraded,
+        };
+        match downcast::<Plain>(upgraded) {
             Ok(parts) => {
                 let (tx, rx) = split_raw(parts.io.into_inner(), Side::Server, &config, &parts.read_buf);
                 acceptor.establish(tx, rx, peer, permit, deadline).await;
             }
+            // Another server: through hyper's upgrade wrappers.
             Err(upgraded) => {
                 let (tx, rx) = split_raw(TokioIo::new(upgraded), Side::Server, &config, &[]);
                 acceptor.establish(tx, rx, peer, permit, deadline).await;
