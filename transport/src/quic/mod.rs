@@ -19,6 +19,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::Semaphore;
 
+#[cfg(unix)]
 mod socket;
 
 use crate::accept::Acceptor;
@@ -143,7 +144,10 @@ impl QuicEndpoint {
         };
         let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime for quinn".into()))?;
         let err = |source| QuicError::Socket { addr, source };
+        #[cfg(unix)]
         let socket = Arc::new(socket::ReadWatchedSocket::new(udp_socket(addr)?).map_err(err)?);
+        #[cfg(not(unix))]
+        let socket = runtime.wrap_udp_socket(udp_socket(addr)?).map_err(err)?;
         let endpoint =
             quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), server_config, socket, runtime)
                 .map_err(err)?;
