@@ -3,8 +3,8 @@
 //! quinn's own tokio socket registers with the reactor for reading *and* writing. A UDP socket
 //! reports "writable" again every time the peer takes one of our datagrams off the queue and
 //! the kernel frees its buffer, so with that registration every datagram we send comes back as
-//! a wake-up of our reactor with nothing to do: on a pinned machine, two context switches and
-//! an `epoll_wait` per packet, which was a fifth of a QUIC round trip (seen with strace).
+//! a wake-up of our reactor with nothing to do: an extra `epoll_wait` per packet (seen with
+//! strace), and on a busy CPU a switch to our thread and back.
 //!
 //! This socket is registered for reading only. Sends go straight to the non-blocking socket;
 //! only after a send found the socket buffer full (rare: the buffer is
