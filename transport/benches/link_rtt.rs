@@ -144,6 +144,9 @@ async fn echo_length_prefixed(mut s: impl AsyncRead + AsyncWrite + Unpin) {
             return;
         }
         let n = u32::from_le_bytes(len) as usize;
+        if n + 4 > buf.len() {
+            return;
+        }
         buf[..4].copy_from_slice(&len);
         if s.read_exact(&mut buf[4..4 + n]).await.is_err() {
             return;

@@ -243,6 +243,27 @@ where
 
 // === accepting ===
 
+/// An upgraded connection about to become an accepted link.
+struct Accepted<'a> {
+    acceptor: &'a Acceptor,
+    config: &'a LinkConfig,
+    peer: PeerInfo,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+}
+
+impl Accepted<'_> {
+    /// Frames `io` as the server side of a link (`read`: bytes already read past the upgrade)
+    /// and runs the link's handshake.
+    async fn establish<S>(self, io: S, read: &[u8])
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (tx, rx) = split_raw(io, Side::Server, self.config, read);
+        self.acceptor.establish(tx, rx, self.peer, self.permit, self.deadline).await;
+    }
+}
+
 fn bad_request(msg: &'static str) -> Response<Body> {
     let mut r = Response::new(Body::from(msg));
     *r.status_mut() = StatusCode::BAD_REQUEST;
@@ -297,6 +318,7 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
             }
         };
         let peer = PeerInfo::connecting(TransportKind::Wss, remote, None);
+        let link = Accepted { acceptor: &acceptor, config: &config, peer, permit, deadline };
         // Over the node's TLS server, take the TLS stream back from hyper: the link then reads
         // and writes it directly instead of through hyper's upgrade wrappers (boxed, with a
         // rewind buffer and two adapters between tokio's and hyper's IO traits on every call).
@@ -305,22 +327,13 @@ pub(crate) fn upgrade<B>(acceptor: &Acceptor, mut req: Request<B>) -> Response<B
         type Tls = TokioIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
         type Plain = TokioIo<tokio::net::TcpStream>;
         let upgraded = match downcast::<Tls>(upgraded) {
-            Ok(parts) => {
-                let (tx, rx) = split_raw(parts.io.into_inner(), Side::Server, &config, &parts.read_buf);
-                return acceptor.establish(tx, rx, peer, permit, deadline).await;
-            }
+            Ok(parts) => return link.establish(parts.io.into_inner(), &parts.read_buf).await,
             Err(upgraded) => upgraded,
         };
         match downcast::<Plain>(upgraded) {
-            Ok(parts) => {
-                let (tx, rx) = split_raw(parts.io.into_inner(), Side::Server, &config, &parts.read_buf);
-                acceptor.establish(tx, rx, peer, permit, deadline).await;
-            }
+            Ok(parts) => link.establish(parts.io.into_inner(), &parts.read_buf).await,
             // Another server: through hyper's upgrade wrappers.
-            Err(upgraded) => {
-                let (tx, rx) = split_raw(TokioIo::new(upgraded), Side::Server, &config, &[]);
-                acceptor.establish(tx, rx, peer, permit, deadline).await;
-            }
+            Err(upgraded) => link.establish(TokioIo::new(upgraded), &[]).await,
         }
     });
     let mut r = Response::new(Body::empty());

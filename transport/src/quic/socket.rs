@@ -157,18 +157,20 @@ mod tests {
         Transmit { destination: to, ecn: None, contents, segment_size: None, src_ip: None }
     }
 
+    /// A wake-up the socket misses shows as this timing out, not as a test that hangs.
+    const WAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
     async fn recv_one(s: &ReadWatchedSocket) -> Vec<u8> {
         let mut buf = [0u8; 2048];
         let mut meta = [RecvMeta::default()];
-        let n = std::future::poll_fn(|cx| s.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta))
-            .await
-            .expect("recv");
+        let recv = std::future::poll_fn(|cx| s.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta));
+        let n = tokio::time::timeout(WAKE, recv).await.expect("woken for the datagram").expect("recv");
         assert_eq!(n, 1);
         buf[..meta[0].len].to_vec()
     }
 
     #[tokio::test]
-    async fn datagrams_arrive_after_the_readiness_was_cleared() {
+    async fn datagrams_sent_one_at_a_time_or_queued_all_arrive() {
         let (a, b) = (bound(), bound());
         let to = b.local_addr().expect("addr");
         for i in 0..50u8 {
@@ -194,13 +196,12 @@ mod tests {
             a.try_send(&transmit(to, &[round; 32])).expect("send");
             let mut bufs = [[0u8; 256]; 4];
             let mut meta = [RecvMeta::default(); 4];
-            let n = std::future::poll_fn(|cx| {
+            let recv = std::future::poll_fn(|cx| {
                 let [b0, b1, b2, b3] = &mut bufs;
                 let mut slices = [IoSliceMut::new(b0), IoSliceMut::new(b1), IoSliceMut::new(b2), IoSliceMut::new(b3)];
                 b.poll_recv(cx, &mut slices, &mut meta)
-            })
-            .await
-            .expect("recv");
+            });
+            let n = tokio::time::timeout(WAKE, recv).await.expect("woken after a cleared readiness").expect("recv");
             assert_eq!(n, 1, "one datagram was sent");
             assert_eq!(&bufs[0][..meta[0].len], &[round; 32]);
         }
@@ -219,13 +220,10 @@ mod tests {
         // `WouldBlock` send sets is set by hand: the wait then goes through the reactor.
         for i in 0..3u8 {
             a.full.store(true, Ordering::Relaxed);
-            tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)),
-            )
-            .await
-            .expect("an idle socket is writable")
-            .expect("no error");
+            tokio::time::timeout(WAKE, std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)))
+                .await
+                .expect("an idle socket is writable")
+                .expect("no error");
             assert!(!a.full.load(Ordering::Relaxed), "the drained buffer is remembered");
             a.try_send(&transmit(to, &[i; 8])).expect("send");
             assert_eq!(recv_one(&b).await, vec![i; 8]);
