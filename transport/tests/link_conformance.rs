@@ -282,6 +282,69 @@ async fn a_handler_given_after_the_close_gets_the_frames_and_the_close_at_once(t
     assert_eq!(reason.code, CloseCode::NORMAL);
 }
 
+/// A handler that asks for routed frames raw gets exactly the bytes sent, undecoded, for the
+/// routes it asks for, and decoded frames for the others; a routed frame that would not decode
+/// never reaches it raw: the link closes with a protocol error, as it does for the decoding path.
+async fn a_handler_takes_the_routed_frames_it_asks_for_raw_and_a_malformed_one_closes_the_link(t: Transport) {
+    /// Takes frames for node 2 raw (a switch's frames, had it a route), the rest decoded.
+    struct Switch {
+        raw: tokio::sync::mpsc::UnboundedSender<(Route, Bytes)>,
+        decoded: tokio::sync::mpsc::UnboundedSender<Frame>,
+        closed: Option<tokio::sync::oneshot::Sender<gearmesh_transport::CloseReason>>,
+    }
+    impl FrameHandler for Switch {
+        fn on_frame(&mut self, frame: Frame) {
+            self.decoded.send(frame).expect("test listening");
+        }
+        fn wants_raw(&mut self, route: &Route) -> bool {
+            route.dst == NodeId([2; 16])
+        }
+        fn on_raw(&mut self, route: Route, raw: Bytes) {
+            self.raw.send((route, raw)).expect("test listening");
+        }
+        fn on_closed(&mut self, reason: &gearmesh_transport::CloseReason) {
+            if let Some(tx) = self.closed.take() {
+                tx.send(reason.clone()).expect("test listening");
+            }
+        }
+    }
+    let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    let (raw_tx, mut raw) = tokio::sync::mpsc::unbounded_channel();
+    let (decoded_tx, mut decoded) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    let (_b_tx, b_rx) = b.split();
+    b_rx.into_handler(Box::new(Switch { raw: raw_tx, decoded: decoded_tx, closed: Some(closed_tx) }));
+
+    let for_two = call(7, Bytes::from_static(b"raw please"));
+    let Frame::Call(mut c) = call(8, Bytes::from_static(b"decode me")) else { unreachable!("a call") };
+    c.route.dst = NodeId([3; 16]);
+    let for_three = Frame::Call(c);
+    let gossip = Frame::Gossip { payload: Bytes::from_static(b"g") };
+    for f in [&for_two, &for_three, &gossip] {
+        a.send(f).await.expect("send");
+    }
+    let (route, bytes) = tokio::time::timeout(WAIT, raw.recv()).await.expect("in time").expect("raw frame");
+    assert_eq!(route, *for_two.route().expect("routed"));
+    let mut sent = bytes::BytesMut::new();
+    for_two.encode(&mut sent, gearmesh_transport::frame::DEFAULT_MAX_FRAME_LEN).expect("encodes");
+    assert_eq!(bytes, sent.freeze(), "the bytes as sent");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(tokio::time::timeout(WAIT, decoded.recv()).await.expect("in time").expect("decoded frame"));
+    }
+    assert!(got.contains(&for_three) && got.contains(&gossip), "{got:?}");
+
+    // A call for node 2 whose gear name is not UTF-8: its header is fine, its body is not.
+    let mut bad = bytes::BytesMut::new();
+    for_two.encode(&mut bad, gearmesh_transport::frame::DEFAULT_MAX_FRAME_LEN).expect("encodes");
+    let at = bad.windows(7).rposition(|w| w == b"billing").expect("gear name");
+    bad[at] = 0xff;
+    a.sender().send_raw(bad.freeze()).await.expect("the header passes the sender's check");
+    let reason = tokio::time::timeout(WAIT, closed).await.expect("in time").expect("on_closed");
+    assert_eq!((reason.code, reason.initiator), (CloseCode::PROTOCOL_ERROR, Initiator::Local), "{reason}");
+    assert!(raw.try_recv().is_err(), "the malformed frame never reached on_raw");
+}
+
 /// A handler that panics closes its link with `INTERNAL_ERROR` (and still hears `on_closed`)
 /// instead of killing the link's task silently; the peer sees the close.
 async fn a_panicking_handler_closes_its_link_and_hears_on_closed(t: Transport) {
@@ -452,6 +515,7 @@ suite!(
     frames_flow_both_ways,
     a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes,
     a_panicking_handler_closes_its_link_and_hears_on_closed,
+    a_handler_takes_the_routed_frames_it_asks_for_raw_and_a_malformed_one_closes_the_link,
     each_senders_frames_keep_their_order_under_concurrency,
     sends_dropped_part_way_leave_only_whole_frames,
     a_handler_gets_queued_then_later_frames_in_order_then_the_close,

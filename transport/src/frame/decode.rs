@@ -143,7 +143,7 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
             features: r.u32("features")?,
             token: {
                 let n = r.u32("token")? as usize;
-                r.bytes("token", n)?
+                buf.slice(r.range("token", n)?)
             },
             listen_addrs: r.list("listen_addrs")?,
         }),
@@ -159,15 +159,15 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
             gear: r.string("gear")?,
             port: r.string("port")?,
             body_kind: r.body_kind()?,
-            body: r.rest(),
+            body: buf.slice(r.rest()),
         }),
         FrameKind::Reply => {
             let route = r.route()?;
             let call_id = r.u64("call_id")?;
             let result = match r.u8("status")? {
-                0 => ReplyResult::Ok { kind: BodyKind::Json, body: r.rest() },
-                1 => ReplyResult::Ok { kind: BodyKind::Bytes, body: r.rest() },
-                2 => ReplyResult::Err(r.rest()),
+                0 => ReplyResult::Ok { kind: BodyKind::Json, body: buf.slice(r.rest()) },
+                1 => ReplyResult::Ok { kind: BodyKind::Bytes, body: buf.slice(r.rest()) },
+                2 => ReplyResult::Err(buf.slice(r.rest())),
                 value => {
                     return Err(DecodeError::InvalidEnum { field: "status", value });
                 }
@@ -181,15 +181,74 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
             topic: r.string("topic")?,
             publisher: r.string("publisher")?,
             body_kind: r.body_kind()?,
-            body: r.rest(),
+            body: buf.slice(r.rest()),
         }),
-        FrameKind::Gossip => Frame::Gossip { payload: r.rest() },
+        FrameKind::Gossip => Frame::Gossip { payload: buf.slice(r.rest()) },
         FrameKind::Close => Frame::Close(Close { code: CloseCode(r.u16("code")?), reason: r.string("reason")? }),
     };
     if r.pos != len {
         return Err(DecodeError::TrailingBytes(len - r.pos));
     }
     Ok(frame)
+}
+
+/// Checks that a routed frame (call, reply, cancel or event) occupying all of `buf` is valid,
+/// exactly as [`decode`] would, without building it: no allocation, no copy. Returns its route.
+/// A switch checks a frame it passes on this way, so that a malformed frame is refused on the
+/// link it came in on and never reaches (and closes) a link further on. Never panics.
+///
+/// # Errors
+/// What [`decode`] would return for `buf`, or [`DecodeError::UnknownKind`] for a valid kind
+/// that is not routed.
+pub fn validate_routed(buf: &[u8], max_len: usize) -> Result<Route, DecodeError> {
+    let header = peek_header(buf, max_len)?.ok_or(DecodeError::Truncated { needed: HEADER_LEN, have: buf.len() })?;
+    let len = header.frame_len();
+    if buf.len() < len {
+        return Err(DecodeError::Truncated { needed: len, have: buf.len() });
+    }
+    if buf.len() > len {
+        return Err(DecodeError::TrailingBytes(buf.len() - len));
+    }
+    if !header.kind.is_routed() {
+        return Err(DecodeError::UnknownKind(header.kind as u8));
+    }
+    let mut r = Reader { buf, pos: HEADER_LEN };
+    let route = r.route()?;
+    match header.kind {
+        FrameKind::Call => {
+            r.take("call_id", 8)?;
+            r.take("deadline_ms", 4)?;
+            r.take("trace_id", 16)?;
+            r.str("caller")?;
+            r.check_list("scopes")?;
+            r.str("gear")?;
+            r.str("port")?;
+            r.body_kind()?;
+            r.rest();
+        }
+        FrameKind::Reply => {
+            r.take("call_id", 8)?;
+            match r.u8("status")? {
+                0..=2 => r.rest(),
+                value => return Err(DecodeError::InvalidEnum { field: "status", value }),
+            };
+        }
+        FrameKind::Cancel => {
+            r.take("call_id", 8)?;
+        }
+        FrameKind::Event => {
+            r.take("trace_id", 16)?;
+            r.str("topic")?;
+            r.str("publisher")?;
+            r.body_kind()?;
+            r.rest();
+        }
+        other => return Err(DecodeError::UnknownKind(other as u8)),
+    }
+    if r.pos != len {
+        return Err(DecodeError::TrailingBytes(len - r.pos));
+    }
+    Ok(route)
 }
 
 /// [`decode`] over a borrowed slice (copies it once); convenient for fuzzing and tests.
@@ -199,12 +258,12 @@ pub fn decode_slice(buf: &[u8], max_len: usize) -> Result<Frame, DecodeError> {
 
 /// A cursor over the payload.
 struct Reader<'a> {
-    buf: &'a Bytes,
+    buf: &'a [u8],
     pos: usize,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, field: &'static str, n: usize) -> Result<&[u8], DecodeError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::FieldOverrun(field))?;
         let s = self.buf.get(self.pos..end).ok_or(DecodeError::FieldOverrun(field))?;
         self.pos = end;
@@ -245,30 +304,48 @@ impl Reader<'_> {
         Ok(Route { src: self.node_id("src")?, dst: self.node_id("dst")?, hops: self.u8("hops")? })
     }
 
-    fn bytes(&mut self, field: &'static str, n: usize) -> Result<Bytes, DecodeError> {
+    /// The range of the next `n` bytes (to slice the frame's `Bytes` with: no copy).
+    fn range(&mut self, field: &'static str, n: usize) -> Result<std::ops::Range<usize>, DecodeError> {
         let start = self.pos;
         self.take(field, n)?;
-        Ok(self.buf.slice(start..self.pos))
+        Ok(start..self.pos)
+    }
+
+    fn str(&mut self, field: &'static str) -> Result<&'a str, DecodeError> {
+        let n = self.u16(field)? as usize;
+        let s = self.take(field, n)?;
+        std::str::from_utf8(s).map_err(|_| DecodeError::InvalidUtf8(field))
     }
 
     fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
-        let n = self.u16(field)? as usize;
-        let s = self.take(field, n)?;
-        std::str::from_utf8(s).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8(field))
+        self.str(field).map(str::to_owned)
     }
 
-    fn list(&mut self, field: &'static str) -> Result<Vec<String>, DecodeError> {
+    /// A list's item count, refused if the payload cannot hold that many items before
+    /// anything is allocated (each takes at least two bytes).
+    fn list_len(&mut self, field: &'static str) -> Result<usize, DecodeError> {
         let n = self.u16(field)? as usize;
-        // Each item takes at least two bytes: refuse counts the payload cannot hold before
-        // allocating.
         if n.saturating_mul(2) > self.buf.len().saturating_sub(self.pos) {
             return Err(DecodeError::FieldOverrun(field));
         }
+        Ok(n)
+    }
+
+    fn list(&mut self, field: &'static str) -> Result<Vec<String>, DecodeError> {
+        let n = self.list_len(field)?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             out.push(self.string(field)?);
         }
         Ok(out)
+    }
+
+    /// Checks a list without building it.
+    fn check_list(&mut self, field: &'static str) -> Result<(), DecodeError> {
+        for _ in 0..self.list_len(field)? {
+            self.str(field)?;
+        }
+        Ok(())
     }
 
     fn body_kind(&mut self) -> Result<BodyKind, DecodeError> {
@@ -279,9 +356,10 @@ impl Reader<'_> {
         }
     }
 
-    fn rest(&mut self) -> Bytes {
+    /// The range of the remaining bytes (a body).
+    fn rest(&mut self) -> std::ops::RangeFrom<usize> {
         let start = self.pos.min(self.buf.len());
         self.pos = self.buf.len();
-        self.buf.slice(start..)
+        start..
     }
 }

@@ -15,7 +15,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-pub use decode::{DecodeError, Header, decode, decode_slice, peek_header, peek_route, set_hops};
+pub use decode::{DecodeError, Header, decode, decode_slice, peek_header, peek_route, set_hops, validate_routed};
 pub use encode::EncodeError;
 pub(crate) use encode::encode_raw_kind;
 

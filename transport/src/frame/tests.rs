@@ -200,6 +200,27 @@ fn peek_route_and_set_hops() {
 }
 
 #[test]
+fn validate_routed_accepts_routed_frames_only() {
+    for f in samples() {
+        let b = enc(&f);
+        match f.route() {
+            Some(route) => assert_eq!(validate_routed(&b, MAX), Ok(*route)),
+            None => assert_eq!(validate_routed(&b, MAX), Err(DecodeError::UnknownKind(f.kind() as u8))),
+        }
+    }
+    // A call whose gear name is not UTF-8 is refused, as the decoder refuses it.
+    let mut v = enc(&samples()[4]).to_vec();
+    let Frame::Call(c) = &samples()[4] else { panic!("sample 4 is a call") };
+    // The gear field: its length (u16, little-endian) then its bytes, after the scopes.
+    let mut field = (c.gear.len() as u16).to_le_bytes().to_vec();
+    field.extend_from_slice(c.gear.as_bytes());
+    let at = v.windows(field.len()).rposition(|w| w == field.as_slice()).expect("gear field in the frame");
+    v[at + 2] = 0xff;
+    assert_eq!(validate_routed(&v, MAX), Err(DecodeError::InvalidUtf8("gear")));
+    assert_eq!(decode_slice(&v, MAX), Err(DecodeError::InvalidUtf8("gear")));
+}
+
+#[test]
 fn too_long_fields_fail_to_encode() {
     let f = Frame::Close(Close { code: CloseCode::NORMAL, reason: "x".repeat(70_000) });
     assert!(matches!(f.encode(&mut BytesMut::new(), MAX), Err(EncodeError::StringTooLong { field: "reason", .. })));
@@ -239,10 +260,18 @@ fn random_and_mutated_inputs_never_panic() {
             }
             v
         };
-        if let Ok(f) = decode_slice(&input, 4096) {
+        let full = decode_slice(&input, 4096);
+        if let Ok(f) = &full {
             decoded += 1;
-            let again = enc(&f);
-            assert_eq!(decode(&again, MAX).expect("re-decodes"), f);
+            let again = enc(f);
+            assert_eq!(decode(&again, MAX).expect("re-decodes"), *f);
+        }
+        // The switch's check agrees with the decoder on every routed frame, errors included.
+        let checked = validate_routed(&input, 4096);
+        match (&full, peek_header(&input, usize::MAX)) {
+            (Ok(f), _) if f.kind().is_routed() => assert_eq!(checked.as_ref().ok(), f.route(), "{input:?}"),
+            (Err(e), Ok(Some(h))) if h.kind.is_routed() => assert_eq!(checked.as_ref().err(), Some(e), "{input:?}"),
+            _ => assert!(checked.is_err(), "{input:?}"),
         }
         let _route = peek_route(&input);
     }

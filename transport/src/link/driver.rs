@@ -418,6 +418,36 @@ impl<T: WireTx> DirectWrite for Direct<T> {
     }
 }
 
+/// Hands a routed frame to the handler as it arrived, undecoded, if the handler wants it so
+/// ([`crate::FrameHandler::wants_raw`]); `None` when the frame takes the decoding path instead.
+fn pass_raw(
+    bytes: &Bytes,
+    handler: &Mutex<Option<Handled>>,
+    shared: &Shared,
+    config: &LinkConfig,
+) -> Option<Result<(), Outcome>> {
+    adopt(shared, handler);
+    let mut slot = lock(handler);
+    let handled = slot.as_mut()?;
+    let route = frame::peek_route(bytes).ok()??;
+    // As for `on_frame`: a handler that panics closes the link.
+    let wanted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handled.handler.wants_raw(&route)));
+    match wanted {
+        Ok(false) => return None,
+        Ok(true) => {}
+        Err(_) => return Some(Err(Outcome::local(CloseCode::INTERNAL_ERROR, "the frame handler panicked"))),
+    }
+    if let Err(e) = frame::validate_routed(bytes, config.max_frame_len) {
+        return Some(Err(Outcome::invalid(&e)));
+    }
+    let raw = bytes.clone();
+    let handled_ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handled.handler.on_raw(route, raw)));
+    if handled_ok.is_err() {
+        return Some(Err(Outcome::local(CloseCode::INTERNAL_ERROR, "the frame handler panicked")));
+    }
+    Some(Ok(()))
+}
+
 async fn read_loop<R: WireRx>(
     rx: &mut R,
     in_tx: &mpsc::Sender<Result<Frame, LinkError>>,
@@ -443,6 +473,12 @@ async fn read_loop<R: WireRx>(
         };
         clock.touch();
         shared.direct_used.store(false, Ordering::Relaxed);
+        if let Some(passed) = pass_raw(&bytes, handler, shared, config) {
+            match passed {
+                Ok(()) => continue,
+                Err(o) => return o,
+            }
+        }
         let frame = match frame::decode(&bytes, config.max_frame_len) {
             Ok(f) => f,
             Err(e) => return Outcome::invalid(&e),

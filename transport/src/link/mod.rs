@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 pub use handshake::{HandshakeError, HelloCheck, LinkSetup};
 
 use crate::NodeId;
-use crate::frame::{self, Close, CloseCode, EncodeError, Frame, FrameKind, HEADER_LEN};
+use crate::frame::{self, Close, CloseCode, EncodeError, Frame, FrameKind, HEADER_LEN, Route};
 
 /// Tunables of a link. Plain fields; [`LinkConfig::default`] suits a LAN.
 #[derive(Debug, Clone)]
@@ -240,12 +240,29 @@ impl Handled {
 /// [`LinkReceiver::recv`]: no queue and no task switch per frame. See
 /// [`LinkReceiver::into_handler`].
 ///
-/// Both methods run on the link's driver task and must not block: a handler that has slow work
-/// to do spawns it. While `on_frame` runs the link reads nothing more, so a handler is the
-/// link's back-pressure, as a slow `recv` loop is.
+/// Every method runs on the link's driver task and must not block: a handler that has slow work
+/// to do spawns it. While a method runs the link reads nothing more, so a handler is the link's
+/// back-pressure, as a slow `recv` loop is.
 pub trait FrameHandler: Send + 'static {
     /// One frame from the peer (an application frame: call, reply, cancel, event or gossip).
     fn on_frame(&mut self, frame: Frame);
+
+    /// Whether a routed frame (call, reply, cancel, event) with `route` should come to
+    /// [`FrameHandler::on_raw`] as the bytes it arrived in, instead of decoded to
+    /// [`FrameHandler::on_frame`]: a switch passes such frames on without decoding and encoding
+    /// them again. Asked before the frame is decoded. The default: never.
+    fn wants_raw(&mut self, route: &Route) -> bool {
+        let _ = route;
+        false
+    }
+
+    /// A routed frame [`FrameHandler::wants_raw`] asked for, as it arrived (header included),
+    /// already checked to be one [`frame::decode`] accepts ([`frame::validate_routed`]): a
+    /// malformed frame closes the link it came on and never reaches this method. The default
+    /// drops it (a handler that asks for raw frames implements this).
+    fn on_raw(&mut self, route: Route, raw: Bytes) {
+        let _ = (route, raw);
+    }
 
     /// The link has closed, for `reason`; called once, after the last `on_frame`.
     fn on_closed(&mut self, reason: &CloseReason);
@@ -349,7 +366,18 @@ impl LinkSender {
 
     /// Queues a frame if there is room now; fails with [`TrySendError::Full`] otherwise.
     pub fn try_send(&self, frame: &Frame) -> Result<(), TrySendError> {
-        let bytes = self.encode(frame)?;
+        self.try_send_bytes(self.encode(frame)?)
+    }
+
+    /// [`LinkSender::try_send`] for an already-encoded frame (one received on another link and
+    /// passed on after [`frame::set_hops`], for instance). Its header is checked, as
+    /// [`LinkSender::send_raw`] does.
+    pub fn try_send_raw(&self, raw: Bytes) -> Result<(), TrySendError> {
+        self.check_raw(&raw)?;
+        self.try_send_bytes(raw)
+    }
+
+    fn try_send_bytes(&self, bytes: Bytes) -> Result<(), TrySendError> {
         let queued = Queued::count(&self.shared);
         self.out.try_send(bytes).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TrySendError::Full,
