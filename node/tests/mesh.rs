@@ -637,3 +637,67 @@ async fn a_call_a_switch_cannot_route_is_answered_unavailable_at_once() {
     assert!(a.mesh().stats().frames_dropped >= 1, "the unroutable frame is counted");
     a.shutdown().await;
 }
+
+/// A switch passes a call for another node on as it came (undecoded), and the reply back; a
+/// call whose header is fine but whose body is not (a gear name that is not UTF-8) is refused
+/// on the link it came in on, which closes with a protocol error, and never reaches the next
+/// link: the callee's link to the switch stays up and keeps carrying calls.
+#[tokio::test]
+async fn a_switch_passes_calls_on_undecoded_and_refuses_a_malformed_one_on_its_own_link() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use gearmesh_transport::{CloseCode, LinkError, ReplyResult, Route};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let count = Gear::new("count").port("hit", move |_ctx: Ctx, _: Value| {
+        let counted = counted.clone();
+        async move { Ok(counted.fetch_add(1, Ordering::SeqCst) + 1) }
+    });
+    let switch = node(dir.path(), "switch", &[], vec![], vec![]).await;
+    let callee = node(dir.path(), "callee", &[], vec![count], vec![wss(&switch)]).await;
+    eventually("the switch sees the count gear", 20, || sees(&switch, &["count"])).await;
+    let (me, tx, mut rx) = raw_link(&switch, &wss(&switch)).await;
+    let route = Route { src: me, dst: callee.mesh().id(), hops: 0 };
+
+    tx.send(&count_call(route, 1)).await.expect("sent");
+    let reply = next_reply(&mut rx).await.expect("a reply through the switch");
+    assert_eq!(reply.call_id, 1);
+    assert!(matches!(reply.result, ReplyResult::Ok { .. }), "{reply:?}");
+    let forwarded = switch.mesh().stats().frames_forwarded;
+    assert!(forwarded >= 2, "the call and its reply were switched: {forwarded}");
+
+    let mut bad = bytes::BytesMut::new();
+    count_call(route, 2).encode(&mut bad, gearmesh_transport::frame::DEFAULT_MAX_FRAME_LEN).expect("encodes");
+    let at = bad.windows(5).rposition(|w| w == b"count").expect("the gear name");
+    bad[at] = 0xff;
+    tx.send_raw(bad.freeze()).await.expect("the header passes the sender's check");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Some(Ok(_)) => continue,
+                Some(Err(LinkError::Closed(reason))) => return Some(reason),
+                other => {
+                    tracing::debug!(?other, "link ended");
+                    return None;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the switch closes the link in time")
+    .expect("with a reason");
+    assert_eq!(closed.code, CloseCode::PROTOCOL_ERROR, "{closed}");
+
+    // The callee never saw the bad frame, and its link to the switch still carries calls.
+    let ctx = switch.ctx(Principal::anonymous());
+    let n: usize = ctx.call("count", "hit", &Value::Null).await.expect("the callee still reachable");
+    assert_eq!((n, runs.load(Ordering::SeqCst)), (2, 2), "only the good calls ran");
+    assert_eq!(callee.mesh().stats().links, 1, "the callee kept its link");
+    callee.shutdown().await;
+    switch.shutdown().await;
+}

@@ -7,12 +7,14 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use gearmesh_gears::{
     Arg, Call as GearCall, CallError, CallMeta, ErrorCode, Event as GearEvent, Payload, Principal, Publish, TraceId,
     WireBody, host::Start,
 };
-use gearmesh_transport::{BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError};
+use gearmesh_transport::{
+    BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError, frame,
+};
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
 use super::{Counters, FastMap, Inner, Mesh, lock, to_core, to_link};
@@ -285,6 +287,36 @@ impl Inner {
             tracing::debug!(node = %dst, reason = ?e, "routed frame not forwarded");
         }
         result
+    }
+
+    /// Switches a routed frame for another node on as the bytes it came in (its hop count
+    /// raised), without decoding and encoding it again: what a switch does with almost every
+    /// frame. One that cannot go on (hop limit, no route, a congested link) takes the decoding
+    /// path instead, which counts it and answers a call with an error at once.
+    /// `next`: the link towards `route.dst`'s next hop.
+    pub(super) fn switch_raw(
+        self: &Arc<Self>,
+        peer: NodeId,
+        from: &LinkSender,
+        next: Option<&LinkSender>,
+        route: Route,
+        raw: Bytes,
+    ) {
+        let hops = route.hops.saturating_add(1);
+        if hops <= self.config.max_hops
+            && let Some(tx) = next
+        {
+            let mut bytes = BytesMut::from(&raw[..]);
+            if frame::set_hops(&mut bytes, hops) && tx.try_send_raw(bytes.freeze()).is_ok() {
+                Counters::bump(&self.counters.frames_forwarded);
+                return;
+            }
+        }
+        // The link checked the frame (`validate_routed`), so it decodes.
+        match frame::decode(&raw, usize::MAX) {
+            Ok(f) => self.on_frame(peer, from, f),
+            Err(e) => tracing::debug!(%peer, error = %e, "routed frame does not decode"),
+        }
     }
 
     fn hop(&self, route: &mut Route) -> bool {

@@ -32,9 +32,10 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use gearmesh_gears::host::Host;
 use gearmesh_transport::{
-    CloseCode, CloseReason, Dialer, Frame, FrameHandler, Incoming, Link, LinkSender, NodeId as LinkNodeId,
+    CloseCode, CloseReason, Dialer, Frame, FrameHandler, Incoming, Link, LinkSender, NodeId as LinkNodeId, Route,
 };
 use serde::Serialize;
 use tokio::{
@@ -265,6 +266,9 @@ pub(crate) struct Inner {
     dialer: Dialer,
     links: RwLock<FastMap<NodeId, LinkEntry>>,
     link_generation: AtomicU64,
+    /// Raised whenever the links or the core's routes may have changed: next hops looked up
+    /// before are then looked up again (see [`NextHops`]).
+    routes_epoch: AtomicU64,
     dialing: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
     pub(crate) counters: Counters,
@@ -336,6 +340,7 @@ impl Mesh {
             dialer,
             links: RwLock::default(),
             link_generation: AtomicU64::new(0),
+            routes_epoch: AtomicU64::new(0),
             dialing: Mutex::default(),
             wake: Notify::new(),
             events,
@@ -479,6 +484,7 @@ impl Mesh {
             let mut links = self.inner.links.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             links.drain().map(|(_, e)| e.tx).collect()
         };
+        self.inner.routes_touched();
         for tx in senders {
             tx.close(CloseCode::GOING_AWAY, "node leaving").await;
         }
@@ -547,8 +553,15 @@ impl Inner {
         self.core().interested_in(topic).into_iter().filter(|n| *n != self.id).collect()
     }
 
+    /// Says that the links or the routes may have changed: cached next hops are dropped.
+    fn routes_touched(&self) {
+        self.routes_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Drains the core's outputs and acts on them. Never blocks.
     pub(crate) fn flush(self: &Arc<Self>) {
+        // Whatever the core just handled (a link, gossip, a timeout) may have moved routes.
+        self.routes_touched();
         let (transmits, actions, events) = {
             let mut core = self.core();
             let mut t = Vec::new();
@@ -577,6 +590,7 @@ impl Inner {
                 Action::Dial { addr } => self.dial(addr),
                 Action::Disconnect { peer, reason } => {
                     let entry = self.links.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
+                    self.routes_touched();
                     if let Some(e) = entry {
                         tracing::debug!(%peer, ?reason, "closing link");
                         match reason {
@@ -661,6 +675,7 @@ impl Inner {
                 _ => Some(links.insert(peer, LinkEntry { generation, tx: tx.clone(), dialed_here })),
             }
         };
+        self.routes_touched();
         let now = self.now();
         // For a duplicate this only tells the core that our dial (if it was ours) reached the peer.
         self.core().handle_link_up(now, peer, LinkInfo { addrs: peer_info.listen_addrs, dialed });
@@ -674,7 +689,8 @@ impl Inner {
             Some(Some(replaced)) => self.retire(replaced.tx, "duplicate link"),
             Some(None) => {}
         }
-        rx.into_handler(Box::new(LinkFrames { inner: self.clone(), peer, generation, tx }));
+        let next_hops = NextHops::default();
+        rx.into_handler(Box::new(LinkFrames { inner: self.clone(), peer, generation, tx, next_hops }));
     }
 
     /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is
@@ -703,11 +719,47 @@ struct LinkFrames {
     peer: NodeId,
     generation: u64,
     tx: LinkSender,
+    next_hops: NextHops,
+}
+
+/// The next hops a link's handler switched frames to, kept while [`Inner::routes_epoch`] stays
+/// the same: a switch then passes a frame on without taking the link table's and the core's
+/// locks, and without cloning a sender, for every frame. At most [`NextHops::CAP`] entries
+/// (then it starts again). An entry that went stale in between (a link just closed) costs only
+/// the frame's fallback to the decoding path, which looks the route up afresh.
+#[derive(Default)]
+struct NextHops {
+    epoch: u64,
+    next: FastMap<NodeId, Option<LinkSender>>,
+}
+
+impl NextHops {
+    const CAP: usize = 64;
+
+    /// The sender towards `dst`'s next hop, if there is a route.
+    fn get(&mut self, inner: &Inner, dst: NodeId) -> Option<&LinkSender> {
+        let epoch = inner.routes_epoch.load(Ordering::Acquire);
+        if epoch != self.epoch || (self.next.len() >= Self::CAP && !self.next.contains_key(&dst)) {
+            self.next.clear();
+            self.epoch = epoch;
+        }
+        self.next.entry(dst).or_insert_with(|| inner.route_to(dst)).as_ref()
+    }
 }
 
 impl FrameHandler for LinkFrames {
     fn on_frame(&mut self, frame: Frame) {
         self.inner.on_frame(self.peer, &self.tx, frame);
+    }
+
+    /// Frames for other nodes: this node switches them on as they came, undecoded.
+    fn wants_raw(&mut self, route: &Route) -> bool {
+        to_core(route.dst) != self.inner.id
+    }
+
+    fn on_raw(&mut self, route: Route, raw: Bytes) {
+        let next = self.next_hops.get(&self.inner, to_core(route.dst));
+        self.inner.switch_raw(self.peer, &self.tx, next, route, raw);
     }
 
     fn on_closed(&mut self, close: &CloseReason) {
@@ -725,6 +777,7 @@ impl FrameHandler for LinkFrames {
             match links.get(&peer) {
                 Some(e) if e.generation == self.generation => {
                     links.remove(&peer);
+                    inner.routes_touched();
                     true
                 }
                 _ => false,
