@@ -76,9 +76,84 @@ struct Row {
     p50: f64,
     p99: f64,
     per_sec: f64,
-    /// CPU time of the whole process (every node, both ends) per call, in microseconds: the
-    /// software's cost, much less sensitive to a busy machine than the latencies.
-    cpu_us: f64,
+    /// CPU time per call, in microseconds: the software's cost, much less sensitive to a busy
+    /// machine than the latencies.
+    cpu: PerCall,
+}
+
+/// CPU time per call of every process (every node, both ends) and of the middle one alone.
+#[derive(Clone, Copy)]
+struct PerCall {
+    all: f64,
+    /// The relay's or the switch's (NaN for rows without one).
+    mid: f64,
+}
+
+/// The process or thread in the middle of a row (the relay, or the switching node), whose CPU
+/// time is reported on its own.
+#[derive(Clone, Debug)]
+enum Middle {
+    Process(u32),
+    /// A thread of this process: its `/proc/self/task/<tid>` directory.
+    Thread(std::path::PathBuf),
+}
+
+impl Middle {
+    /// The calling thread.
+    fn this_thread() -> Middle {
+        let task = std::fs::read_link("/proc/thread-self").map(|t| Path::new("/proc").join(t)).unwrap_or_default();
+        Middle::Thread(task)
+    }
+
+    fn cpu_ns(&self) -> f64 {
+        match self {
+            Middle::Process(pid) => task_cpu_ns(&format!("/proc/{pid}/task")),
+            Middle::Thread(task) => std::fs::read_to_string(task.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<f64>().ok()))
+                .unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// The row's middle process or thread, while a row that has one runs.
+static MIDDLE: std::sync::Mutex<Option<Middle>> = std::sync::Mutex::new(None);
+
+fn set_middle(m: Option<Middle>) {
+    *MIDDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = m;
+}
+
+/// CPU time used so far, in nanoseconds: everything, and the middle alone.
+#[derive(Clone, Copy)]
+struct Cpu {
+    all: f64,
+    mid: f64,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let mid =
+            MIDDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map_or(f64::NAN, Middle::cpu_ns);
+        Cpu { all: cpu_ns(), mid }
+    }
+
+    /// CPU time per call since `self`, in microseconds.
+    fn per_call(self, calls: usize) -> PerCall {
+        let now = Cpu::now();
+        let per = |a: f64, b: f64| (b - a) / calls as f64 / 1e3;
+        PerCall { all: per(self.all, now.all), mid: per(self.mid, now.mid) }
+    }
+}
+
+/// The CPU time of every thread under `/proc/<pid>/task`, in nanoseconds (NaN if unreadable).
+fn task_cpu_ns(dir: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(dir) else { return f64::NAN };
+    let mut total = 0u64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        total += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    }
+    total as f64
 }
 
 /// Processes this bench started (their CPU time counts in "CPU per call").
@@ -89,17 +164,8 @@ static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 fn cpu_ns() -> f64 {
     let mut procs = vec!["self".to_owned()];
     procs.extend(CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(u32::to_string));
-    let mut total = 0u64;
-    let mut any = false;
-    for p in procs {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
-        any = true;
-        for t in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
-            total += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-        }
-    }
-    if any { total as f64 } else { f64::NAN }
+    let ns: Vec<f64> = procs.iter().map(|p| task_cpu_ns(&format!("/proc/{p}/task"))).filter(|n| !n.is_nan()).collect();
+    if ns.is_empty() { f64::NAN } else { ns.iter().sum() }
 }
 
 // === the raw floor ===
@@ -165,7 +231,7 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     msg[..4].copy_from_slice(&((SIZE - 4) as u32).to_le_bytes());
     let mut back = vec![0u8; SIZE];
     let mut samples = Vec::with_capacity(n);
-    let (t0, cpu0) = (Instant::now(), cpu_ns());
+    let (t0, cpu0) = (Instant::now(), Cpu::now());
     if window == 1 {
         for i in 0..warm + n {
             let t = Instant::now();
@@ -182,7 +248,7 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
             p50: pct(&samples, 0.5),
             p99: pct(&samples, 0.99),
             per_sec: (warm + n) as f64 / secs,
-            cpu_us: (cpu_ns() - cpu0) / (warm + n) as f64 / 1e3,
+            cpu: cpu0.per_call(warm + n),
         };
     }
     // Pipelined: a writer keeps `window` frames outstanding; latency is from write to read.
@@ -201,7 +267,7 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
             w
         })
     };
-    let (t0, cpu0) = (Instant::now(), cpu_ns());
+    let (t0, cpu0) = (Instant::now(), Cpu::now());
     for _ in 0..n {
         r.read_exact(&mut back).await.expect("read");
         let sent = sent_rx.recv().await.expect("stamp");
@@ -211,12 +277,7 @@ async fn tls_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     let secs = t0.elapsed().as_secs_f64();
     let _w = writer.await.expect("writer");
     samples.sort_unstable();
-    Row {
-        p50: pct(&samples, 0.5),
-        p99: pct(&samples, 0.99),
-        per_sec: n as f64 / secs,
-        cpu_us: (cpu_ns() - cpu0) / n as f64 / 1e3,
-    }
+    Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: n as f64 / secs, cpu: cpu0.per_call(n) }
 }
 
 /// The floor's WebSocket settings: tungstenite's defaults except a 16 KiB read buffer, as links
@@ -268,22 +329,91 @@ fn wss_echo_server(resolver: Arc<CertResolver>) -> SocketAddr {
     rx.recv().expect("echo server up")
 }
 
+/// Starts a raw WebSocket-over-TLS relay on its own thread (tokio-tungstenite, as the WSS echo):
+/// every connection it accepts gets a connection of its own to `upstream` (the WSS echo), and
+/// each message is forwarded as it arrives, both ways. A round trip through it crosses loopback
+/// four times, as a call through one switching hop does: the floor of a hop.
+fn wss_relay_server(resolver: Arc<CertResolver>, upstream: SocketAddr, client: ClientTls) -> (SocketAddr, Middle) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            use futures::StreamExt;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send((listener.local_addr().expect("addr"), Middle::this_thread())).expect("report");
+            let cfg = gearmesh_transport::tls::server_config(resolver, &[]).expect("cfg");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            while let Ok((tcp, _)) = listener.accept().await {
+                tcp.set_nodelay(true).expect("nodelay");
+                let (acceptor, client) = (acceptor.clone(), client.clone());
+                tokio::spawn(async move {
+                    let Ok(s) = acceptor.accept(tcp).await else { return };
+                    let Ok(down) = tokio_tungstenite::accept_async_with_config(s, Some(floor_ws_config())).await else {
+                        return;
+                    };
+                    let up = wss_connect(upstream, &client).await;
+                    let ((down_w, down_r), (up_w, up_r)) = (down.split(), up.split());
+                    tokio::spawn(forward(up_r, down_w));
+                    forward(down_r, up_w).await;
+                });
+            }
+        });
+    });
+    rx.recv().expect("relay up")
+}
+
+/// Forwards binary messages from `from` to `to` until either ends; flushes only when no further
+/// message is already readable (pipelining), as the echo does.
+async fn forward<R, W>(mut from: R, mut to: W)
+where
+    R: futures::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    W: futures::Sink<WsMessage> + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    while let Some(Ok(mut m)) = from.next().await {
+        loop {
+            if m.is_binary() && to.feed(m).await.is_err() {
+                return;
+            }
+            match futures::FutureExt::now_or_never(from.next()) {
+                Some(Some(Ok(next))) => m = next,
+                Some(_) => return,
+                None => break,
+            }
+        }
+        if to.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+type WsMessage = tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket-over-TLS client connection to `addr`, with the floor's settings.
+async fn wss_connect(
+    addr: SocketAddr,
+    client: &ClientTls,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = tls_client(addr, client).await;
+    let url = format!("wss://localhost:{}/", addr.port());
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tls, Some(floor_ws_config()))
+        .await
+        .expect("websocket handshake");
+    ws
+}
+
 /// The raw WebSocket-over-TLS floor: sequential round trips of a 64-byte binary message, then
 /// `window` messages pipelined.
 async fn wss_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let (n, warm) = rounds();
-    let tls = tls_client(addr, client).await;
-    let url = format!("wss://localhost:{}/", addr.port());
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tls, Some(floor_ws_config()))
-        .await
-        .expect("websocket handshake");
+    let ws = wss_connect(addr, client).await;
     let msg = Bytes::from(vec![0xabu8; SIZE]);
     let mut samples = Vec::with_capacity(n);
     if window == 1 {
         let mut ws = ws;
-        let (t0, cpu0) = (Instant::now(), cpu_ns());
+        let (t0, cpu0) = (Instant::now(), Cpu::now());
         for i in 0..warm + n {
             let t = Instant::now();
             ws.send(Message::Binary(msg.clone())).await.expect("send");
@@ -298,7 +428,7 @@ async fn wss_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
             p50: pct(&samples, 0.5),
             p99: pct(&samples, 0.99),
             per_sec: (warm + n) as f64 / secs,
-            cpu_us: (cpu_ns() - cpu0) / (warm + n) as f64 / 1e3,
+            cpu: cpu0.per_call(warm + n),
         };
     }
     let (mut w, mut r) = ws.split();
@@ -315,7 +445,7 @@ async fn wss_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
             w
         })
     };
-    let (t0, cpu0) = (Instant::now(), cpu_ns());
+    let (t0, cpu0) = (Instant::now(), Cpu::now());
     for _ in 0..n {
         r.next().await.expect("open").expect("echo");
         let sent = sent_rx.recv().await.expect("stamp");
@@ -325,12 +455,7 @@ async fn wss_floor(addr: SocketAddr, client: &ClientTls, window: usize) -> Row {
     let secs = t0.elapsed().as_secs_f64();
     let _w = writer.await.expect("writer");
     samples.sort_unstable();
-    Row {
-        p50: pct(&samples, 0.5),
-        p99: pct(&samples, 0.99),
-        per_sec: n as f64 / secs,
-        cpu_us: (cpu_ns() - cpu0) / n as f64 / 1e3,
-    }
+    Row { p50: pct(&samples, 0.5), p99: pct(&samples, 0.99), per_sec: n as f64 / secs, cpu: cpu0.per_call(n) }
 }
 
 // === nodes ===
@@ -364,6 +489,8 @@ async fn start(config: NodeConfig, gears: Vec<Gear>) -> RunningNode {
 /// [`child_main`]); dropping it shuts the node down and joins the thread or the process.
 struct Remote {
     links: Vec<String>,
+    /// Its thread or process.
+    cpu: Middle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     process: Option<Child>,
@@ -414,14 +541,14 @@ impl Remote {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let node = start(config, gears).await;
-                tx.send(node.link_addrs().to_vec()).expect("report");
+                tx.send((node.link_addrs().to_vec(), Middle::this_thread())).expect("report");
                 // Either a stop or the bench going away ends the node.
                 let _stop_or_gone = stopped.await;
                 node.shutdown().await;
             });
         });
-        let links = rx.recv().expect("remote node up");
-        Remote { links, stop: Some(stop), thread: Some(thread), process: None }
+        let (links, cpu) = rx.recv().expect("remote node up");
+        Remote { links, cpu, stop: Some(stop), thread: Some(thread), process: None }
     }
 
     /// Starts a node in a process of its own.
@@ -437,7 +564,7 @@ impl Remote {
         }
         let (process, line) = spawn_child("node", &env);
         let links = line.split(',').map(str::to_owned).collect();
-        Remote { links, stop: None, thread: None, process: Some(process) }
+        Remote { links, cpu: Middle::Process(process.id()), stop: None, thread: None, process: Some(process) }
     }
 
     fn link(&self, scheme: &str) -> String {
@@ -511,8 +638,9 @@ fn dir_resolver(dir: &Path) -> Arc<CertResolver> {
     CertResolver::from_cert(&cert).expect("resolver")
 }
 
-/// Runs this binary as a child when `GEARMESH_BENCH_ROLE` says so: `tls-echo`, `wss-echo` or
-/// `node`. Returns false when it is the bench itself.
+/// Runs this binary as a child when `GEARMESH_BENCH_ROLE` says so: `tls-echo`, `wss-echo`,
+/// `wss-relay` (to the WSS echo at `GEARMESH_BENCH_UPSTREAM`) or `node`. Returns false when it
+/// is the bench itself.
 fn child_main() -> bool {
     let Ok(role) = std::env::var("GEARMESH_BENCH_ROLE") else { return false };
     let var = |k: &str| std::env::var(k).unwrap_or_default();
@@ -522,6 +650,13 @@ fn child_main() -> bool {
             let resolver = dir_resolver(&dir);
             let addr = if role == "tls-echo" { tls_echo_server(resolver) } else { wss_echo_server(resolver) };
             println!("{addr}");
+            wait_for_parent();
+        }
+        "wss-relay" => {
+            let upstream = var("GEARMESH_BENCH_UPSTREAM").parse().expect("upstream address");
+            let ca = DevCa::load_or_create(&dir).expect("CA");
+            let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
+            println!("{}", wss_relay_server(dir_resolver(&dir), upstream, client).0);
             wait_for_parent();
         }
         "node" => {
@@ -568,7 +703,7 @@ async fn calls(ctx: &Ctx, window: usize) -> Row {
         let _: Bytes = ctx.call("bench", "ping", &body).await.expect("warm-up call");
     }
     let per_task = n / window;
-    let (t0, cpu0) = (Instant::now(), cpu_ns());
+    let (t0, cpu0) = (Instant::now(), Cpu::now());
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..window {
         let (ctx, body) = (ctx.clone(), body.clone());
@@ -592,25 +727,34 @@ async fn calls(ctx: &Ctx, window: usize) -> Row {
         p50: pct(&samples, 0.5),
         p99: pct(&samples, 0.99),
         per_sec: samples.len() as f64 / secs,
-        cpu_us: (cpu_ns() - cpu0) / samples.len() as f64 / 1e3,
+        cpu: cpu0.per_call(samples.len()),
     }
 }
 
-/// The two floors at one depth: raw TLS and raw WebSocket over TLS.
+/// The floors at one depth: raw TLS, raw WebSocket over TLS, and raw WebSocket over TLS through
+/// a relay (the floor of one switching hop).
 struct Floor {
     tls: Row,
     wss: Row,
+    relay: Row,
 }
 
-fn print_row(system: &str, window: usize, row: &Row, floor: &Floor) {
+/// Prints one row; `hop`: the row goes through a relay or a switch, and its ratio to the relay
+/// floor and the middle's CPU time per call are shown too.
+fn print_row(system: &str, window: usize, row: &Row, floor: &Floor, hop: bool) {
+    let (x_relay, mid) = if hop {
+        (format!("{:.2}x", row.p50 / floor.relay.p50), format!("{:.1} us", row.cpu.mid))
+    } else {
+        ("-".to_owned(), "-".to_owned())
+    };
     println!(
-        "| {system} | {window} | {:.1} us | {:.2}x | {:.2}x | {:.1} us | {:.0} | {:.1} us |",
+        "| {system} | {window} | {:.1} us | {:.2}x | {:.2}x | {:.1} us | {:.0} | {:.1} us | {x_relay} | {mid} |",
         row.p50,
         row.p50 / floor.tls.p50,
         row.p50 / floor.wss.p50,
         row.p99,
         row.per_sec,
-        row.cpu_us
+        row.cpu.all
     );
 }
 
@@ -620,20 +764,43 @@ fn section_in(procs: bool, name: &str) -> bool {
     if procs { section("procs") || section(&format!("procs-{name}")) } else { section(name) }
 }
 
+/// Where the floors' servers listen.
+struct Echoes {
+    /// The TLS length-prefixed echo.
+    tls: SocketAddr,
+    /// The WebSocket-over-TLS echo.
+    wss: SocketAddr,
+    /// The relay to the WebSocket-over-TLS echo.
+    relay: SocketAddr,
+    /// The relay's process or thread.
+    relay_cpu: Middle,
+}
+
 /// The floors at every depth (NaN where filtered out).
-async fn measure_floors(tls: SocketAddr, wss: SocketAddr, client: &ClientTls, procs: bool) -> Vec<Floor> {
+async fn measure_floors(echo: &Echoes, client: &ClientTls, procs: bool) -> Vec<Floor> {
     let label = if procs { ", separate processes" } else { "" };
     let mut floors = Vec::new();
     for w in IN_FLIGHT {
-        let nan = || Row { p50: f64::NAN, p99: f64::NAN, per_sec: f64::NAN, cpu_us: f64::NAN };
+        let nan =
+            || Row { p50: f64::NAN, p99: f64::NAN, per_sec: f64::NAN, cpu: PerCall { all: f64::NAN, mid: f64::NAN } };
         let floor = if section_in(procs, "floor") && depth(w) {
-            Floor { tls: tls_floor(tls, client, w).await, wss: wss_floor(wss, client, w).await }
+            Floor {
+                tls: tls_floor(echo.tls, client, w).await,
+                wss: wss_floor(echo.wss, client, w).await,
+                relay: {
+                    set_middle(Some(echo.relay_cpu.clone()));
+                    let row = wss_floor(echo.relay, client, w).await;
+                    set_middle(None);
+                    row
+                },
+            }
         } else {
-            Floor { tls: nan(), wss: nan() }
+            Floor { tls: nan(), wss: nan(), relay: nan() }
         };
         if !floor.tls.p50.is_nan() {
-            print_row(&format!("raw TLS echo (floor){label}"), w, &floor.tls, &floor);
-            print_row(&format!("raw WSS echo (floor){label}"), w, &floor.wss, &floor);
+            print_row(&format!("raw TLS echo (floor){label}"), w, &floor.tls, &floor, false);
+            print_row(&format!("raw WSS echo (floor){label}"), w, &floor.wss, &floor, false);
+            print_row(&format!("raw WSS echo through a relay (hop floor){label}"), w, &floor.relay, &floor, true);
         }
         floors.push(floor);
     }
@@ -647,7 +814,7 @@ async fn rows_from_a(dir: &Path, seed: String, shape: Shape, hops: u32, system: 
     wait_route(&a, "bench", hops).await;
     let ctx = a.ctx(Principal::anonymous());
     for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| depth(**w)) {
-        print_row(system, *w, &calls(&ctx, *w).await, floor);
+        print_row(system, *w, &calls(&ctx, *w).await, floor, hops > 1);
     }
     a.shutdown().await;
 }
@@ -679,7 +846,9 @@ async fn mesh_rows(dir: &Path, floors: &[Floor], procs: bool) {
         let b = remote("b-hop", None, Shape::Wss, false);
         let _c = remote("c-hop", Some(b.link("wss://")), Shape::OneLink, true);
         let system = format!("one switching hop, WSS links{label}");
+        set_middle(Some(b.cpu.clone()));
         rows_from_a(dir, b.link("wss://"), Shape::OneLink, 2, &system, floors).await;
+        set_middle(None);
     }
 }
 
@@ -693,8 +862,9 @@ fn main() {
     let cert = ca.issue(&["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("cert");
     let resolver = CertResolver::from_cert(&cert).expect("resolver");
     let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
-    let echo = tls_echo_server(Arc::clone(&resolver));
-    let ws_echo = wss_echo_server(resolver);
+    let wss = wss_echo_server(Arc::clone(&resolver));
+    let (relay, relay_cpu) = wss_relay_server(Arc::clone(&resolver), wss, client.clone());
+    let echo = Echoes { tls: tls_echo_server(resolver), wss, relay, relay_cpu };
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async move {
@@ -702,9 +872,11 @@ fn main() {
         println!(
             "remote_call: {SIZE} B bodies, {n} calls per row; p50/p99 per call, calls/s; ratios = p50 / floor p50"
         );
-        println!("| system | in flight | p50 | x TLS | x WSS | p99 | calls/s | CPU per call |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-        let floors = measure_floors(echo, ws_echo, &client, false).await;
+        println!(
+            "| system | in flight | p50 | x TLS | x WSS | p99 | calls/s | CPU per call | x relay | middle's CPU per call |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let floors = measure_floors(&echo, &client, false).await;
         mesh_rows(dir.path(), &floors, false).await;
 
         // The same between separate processes: the floors' echo servers and the other nodes
@@ -715,11 +887,18 @@ fn main() {
             let env = [("GEARMESH_BENCH_DIR", dir.path().display().to_string())];
             let (tls_child, tls_addr) = spawn_child("tls-echo", &env);
             let (wss_child, wss_addr) = spawn_child("wss-echo", &env);
-            let tls_addr: SocketAddr = tls_addr.parse().expect("TLS echo address");
-            let wss_addr: SocketAddr = wss_addr.parse().expect("WSS echo address");
-            let floors = measure_floors(tls_addr, wss_addr, &client, true).await;
-            stop_child(tls_child);
-            stop_child(wss_child);
+            let relay_env = [env[0].clone(), ("GEARMESH_BENCH_UPSTREAM", wss_addr.clone())];
+            let (relay_child, relay_addr) = spawn_child("wss-relay", &relay_env);
+            let echo = Echoes {
+                tls: tls_addr.parse().expect("TLS echo address"),
+                wss: wss_addr.parse().expect("WSS echo address"),
+                relay: relay_addr.parse().expect("relay address"),
+                relay_cpu: Middle::Process(relay_child.id()),
+            };
+            let floors = measure_floors(&echo, &client, true).await;
+            for child in [relay_child, tls_child, wss_child] {
+                stop_child(child);
+            }
             mesh_rows(dir.path(), &floors, true).await;
         }
     });
