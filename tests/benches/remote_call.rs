@@ -81,16 +81,16 @@ struct Row {
     cpu: PerCall,
 }
 
-/// CPU time per call of every process (every node, both ends) and of the middle one alone.
+/// CPU time per call of every process (every node, both ends) and of B alone.
 #[derive(Clone, Copy)]
 struct PerCall {
     all: f64,
-    /// The relay's or the switch's (NaN for rows without one).
+    /// B's: the relay's, the callee's or the switch's (NaN for rows without one).
     mid: f64,
 }
 
-/// The process or thread in the middle of a row (the relay, or the switching node), whose CPU
-/// time is reported on its own.
+/// The process or thread B of a row (the relay, the callee of a direct call, or the switch of a
+/// hop), whose CPU time is reported on its own.
 #[derive(Clone, Debug)]
 enum Middle {
     Process(u32),
@@ -116,14 +116,14 @@ impl Middle {
     }
 }
 
-/// The row's middle process or thread, while a row that has one runs.
+/// The row's B, while a row that has one runs.
 static MIDDLE: std::sync::Mutex<Option<Middle>> = std::sync::Mutex::new(None);
 
 fn set_middle(m: Option<Middle>) {
     *MIDDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = m;
 }
 
-/// CPU time used so far, in nanoseconds: everything, and the middle alone.
+/// CPU time used so far, in nanoseconds: everything, and B alone.
 #[derive(Clone, Copy)]
 struct Cpu {
     all: f64,
@@ -740,13 +740,10 @@ struct Floor {
 }
 
 /// Prints one row; `hop`: the row goes through a relay or a switch, and its ratio to the relay
-/// floor and the middle's CPU time per call are shown too.
+/// floor is shown too.
 fn print_row(system: &str, window: usize, row: &Row, floor: &Floor, hop: bool) {
-    let (x_relay, mid) = if hop {
-        (format!("{:.2}x", row.p50 / floor.relay.p50), format!("{:.1} us", row.cpu.mid))
-    } else {
-        ("-".to_owned(), "-".to_owned())
-    };
+    let x_relay = if hop { format!("{:.2}x", row.p50 / floor.relay.p50) } else { "-".to_owned() };
+    let mid = if row.cpu.mid.is_nan() { "-".to_owned() } else { format!("{:.1} us", row.cpu.mid) };
     println!(
         "| {system} | {window} | {:.1} us | {:.2}x | {:.2}x | {:.1} us | {:.0} | {:.1} us | {x_relay} | {mid} |",
         row.p50,
@@ -807,14 +804,18 @@ async fn measure_floors(echo: &Echoes, client: &ClientTls, procs: bool) -> Vec<F
     floors
 }
 
-/// Starts node A joined through `seed`, waits for a route of `hops` links to `bench`, and prints
-/// one row per depth.
-async fn rows_from_a(dir: &Path, seed: String, shape: Shape, hops: u32, system: &str, floors: &[Floor]) {
+/// Starts node A joined through node `b`, waits for a route of `hops` links to `bench`, and prints
+/// one row per depth, with `b`'s own CPU time (the callee's, or the switch's).
+async fn rows_from_a(dir: &Path, b: &Remote, shape: Shape, hops: u32, system: &str, floors: &[Floor]) {
+    let seed = b.link(if shape == Shape::Quic { "quic://" } else { "wss://" });
     let a = start(config(dir, "a", vec![seed], |c| shape.apply(c)), vec![]).await;
     wait_route(&a, "bench", hops).await;
     let ctx = a.ctx(Principal::anonymous());
     for (w, floor) in IN_FLIGHT.iter().zip(floors).filter(|(w, _)| depth(**w)) {
-        print_row(system, *w, &calls(&ctx, *w).await, floor, hops > 1);
+        set_middle(Some(b.cpu.clone()));
+        let row = calls(&ctx, *w).await;
+        set_middle(None);
+        print_row(system, *w, &row, floor, hops > 1);
     }
     a.shutdown().await;
 }
@@ -834,21 +835,19 @@ async fn mesh_rows(dir: &Path, floors: &[Floor], procs: bool) {
     if section_in(procs, "wss") {
         // A -> B over WSS (QUIC off on both, so the link can only be WebSocket).
         let b = remote("b-wss", None, Shape::Wss, true);
-        rows_from_a(dir, b.link("wss://"), Shape::Wss, 1, &format!("direct call, WSS link{label}"), floors).await;
+        rows_from_a(dir, &b, Shape::Wss, 1, &format!("direct call, WSS link{label}"), floors).await;
     }
     if section_in(procs, "quic") {
         // A -> B over QUIC (A joins through B's quic:// address).
         let b = remote("b-quic", None, Shape::Quic, true);
-        rows_from_a(dir, b.link("quic://"), Shape::Quic, 1, &format!("direct call, QUIC link{label}"), floors).await;
+        rows_from_a(dir, &b, Shape::Quic, 1, &format!("direct call, QUIC link{label}"), floors).await;
     }
     if section_in(procs, "hop") {
         // A -> B -> C over WSS: A and C keep one link each (to B), so B switches every frame.
         let b = remote("b-hop", None, Shape::Wss, false);
         let _c = remote("c-hop", Some(b.link("wss://")), Shape::OneLink, true);
         let system = format!("one switching hop, WSS links{label}");
-        set_middle(Some(b.cpu.clone()));
-        rows_from_a(dir, b.link("wss://"), Shape::OneLink, 2, &system, floors).await;
-        set_middle(None);
+        rows_from_a(dir, &b, Shape::OneLink, 2, &system, floors).await;
     }
 }
 
@@ -873,7 +872,7 @@ fn main() {
             "remote_call: {SIZE} B bodies, {n} calls per row; p50/p99 per call, calls/s; ratios = p50 / floor p50"
         );
         println!(
-            "| system | in flight | p50 | x TLS | x WSS | p99 | calls/s | CPU per call | x relay | middle's CPU per call |"
+            "| system | in flight | p50 | x TLS | x WSS | p99 | calls/s | CPU per call | x relay | B's CPU per call |"
         );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let floors = measure_floors(&echo, &client, false).await;
