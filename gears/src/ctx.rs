@@ -77,7 +77,13 @@ pub struct CallMeta {
 impl CallMeta {
     /// Metadata for a new call tree: a fresh trace id and the given caller and deadline.
     pub fn new(caller: Principal, deadline: Option<Instant>) -> Self {
-        Self { caller, deadline, trace_id: TraceId::random(), capped: false, strategy: None, retry: Retry::default() }
+        Self::continuing(caller, deadline, TraceId::random())
+    }
+
+    /// Metadata for a call that continues the trace `trace_id`, begun elsewhere (a call from
+    /// another node): no new trace id is drawn.
+    pub fn continuing(caller: Principal, deadline: Option<Instant>, trace_id: TraceId) -> Self {
+        Self { caller, deadline, trace_id, capped: false, strategy: None, retry: Retry::default() }
     }
 
     /// Whether the routing fields are the defaults (the fast local path applies).

@@ -701,3 +701,23 @@ async fn a_switch_passes_calls_on_undecoded_and_refuses_a_malformed_one_on_its_o
     callee.shutdown().await;
     switch.shutdown().await;
 }
+
+/// A call that crosses the mesh stays in its caller's trace: the port on the other node sees
+/// the trace id the calling port had.
+#[tokio::test]
+async fn a_remote_call_continues_its_callers_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tracer = Gear::new("tracer").port("id", |ctx: Ctx, _: Value| async move { Ok(ctx.trace_id().to_string()) });
+    let front = Gear::new("front").port("both", |ctx: Ctx, _: Value| async move {
+        let remote: String = ctx.call("tracer", "id", &Value::Null).await?;
+        Ok(json!([ctx.trace_id().to_string(), remote]))
+    });
+    let b = node(dir.path(), "b", &[], vec![tracer], vec![]).await;
+    let a = node(dir.path(), "a", &[], vec![front], vec![wss(&b)]).await;
+    eventually("a sees the tracer", 20, || sees(&a, &["tracer"])).await;
+    let both: Value = a.ctx(Principal::anonymous()).call("front", "both", &Value::Null).await.expect("called");
+    assert_eq!(both[0], both[1], "the same trace on both nodes: {both}");
+    assert!(both[0].as_str().is_some_and(|t| !t.is_empty()), "{both}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -432,8 +432,7 @@ impl Inner {
             let caller = principal_from_wire(&c.caller, std::mem::take(&mut c.scopes));
             let started = Instant::now();
             let deadline = started + std::time::Duration::from_millis(u64::from(c.deadline_ms));
-            let mut meta = CallMeta::new(caller, Some(deadline));
-            meta.trace_id = TraceId::from_u128(c.trace_id);
+            let meta = CallMeta::continuing(caller, Some(deadline), TraceId::from_u128(c.trace_id));
             let arg = match c.body_kind {
                 BodyKind::Json => Arg::json(c.body),
                 BodyKind::Bytes => Arg::bytes(c.body),
@@ -451,7 +450,7 @@ impl Inner {
             };
             let observer = inner.call_observer.read().ok().and_then(|o| o.clone());
             if let Some(o) = observer {
-                o.served(to_link(src), &c.gear, &c.port, started.elapsed(), result.as_ref().map(|_| ()));
+                o.served(to_link(src), &c.gear, &c.port, started, result.as_ref().map(|_| ()));
             }
             inner.reply_when_room(&route, &from, c.call_id, result, deadline).await;
         });

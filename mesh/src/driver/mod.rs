@@ -59,13 +59,14 @@ pub trait Authorizer: Send + Sync + 'static {
 /// Told about each call from another node that ran here, once it finished (the node samples
 /// these into call traces for observers). Called on the call's task: keep it cheap.
 pub trait CallObserver: Send + Sync + 'static {
-    /// `from` called `gear/port` here; it took `latency` and ended with `outcome`.
+    /// `from` called `gear/port` here; it started at `started` (the observer reads the clock
+    /// only if it wants the latency) and ended with `outcome`.
     fn served(
         &self,
         from: LinkNodeId,
         gear: &str,
         port: &str,
-        latency: Duration,
+        started: Instant,
         outcome: Result<(), &gearmesh_gears::CallError>,
     );
 }

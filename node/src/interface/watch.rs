@@ -513,11 +513,11 @@ impl gearmesh_mesh::CallObserver for Telemetry {
         from: gearmesh_transport::NodeId,
         gear: &str,
         port: &str,
-        latency: Duration,
+        started: tokio::time::Instant,
         outcome: Result<(), &CallError>,
     ) {
         if self.sample() {
-            self.trace(&from.to_string(), gear, port, latency, outcome, None);
+            self.trace(&from.to_string(), gear, port, started.elapsed(), outcome, None);
         }
     }
 }
