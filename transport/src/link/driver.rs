@@ -426,10 +426,11 @@ fn pass_raw(
     shared: &Shared,
     config: &LinkConfig,
 ) -> Option<Result<(), Outcome>> {
+    // Unrouted frames (gossip, heartbeats) never take the lock here.
+    let route = frame::peek_route(bytes).ok()??;
     adopt(shared, handler);
     let mut slot = lock(handler);
     let handled = slot.as_mut()?;
-    let route = frame::peek_route(bytes).ok()??;
     // As for `on_frame`: a handler that panics closes the link.
     let wanted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handled.handler.wants_raw(&route)));
     match wanted {
