@@ -1,8 +1,10 @@
 //! Remote calls through the mesh: a typed call from node A to a gear on node B (64-byte body),
 //! over a WSS link and over a QUIC link, with 1, 16 and 256 calls in flight, and through one
 //! switching hop (A -> B -> C, A and C limited to one link each so A is not linked to C); next
-//! to two floors measured in the same run: a TLS-over-TCP length-prefixed 64-byte echo and a
-//! WebSocket-over-TLS echo (sequential round trips, then 16 and 256 messages pipelined).
+//! to three floors measured in the same run: a TLS-over-TCP length-prefixed 64-byte echo, a
+//! WebSocket-over-TLS echo, and that echo through a raw WebSocket relay, the floor of a hop
+//! (sequential round trips, then 16 and 256 messages pipelined). B's own CPU time per call
+//! (the relay's, the callee's, the switch's) is reported besides the total.
 //!
 //! Every row is measured twice: with the other nodes and the echo servers on threads of this
 //! process (each with its own current-thread tokio runtime), then with each of them in a process
