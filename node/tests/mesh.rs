@@ -721,3 +721,24 @@ async fn a_remote_call_continues_its_callers_trace() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A call too big for a link's frame limit (16 MiB) fails at once with `bad_request`, the same
+/// wherever it would go, instead of as a link failure; the link and the next call are fine.
+#[tokio::test]
+async fn a_call_too_big_for_a_frame_is_a_bad_request_and_harms_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Gear::new("sink")
+        .port("take", |_ctx: Ctx, body: bytes::Bytes| async move { Ok::<_, gearmesh::gears::CallError>(body.len()) });
+    let b = node(dir.path(), "b", &[], vec![sink], vec![]).await;
+    let a = node(dir.path(), "a", &[], vec![], vec![wss(&b)]).await;
+    eventually("a sees the sink", 20, || sees(&a, &["sink"])).await;
+    let ctx = a.ctx(Principal::anonymous());
+    let huge = bytes::Bytes::from(vec![7u8; 17 * 1024 * 1024]);
+    let err = ctx.call::<_, usize>("sink", "take", &huge).await.expect_err("too big for a frame");
+    assert_eq!(err.code().as_str(), "bad_request", "{err}");
+    let n: usize = ctx.call("sink", "take", &bytes::Bytes::from_static(b"small")).await.expect("the next call");
+    assert_eq!(n, 5);
+    assert_eq!(a.mesh().stats().links, 1, "the link stayed up");
+    a.shutdown().await;
+    b.shutdown().await;
+}

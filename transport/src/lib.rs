@@ -32,7 +32,7 @@ pub mod ws;
 pub use accept::{AcceptConfig, Acceptor, Incoming};
 pub use dial::{DialError, Dialer, InvalidPeerUrl, PeerUrl, Scheme, resolve_all};
 pub use frame::{
-    BodyKind, Call, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind, Hello, Reply,
+    BodyKind, Call, CallRef, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind, Hello, Reply,
     ReplyResult, Route,
 };
 pub use link::{

@@ -13,7 +13,7 @@ use gearmesh_gears::{
     WireBody, host::Start,
 };
 use gearmesh_transport::{
-    BodyKind, Call, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError, frame,
+    BodyKind, Call, CallRef, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError, frame,
 };
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
@@ -183,26 +183,34 @@ impl Mesh {
             return Err(CallError::timeout("the deadline passed before the call was sent"));
         }
         let (kind, body) = wire_to_kind(call.arg.to_wire()?);
+        let Some(tx) = inner.route_to(dst) else {
+            return Err(CallError::unavailable(format!("no route to node {dst}")));
+        };
         let (id, rx) = inner.calls.insert(dst, inner.config.max_pending_calls)?;
         let mut guard = PendingGuard { inner: inner.clone(), id, dst, armed: true };
-        let frame = Frame::Call(Call {
+        // Encoded straight from the call's parts: no owned copies of its strings first.
+        let caller = principal_to_wire(&call.meta.caller);
+        let frame = CallRef {
             route: Route { src: to_link(inner.id), dst: to_link(dst), hops: 0 },
             call_id: id,
             deadline_ms: u32::try_from(remaining_ms).unwrap_or(u32::MAX),
             trace_id: call.meta.trace_id.as_u128(),
-            caller: principal_to_wire(&call.meta.caller),
-            scopes: call.meta.caller.scopes().to_vec(),
-            gear: call.gear.to_owned(),
-            port: call.port.to_owned(),
+            caller: &caller,
+            scopes: call.meta.caller.scopes(),
+            gear: call.gear,
+            port: call.port,
             body_kind: kind,
-            body,
-        });
-        let Some(tx) = inner.route_to(dst) else {
-            return Err(CallError::unavailable(format!("no route to node {dst}")));
+            body: &body,
         };
+        let mut buf = BytesMut::with_capacity(frame.encoded_len());
+        // Too big for a frame, or a field too long: the same anywhere, so not worth a retry.
+        frame
+            .encode(&mut buf, tx.max_frame_len())
+            .map_err(|e| CallError::bad_request(format!("the call does not fit in a frame: {e}")))?;
+        let frame = buf.freeze();
         Counters::bump(&inner.counters.calls_sent);
         let outcome = tokio::time::timeout_at(deadline, async {
-            tx.send(&frame)
+            tx.send_raw(frame)
                 .await
                 .map_err(|e| CallError::unavailable(format!("link towards node {dst} failed: {e}")))?;
             rx.await.unwrap_or_else(|_| Err(CallError::unavailable(format!("node {dst} went away"))))

@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{BodyKind, Frame, FrameKind, HEADER_LEN, Hello, PROTOCOL_VERSION, ReplyResult, Route};
+use super::{BodyKind, Call, Frame, FrameKind, HEADER_LEN, Hello, PROTOCOL_VERSION, ReplyResult, Route};
 
 /// Length in bytes of an encoded [`Route`].
 pub(crate) const ROUTE_LEN: usize = 33;
@@ -80,19 +80,7 @@ impl Frame {
         match self {
             Frame::Hello(h) => hello_len(h),
             Frame::Ping { .. } | Frame::Pong { .. } => 16,
-            Frame::Call(c) => {
-                ROUTE_LEN
-                    + 8
-                    + 4
-                    + 16
-                    + str_len(&c.caller)
-                    + 2
-                    + c.scopes.iter().map(|s| str_len(s)).sum::<usize>()
-                    + str_len(&c.gear)
-                    + str_len(&c.port)
-                    + 1
-                    + c.body.len()
-            }
+            Frame::Call(c) => c.borrowed().payload_len(),
             Frame::Reply(r) => {
                 ROUTE_LEN
                     + 8
@@ -118,12 +106,7 @@ impl Frame {
     fn check(&self) -> Result<(), EncodeError> {
         match self {
             Frame::Hello(h) => check_list("listen_addrs", &h.listen_addrs),
-            Frame::Call(c) => {
-                check_str("caller", &c.caller)?;
-                check_list("scopes", &c.scopes)?;
-                check_str("gear", &c.gear)?;
-                check_str("port", &c.port)
-            }
+            Frame::Call(c) => c.borrowed().check(),
             Frame::Event(e) => {
                 check_str("topic", &e.topic)?;
                 check_str("publisher", &e.publisher)
@@ -139,15 +122,7 @@ impl Frame {
     /// (header included). On error nothing is written.
     pub fn encode(&self, buf: &mut BytesMut, max_len: usize) -> Result<(), EncodeError> {
         self.check()?;
-        let payload = self.payload_len();
-        let len = HEADER_LEN + payload;
-        if len > max_len || payload > u32::MAX as usize {
-            return Err(EncodeError::TooLarge { len, max: max_len });
-        }
-        buf.reserve(len);
-        buf.put_u8(PROTOCOL_VERSION);
-        buf.put_u8(self.kind() as u8);
-        buf.put_u32_le(payload as u32);
+        put_header(buf, self.kind(), self.payload_len(), max_len)?;
         match self {
             Frame::Hello(h) => {
                 buf.put_u16_le(h.version);
@@ -166,18 +141,7 @@ impl Frame {
                 buf.put_u64_le(*seq);
                 buf.put_u64_le(*echo);
             }
-            Frame::Call(c) => {
-                put_route(buf, &c.route);
-                buf.put_u64_le(c.call_id);
-                buf.put_u32_le(c.deadline_ms);
-                buf.put_u128_le(c.trace_id);
-                put_str(buf, &c.caller);
-                put_list(buf, &c.scopes);
-                put_str(buf, &c.gear);
-                put_str(buf, &c.port);
-                buf.put_u8(c.body_kind as u8);
-                buf.put_slice(&c.body);
-            }
+            Frame::Call(c) => c.borrowed().put_payload(buf),
             Frame::Reply(r) => {
                 put_route(buf, &r.route);
                 buf.put_u64_le(r.call_id);
@@ -213,6 +177,117 @@ impl Frame {
                 put_str(buf, &c.reason);
             }
         }
+        Ok(())
+    }
+}
+
+/// Writes a frame header after checking the frame's length against `max_len` (room for the
+/// whole frame is reserved); on error nothing is written.
+fn put_header(buf: &mut BytesMut, kind: FrameKind, payload: usize, max_len: usize) -> Result<(), EncodeError> {
+    let len = HEADER_LEN + payload;
+    if len > max_len || payload > u32::MAX as usize {
+        return Err(EncodeError::TooLarge { len, max: max_len });
+    }
+    buf.reserve(len);
+    buf.put_u8(PROTOCOL_VERSION);
+    buf.put_u8(kind as u8);
+    buf.put_u32_le(payload as u32);
+    Ok(())
+}
+
+/// A [`Call`] whose text and body are borrowed: a caller encodes a call from the parts it
+/// already holds, with nothing copied into owned strings first. Encodes exactly as
+/// `Frame::Call` with the same fields does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallRef<'a> {
+    /// Switching fields.
+    pub route: Route,
+    /// See [`Call::call_id`].
+    pub call_id: u64,
+    /// See [`Call::deadline_ms`].
+    pub deadline_ms: u32,
+    /// See [`Call::trace_id`].
+    pub trace_id: u128,
+    /// See [`Call::caller`].
+    pub caller: &'a str,
+    /// See [`Call::scopes`].
+    pub scopes: &'a [String],
+    /// See [`Call::gear`].
+    pub gear: &'a str,
+    /// See [`Call::port`].
+    pub port: &'a str,
+    /// See [`Call::body_kind`].
+    pub body_kind: BodyKind,
+    /// See [`Call::body`].
+    pub body: &'a [u8],
+}
+
+impl Call {
+    /// This call, borrowed.
+    pub fn borrowed(&self) -> CallRef<'_> {
+        CallRef {
+            route: self.route,
+            call_id: self.call_id,
+            deadline_ms: self.deadline_ms,
+            trace_id: self.trace_id,
+            caller: &self.caller,
+            scopes: &self.scopes,
+            gear: &self.gear,
+            port: &self.port,
+            body_kind: self.body_kind,
+            body: &self.body,
+        }
+    }
+}
+
+impl CallRef<'_> {
+    fn payload_len(&self) -> usize {
+        ROUTE_LEN
+            + 8
+            + 4
+            + 16
+            + str_len(self.caller)
+            + 2
+            + self.scopes.iter().map(|s| str_len(s)).sum::<usize>()
+            + str_len(self.gear)
+            + str_len(self.port)
+            + 1
+            + self.body.len()
+    }
+
+    /// The total length (header included) this call encodes to.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.payload_len()
+    }
+
+    fn check(&self) -> Result<(), EncodeError> {
+        check_str("caller", self.caller)?;
+        check_list("scopes", self.scopes)?;
+        check_str("gear", self.gear)?;
+        check_str("port", self.port)
+    }
+
+    fn put_payload(&self, buf: &mut BytesMut) {
+        put_route(buf, &self.route);
+        buf.put_u64_le(self.call_id);
+        buf.put_u32_le(self.deadline_ms);
+        buf.put_u128_le(self.trace_id);
+        put_str(buf, self.caller);
+        put_list(buf, self.scopes);
+        put_str(buf, self.gear);
+        put_str(buf, self.port);
+        buf.put_u8(self.body_kind as u8);
+        buf.put_slice(self.body);
+    }
+
+    /// Appends this call's encoding to `buf`, as [`Frame::encode`] does for a `Frame::Call`.
+    ///
+    /// # Errors
+    /// As [`Frame::encode`]; on error nothing is written.
+    pub fn encode(&self, buf: &mut BytesMut, max_len: usize) -> Result<(), EncodeError> {
+        self.check()?;
+        put_header(buf, FrameKind::Call, self.payload_len(), max_len)?;
+        self.put_payload(buf);
         Ok(())
     }
 }

@@ -16,8 +16,8 @@ use std::fmt;
 use bytes::Bytes;
 
 pub use decode::{DecodeError, Header, decode, decode_slice, peek_header, peek_route, set_hops, validate_routed};
-pub use encode::EncodeError;
 pub(crate) use encode::encode_raw_kind;
+pub use encode::{CallRef, EncodeError};
 
 use crate::NodeId;
 

@@ -221,6 +221,20 @@ fn validate_routed_accepts_routed_frames_only() {
 }
 
 #[test]
+fn a_borrowed_call_encodes_as_the_owned_one() {
+    for f in samples() {
+        let Frame::Call(c) = &f else { continue };
+        let mut owned = BytesMut::new();
+        f.encode(&mut owned, MAX).expect("encodes");
+        let mut borrowed = BytesMut::new();
+        c.borrowed().encode(&mut borrowed, MAX).expect("encodes");
+        assert_eq!(owned, borrowed);
+        assert_eq!(c.borrowed().encoded_len(), f.encoded_len());
+        assert!(matches!(c.borrowed().encode(&mut BytesMut::new(), 10), Err(EncodeError::TooLarge { .. })));
+    }
+}
+
+#[test]
 fn too_long_fields_fail_to_encode() {
     let f = Frame::Close(Close { code: CloseCode::NORMAL, reason: "x".repeat(70_000) });
     assert!(matches!(f.encode(&mut BytesMut::new(), MAX), Err(EncodeError::StringTooLong { field: "reason", .. })));

@@ -411,6 +411,11 @@ impl LinkSender {
         self.shared.closed.borrow().clone()
     }
 
+    /// The longest frame (header included) this link sends or accepts.
+    pub fn max_frame_len(&self) -> usize {
+        self.shared.max_frame_len
+    }
+
     /// The peer.
     pub fn peer(&self) -> &PeerInfo {
         &self.shared.peer
