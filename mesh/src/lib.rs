@@ -11,7 +11,7 @@ mod driver;
 
 pub use driver::{
     Authorizer, BreakerView, CallObserver, Failure, LinkView, Mesh, MeshConfig, MeshStats, MeshView, NodeView,
-    ResilienceConfig, ResilienceStats, RouteView, classify, p2c, rendezvous,
+    ResilienceConfig, ResilienceStats, RouteView, ShortcutPolicy, classify, p2c, rendezvous,
 };
 
 pub use crate::core::{

@@ -322,6 +322,11 @@ pub struct MeshLinksConfig {
     /// at most until its caller's deadline) and a forwarded or best-effort frame (an event, a
     /// frame switched for other nodes) is dropped and counted.
     pub send_queue: usize,
+    /// Calls within `shortcut_window_ms` to a node reached through switches that make this node
+    /// open a direct shortcut link to it (kept while used, not counted in `max_links`); 0 never.
+    pub shortcut_calls: u32,
+    /// The window `shortcut_calls` are counted in.
+    pub shortcut_window_ms: u64,
 }
 
 impl Default for MeshLinksConfig {
@@ -334,6 +339,9 @@ impl Default for MeshLinksConfig {
             max_links: 8,
             max_connections: 1024,
             send_queue: gearmesh_transport::LinkConfig::default().send_queue,
+            shortcut_calls: gearmesh_mesh::ShortcutPolicy::default().calls,
+            shortcut_window_ms: u64::try_from(gearmesh_mesh::ShortcutPolicy::default().window.as_millis())
+                .unwrap_or(u64::MAX),
         }
     }
 }
@@ -456,6 +464,7 @@ impl NodeConfig {
         positive("mesh.max_links", self.mesh.max_links as u64)?;
         positive("mesh.send_queue", self.mesh.send_queue as u64)?;
         positive("mesh.min_links", self.mesh.min_links as u64)?;
+        positive("mesh.shortcut_window_ms", self.mesh.shortcut_window_ms)?;
         positive("mesh.max_connections", self.mesh.max_connections as u64)?;
         positive("interface.max_clients", self.interface.max_clients as u64)?;
         positive("interface.buffer", self.interface.buffer as u64)?;

@@ -320,6 +320,10 @@ pub(crate) fn start_mesh(
         core,
         default_timeout: std::time::Duration::from_millis(config.calls.default_timeout_ms),
         resilience: config.resilience.to_mesh(),
+        shortcuts: gearmesh_mesh::ShortcutPolicy {
+            calls: config.mesh.shortcut_calls,
+            window: std::time::Duration::from_millis(config.mesh.shortcut_window_ms),
+        },
         ..MeshConfig::default()
     };
     let mesh = Mesh::start(id, addrs.clone(), mesh_config, host, dialer, incoming, config.seeds.clone());

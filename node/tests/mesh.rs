@@ -742,3 +742,61 @@ async fn a_call_too_big_for_a_frame_is_a_bad_request_and_harms_nothing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A node that sends many calls through switches to one node opens a direct shortcut link to
+/// it, and its calls stop crossing the switches. Four nodes in a chain a - b - d - c, each
+/// allowed few links, so a reaches c's gear through two switches at first.
+#[tokio::test]
+async fn a_node_that_calls_another_often_through_switches_opens_a_shortcut_to_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let links = |min: usize, max: usize| {
+        move |c: &mut NodeConfig| {
+            c.mesh.min_links = min;
+            c.mesh.max_links = max;
+        }
+    };
+    let b = node_with(dir.path(), "b", &[], vec![], vec![], links(1, 2)).await;
+    let d = node_with(dir.path(), "d", &[], vec![], vec![wss(&b)], links(1, 2)).await;
+    let a = node_with(dir.path(), "a", &[], vec![], vec![wss(&b)], |c: &mut NodeConfig| {
+        c.mesh.min_links = 1;
+        c.mesh.max_links = 1;
+        c.mesh.shortcut_calls = 20;
+        c.mesh.shortcut_window_ms = 60_000;
+    })
+    .await;
+    let c = node_with(dir.path(), "c", &[], vec![whoami(9)], vec![wss(&d)], links(1, 2)).await;
+    let c_id = c.mesh().id().to_string();
+    let hops_to_c = |a: &RunningNode| {
+        a.mesh().view().nodes.iter().find(|n| n.id == c_id).and_then(|n| n.route.as_ref().map(|r| r.hops))
+    };
+    eventually("a reaches c through switches", 20, || sees(&a, &["g9"]) && hops_to_c(&a).is_some_and(|h| h >= 2)).await;
+
+    let ctx = a.ctx(Principal::anonymous());
+    // While the chain settles a call whose route just vanished fails `unavailable` at once (by
+    // design); such a call is tried again.
+    let who = || async {
+        let settle = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ctx.call::<_, String>("g9", "who", &Value::Null).await {
+                Err(e) if e.code().as_str() == "unavailable" && Instant::now() < settle => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => break r.expect("reached"),
+            }
+        }
+    };
+    for _ in 0..25 {
+        assert_eq!(who().await, "n9");
+    }
+    eventually("a links to c directly", 20, || hops_to_c(&a) == Some(1)).await;
+    let switched = |nodes: &[&RunningNode]| nodes.iter().map(|n| n.mesh().stats().frames_forwarded).sum::<u64>();
+    let before = switched(&[&b, &d]);
+    for _ in 0..20 {
+        assert_eq!(who().await, "n9");
+    }
+    assert_eq!(switched(&[&b, &d]), before, "the calls went over the shortcut, not through b and d");
+    assert_eq!(a.mesh().stats().links, 2, "a keeps its one ordinary link and the shortcut");
+    for n in [a, c, d, b] {
+        n.shutdown().await;
+    }
+}

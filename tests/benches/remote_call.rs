@@ -515,6 +515,8 @@ impl Shape {
         if self == Shape::OneLink {
             c.mesh.min_links = 1;
             c.mesh.max_links = 1;
+            // No shortcut from A to C: B switches every call.
+            c.mesh.shortcut_calls = 0;
         }
     }
 

@@ -186,6 +186,7 @@ impl Mesh {
         let Some(tx) = inner.route_to(dst) else {
             return Err(CallError::unavailable(format!("no route to node {dst}")));
         };
+        inner.count_for_shortcut(dst, tx.peer().node_id != to_link(dst), now);
         let (id, rx) = inner.calls.insert(dst, inner.config.max_pending_calls)?;
         let mut guard = PendingGuard { inner: inner.clone(), id, dst, armed: true };
         // Encoded straight from the call's parts: no owned copies of its strings first.

@@ -19,7 +19,10 @@
 //!   call) or dropped, and a call with no route onwards is answered `unavailable`.
 
 mod calls;
+mod shortcuts;
 mod strategy;
+
+pub use shortcuts::ShortcutPolicy;
 
 pub use strategy::{BreakerView, Failure, ResilienceConfig, ResilienceStats, classify, p2c, rendezvous};
 
@@ -27,7 +30,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, MutexGuard, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -88,6 +91,8 @@ pub struct MeshConfig {
     pub event_buffer: usize,
     /// Retries, circuit breakers and latency tracking of calls from this node.
     pub resilience: ResilienceConfig,
+    /// When this node opens a direct shortcut link to a node it calls often through switches.
+    pub shortcuts: ShortcutPolicy,
 }
 
 impl Default for MeshConfig {
@@ -100,6 +105,7 @@ impl Default for MeshConfig {
             default_timeout: Duration::from_secs(30),
             event_buffer: 1024,
             resilience: ResilienceConfig::default(),
+            shortcuts: ShortcutPolicy::default(),
         }
     }
 }
@@ -274,6 +280,10 @@ pub(crate) struct Inner {
     pub(crate) calls: calls::CallTable,
     pub(crate) counters: Counters,
     pub(crate) resilience: strategy::Resilience,
+    /// Calls counted towards shortcut links, and the shortcuts asked for.
+    shortcuts: Mutex<shortcuts::Shortcuts>,
+    /// Some shortcut is active (calls over direct links are counted only then).
+    shortcuts_active: AtomicBool,
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
@@ -331,6 +341,8 @@ impl Mesh {
             calls: calls::CallTable::default(),
             counters: Counters::default(),
             resilience: strategy::Resilience::new(config.resilience.clone()),
+            shortcuts: Mutex::default(),
+            shortcuts_active: AtomicBool::new(false),
             authorizer: std::sync::OnceLock::new(),
             call_observer: RwLock::new(None),
             routes_changed: Notify::new(),
@@ -552,6 +564,35 @@ impl Inner {
 
     pub(crate) fn interested_in(&self, topic: &str) -> Vec<NodeId> {
         self.core().interested_in(topic).into_iter().filter(|n| *n != self.id).collect()
+    }
+
+    /// Counts a call to `dst` sent at `now` towards a shortcut link (`switched`: it goes through
+    /// a switch), and tells the core of any shortcut to open or give up.
+    pub(crate) fn count_for_shortcut(self: &Arc<Self>, dst: NodeId, switched: bool, now: Instant) {
+        if !switched && !self.shortcuts_active.load(Ordering::Relaxed) {
+            return;
+        }
+        let changes = lock(&self.shortcuts).count(&self.config.shortcuts, dst, switched, now);
+        if changes.add.is_none() && changes.remove.is_empty() {
+            return;
+        }
+        {
+            let mut core = self.core();
+            for p in &changes.remove {
+                tracing::debug!(peer = %p, "shortcut link given up: few calls");
+                core.remove_shortcut(*p);
+            }
+            if let Some(p) = changes.add {
+                if core.add_shortcut(p) {
+                    tracing::debug!(peer = %p, "shortcut link asked for: many calls through switches");
+                } else {
+                    lock(&self.shortcuts).refused(p);
+                }
+            }
+        }
+        let active = lock(&self.shortcuts).any_active();
+        self.shortcuts_active.store(active, Ordering::Relaxed);
+        self.flush();
     }
 
     /// Says that the links or the routes may have changed: cached next hops are dropped.
