@@ -90,3 +90,18 @@ fn shortcut_links_make_a_direct_route() {
     assert_eq!(sim.nodes[1].core.next_hop(far_id), Some(far_id));
     assert!(sim.max_degree() <= 16);
 }
+
+#[test]
+fn no_shortcut_to_a_node_that_cannot_be_dialed() {
+    let mut sim = mesh(5, 6);
+    let seed_addr = sim.nodes[0].addr.clone();
+    let hidden = sim.add_node(Config::default(), false, vec![seed_addr]);
+    sim.run_until_pred(100, 30_000, |s| s.converged()).expect("converges");
+    let hidden_id = sim.id(hidden);
+    let unknown = gearmesh_mesh::NodeId::from_bytes([0xee; 16]);
+    assert!(!sim.nodes[1].core.add_shortcut(hidden_id), "a --no-listen node advertises no address");
+    assert!(!sim.nodes[1].core.add_shortcut(unknown), "a node this one has no record of");
+    let (me, listening) = (sim.id(1), sim.id(2));
+    assert!(!sim.nodes[1].core.add_shortcut(me), "itself");
+    assert!(sim.nodes[1].core.add_shortcut(listening), "a listening node");
+}

@@ -351,12 +351,12 @@ impl Core {
     }
 
     /// Asks for a direct shortcut link to `peer` (e.g. a node this one calls often). The core dials
-    /// it (if it advertises an address) and never prunes it; the link does not count towards
-    /// `max_links`. At most `hard_max_links - max_links` shortcuts; returns false beyond that.
-    /// The peer may still prune its side if it has too many links; the core redials after
-    /// `prune_cooldown`.
+    /// it and never prunes it; the link does not count towards `max_links`. At most
+    /// `hard_max_links - max_links` shortcuts; returns false beyond that, and for a node that
+    /// advertises no address (a `--no-listen` node cannot be dialed). The peer may still prune
+    /// its side if it has too many links; the core redials after `prune_cooldown`.
     pub fn add_shortcut(&mut self, peer: NodeId) -> bool {
-        if peer == self.id {
+        if peer == self.id || self.others.get(&peer).is_none_or(|e| e.rec.addrs.is_empty()) {
             return false;
         }
         if !self.shortcuts.contains(&peer) && self.shortcuts.len() >= self.config.hard_max_links - self.config.max_links
