@@ -573,6 +573,20 @@ impl Inner {
             return;
         }
         let changes = lock(&self.shortcuts).count(&self.config.shortcuts, dst, switched, now);
+        self.apply_shortcuts(changes);
+    }
+
+    /// Gives up shortcuts that went quiet, on the driver's timer: a node that stops calling
+    /// altogether counts no more calls that would do it.
+    fn expire_shortcuts(self: &Arc<Self>, now: Instant) {
+        if !self.shortcuts_active.load(Ordering::Relaxed) {
+            return;
+        }
+        let remove = lock(&self.shortcuts).roll(&self.config.shortcuts, now);
+        self.apply_shortcuts(shortcuts::Changes { add: None, remove });
+    }
+
+    fn apply_shortcuts(self: &Arc<Self>, changes: shortcuts::Changes) {
         if changes.add.is_none() && changes.remove.is_empty() {
             return;
         }
@@ -868,6 +882,7 @@ async fn drive(inner: Arc<Inner>) {
                 let now = inner.now();
                 inner.core().handle_timeout(now);
                 inner.flush();
+                inner.expire_shortcuts(Instant::now());
             }
             () = inner.wake.notified() => {}
             () = inner.shutdown.cancelled() => return,

@@ -67,19 +67,7 @@ impl Shortcuts {
         if policy.calls == 0 {
             return changes;
         }
-        let start = *self.window_start.get_or_insert(now);
-        if now.saturating_duration_since(start) >= policy.window {
-            // A shortcut used less than a quarter of the threshold last window is given up.
-            let keep = (policy.calls / 4).max(1);
-            let idle: Vec<NodeId> =
-                self.active.iter().filter(|p| self.counts.get(p).copied().unwrap_or(0) < keep).copied().collect();
-            for p in &idle {
-                self.active.remove(p);
-            }
-            changes.remove = idle;
-            self.counts.clear();
-            self.window_start = Some(now);
-        }
+        changes.remove = self.roll(policy, now);
         if !self.wants(dst, switched) || (self.counts.len() >= MAX_COUNTED && !self.counts.contains_key(&dst)) {
             return changes;
         }
@@ -89,6 +77,25 @@ impl Shortcuts {
             changes.add = Some(dst);
         }
         changes
+    }
+
+    /// Starts a new window if the current one is over (also called on the driver's timer, so a
+    /// node that stops calling altogether still gives its shortcuts up); returns the shortcuts
+    /// to give up: those used less than a quarter of the threshold in the window that ended.
+    pub(crate) fn roll(&mut self, policy: &ShortcutPolicy, now: Instant) -> Vec<NodeId> {
+        let start = *self.window_start.get_or_insert(now);
+        if now.saturating_duration_since(start) < policy.window {
+            return Vec::new();
+        }
+        let keep = (policy.calls / 4).max(1);
+        let idle: Vec<NodeId> =
+            self.active.iter().filter(|p| self.counts.get(p).copied().unwrap_or(0) < keep).copied().collect();
+        for p in &idle {
+            self.active.remove(p);
+        }
+        self.counts.clear();
+        self.window_start = Some(now);
+        idle
     }
 
     /// Forgets a shortcut the core refused (too many already).
@@ -174,6 +181,20 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(s.count(&off, id(1), true, t0), Changes::default());
         }
+    }
+
+    #[test]
+    fn a_node_that_stops_calling_gives_its_shortcuts_up_on_the_timer() {
+        let mut s = Shortcuts::default();
+        let t0 = Instant::now();
+        for _ in 0..8 {
+            s.count(&POLICY, id(1), true, t0);
+        }
+        assert!(s.roll(&POLICY, t0 + Duration::from_millis(500)).is_empty(), "the window is not over");
+        // The window with the calls ends; the next, with none, ends too.
+        assert!(s.roll(&POLICY, t0 + Duration::from_secs(1)).is_empty(), "used in the window that ended");
+        assert_eq!(s.roll(&POLICY, t0 + Duration::from_secs(2)), vec![id(1)]);
+        assert!(!s.any_active());
     }
 
     #[test]
