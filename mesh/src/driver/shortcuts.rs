@@ -119,6 +119,13 @@ mod tests {
 
     const POLICY: ShortcutPolicy = ShortcutPolicy { calls: 8, window: Duration::from_secs(1) };
 
+    /// Enough switched calls to `dst` at `at` to earn it a shortcut.
+    fn earn(s: &mut Shortcuts, dst: NodeId, at: Instant) {
+        for _ in 0..POLICY.calls {
+            s.count(&POLICY, dst, true, at);
+        }
+    }
+
     #[test]
     fn a_busy_switched_destination_earns_a_shortcut_once() {
         let mut s = Shortcuts::default();
@@ -150,10 +157,8 @@ mod tests {
     fn a_shortcut_that_goes_quiet_is_given_up_and_a_busy_one_kept() {
         let mut s = Shortcuts::default();
         let t0 = Instant::now();
-        for _ in 0..8 {
-            s.count(&POLICY, id(1), true, t0);
-            s.count(&POLICY, id(2), true, t0);
-        }
+        earn(&mut s, id(1), t0);
+        earn(&mut s, id(2), t0);
         assert!(s.any_active());
         // Next window: node 1's shortcut is still used (over the direct link now), node 2's not.
         let t1 = t0 + Duration::from_secs(1);
@@ -187,9 +192,7 @@ mod tests {
     fn a_node_that_stops_calling_gives_its_shortcuts_up_on_the_timer() {
         let mut s = Shortcuts::default();
         let t0 = Instant::now();
-        for _ in 0..8 {
-            s.count(&POLICY, id(1), true, t0);
-        }
+        earn(&mut s, id(1), t0);
         assert!(s.roll(&POLICY, t0 + Duration::from_millis(500)).is_empty(), "the window is not over");
         // The window with the calls ends; the next, with none, ends too.
         assert!(s.roll(&POLICY, t0 + Duration::from_secs(1)).is_empty(), "used in the window that ended");
@@ -201,9 +204,7 @@ mod tests {
     fn a_refused_shortcut_is_forgotten() {
         let mut s = Shortcuts::default();
         let t0 = Instant::now();
-        for _ in 0..8 {
-            s.count(&POLICY, id(1), true, t0);
-        }
+        earn(&mut s, id(1), t0);
         s.refused(id(1));
         assert!(!s.any_active());
     }

@@ -123,9 +123,8 @@ pub fn set_hops(buf: &mut [u8], hops: u8) -> bool {
     }
 }
 
-/// Decodes one complete frame occupying all of `buf`. Never panics. Byte bodies are slices of
-/// `buf` (no copy).
-pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
+/// The header of the one frame that occupies exactly all of `buf`.
+fn whole_frame(buf: &[u8], max_len: usize) -> Result<Header, DecodeError> {
     let header = peek_header(buf, max_len)?.ok_or(DecodeError::Truncated { needed: HEADER_LEN, have: buf.len() })?;
     let len = header.frame_len();
     if buf.len() < len {
@@ -134,6 +133,14 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
     if buf.len() > len {
         return Err(DecodeError::TrailingBytes(buf.len() - len));
     }
+    Ok(header)
+}
+
+/// Decodes one complete frame occupying all of `buf`. Never panics. Byte bodies are slices of
+/// `buf` (no copy).
+pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
+    let header = whole_frame(buf, max_len)?;
+    let len = header.frame_len();
     let mut r = Reader { buf, pos: HEADER_LEN };
     let frame = match header.kind {
         FrameKind::Hello => Frame::Hello(Hello {
@@ -201,14 +208,8 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
 /// What [`decode`] would return for `buf`, or [`DecodeError::UnknownKind`] for a valid kind
 /// that is not routed.
 pub fn validate_routed(buf: &[u8], max_len: usize) -> Result<Route, DecodeError> {
-    let header = peek_header(buf, max_len)?.ok_or(DecodeError::Truncated { needed: HEADER_LEN, have: buf.len() })?;
+    let header = whole_frame(buf, max_len)?;
     let len = header.frame_len();
-    if buf.len() < len {
-        return Err(DecodeError::Truncated { needed: len, have: buf.len() });
-    }
-    if buf.len() > len {
-        return Err(DecodeError::TrailingBytes(buf.len() - len));
-    }
     if !header.kind.is_routed() {
         return Err(DecodeError::UnknownKind(header.kind as u8));
     }
