@@ -39,21 +39,58 @@ pub(crate) fn available() -> bool {
 /// advance (so port 0 will not do). It is picked at random below the kernel's ephemeral range
 /// (32768 and up on Linux): a port taken from that range could be handed to some other
 /// process's outgoing socket (Pebble's DNS queries, other tests' clients) before our server
-/// binds it. Checked free, then released: a small race with other tests' picks remains.
+/// binds it. Checked free, then released, and never handed out twice in this process, so the
+/// tests running in parallel here never pick the same port. Another process may still take
+/// it before our server binds it: the servers' starts below notice that and pick again.
 pub(crate) fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..1000 {
         let port = rand::random_range(20_000u16..32_000);
+        if handed_out.contains(&port) {
+            continue;
+        }
         let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
         let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
         if tcp.is_ok() && udp.is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
-fn free_udp_port() -> u16 {
-    free_port()
+/// How long a server gets to start, and how often a start that lost its port is tried again.
+const START_WAIT: Duration = Duration::from_secs(30);
+const START_ATTEMPTS: usize = 5;
+
+/// The last lines of a log, for a failure message (CI keeps no files).
+fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Whether a server's log, from byte `from` on, says it could not bind one of its ports.
+fn lost_a_port(log: &Path, from: usize) -> bool {
+    std::fs::read(log).is_ok_and(|log| {
+        String::from_utf8_lossy(log.get(from..).unwrap_or_default()).contains("address already in use")
+    })
+}
+
+/// Whether a DNS server answers on `port` (one A query over UDP, with the query's id echoed).
+async fn dns_answers(port: u16) -> bool {
+    let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else { return false };
+    // Header: id 0x6d67, recursion desired, one question; then "gm.test" A IN.
+    let query = b"\x6d\x67\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x02gm\x04test\x00\x00\x01\x00\x01";
+    if socket.send_to(query, ("127.0.0.1", port)).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf)).await,
+        Ok(Ok(n)) if n >= 2 && buf[..2] == query[..2]
+    )
 }
 
 /// What a Pebble instance is configured with.
@@ -91,14 +128,13 @@ impl Pebble {
             opts,
             api: free_port(),
             mgmt: free_port(),
-            dns: free_udp_port(),
+            dns: free_port(),
             dns_mgmt: free_port(),
             pebble: None,
             challtestsrv: None,
         };
-        p.write_config();
-        p.start_challtestsrv();
-        p.start_pebble().await;
+        p.start_challtestsrv().await;
+        p.start_pebble_on_free_ports().await;
         p
     }
 
@@ -120,27 +156,90 @@ impl Pebble {
         std::fs::write(self.dir.join("config.json"), cfg.to_string()).expect("pebble config");
     }
 
-    fn start_challtestsrv(&mut self) {
-        let log = std::fs::File::create(self.dir.join("challtestsrv.log")).expect("log file");
-        let child = Command::new("pebble-challtestsrv")
-            .current_dir(&self.dir)
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-dns01", &format!("127.0.0.1:{}", self.dns)])
-            .args(["-management", &format!("127.0.0.1:{}", self.dns_mgmt)])
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("pebble-challtestsrv started");
-        self.challtestsrv = Some(child);
+    /// Starts pebble-challtestsrv and waits until its DNS server answers and its management
+    /// interface accepts connections. It does not exit when it cannot bind its DNS port (it only
+    /// logs it), so a lost port is read from its log, and the start is tried again on new ports.
+    async fn start_challtestsrv(&mut self) {
+        let log_path = self.dir.join("challtestsrv.log");
+        for _ in 0..START_ATTEMPTS {
+            let log = std::fs::File::create(&log_path).expect("log file");
+            let mut child = Command::new("pebble-challtestsrv")
+                .current_dir(&self.dir)
+                .args([
+                    "-defaultIPv4",
+                    "127.0.0.1",
+                    "-defaultIPv6",
+                    "",
+                    "-http01",
+                    "",
+                    "-https01",
+                    "",
+                    "-tlsalpn01",
+                    "",
+                ])
+                .args(["-dns01", &format!("127.0.0.1:{}", self.dns)])
+                .args(["-management", &format!("127.0.0.1:{}", self.dns_mgmt)])
+                .stdout(Stdio::from(log.try_clone().expect("log")))
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true)
+                .spawn()
+                .expect("pebble-challtestsrv started");
+            let deadline = tokio::time::Instant::now() + START_WAIT;
+            while tokio::time::Instant::now() < deadline && !lost_a_port(&log_path, 0) {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                let mgmt = tokio::net::TcpStream::connect(("127.0.0.1", self.dns_mgmt)).await.is_ok();
+                if mgmt && dns_answers(self.dns).await && !lost_a_port(&log_path, 0) {
+                    self.challtestsrv = Some(child);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ignored = child.kill().await;
+            assert!(
+                lost_a_port(&log_path, 0),
+                "pebble-challtestsrv did not start within {START_WAIT:?}:\n{}",
+                log_tail(&log_path)
+            );
+            (self.dns, self.dns_mgmt) = (free_port(), free_port());
+        }
+        panic!("pebble-challtestsrv lost its ports {START_ATTEMPTS} times:\n{}", log_tail(&log_path));
+    }
+
+    /// The first start of Pebble: when another process took one of its ports, it starts again
+    /// on new ones (a restart must keep its ports: nodes know its directory URL).
+    async fn start_pebble_on_free_ports(&mut self) {
+        for _ in 0..START_ATTEMPTS {
+            self.write_config();
+            if self.try_start_pebble().await {
+                return;
+            }
+            (self.api, self.mgmt) = (free_port(), free_port());
+        }
+        panic!("pebble lost its ports {START_ATTEMPTS} times:\n{}", log_tail(&self.dir.join("pebble.log")));
     }
 
     /// Starts (or restarts, on the same ports) the Pebble server and waits for its directory.
-    /// A restarted Pebble has a new root and knows no accounts.
+    /// A restarted Pebble has a new root and knows no accounts. The port the stopped Pebble
+    /// used is this process's alone, so a restart that finds it taken tries again for a while.
     pub(crate) async fn start_pebble(&mut self) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("pebble.log")).expect("log file");
-        let child = Command::new("pebble")
+        for _ in 0..START_ATTEMPTS {
+            if self.try_start_pebble().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("pebble lost its ports {START_ATTEMPTS} times:\n{}", log_tail(&self.dir.join("pebble.log")));
+    }
+
+    /// One start of Pebble: true once it serves its directory, false when it exited because one
+    /// of its ports was taken. Panics with its log when it failed any other way.
+    async fn try_start_pebble(&mut self) -> bool {
+        let log_path = self.dir.join("pebble.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let start = usize::try_from(log.metadata().expect("log").len()).expect("log length");
+        let mut child = Command::new("pebble")
             .current_dir(&self.dir)
             .args(["-config", "config.json", "-dnsserver", &format!("127.0.0.1:{}", self.dns)])
             .env("PEBBLE_VA_NOSLEEP", "1")
@@ -152,16 +251,21 @@ impl Pebble {
             .kill_on_drop(true)
             .spawn()
             .expect("pebble started");
-        self.pebble = Some(child);
         let client = self.api_client();
         let url = self.directory_url();
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(lost_a_port(&log_path, start), "pebble exited ({status}):\n{}", log_tail(&log_path));
+                return false;
+            }
             if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
-                return;
+                self.pebble = Some(child);
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("pebble did not serve its directory within 20 s; see {}", self.dir.join("pebble.log").display());
+        panic!("pebble did not serve its directory within {START_WAIT:?}:\n{}", log_tail(&log_path));
     }
 
     /// Stops the Pebble server (the DNS server stays), as an outage.
