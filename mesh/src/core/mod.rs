@@ -258,6 +258,9 @@ impl Core {
             wire::Msg::Prune { referrals } => {
                 self.links.remove(&from);
                 self.cooldown.insert(from, now + self.config.prune_cooldown);
+                // The driver stops sending on the link now, while the peer still reads it:
+                // sending until the peer closes it would lose what is in flight then.
+                self.push_action(Action::Disconnect { peer: from, reason: DisconnectReason::PrunedByPeer });
                 self.push_event(MeshEvent::LinkDown(from));
                 self.links_changed();
                 for r in referrals {

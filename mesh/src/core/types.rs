@@ -254,6 +254,10 @@ pub enum DisconnectReason {
     Pruned,
     /// More links than `hard_max_links`: refused.
     Full,
+    /// The peer pruned the link, or refused it as full (its `Prune` message came over it). It
+    /// still reads the link for a while: stop sending on it, and close it after frames already
+    /// on their way have arrived.
+    PrunedByPeer,
     /// The peer was silent for `link_timeout`.
     Timeout,
     /// The peer is dead or left.

@@ -19,6 +19,7 @@
 //!   call) or dropped, and a call with no route onwards is answered `unavailable`.
 
 mod calls;
+mod return_paths;
 mod shortcuts;
 mod strategy;
 
@@ -38,7 +39,8 @@ use std::{
 use bytes::Bytes;
 use gearmesh_gears::host::Host;
 use gearmesh_transport::{
-    CloseCode, CloseReason, Dialer, Frame, FrameHandler, Incoming, Link, LinkSender, NodeId as LinkNodeId, Route,
+    CloseCode, CloseReason, Dialer, Frame, FrameHandler, FrameKind, Incoming, Link, LinkSender, NodeId as LinkNodeId,
+    Route, frame,
 };
 use serde::Serialize;
 use tokio::{
@@ -284,6 +286,8 @@ pub(crate) struct Inner {
     shortcuts: Mutex<shortcuts::Shortcuts>,
     /// Some shortcut is active (calls over direct links are counted only then).
     shortcuts_active: AtomicBool,
+    /// Links back to callers this node has no route to yet, learned from the calls it switched.
+    return_paths: Mutex<return_paths::ReturnPaths>,
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
@@ -343,6 +347,7 @@ impl Mesh {
             resilience: strategy::Resilience::new(config.resilience.clone()),
             shortcuts: Mutex::default(),
             shortcuts_active: AtomicBool::new(false),
+            return_paths: Mutex::default(),
             authorizer: std::sync::OnceLock::new(),
             call_observer: RwLock::new(None),
             routes_changed: Notify::new(),
@@ -532,8 +537,21 @@ impl Inner {
         if let Some(tx) = self.sender(dst) {
             return Some(tx);
         }
-        let hop = self.core().next_hop(dst)?;
+        let hop = self.core().next_hop(dst);
+        // No route of the core's own yet (gossip has not brought one): back the way a call
+        // from `dst` came, if one did.
+        let hop = hop.or_else(|| lock(&self.return_paths).via(dst, Instant::now()))?;
         self.sender(hop)
+    }
+
+    /// Notes that a call from `src`, a node this node has no route to, came in on the link to
+    /// `via`: frames for `src` (its reply first of all) go back that way until the core knows a
+    /// route (see [`return_paths`]).
+    fn learn_return_path(&self, src: NodeId, via: NodeId) {
+        if lock(&self.return_paths).learn(src, via, Instant::now()) {
+            tracing::debug!(node = %src, %via, "return path learned from a call");
+            self.routes_touched();
+        }
     }
 
     pub(crate) fn sender(&self, peer: NodeId) -> Option<LinkSender> {
@@ -651,11 +669,14 @@ impl Inner {
                         tracing::debug!(%peer, ?reason, "closing link");
                         match reason {
                             // A healthy link dropped for the topology's sake: the peer still
-                            // routes calls and replies over it until it hears, so keep reading
-                            // them for a while, as for a duplicate link. Closing at once lost them
-                            // (the caller waited for its deadline).
+                            // routes calls and replies over it until our `Prune` message reaches
+                            // it, so keep reading them for a while, as for a duplicate link.
+                            // Closing at once lost them (the caller waited for its deadline).
                             DisconnectReason::Pruned => self.retire(e.tx, "pruned"),
                             DisconnectReason::Full => self.retire(e.tx, "too many links"),
+                            // The peer dropped it and reads it for a while yet: sending on
+                            // until its close would lose the frames in flight at that moment.
+                            DisconnectReason::PrunedByPeer => self.retire(e.tx, "pruned by the peer"),
                             DisconnectReason::Timeout
                             | DisconnectReason::PeerGone
                             | DisconnectReason::Leaving
@@ -803,8 +824,24 @@ impl NextHops {
     }
 }
 
+impl LinkFrames {
+    /// A call from `src` that this node switches on: if no route leads back to `src`, its reply
+    /// will go back over this link.
+    fn note_switched_call(&mut self, src: NodeId) {
+        // A caller at the other end of this link has a route: the link itself.
+        if src != self.peer && self.next_hops.get(&self.inner, src).is_none() {
+            self.inner.learn_return_path(src, self.peer);
+        }
+    }
+}
+
 impl FrameHandler for LinkFrames {
     fn on_frame(&mut self, frame: Frame) {
+        if let Frame::Call(c) = &frame
+            && to_core(c.route.dst) != self.inner.id
+        {
+            self.note_switched_call(to_core(c.route.src));
+        }
         self.inner.on_frame(self.peer, &self.tx, frame);
     }
 
@@ -814,6 +851,9 @@ impl FrameHandler for LinkFrames {
     }
 
     fn on_raw(&mut self, route: Route, raw: Bytes) {
+        if frame::peek_header(&raw, usize::MAX).is_ok_and(|h| h.is_some_and(|h| h.kind == FrameKind::Call)) {
+            self.note_switched_call(to_core(route.src));
+        }
         let next = self.next_hops.get(&self.inner, to_core(route.dst));
         self.inner.switch_raw(self.peer, &self.tx, next, route, raw);
     }
@@ -833,6 +873,7 @@ impl FrameHandler for LinkFrames {
             match links.get(&peer) {
                 Some(e) if e.generation == self.generation => {
                     links.remove(&peer);
+                    lock(&inner.return_paths).forget_link(peer);
                     inner.routes_touched();
                     true
                 }
