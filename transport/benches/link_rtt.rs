@@ -16,7 +16,8 @@ use gearmesh_transport::frame::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, decode};
 use gearmesh_transport::quic::QuicEndpoint;
 use gearmesh_transport::tls::{CertResolver, ClientTls, ClientTrust, DevCa};
 use gearmesh_transport::{
-    AcceptConfig, Acceptor, BodyKind, Call, Dialer, Frame, Hello, Link, LinkSetup, NodeId, Route, https,
+    AcceptConfig, Acceptor, BodyKind, Call, Dialer, Frame, FrameHandler, Hello, Link, LinkSender, LinkSetup, NodeId,
+    Route, https,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -88,8 +89,13 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
             });
             tx.send(Servers { tls_addr, wss_addr, quic_addr, raw_quic_addr }).expect("report");
             while let Some(link) = incoming.accept().await {
+                let in_handler = link.peer().node_id == HANDLER_ECHO_PEER;
+                let (tx, mut rx) = link.split();
+                if in_handler {
+                    rx.into_handler(Box::new(HandlerEcho(tx)));
+                    continue;
+                }
                 tokio::spawn(async move {
-                    let (tx, mut rx) = link.split();
                     while let Some(Ok(f)) = rx.recv().await {
                         if tx.send(&f).await.is_err() {
                             return;
@@ -100,6 +106,22 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
         });
     });
     rx.recv().expect("servers up")
+}
+
+/// The dialer's id that asks the echo servers to echo in the link's handler.
+const HANDLER_ECHO_PEER: NodeId = NodeId([3; 16]);
+
+/// Echoes each frame from inside the link's own task, as a node serves a call that answers at
+/// once (`FrameHandler`): no task switch to an echo task, and a non-blocking send.
+struct HandlerEcho(LinkSender);
+
+impl FrameHandler for HandlerEcho {
+    fn on_frame(&mut self, frame: Frame) {
+        // The round trips and the throughput window (64) stay far below the send queue.
+        let _ = self.0.try_send(&frame);
+    }
+
+    fn on_closed(&mut self, _close: &gearmesh_transport::CloseReason) {}
 }
 
 /// ALPN of the raw quinn floor (any value both ends agree on).
@@ -440,9 +462,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let rows = rt.block_on(async {
         let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(&client)).expect("quic");
-        let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep);
+        let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep.clone());
+        let handler_dialer = Dialer::new(setup(HANDLER_ECHO_PEER.0[0]), client.clone()).with_quic(quic_ep);
         let mut rows = Vec::new();
-        // `GEARMESH_BENCH_ONLY=tls,mem,wss,raw-quic,quic,quic-call` picks rows (for profiling one path);
+        // `GEARMESH_BENCH_ONLY=tls,mem,wss,wss-handler,raw-quic,quic,quic-handler,quic-call` picks rows (for profiling one path);
         // `GEARMESH_BENCH_SIZES=64` picks frame sizes.
         let only = std::env::var("GEARMESH_BENCH_ONLY").ok();
         let want = |row: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w == row));
@@ -477,6 +500,19 @@ fn main() {
                 let fps = link_throughput(wss, &gossip(size)).await;
                 rows.push(Row { system: "WSS link", size, p50, p99, fps });
             }
+            if want("wss-handler") {
+                let url = format!("wss://localhost:{}", servers.wss_addr.port());
+                let wss = handler_dialer.dial(&url).await.expect("wss");
+                let (wss, p50, p99) = link_rtt(wss, &gossip(size)).await;
+                let fps = link_throughput(wss, &gossip(size)).await;
+                rows.push(Row {
+                    system: "WSS link, echo in the link's handler (as a node serves)",
+                    size,
+                    p50,
+                    p99,
+                    fps,
+                });
+            }
             if want("raw-quic") {
                 let (p50, p99, fps) = raw_quic_rtt(servers.raw_quic_addr, &ca, size).await;
                 rows.push(Row { system: "raw quinn stream ping-pong (QUIC floor)", size, p50, p99, fps });
@@ -486,6 +522,19 @@ fn main() {
                 let (quic, p50, p99) = link_rtt(quic, &gossip(size)).await;
                 let fps = link_throughput(quic, &gossip(size)).await;
                 rows.push(Row { system: "QUIC link, control stream (gossip)", size, p50, p99, fps });
+            }
+            if want("quic-handler") {
+                let url = format!("quic://localhost:{}", servers.quic_addr.port());
+                let quic = handler_dialer.dial(&url).await.expect("quic");
+                let (quic, p50, p99) = link_rtt(quic, &gossip(size)).await;
+                let fps = link_throughput(quic, &gossip(size)).await;
+                rows.push(Row {
+                    system: "QUIC link, echo in the link's handler (as a node serves)",
+                    size,
+                    p50,
+                    p99,
+                    fps,
+                });
             }
             if want("quic-call") {
                 let quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");

@@ -828,8 +828,9 @@ impl LinkFrames {
     /// A call from `src` that this node switches on: if no route leads back to `src`, its reply
     /// will go back over this link.
     fn note_switched_call(&mut self, src: NodeId) {
-        // A caller at the other end of this link has a route: the link itself.
-        if src != self.peer && self.next_hops.get(&self.inner, src).is_none() {
+        // A caller at the other end of this link has a route: the link itself. A call of our
+        // own that comes back round needs no path to us.
+        if src != self.peer && src != self.inner.id && self.next_hops.get(&self.inner, src).is_none() {
             self.inner.learn_return_path(src, self.peer);
         }
     }
