@@ -168,6 +168,78 @@ async fn nodes_not_linked_directly_reach_each_other_through_switches() {
     }
 }
 
+/// No call is lost while a mesh forms and reshapes itself: six nodes allowed two links each
+/// join one after another, so links are made, pruned and refused while every node calls every
+/// gear. A call may fail at once (`unavailable` while a route is missing, `not_found` before the
+/// gear is known), but none waits for its deadline: no call or reply vanishes on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_is_lost_while_the_mesh_forms_and_prunes_links() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+
+    const NODES: usize = 6;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = |c: &mut NodeConfig| {
+        c.mesh.min_links = 1;
+        c.mesh.max_links = 2;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed_fast, lost) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut nodes: Vec<Arc<RunningNode>> = Vec::new();
+    let mut callers = Vec::new();
+    for i in 0..NODES {
+        let seeds = nodes.last().map(|n| vec![wss(n)]).unwrap_or_default();
+        let n = Arc::new(node_with(dir.path(), &format!("n{i}"), &[], vec![whoami(i)], seeds, limit).await);
+        // Each node calls every gear in turn from the moment it starts.
+        let (node, stop, ok, failed_fast, lost) =
+            (n.clone(), stop.clone(), ok.clone(), failed_fast.clone(), lost.clone());
+        callers.push(tokio::spawn(async move {
+            let ctx = node.ctx(Principal::anonymous());
+            let options = gearmesh::gears::CallOptions::default().timeout(Duration::from_secs(5));
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let g = k % NODES;
+                k += 1;
+                match ctx.call_with::<_, String>(&format!("g{g}"), "who", &Value::Null, options.clone()).await {
+                    Ok(who) => {
+                        assert_eq!(who, format!("n{g}"));
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if e.code().as_str() == "timeout" => {
+                        eprintln!("lost: {} -> g{g}: {e}", node.mesh().id());
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        assert!(["unavailable", "not_found"].contains(&e.code().as_str()), "{e}");
+                        failed_fast.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+        nodes.push(n);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Long enough for the later joiners' links to pass their grace period and be pruned.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.expect("caller");
+    }
+    let switched: u64 = nodes.iter().map(|n| n.mesh().stats().frames_forwarded).sum();
+    let (ok, failed_fast, lost) =
+        (ok.load(Ordering::Relaxed), failed_fast.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
+    eprintln!("calls: {ok} answered, {failed_fast} failed at once, {lost} lost; {switched} frames switched");
+    assert_eq!(lost, 0, "calls that waited for their deadline ({ok} answered, {failed_fast} failed at once)");
+    assert!(ok > 100 && switched > 0, "calls ran, some through switches: {ok} answered, {switched} frames switched");
+    for n in nodes.into_iter().rev() {
+        Arc::into_inner(n).expect("callers done").shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn a_quic_seed_works_and_a_node_from_another_ca_is_kept_out() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -281,9 +281,12 @@ enum Unforwarded {
 impl Inner {
     /// Sends a routed frame one hop further. Never waits: a switch must not hold up the link the
     /// frame came on.
-    fn forward(&self, route: &Route, frame: Frame) -> Result<(), Unforwarded> {
+    /// `answer`: the frame answers a call (a reply, or a cancel), so a lingering link may carry
+    /// it when nothing else does (see [`Inner::route_or_lingering`]).
+    fn forward(&self, route: &Route, frame: Frame, answer: bool) -> Result<(), Unforwarded> {
         let dst = to_core(route.dst);
-        let result = match self.route_to(dst) {
+        let next = if answer { self.route_or_lingering(dst) } else { self.route_to(dst) };
+        let result = match next {
             Some(tx) => tx.try_send(&frame).map_err(|e| match e {
                 TrySendError::Full => Unforwarded::Congested,
                 _ => Unforwarded::NoRoute,
@@ -404,7 +407,7 @@ impl Inner {
             } else {
                 let route = c.route;
                 let call_id = c.call_id;
-                if let Err(why) = self.forward(&route, Frame::Call(c)) {
+                if let Err(why) = self.forward(&route, Frame::Call(c), false) {
                     Counters::bump(&self.counters.calls_refused);
                     // The caller hears at once instead of waiting for its deadline.
                     let e = match why {
@@ -492,7 +495,7 @@ impl Inner {
             if self.hop(&mut r.route) {
                 let route = r.route;
                 // Not forwarded: counted and logged; the caller's deadline ends its wait.
-                let _dropped = self.forward(&route, Frame::Reply(r));
+                let _dropped = self.forward(&route, Frame::Reply(r), true);
             }
             return;
         }
@@ -509,7 +512,7 @@ impl Inner {
         if to_core(c.route.dst) != self.id {
             if self.hop(&mut c.route) {
                 let route = c.route;
-                let _dropped = self.forward(&route, Frame::Cancel(c));
+                let _dropped = self.forward(&route, Frame::Cancel(c), true);
             }
             return;
         }
@@ -526,7 +529,7 @@ impl Inner {
         if to_core(e.route.dst) != self.id {
             if self.hop(&mut e.route) {
                 let route = e.route;
-                let _dropped = self.forward(&route, Frame::Event(e));
+                let _dropped = self.forward(&route, Frame::Event(e), false);
             }
             return;
         }

@@ -288,6 +288,11 @@ pub(crate) struct Inner {
     shortcuts_active: AtomicBool,
     /// Links back to callers this node has no route to yet, learned from the calls it switched.
     return_paths: Mutex<return_paths::ReturnPaths>,
+    /// Links let go of (pruned, refused as full, or replaced) while they linger open: their
+    /// peers still read them, so a reply for a peer that has no other way goes on one as a last
+    /// resort instead of being dropped. At most one per peer; each leaves after
+    /// [`RETIRE_LINGER`].
+    lingering: Mutex<FastMap<NodeId, (u64, LinkSender)>>,
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
@@ -348,6 +353,7 @@ impl Mesh {
             shortcuts: Mutex::default(),
             shortcuts_active: AtomicBool::new(false),
             return_paths: Mutex::default(),
+            lingering: Mutex::default(),
             authorizer: std::sync::OnceLock::new(),
             call_observer: RwLock::new(None),
             routes_changed: Notify::new(),
@@ -544,12 +550,25 @@ impl Inner {
         self.sender(hop)
     }
 
-    /// Notes that a call from `src`, a node this node has no route to, came in on the link to
-    /// `via`: frames for `src` (its reply first of all) go back that way until the core knows a
-    /// route (see [`return_paths`]).
-    fn learn_return_path(&self, src: NodeId, via: NodeId) {
-        if lock(&self.return_paths).learn(src, via, Instant::now()) {
-            tracing::debug!(node = %src, %via, "return path learned from a call");
+    /// The sender for the next hop towards `dst`, or, if there is none, a lingering link (see
+    /// [`Inner::lingering`]) to `dst` itself or to the node a call from `dst` came through: for
+    /// replies and cancels, whose loss would leave a caller waiting for its deadline. New calls
+    /// never take a lingering link, which closes soon (they fail `unavailable` at once instead).
+    pub(crate) fn route_or_lingering(&self, dst: NodeId) -> Option<LinkSender> {
+        if let Some(tx) = self.route_to(dst) {
+            return Some(tx);
+        }
+        let via = lock(&self.return_paths).via(dst, Instant::now());
+        let lingering = lock(&self.lingering);
+        lingering.get(&dst).or_else(|| via.and_then(|v| lingering.get(&v))).map(|(_, tx)| tx.clone())
+    }
+
+    /// Notes that a call from `src` came in on the link to `via`: frames for `src` that find no
+    /// route (its reply first of all) go back that way (see [`return_paths`]). `in_use`: there is
+    /// no route to `src` now, so cached next hops must see the new path at once.
+    fn learn_return_path(&self, src: NodeId, via: NodeId, now: Instant, in_use: bool) {
+        if lock(&self.return_paths).learn(src, via, now) && in_use {
+            tracing::debug!(node = %src, %via, "return path learned from a call, with no route to its caller");
             self.routes_touched();
         }
     }
@@ -672,11 +691,11 @@ impl Inner {
                             // routes calls and replies over it until our `Prune` message reaches
                             // it, so keep reading them for a while, as for a duplicate link.
                             // Closing at once lost them (the caller waited for its deadline).
-                            DisconnectReason::Pruned => self.retire(e.tx, "pruned"),
-                            DisconnectReason::Full => self.retire(e.tx, "too many links"),
+                            DisconnectReason::Pruned => self.retire(peer, e.tx, "pruned"),
+                            DisconnectReason::Full => self.retire(peer, e.tx, "too many links"),
                             // The peer dropped it and reads it for a while yet: sending on
                             // until its close would lose the frames in flight at that moment.
-                            DisconnectReason::PrunedByPeer => self.retire(e.tx, "pruned by the peer"),
+                            DisconnectReason::PrunedByPeer => self.retire(peer, e.tx, "pruned by the peer"),
                             DisconnectReason::Timeout
                             | DisconnectReason::PeerGone
                             | DisconnectReason::Leaving
@@ -761,25 +780,34 @@ impl Inner {
             // Not in the table, so its reader's end is not a link loss.
             None => {
                 tracing::debug!(%peer, "duplicate link; keeping the preferred one");
-                self.retire(tx.clone(), "duplicate link");
+                self.retire(peer, tx.clone(), "duplicate link");
             }
-            Some(Some(replaced)) => self.retire(replaced.tx, "duplicate link"),
+            Some(Some(replaced)) => self.retire(peer, replaced.tx, "duplicate link"),
             Some(None) => {}
         }
-        let next_hops = NextHops::default();
-        rx.into_handler(Box::new(LinkFrames { inner: self.clone(), peer, generation, tx, next_hops }));
+        let (next_hops, learned) = (NextHops::default(), FastMap::default());
+        rx.into_handler(Box::new(LinkFrames { inner: self.clone(), peer, generation, tx, next_hops, learned }));
     }
 
     /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is
     /// sent on it, but frames the peer sent before it switched over (calls, replies) are still
     /// read and handled, so a duplicate or pruned link never swallows a call.
-    fn retire(&self, tx: LinkSender, why: &'static str) {
-        let shutdown = self.shutdown.clone();
+    fn retire(self: &Arc<Self>, peer: NodeId, tx: LinkSender, why: &'static str) {
+        let token = self.link_generation.fetch_add(1, Ordering::Relaxed);
+        lock(&self.lingering).insert(peer, (token, tx.clone()));
+        let inner = self.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(RETIRE_LINGER) => {}
-                () = shutdown.cancelled() => {}
+                () = inner.shutdown.cancelled() => {}
             }
+            {
+                let mut lingering = lock(&inner.lingering);
+                if lingering.get(&peer).is_some_and(|(t, _)| *t == token) {
+                    lingering.remove(&peer);
+                }
+            }
+            inner.routes_touched();
             tx.close(CloseCode::NORMAL, why).await;
         });
     }
@@ -797,6 +825,9 @@ struct LinkFrames {
     generation: u64,
     tx: LinkSender,
     next_hops: NextHops,
+    /// Callers whose calls this link brought, and when [`Inner::return_paths`] last heard of it
+    /// (at most [`NextHops::CAP`], then it starts again).
+    learned: FastMap<NodeId, Instant>,
 }
 
 /// The next hops a link's handler switched frames to, kept while [`Inner::routes_epoch`] stays
@@ -825,16 +856,32 @@ impl NextHops {
 }
 
 impl LinkFrames {
-    /// A call from `src` that this node switches on: if no route leads back to `src`, its reply
-    /// will go back over this link.
+    /// A call from `src` that this node switches on: frames for `src` that find no route (its
+    /// reply, first of all) will go back over this link. Learned at the first call from `src`
+    /// on this link, then again at most every [`RELEARN`]; at once, and with the cached next hops
+    /// dropped, when no route leads back to `src` now.
     fn note_switched_call(&mut self, src: NodeId) {
         // A caller at the other end of this link has a route: the link itself. A call of our
         // own that comes back round needs no path to us.
-        if src != self.peer && src != self.inner.id && self.next_hops.get(&self.inner, src).is_none() {
-            self.inner.learn_return_path(src, self.peer);
+        if src == self.peer || src == self.inner.id {
+            return;
+        }
+        let now = Instant::now();
+        let unroutable = self.next_hops.get(&self.inner, src).is_none();
+        let due = self.learned.get(&src).is_none_or(|at| now.saturating_duration_since(*at) >= RELEARN);
+        if unroutable || due {
+            if self.learned.len() >= NextHops::CAP && !self.learned.contains_key(&src) {
+                self.learned.clear();
+            }
+            self.learned.insert(src, now);
+            self.inner.learn_return_path(src, self.peer, now, unroutable);
         }
     }
 }
+
+/// How often a link's handler tells [`Inner::return_paths`] again about a caller whose calls
+/// keep coming over it (far below [`return_paths::ReturnPaths::TTL`]).
+const RELEARN: Duration = Duration::from_secs(10);
 
 impl FrameHandler for LinkFrames {
     fn on_frame(&mut self, frame: Frame) {
