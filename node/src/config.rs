@@ -299,6 +299,17 @@ impl TlsConfig {
     }
 }
 
+/// The transport a node prefers for the links it dials ([`MeshLinksConfig::dial`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DialTransport {
+    /// WebSocket over TLS (TCP): works wherever HTTPS does.
+    #[default]
+    Wss,
+    /// QUIC (UDP): no head-of-line blocking between calls; needs `mesh.quic` and TLS.
+    Quic,
+}
+
 /// Mesh link settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -308,6 +319,9 @@ pub struct MeshLinksConfig {
     pub advertise_host: Option<String>,
     /// Also accept and dial QUIC links on the same port number over UDP (needs TLS).
     pub quic: bool,
+    /// The transport this node dials other nodes over when they offer both (`wss`, the
+    /// default, or `quic`); the other is tried when a dial fails. Seeds are dialed as written.
+    pub dial: DialTransport,
     /// Accept no links and advertise no address: for a node behind NAT or a firewall. It joins by
     /// dialing its seeds and is reached through the nodes it links to.
     pub no_listen: bool,
@@ -334,6 +348,7 @@ impl Default for MeshLinksConfig {
         Self {
             advertise_host: None,
             quic: true,
+            dial: DialTransport::Wss,
             no_listen: false,
             min_links: 6,
             max_links: 8,
@@ -473,6 +488,12 @@ impl NodeConfig {
         positive("interface.stats_interval_ms", self.interface.stats_interval_ms)?;
         positive("interface.max_requests", self.interface.max_requests as u64)?;
         positive("interface.max_served_calls", self.interface.max_served_calls as u64)?;
+        if self.mesh.dial == DialTransport::Quic && (!self.mesh.quic || self.tls.mode == TlsMode::Off) {
+            return Err(ConfigError::Invalid {
+                key: "mesh.dial",
+                reason: "\"quic\" needs mesh.quic on and TLS (QUIC is always encrypted)".into(),
+            });
+        }
         if self.mesh.min_links > self.mesh.max_links {
             return Err(ConfigError::Invalid {
                 key: "mesh.min_links",
@@ -575,6 +596,17 @@ mod tests {
         assert!(e.to_string().contains("default_timeout_ms"), "{e}");
         let e = NodeConfig::from_toml("[calls]\nmax_timeout_ms = 0").expect_err("range");
         assert!(e.to_string().contains("calls.max_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn dialing_over_quic_needs_quic_and_tls() {
+        assert_eq!(NodeConfig::default().mesh.dial, DialTransport::Wss);
+        let c = NodeConfig::from_toml("[mesh]\ndial = \"quic\"").expect("valid");
+        assert_eq!(c.mesh.dial, DialTransport::Quic);
+        let e = NodeConfig::from_toml("[mesh]\ndial = \"quic\"\nquic = false").expect_err("no quic");
+        assert!(e.to_string().contains("mesh.dial"), "{e}");
+        let e = NodeConfig::from_toml("[mesh]\ndial = \"tcp\"").expect_err("unknown");
+        assert!(e.to_string().contains("dial"), "{e}");
     }
 
     #[test]

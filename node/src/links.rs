@@ -314,6 +314,10 @@ pub(crate) fn start_mesh(
         min_links: config.mesh.min_links,
         max_links: config.mesh.max_links,
         hard_max_links: (config.mesh.max_links * 2).max(CoreConfig::default().hard_max_links),
+        preferred_scheme: match config.mesh.dial {
+            crate::config::DialTransport::Quic if quic_on => Some("quic://".to_owned()),
+            _ => None,
+        },
         ..CoreConfig::default()
     };
     let mesh_config = MeshConfig {

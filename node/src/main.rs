@@ -103,6 +103,9 @@ struct StartArgs {
     /// Do not accept or dial QUIC links (WebSocket links only).
     #[arg(long, env = "GEARMESH_NO_QUIC")]
     no_quic: bool,
+    /// The transport to dial other nodes over when they offer both [default: wss].
+    #[arg(long, value_enum, env = "GEARMESH_DIAL")]
+    dial: Option<DialArg>,
     /// Accept no mesh links and advertise no address (behind NAT or a firewall): join by
     /// dialing the seeds and be reached through them.
     #[arg(long, env = "GEARMESH_NO_LISTEN")]
@@ -126,6 +129,12 @@ enum TlsArg {
     Pem,
     Acme,
     Off,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DialArg {
+    Wss,
+    Quic,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -248,6 +257,12 @@ impl StartArgs {
         }
         if self.no_quic {
             c.mesh.quic = false;
+        }
+        if let Some(v) = self.dial {
+            c.mesh.dial = match v {
+                DialArg::Wss => gearmesh::DialTransport::Wss,
+                DialArg::Quic => gearmesh::DialTransport::Quic,
+            };
         }
         if self.no_listen {
             c.mesh.no_listen = true;

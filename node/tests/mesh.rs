@@ -174,6 +174,17 @@ async fn nodes_not_linked_directly_reach_each_other_through_switches() {
 /// gear is known), but none waits for its deadline: no call or reply vanishes on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_call_is_lost_while_the_mesh_forms_and_prunes_links() {
+    no_call_lost_while_forming("wss").await;
+}
+
+/// The same over QUIC links: seeds given as `quic://` and `[mesh] dial = "quic"`, so every link
+/// the mesh makes is a QUIC link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_is_lost_while_a_quic_mesh_forms_and_prunes_links() {
+    no_call_lost_while_forming("quic").await;
+}
+
+async fn no_call_lost_while_forming(transport: &'static str) {
     use std::sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -184,6 +195,12 @@ async fn no_call_is_lost_while_the_mesh_forms_and_prunes_links() {
     let limit = |c: &mut NodeConfig| {
         c.mesh.min_links = 1;
         c.mesh.max_links = 2;
+        if transport == "quic" {
+            c.mesh.dial = gearmesh::DialTransport::Quic;
+        }
+    };
+    let seed_of = |n: &RunningNode| {
+        n.link_addrs().iter().find(|a| a.starts_with(&format!("{transport}://"))).expect("address").clone()
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed_fast, lost) =
@@ -191,7 +208,7 @@ async fn no_call_is_lost_while_the_mesh_forms_and_prunes_links() {
     let mut nodes: Vec<Arc<RunningNode>> = Vec::new();
     let mut callers = Vec::new();
     for i in 0..NODES {
-        let seeds = nodes.last().map(|n| vec![wss(n)]).unwrap_or_default();
+        let seeds = nodes.last().map(|n| vec![seed_of(n)]).unwrap_or_default();
         let n = Arc::new(node_with(dir.path(), &format!("n{i}"), &[], vec![whoami(i)], seeds, limit).await);
         // Each node calls every gear in turn from the moment it starts.
         let (node, stop, ok, failed_fast, lost) =
@@ -235,6 +252,13 @@ async fn no_call_is_lost_while_the_mesh_forms_and_prunes_links() {
     eprintln!("calls: {ok} answered, {failed_fast} failed at once, {lost} lost; {switched} frames switched");
     assert_eq!(lost, 0, "calls that waited for their deadline ({ok} answered, {failed_fast} failed at once)");
     assert!(ok > 100 && switched > 0, "calls ran, some through switches: {ok} answered, {switched} frames switched");
+    // Every link the mesh made is over the transport asked for.
+    for n in &nodes {
+        let view = n.mesh().view();
+        let me = view.nodes.iter().find(|v| v.id == view.me).expect("itself");
+        let kinds: Vec<_> = me.links.iter().filter_map(|l| l.transport.as_deref()).collect();
+        assert!(!kinds.is_empty() && kinds.iter().all(|k| *k == transport), "{}: {kinds:?}", me.name);
+    }
     for n in nodes.into_iter().rev() {
         Arc::into_inner(n).expect("callers done").shutdown().await;
     }

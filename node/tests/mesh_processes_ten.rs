@@ -60,6 +60,10 @@ async fn ten_processes_converge_and_switch_calls_across_hops() {
         if let Some(seed) = &seed {
             args.extend(["--seed", seed]);
         }
+        // Half the nodes dial the links the mesh makes over QUIC: a mixed mesh.
+        if i % 2 == 1 {
+            args.extend(["--dial", "quic"]);
+        }
         nodes.push(start(&args).await);
     }
     let http = dev_ca_client();
@@ -116,6 +120,19 @@ async fn ten_processes_converge_and_switch_calls_across_hops() {
             }
         }
     }
+    // The links are of both kinds, as dialed: each node reports the transport of its own.
+    let mut kinds = std::collections::BTreeSet::new();
+    for n in &nodes {
+        let v = view(&http, n.url()).await;
+        let me = v["me"].as_str().unwrap_or_default().to_owned();
+        for x in v["nodes"].as_array().into_iter().flatten().filter(|x| x["id"] == me.as_str()) {
+            for l in x["links"].as_array().into_iter().flatten() {
+                kinds.insert(l["transport"].as_str().unwrap_or("none").to_owned());
+            }
+        }
+    }
+    assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["quic", "wss"], "a mixed mesh");
+
     let (from, gear, hops) = far.expect("with three links per node, some gear hosted once is two hops away");
     let (port, body) = probes().into_iter().find(|(p, _)| p.starts_with(&format!("{gear}/"))).expect("a probe");
     assert_eq!(call(&http, &from, port, body).await, (200, None), "{port} across {hops} hops from {from}");

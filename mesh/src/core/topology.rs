@@ -86,6 +86,15 @@ impl Core {
         self.dials.get(addr).is_none_or(|d| d.pending.is_none() && d.not_before <= now)
     }
 
+    /// The first address of `addrs` to dial now: the preferred scheme first, then the others in
+    /// advertised order (so a node reached over one transport is tried over the other when that
+    /// fails and backs off).
+    fn dial_addr(&self, now: Time, addrs: &[String]) -> Option<String> {
+        let preferred = |a: &String| self.config.preferred_scheme.as_deref().is_some_and(|p| a.starts_with(p));
+        let mut first = addrs.iter().filter(|a| preferred(a)).chain(addrs.iter().filter(|a| !preferred(a)));
+        first.find(|a| self.dialable(now, a)).cloned()
+    }
+
     fn dial(&mut self, now: Time, addr: String) {
         self.dials.entry(addr.clone()).or_default().pending = Some(now);
         self.push_action(Action::Dial { addr });
@@ -100,7 +109,7 @@ impl Core {
         if self.cooldown.get(&id).is_some_and(|t| *t > now) {
             return None;
         }
-        e.rec.addrs.iter().find(|a| self.dialable(now, a)).cloned()
+        self.dial_addr(now, &e.rec.addrs)
     }
 
     /// Up to `want` addresses of nodes to link to: random ones, or all in order while small.
@@ -145,7 +154,7 @@ impl Core {
             if e.rec.state != NodeState::Dead || self.links.contains_key(&id) {
                 continue;
             }
-            if let Some(a) = e.rec.addrs.iter().find(|a| self.dialable(now, a)).cloned() {
+            if let Some(a) = self.dial_addr(now, &e.rec.addrs) {
                 self.dial(now, a);
                 return;
             }

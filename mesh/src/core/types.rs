@@ -102,6 +102,10 @@ pub struct Config {
     pub max_queue: usize,
     /// Seed of the core's RNG (peer choice, jitter). Same seed and inputs, same outputs.
     pub rng_seed: u64,
+    /// Of the addresses a node advertises, those starting with this prefix (a scheme such as
+    /// `quic://`) are dialed first; the others, in advertised order, when they fail. `None`
+    /// (default): advertised order.
+    pub preferred_scheme: Option<String>,
 }
 
 impl Default for Config {
@@ -132,6 +136,7 @@ impl Default for Config {
             max_record_size: 16 * 1024,
             max_queue: 8192,
             rng_seed: 0,
+            preferred_scheme: None,
         }
     }
 }

@@ -218,6 +218,8 @@ pub struct LinkView {
     pub peer: String,
     /// The round-trip time in microseconds, when this node holds the link and has measured it.
     pub rtt_us: Option<u64>,
+    /// `wss`, `ws`, `quic` or `memory`, when this node holds the link.
+    pub transport: Option<String>,
 }
 
 /// A route in a [`NodeView`].
@@ -461,13 +463,13 @@ impl Mesh {
                 links: r
                     .links
                     .iter()
-                    .map(|p| LinkView {
-                        peer: p.to_string(),
-                        rtt_us: if r.id == self.inner.id {
-                            links.get(p).and_then(|l| l.tx.rtt()).map(|d| d.as_micros() as u64)
-                        } else {
-                            None
-                        },
+                    .map(|p| {
+                        let held = links.get(p).filter(|_| r.id == self.inner.id);
+                        LinkView {
+                            peer: p.to_string(),
+                            rtt_us: held.and_then(|l| l.tx.rtt()).map(|d| d.as_micros() as u64),
+                            transport: held.map(|l| l.tx.peer().transport.to_string()),
+                        }
                     })
                     .collect(),
                 route: if r.id == self.inner.id {

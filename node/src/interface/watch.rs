@@ -554,7 +554,7 @@ mod tests {
                 })
                 .collect(),
             topics: vec![],
-            links: links.iter().map(|p| LinkView { peer: (*p).into(), rtt_us: None }).collect(),
+            links: links.iter().map(|p| LinkView { peer: (*p).into(), rtt_us: None, transport: None }).collect(),
             route: (id != "a").then(|| RouteView { next_hop: id.into(), hops: 1 }),
             breakers: vec![],
         }
