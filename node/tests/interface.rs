@@ -379,6 +379,13 @@ async fn an_observer_holds_the_same_mesh_as_v1_nodes_through_joins_and_leaves() 
         }
     }
 
+    // The node's own links say which transport they run over.
+    let nodes = v1_nodes(&a, &cl.ca(), &observe).await;
+    let own = nodes["nodes"].as_array().expect("nodes").iter().find(|n| n["id"] == a.id()).expect("a").clone();
+    let kinds: Vec<&str> =
+        own["links"].as_array().expect("links").iter().filter_map(|l| l["transport"].as_str()).collect();
+    assert!(!kinds.is_empty() && kinds.iter().all(|k| ["wss", "quic"].contains(k)), "{own}");
+
     // A graceful leave arrives as node_left with graceful = true.
     c.shutdown().await;
     loop {

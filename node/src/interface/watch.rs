@@ -28,7 +28,7 @@ use std::{
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use gearmesh_gears::{CallError, Event, Principal, Publish, TraceId, WireBody, host::Host};
-use gearmesh_mesh::{Mesh, MeshView, NodeView};
+use gearmesh_mesh::{LinkView, Mesh, MeshView, NodeView};
 use serde_json::{Value, json};
 use tokio::{
     sync::broadcast::{self, error::RecvError},
@@ -256,7 +256,7 @@ fn edges(view: &MeshView) -> BTreeSet<(&str, &str)> {
     set
 }
 
-fn rtt_of(view: &MeshView, a: &str, b: &str) -> Option<u64> {
+fn own_link<'v>(view: &'v MeshView, a: &str, b: &str) -> Option<&'v LinkView> {
     let me = view.nodes.iter().find(|n| n.id == view.me)?;
     let peer = if a == view.me {
         b
@@ -265,7 +265,7 @@ fn rtt_of(view: &MeshView, a: &str, b: &str) -> Option<u64> {
     } else {
         return None;
     };
-    me.links.iter().find(|l| l.peer == peer).and_then(|l| l.rtt_us)
+    me.links.iter().find(|l| l.peer == peer)
 }
 
 fn routes_of(view: &MeshView) -> BTreeMap<&str, (&str, u32)> {
@@ -316,7 +316,9 @@ pub(crate) fn diff(old: &MeshView, new: &MeshView) -> Vec<Value> {
     }
     let (e_old, e_new) = (edges(old), edges(new));
     for (a, b) in e_new.difference(&e_old) {
-        out.push(msg("link_up", json!({ "a": a, "b": b, "rtt_us": rtt_of(new, a, b) })));
+        let own = own_link(new, a, b);
+        let (rtt_us, transport) = (own.and_then(|l| l.rtt_us), own.and_then(|l| l.transport.as_deref()));
+        out.push(msg("link_up", json!({ "a": a, "b": b, "rtt_us": rtt_us, "transport": transport })));
     }
     for (a, b) in e_old.difference(&e_new) {
         out.push(msg("link_down", json!({ "a": a, "b": b })));
@@ -492,7 +494,12 @@ impl Telemetry {
                 .nodes
                 .iter()
                 .find(|n| n.id == view.me)
-                .map(|n| n.links.iter().map(|l| json!({ "peer": l.peer, "rtt_us": l.rtt_us })).collect())
+                .map(|n| {
+                    n.links
+                        .iter()
+                        .map(|l| json!({ "peer": l.peer, "rtt_us": l.rtt_us, "transport": l.transport }))
+                        .collect()
+                })
                 .unwrap_or_default();
             let body = json!({
                 "node": self.me, "name": self.name, "at_ms": unix_ms(),
@@ -533,7 +540,7 @@ pub(crate) fn is_system_topic(topic: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use gearmesh_mesh::{LinkView, RouteView};
+    use gearmesh_mesh::RouteView;
 
     use super::*;
 
