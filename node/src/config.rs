@@ -333,8 +333,9 @@ pub struct MeshLinksConfig {
     /// Link connections (handshaking or established) accepted at once; more are refused.
     pub max_connections: usize,
     /// Frames queued per link for sending. When full, a call or a reply waits for room (a reply
-    /// at most until its caller's deadline) and a forwarded or best-effort frame (an event, a
-    /// frame switched for other nodes) is dropped and counted.
+    /// at most until its caller's deadline, a reply switched for another node up to 2 s) and a
+    /// best-effort frame (an event, another frame switched for other nodes) is dropped and
+    /// counted.
     pub send_queue: usize,
     /// Calls within `shortcut_window_ms` to a node reached through switches that make this node
     /// open a direct shortcut link to it (kept while used, not counted in `max_links`); 0 never.

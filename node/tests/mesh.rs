@@ -833,6 +833,47 @@ async fn a_reply_goes_back_the_way_its_call_came_when_no_route_leads_to_the_call
     }
 }
 
+/// A switch whose link towards the caller is congested holds the replies for it until there is
+/// room, instead of dropping them (which left their callers waiting for their deadlines). The
+/// switch here queues one frame per link; a burst of calls through it overflows that at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_holds_replies_for_a_congested_link_instead_of_losing_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (count, runs) = count_gear();
+    let switch = node_with(dir.path(), "switch", &[], vec![], vec![], |c: &mut NodeConfig| c.mesh.send_queue = 1).await;
+    // The callee links to the switch alone and cannot be dialed; the caller keeps one link.
+    let callee = node_with(dir.path(), "callee", &[], vec![count], vec![wss(&switch)], |c: &mut NodeConfig| {
+        (c.mesh.min_links, c.mesh.max_links, c.mesh.no_listen) = (1, 1, true);
+    })
+    .await;
+    let caller = node_with(dir.path(), "caller", &[], vec![], vec![wss(&switch)], |c: &mut NodeConfig| {
+        (c.mesh.min_links, c.mesh.max_links) = (1, 1);
+    })
+    .await;
+    eventually("the caller sees the count gear", 20, || sees(&caller, &["count"])).await;
+    let ctx = caller.ctx(Principal::anonymous());
+    let options =
+        gearmesh::gears::CallOptions::default().timeout(Duration::from_secs(10)).retry(gearmesh::gears::Retry::No);
+    let calls = (0..300).map(|_| ctx.call_with::<_, usize>("count", "hit", &Value::Null, options.clone()));
+    let results = futures::future::join_all(calls).await;
+    let answered = results.iter().filter(|r| r.is_ok()).count();
+    for r in &results {
+        // A call the switch cannot queue towards the callee is refused at once (`overloaded`).
+        if let Err(e) = r {
+            assert_eq!(e.code().as_str(), "overloaded", "{e}");
+        }
+    }
+    let ran = runs.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(answered, ran, "every call that ran was answered");
+    assert!(answered > 0);
+    // The burst did overflow the switch's queues (it refused calls), and every answer reached
+    // the caller (none timed out, above).
+    assert!(switch.mesh().stats().calls_refused > 0, "the switch was congested");
+    for n in [caller, callee, switch] {
+        n.shutdown().await;
+    }
+}
+
 /// A call that crosses the mesh stays in its caller's trace: the port on the other node sees
 /// the trace id the calling port had.
 #[tokio::test]

@@ -278,6 +278,12 @@ enum Unforwarded {
     Congested,
 }
 
+/// How long a switch holds a reply for a congested link before dropping it.
+const HOLD_REPLY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bytes of replies a switch holds for congested links at once, at most (see
+/// [`Inner::forward_reply`]).
+pub(crate) const MAX_HELD_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 impl Inner {
     /// Sends a routed frame one hop further. Never waits: a switch must not hold up the link the
     /// frame came on.
@@ -299,6 +305,58 @@ impl Inner {
             tracing::debug!(node = %dst, reason = ?e, "routed frame not forwarded");
         }
         result
+    }
+
+    /// Passes a reply for another node on. A reply that meets a full send queue is held (in a
+    /// task of its own, so the link it came in on reads on) until there is room, for at most
+    /// [`HOLD_REPLY_FOR`] and [`MAX_HELD_REPLY_BYTES`] over all held replies: a burst then delays
+    /// replies instead of losing them, which would leave their callers waiting for their
+    /// deadlines. Beyond those bounds it is dropped and counted.
+    fn forward_reply(self: &Arc<Self>, r: Reply) {
+        let dst = to_core(r.route.dst);
+        let frame = Frame::Reply(r);
+        let tx = match self.route_or_lingering(dst) {
+            Some(tx) => tx,
+            None => {
+                Counters::bump(&self.counters.frames_dropped);
+                tracing::debug!(node = %dst, "reply not forwarded: no route");
+                return;
+            }
+        };
+        match tx.try_send(&frame) {
+            Ok(()) => Counters::bump(&self.counters.frames_forwarded),
+            Err(TrySendError::Full) => self.hold_reply(tx, frame, true),
+            Err(e) => {
+                Counters::bump(&self.counters.frames_dropped);
+                tracing::debug!(node = %dst, error = %e, "reply not forwarded");
+            }
+        }
+    }
+
+    /// Holds `frame`, a reply, until `tx` has room (see [`Inner::forward_reply`]). `switched`:
+    /// the reply is another node's, counted as forwarded or dropped.
+    fn hold_reply(self: &Arc<Self>, tx: LinkSender, frame: Frame, switched: bool) {
+        let size = frame.encoded_len();
+        let held = self.held_reply_bytes.fetch_add(size, Ordering::AcqRel);
+        if held + size > MAX_HELD_REPLY_BYTES {
+            self.held_reply_bytes.fetch_sub(size, Ordering::AcqRel);
+            if switched {
+                Counters::bump(&self.counters.frames_dropped);
+            }
+            tracing::debug!("reply dropped: the next link is congested and the held replies are at their bound");
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let sent = matches!(tokio::time::timeout(HOLD_REPLY_FOR, tx.send(&frame)).await, Ok(Ok(())));
+            inner.held_reply_bytes.fetch_sub(size, Ordering::AcqRel);
+            if !sent {
+                tracing::debug!("held reply dropped: the next link stayed congested or closed");
+            }
+            if switched {
+                Counters::bump(if sent { &inner.counters.frames_forwarded } else { &inner.counters.frames_dropped });
+            }
+        });
     }
 
     /// Switches a routed frame for another node on as the bytes it came in (its hop count
@@ -340,10 +398,14 @@ impl Inner {
         ok
     }
 
-    fn reply(&self, to: &Route, via: &LinkSender, call_id: u64, result: Result<Payload, CallError>) {
+    /// Answers a call at once (an error: refused, or not passed on), without waiting: a reply
+    /// that meets a full queue is held as a switched one is ([`Inner::forward_reply`]).
+    fn reply(self: &Arc<Self>, to: &Route, via: &LinkSender, call_id: u64, result: Result<Payload, CallError>) {
         let (tx, frame) = self.reply_frame(to, via, call_id, result);
-        if let Err(e) = tx.try_send(&frame) {
-            tracing::debug!(error = %e, "reply dropped; the caller will time out");
+        match tx.try_send(&frame) {
+            Ok(()) => {}
+            Err(TrySendError::Full) => self.hold_reply(tx, frame, false),
+            Err(e) => tracing::debug!(error = %e, "reply dropped; the caller will time out"),
         }
     }
 
@@ -490,12 +552,10 @@ impl Inner {
         }
     }
 
-    pub(super) fn on_reply(&self, mut r: Reply) {
+    pub(super) fn on_reply(self: &Arc<Self>, mut r: Reply) {
         if to_core(r.route.dst) != self.id {
             if self.hop(&mut r.route) {
-                let route = r.route;
-                // Not forwarded: counted and logged; the caller's deadline ends its wait.
-                let _dropped = self.forward(&route, Frame::Reply(r), true);
+                self.forward_reply(r);
             }
             return;
         }

@@ -12,9 +12,10 @@
 //! - calls from other nodes running here or waiting to send their reply
 //!   (`max_inbound_calls`): one more is answered `overloaded`;
 //! - a link's send queue (the transport's): calls, and replies of calls run here, wait for room
-//!   until their deadline; gossip, events and forwarded frames are dropped when it is full
-//!   (gossip repairs itself, events are at-most-once, a call a switch cannot pass on is answered
-//!   `overloaded`, a forwarded reply leaves its caller to time out);
+//!   until their deadline; a switched reply (or an error answered at once) waits in a task of its
+//!   own for up to 2 s, within 64 MiB of held replies per node, then is dropped; gossip, events
+//!   and other switched frames are dropped when it is full (gossip repairs itself, events are
+//!   at-most-once, a call a switch cannot pass on is answered `overloaded`);
 //! - switching: a routed frame that has crossed `max_hops` links is answered `unavailable` (a
 //!   call) or dropped, and a call with no route onwards is answered `unavailable`.
 
@@ -31,7 +32,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, MutexGuard, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -295,6 +296,8 @@ pub(crate) struct Inner {
     /// resort instead of being dropped. At most one per peer; each leaves after
     /// [`RETIRE_LINGER`].
     lingering: Mutex<FastMap<NodeId, (u64, LinkSender)>>,
+    /// Bytes of replies held for congested links now (see `calls::MAX_HELD_REPLY_BYTES`).
+    held_reply_bytes: AtomicUsize,
     /// Checks each call from another node before it runs here (set by the node when
     /// authentication is on).
     pub(crate) authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
@@ -356,6 +359,7 @@ impl Mesh {
             shortcuts_active: AtomicBool::new(false),
             return_paths: Mutex::default(),
             lingering: Mutex::default(),
+            held_reply_bytes: AtomicUsize::new(0),
             authorizer: std::sync::OnceLock::new(),
             call_observer: RwLock::new(None),
             routes_changed: Notify::new(),
