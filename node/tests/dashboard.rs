@@ -407,6 +407,11 @@ async fn the_call_form_works_and_a_refused_token_brings_the_prompt() {
          && document.querySelectorAll('#nodes .node').length === 3",
     )
     .await;
+    tab.wait_for(
+        "the attached node's links say their transport",
+        "document.querySelector('#links .link[data-transport=\"wss\"], #links .link[data-transport=\"quic\"]') !== null",
+    )
+    .await;
     assert_eq!(tab.eval("location.hash").await, json!(""), "the token left the address bar");
     assert_eq!(tab.eval("sessionStorage.getItem('gearmesh.token') !== null").await, json!(true));
 

@@ -111,7 +111,7 @@
     me: null,
     /** id -> NodeView (as in the snapshot). */
     nodes: new Map(),
-    /** "a|b" (sorted ids) -> {a, b, rtt_us}. */
+    /** "a|b" (sorted ids) -> {a, b, rtt_us, transport}. */
     links: new Map(),
     /** node id -> {cur, prev} of its last two `stats` messages. */
     stats: new Map(),
@@ -128,12 +128,16 @@
     return n ? n.name : String(id).slice(0, 8);
   }
 
-  function addLink(a, b, rtt) {
+  function addLink(a, b, rtt, transport) {
     if (!a || !b || a === b) return;
     const k = linkKey(a, b);
     const [x, y] = k.split('|');
     const old = model.links.get(k);
-    model.links.set(k, { a: x, b: y, rtt_us: rtt ?? (old ? old.rtt_us : null) });
+    model.links.set(k, {
+      a: x, b: y,
+      rtt_us: rtt ?? (old ? old.rtt_us : null),
+      transport: transport ?? (old ? old.transport : null),
+    });
   }
 
   function applySnapshot(m) {
@@ -142,7 +146,7 @@
     model.nodes = new Map();
     model.links = new Map();
     for (const n of m.nodes || []) model.nodes.set(n.id, n);
-    for (const n of m.nodes || []) for (const l of n.links || []) addLink(n.id, l.peer, l.rtt_us);
+    for (const n of m.nodes || []) for (const l of n.links || []) addLink(n.id, l.peer, l.rtt_us, l.transport);
   }
 
   function setState(id, state) {
@@ -161,7 +165,7 @@
       case 'node_updated': {
         const n = m.node;
         model.nodes.set(n.id, { ...(model.nodes.get(n.id) || {}), ...n });
-        for (const l of n.links || []) addLink(n.id, l.peer, l.rtt_us);
+        for (const l of n.links || []) addLink(n.id, l.peer, l.rtt_us, l.transport);
         break;
       }
       case 'node_suspected': setState(m.node, 'suspect'); break;
@@ -182,7 +186,7 @@
         if (n) n.gears = (n.gears || []).filter((g) => !sameGear(g, m.gear));
         break;
       }
-      case 'link_up': addLink(m.a, m.b, m.rtt_us); break;
+      case 'link_up': addLink(m.a, m.b, m.rtt_us, m.transport); break;
       case 'link_down': model.links.delete(linkKey(m.a, m.b)); break;
       case 'routes': {
         const routes = new Map((m.routes || []).map((r) => [r.node, r]));
@@ -207,6 +211,7 @@
       const k = linkKey(m.node, l.peer);
       const link = model.links.get(k);
       if (link && l.rtt_us !== null && l.rtt_us !== undefined) link.rtt_us = l.rtt_us;
+      if (link && l.transport) link.transport = l.transport;
     }
   }
 
@@ -399,8 +404,9 @@
       if (!p || !q) continue;
       const mx = (p.x + q.x) / 2;
       const my = (p.y + q.y) / 2;
-      links.push(svg('g', { class: 'link', 'data-link': k, 'data-rtt-us': l.rtt_us ?? '' },
-        svg('title', {}, `${nameOf(l.a)} — ${nameOf(l.b)}: RTT ${fmtUs(l.rtt_us)}`),
+      const over = l.transport ? ` over ${l.transport}` : '';
+      links.push(svg('g', { class: 'link', 'data-link': k, 'data-rtt-us': l.rtt_us ?? '', 'data-transport': l.transport ?? '' },
+        svg('title', {}, `${nameOf(l.a)} — ${nameOf(l.b)}${over}: RTT ${fmtUs(l.rtt_us)}`),
         svg('line', { x1: p.x, y1: p.y, x2: q.x, y2: q.y }),
         // On a dense mesh the labels would pile up in the middle; the title still has the RTT.
         showRtt && l.rtt_us !== null && l.rtt_us !== undefined
