@@ -289,7 +289,8 @@ pub(crate) struct Inner {
     shortcuts: Mutex<shortcuts::Shortcuts>,
     /// Some shortcut is active (calls over direct links are counted only then).
     shortcuts_active: AtomicBool,
-    /// Links back to callers this node has no route to yet, learned from the calls it switched.
+    /// The links the calls from each caller came in on, learned from the calls this node
+    /// switched: the way back to a caller no route leads to (yet, or any more).
     return_paths: Mutex<return_paths::ReturnPaths>,
     /// Links let go of (pruned, refused as full, or replaced) while they linger open: their
     /// peers still read them, so a reply for a peer that has no other way goes on one as a last
