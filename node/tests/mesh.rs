@@ -619,6 +619,12 @@ async fn raw_link(
     (me, tx, rx)
 }
 
+/// A node that keeps the one link it dials and cannot be dialed itself (a small mesh would
+/// otherwise link everyone to it): the rest of the mesh reaches it through that link.
+fn one_link_undialable(c: &mut NodeConfig) {
+    (c.mesh.min_links, c.mesh.max_links, c.mesh.no_listen) = (1, 1, true);
+}
+
 /// The gear `count`, whose port `hit` counts the calls that ran (and returns the count so far).
 fn count_gear() -> (Gear, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
@@ -826,10 +832,7 @@ async fn a_reply_goes_back_the_way_its_call_came_when_no_route_leads_to_the_call
     // The callee links to s2 alone, and cannot be dialed (a small mesh links everyone).
     let s1 = node(dir.path(), "s1", &[], vec![], vec![]).await;
     let s2 = node(dir.path(), "s2", &[], vec![], vec![wss(&s1)]).await;
-    let callee = node_with(dir.path(), "callee", &[], vec![count], vec![wss(&s2)], |c: &mut NodeConfig| {
-        (c.mesh.min_links, c.mesh.max_links, c.mesh.no_listen) = (1, 1, true);
-    })
-    .await;
+    let callee = node_with(dir.path(), "callee", &[], vec![count], vec![wss(&s2)], one_link_undialable).await;
     let callee_id = callee.mesh().id().to_string();
     eventually("s1 reaches the callee through s2", 20, || {
         s1.mesh().view().nodes.iter().any(|n| n.id == callee_id && n.route.as_ref().is_some_and(|r| r.hops == 2))
@@ -861,10 +864,7 @@ async fn a_switch_holds_replies_for_a_congested_link_instead_of_losing_them() {
     let (count, runs) = count_gear();
     let switch = node_with(dir.path(), "switch", &[], vec![], vec![], |c: &mut NodeConfig| c.mesh.send_queue = 1).await;
     // The callee links to the switch alone and cannot be dialed; the caller keeps one link.
-    let callee = node_with(dir.path(), "callee", &[], vec![count], vec![wss(&switch)], |c: &mut NodeConfig| {
-        (c.mesh.min_links, c.mesh.max_links, c.mesh.no_listen) = (1, 1, true);
-    })
-    .await;
+    let callee = node_with(dir.path(), "callee", &[], vec![count], vec![wss(&switch)], one_link_undialable).await;
     let caller = node_with(dir.path(), "caller", &[], vec![], vec![wss(&switch)], |c: &mut NodeConfig| {
         (c.mesh.min_links, c.mesh.max_links) = (1, 1);
     })

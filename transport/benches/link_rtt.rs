@@ -265,6 +265,14 @@ fn call(size: usize) -> Frame {
     Frame::Call(c)
 }
 
+/// One row for a link: dialed to `url`, round trips of `frame`, then echo throughput.
+async fn link_row(dialer: &Dialer, url: &str, frame: Frame, system: &'static str, size: usize) -> Row {
+    let link = dialer.dial(url).await.expect("link");
+    let (link, p50, p99) = link_rtt(link, &frame).await;
+    let fps = link_throughput(link, &frame).await;
+    Row { system, size, p50, p99, fps }
+}
+
 /// Round trips on `link`, measured from a spawned task, as a node's callers run (a runtime's
 /// `block_on` future is polled differently: waking it makes the runtime poll for I/O first).
 async fn link_rtt(link: Link, frame: &Frame) -> (Link, f64, f64) {
@@ -494,53 +502,29 @@ fn main() {
                 echo_task.abort();
                 rows.push(Row { system: "in-memory link (driver cost, no IO)", size, p50, p99, fps });
             }
+            let wss_url = format!("wss://localhost:{}", servers.wss_addr.port());
+            let quic_url = format!("quic://localhost:{}", servers.quic_addr.port());
             if want("wss") {
-                let wss = dialer.dial(&format!("wss://localhost:{}", servers.wss_addr.port())).await.expect("wss");
-                let (wss, p50, p99) = link_rtt(wss, &gossip(size)).await;
-                let fps = link_throughput(wss, &gossip(size)).await;
-                rows.push(Row { system: "WSS link", size, p50, p99, fps });
+                rows.push(link_row(&dialer, &wss_url, gossip(size), "WSS link", size).await);
             }
             if want("wss-handler") {
-                let url = format!("wss://localhost:{}", servers.wss_addr.port());
-                let wss = handler_dialer.dial(&url).await.expect("wss");
-                let (wss, p50, p99) = link_rtt(wss, &gossip(size)).await;
-                let fps = link_throughput(wss, &gossip(size)).await;
-                rows.push(Row {
-                    system: "WSS link, echo in the link's handler (as a node serves)",
-                    size,
-                    p50,
-                    p99,
-                    fps,
-                });
+                let system = "WSS link, echo in the link's handler (as a node serves)";
+                rows.push(link_row(&handler_dialer, &wss_url, gossip(size), system, size).await);
             }
             if want("raw-quic") {
                 let (p50, p99, fps) = raw_quic_rtt(servers.raw_quic_addr, &ca, size).await;
                 rows.push(Row { system: "raw quinn stream ping-pong (QUIC floor)", size, p50, p99, fps });
             }
             if want("quic") {
-                let quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
-                let (quic, p50, p99) = link_rtt(quic, &gossip(size)).await;
-                let fps = link_throughput(quic, &gossip(size)).await;
-                rows.push(Row { system: "QUIC link, control stream (gossip)", size, p50, p99, fps });
+                rows.push(link_row(&dialer, &quic_url, gossip(size), "QUIC link, control stream (gossip)", size).await);
             }
             if want("quic-handler") {
-                let url = format!("quic://localhost:{}", servers.quic_addr.port());
-                let quic = handler_dialer.dial(&url).await.expect("quic");
-                let (quic, p50, p99) = link_rtt(quic, &gossip(size)).await;
-                let fps = link_throughput(quic, &gossip(size)).await;
-                rows.push(Row {
-                    system: "QUIC link, echo in the link's handler (as a node serves)",
-                    size,
-                    p50,
-                    p99,
-                    fps,
-                });
+                let system = "QUIC link, echo in the link's handler (as a node serves)";
+                rows.push(link_row(&handler_dialer, &quic_url, gossip(size), system, size).await);
             }
             if want("quic-call") {
-                let quic = dialer.dial(&format!("quic://localhost:{}", servers.quic_addr.port())).await.expect("quic");
-                let (quic, p50, p99) = link_rtt(quic, &call(size.max(140))).await;
-                let fps = link_throughput(quic, &call(size.max(140))).await;
-                rows.push(Row { system: "QUIC link, stream per call", size: size.max(140), p50, p99, fps });
+                let size = size.max(140);
+                rows.push(link_row(&dialer, &quic_url, call(size), "QUIC link, stream per call", size).await);
             }
         }
         rows

@@ -282,7 +282,7 @@ enum Unforwarded {
 const HOLD_REPLY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes of replies a switch holds for congested links at once, at most (see
 /// [`Inner::forward_reply`]).
-pub(crate) const MAX_HELD_REPLY_BYTES: usize = 64 * 1024 * 1024;
+const MAX_HELD_REPLY_BYTES: usize = 64 * 1024 * 1024;
 
 impl Inner {
     /// Sends a routed frame one hop further. Never waits: a switch must not hold up the link the

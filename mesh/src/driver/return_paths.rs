@@ -2,15 +2,16 @@
 //! where a station is from the frames it sends.
 //!
 //! Routes spread through the mesh by gossip, one link at a time, so for a moment after a node
-//! joins, a switch in the middle of a path may already pass a call towards its callee but not
-//! yet know any route back to the caller. Without help it would drop the reply, and the caller
-//! would wait for its deadline. So a switch that passes on a call from a node it has no route
-//! to remembers the link the call came in on, and sends frames for that node (the reply, first
-//! of all) back over it until the core knows a route of its own. The callee does the same with
-//! the link a call came in on.
+//! joins, or after a link on the way is pruned, a switch in the middle of a path may pass a call
+//! towards its callee but know no route back to the caller when the reply comes. Without help it
+//! would drop the reply, and the caller would wait for its deadline. So a switch remembers the
+//! link the calls from each caller came in on, and sends frames for a caller that find no route
+//! (the reply, first of all) back over it. The callee does the same with the link a call came
+//! in on.
 //!
-//! Pure data, driven with explicit instants: the driver asks it only when neither a link nor
-//! the core has a route.
+//! Pure data, driven with explicit instants: the driver tells it of switched calls (see
+//! `LinkFrames::note_switched_call`) and asks it only when neither a link nor the core has a
+//! route.
 
 use std::time::Duration;
 
