@@ -36,7 +36,7 @@ pub use frame::{
     ReplyResult, Route,
 };
 pub use link::{
-    CloseReason, FrameHandler, HandshakeError, HelloCheck, Initiator, Link, LinkConfig, LinkError, LinkReceiver,
-    LinkSender, LinkSetup, PeerInfo, SendError, TransportKind, TrySendError,
+    CloseReason, FrameHandler, HandshakeError, HelloCheck, Initiator, Link, LinkConfig, LinkError, LinkId,
+    LinkReceiver, LinkSender, LinkSetup, PeerInfo, SendError, TransportKind, TrySendError,
 };
 pub use node_id::{InvalidNodeId, NodeId};

@@ -497,6 +497,50 @@ async fn each_senders_frames_keep_their_order_under_concurrency(t: Transport) {
     }
 }
 
+/// Frames still in a link's send queue when it closes were never written: `take_unsent` hands
+/// them back, whole and in the order they were queued, once, so that a caller can send them
+/// elsewhere instead of losing them. Here the peer reads nothing, the queue fills, and then the
+/// peer closes the link.
+async fn frames_queued_when_the_link_closes_are_handed_back_unsent(t: Transport) {
+    const QUEUE: usize = 8;
+    let mut a_setup = setup(1);
+    a_setup.config.send_queue = QUEUE;
+    let mut deaf = setup(2);
+    deaf.config.recv_queue = 1;
+    let (a, b, _f) = connect(t, a_setup, deaf).await.expect("connect");
+    let big = |i: u64| call(i, Bytes::from(vec![u8::try_from(i % 251).expect("small"); 256 * 1024]));
+    let mut queued = 0u64;
+    let mut full = false;
+    while !full && queued < 2000 {
+        match a.try_send(&big(queued)) {
+            Ok(()) => {
+                queued += 1;
+                tokio::task::yield_now().await;
+            }
+            Err(TrySendError::Full) => full = true,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(full, "the send queue never filled");
+    assert!(a.sender().take_unsent().is_empty(), "nothing is handed back while the link is open");
+    let id = a.sender().id();
+    assert_eq!(a.sender().clone().id(), id, "one link, one id");
+    assert_ne!(b.sender().id(), id, "each end its own id");
+
+    b.close(CloseCode::NORMAL, "going away").await;
+    tokio::time::timeout(WAIT, a.closed()).await.expect("a sees the close");
+    assert!(a.sender().is_closed());
+    let unsent = a.sender().take_unsent();
+    assert!(!unsent.is_empty() && unsent.len() <= QUEUE, "{} frames handed back", unsent.len());
+    let first = queued - unsent.len() as u64;
+    for (k, raw) in (0u64..).zip(&unsent) {
+        let frame = gearmesh_transport::frame::decode(raw, usize::MAX).expect("a whole frame");
+        assert!(frame == big(first + k), "frame {} is the one queued {}th", first + k, first + k);
+    }
+    assert!(a.sender().take_unsent().is_empty(), "handed back once");
+    assert_eq!(a.try_send(&big(0)), Err(TrySendError::Send(SendError::Closed)));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -513,6 +557,7 @@ macro_rules! suite {
 
 suite!(
     frames_flow_both_ways,
+    frames_queued_when_the_link_closes_are_handed_back_unsent,
     a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes,
     a_panicking_handler_closes_its_link_and_hears_on_closed,
     a_handler_takes_the_routed_frames_it_asks_for_raw_and_a_malformed_one_closes_the_link,

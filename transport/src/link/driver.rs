@@ -81,6 +81,7 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
     let tx: SharedTx<T> = Arc::new(tokio::sync::Mutex::new(Some(tx)));
     let direct: Option<Arc<dyn DirectWrite>> = if T::DIRECT { Some(Arc::new(Direct(Arc::clone(&tx)))) } else { None };
     let shared = Arc::new(Shared {
+        id: super::LinkId::next(),
         peer,
         rtt_micros: AtomicU64::new(0),
         closed: watch::Sender::new(None),
@@ -93,6 +94,7 @@ pub(crate) fn start<T: WireTx, R: WireRx>(
         queued: AtomicUsize::new(0),
         direct_used: AtomicBool::new(false),
         direct_ok: AtomicBool::new(true),
+        unsent: Mutex::new(Vec::new()),
     });
     tokio::spawn(run(tx, rx, Arc::clone(&shared), out_rx, ctrl_rx, in_tx, config.clone(), permit));
     Link {
@@ -144,6 +146,18 @@ async fn run<T: WireTx, R: WireRx>(
         o = timer(&shared, &config, &clock) => o,
     };
     let peer = shared.peer.node_id;
+    // Nothing is queued from now on; what is queued was never written, and goes back to the
+    // senders' side (`LinkSender::take_unsent`) instead of being lost with the queue.
+    out_rx.close();
+    let mut unsent = Vec::new();
+    while let Ok(bytes) = out_rx.try_recv() {
+        unsent.push(bytes);
+    }
+    shared.queued.fetch_sub(unsent.len(), Ordering::AcqRel);
+    if !unsent.is_empty() {
+        tracing::debug!(%peer, frames = unsent.len(), "frames queued but not written at the close");
+    }
+    *lock(&shared.unsent) = unsent;
     if outcome.reason.code.is_orderly() {
         tracing::debug!(%peer, reason = %outcome.reason, "link closed");
     } else {

@@ -171,9 +171,28 @@ pub enum TrySendError {
     Send(#[from] SendError),
 }
 
+/// Identifies one link among all the links this process opened: two senders with the same id
+/// send on the same connection. Ids are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId(u64);
+
+impl LinkId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        LinkId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for LinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "link#{}", self.0)
+    }
+}
+
 /// State shared by the halves of a link and its driver.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    pub(crate) id: LinkId,
     pub(crate) peer: PeerInfo,
     /// Smoothed RTT in microseconds; 0 until the first pong.
     pub(crate) rtt_micros: AtomicU64,
@@ -201,6 +220,9 @@ pub(crate) struct Shared {
     /// The driver's last batch was a single frame: the link is not under a pipelined load.
     /// Under load (batches of several frames) senders queue, so every write stays a batch.
     pub(crate) direct_ok: AtomicBool,
+    /// Frames still queued when the link closed, never written: set by the driver before it
+    /// reports the close, taken by [`LinkSender::take_unsent`].
+    pub(crate) unsent: Mutex<Vec<Bytes>>,
 }
 
 /// The hand-over of a [`FrameHandler`] from [`LinkReceiver::into_handler`] to the driver.
@@ -424,6 +446,27 @@ impl LinkSender {
     /// The smoothed round-trip time from heartbeats; `None` before the first pong.
     pub fn rtt(&self) -> Option<Duration> {
         self.shared.rtt()
+    }
+
+    /// This link's id: the same for every clone of this sender, and for its receiver.
+    pub fn id(&self) -> LinkId {
+        self.shared.id
+    }
+
+    /// Whether the link has closed (nothing sent on it from now on arrives).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.borrow().is_some()
+    }
+
+    /// The frames that were still in the send queue when the link closed, as encoded, in the
+    /// order they were queued: the peer never got them, so they may be sent again elsewhere
+    /// (a call among them surely did not run). At most the send queue's length. The first call
+    /// after the close takes them all; later calls, and calls while the link is open, get none.
+    ///
+    /// A frame already handed to the transport when the connection broke is not among them:
+    /// whether the peer got it is unknown.
+    pub fn take_unsent(&self) -> Vec<Bytes> {
+        std::mem::take(&mut *driver::lock(&self.shared.unsent))
     }
 }
 

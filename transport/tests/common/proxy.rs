@@ -1,5 +1,6 @@
 //! Loopback proxies that can blackhole traffic (forward nothing, close nothing), to freeze a
-//! peer as seen from the other side.
+//! peer as seen from the other side. Self-contained: the node's mesh tests include this file
+//! too (`#[path]`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,13 +9,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::net::AbortOnDrop;
-
 /// A running proxy; `blackhole()` silently drops everything from then on.
 pub struct Proxy {
     pub addr: SocketAddr,
     hole: Arc<AtomicBool>,
     _task: AbortOnDrop,
+}
+
+/// Stops the proxy's task when the proxy is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Proxy {
