@@ -2,6 +2,9 @@
 //! temporary directory, WebSocket and QUIC links, remote calls, events, switching, leaving.
 
 mod common;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../transport/tests/common/proxy.rs"]
+mod proxy;
 
 use common::{eventually, sees, wss};
 
@@ -593,6 +596,70 @@ async fn a_caller_that_gives_up_stops_the_remote_work() {
     assert_eq!(started.load(Ordering::SeqCst), 2);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A call whose link breaks fails `unavailable` as soon as the link's heartbeats notice, although
+/// the callee's node stays reachable through a third node: the broken link may have lost the
+/// call or its reply, so the caller does not wait for its deadline (a broken connection fails
+/// its requests). A call made right after reaches b through c and is answered that way, even
+/// before b has noticed that the link is dead. The link from a to b runs through a proxy that
+/// starts dropping everything.
+#[tokio::test]
+async fn a_call_whose_link_breaks_fails_at_once_instead_of_waiting_for_its_deadline() {
+    use gearmesh::gears::{CallOptions, ErrorCode};
+    use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Arc::new(AtomicUsize::new(0));
+    let hang = {
+        let started = started.clone();
+        Gear::new("hang")
+            .port("forever", move |_ctx: Ctx, _: Value| {
+                let started = started.clone();
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                    Ok(0u64)
+                }
+            })
+            .port("now", |_ctx: Ctx, x: u64| async move { Ok(x + 1) })
+    };
+    let c = node(dir.path(), "c", &[], vec![], vec![]).await;
+    let b = node(dir.path(), "b", &[], vec![hang], vec![wss(&c)]).await;
+    let b_addr = wss(&b);
+    let b_port: u16 = b_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("b's port");
+    let proxy = proxy::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], b_port))).await;
+    let a = node(dir.path(), "a", &[], vec![], vec![format!("wss://127.0.0.1:{}", proxy.addr.port())]).await;
+    let linked = |n: &RunningNode, peer: &RunningNode| {
+        let (view, peer) = (n.mesh().view(), peer.mesh().id().to_string());
+        view.nodes.iter().any(|x| x.id == view.me && x.links.iter().any(|l| l.peer == peer && l.rtt_us.is_some()))
+    };
+    eventually("a links to b (through the proxy) and to c", 15, || {
+        sees(&a, &["hang"]) && linked(&a, &b) && linked(&a, &c) && linked(&b, &c)
+    })
+    .await;
+    let ctx = a.ctx(Principal::anonymous());
+    let long = CallOptions::default().timeout(Duration::from_secs(120));
+    let call = {
+        let ctx = ctx.clone();
+        let long = long.clone();
+        tokio::spawn(async move { ctx.call_with::<_, u64>("hang", "forever", &Value::Null, long).await })
+    };
+    eventually("the call runs on b", 10, || started.load(Ordering::SeqCst) == 1).await;
+    proxy.blackhole();
+    let failed = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call fails when its link breaks, long before its deadline")
+        .expect("task");
+    let e = failed.expect_err("no reply can come");
+    assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
+    // b was reachable all along, through c. This call is made at once, while b may not have
+    // noticed yet that its end of the link is dead: b answers the way the call came, not on it.
+    let soon = CallOptions::default().timeout(Duration::from_secs(20));
+    let through_c = ctx.call_with::<_, u64>("hang", "now", &1u64, soon).await.expect("b answers through c");
+    assert_eq!(through_c, 2);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
 }
 
 /// A link to `node` from a test posing as a node of its own (a fresh id), over `url` (WSS or

@@ -13,7 +13,7 @@ use gearmesh_gears::{
     WireBody, host::Start,
 };
 use gearmesh_transport::{
-    BodyKind, Call, CallRef, Cancel, Event, Frame, LinkSender, Reply, ReplyResult, Route, TrySendError, frame,
+    BodyKind, Call, CallRef, Cancel, Event, Frame, LinkId, LinkSender, Reply, ReplyResult, Route, TrySendError, frame,
 };
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
@@ -24,6 +24,8 @@ use crate::core::NodeId;
 #[derive(Debug)]
 pub(crate) struct Pending {
     dst: NodeId,
+    /// The link the call went out on.
+    via: LinkId,
     tx: oneshot::Sender<Result<Payload, CallError>>,
 }
 
@@ -73,6 +75,7 @@ impl CallTable {
     fn insert(
         &self,
         dst: NodeId,
+        via: LinkId,
         max: usize,
     ) -> Result<(u64, oneshot::Receiver<Result<Payload, CallError>>), CallError> {
         let (tx, rx) = oneshot::channel();
@@ -81,7 +84,7 @@ impl CallTable {
         if pending.len() >= max {
             return Err(CallError::overloaded(format!("{max} remote calls are already waiting for replies")));
         }
-        pending.insert(id, Pending { dst, tx });
+        pending.insert(id, Pending { dst, via, tx });
         Ok((id, rx))
     }
 
@@ -97,8 +100,8 @@ impl CallTable {
         }
     }
 
-    fn fail_where(&self, message: &str, mut pred: impl FnMut(NodeId) -> bool) {
-        let ids: Vec<u64> = lock(&self.pending).iter().filter(|(_, p)| pred(p.dst)).map(|(id, _)| *id).collect();
+    fn fail_where(&self, message: &str, mut pred: impl FnMut(&Pending) -> bool) {
+        let ids: Vec<u64> = lock(&self.pending).iter().filter(|(_, p)| pred(p)).map(|(id, _)| *id).collect();
         for id in ids {
             self.complete(id, Err(CallError::unavailable(message)));
         }
@@ -106,12 +109,27 @@ impl CallTable {
 
     /// Fails every call to `dst` with `unavailable`.
     pub(crate) fn fail_to(&self, dst: NodeId, message: &str) {
-        self.fail_where(message, |d| d == dst);
+        self.fail_where(message, |p| p.dst == dst);
+    }
+
+    /// Fails every call that went out on `link` with `unavailable`.
+    pub(crate) fn fail_via(&self, link: LinkId, message: &str) {
+        self.fail_where(message, |p| p.via == link);
+    }
+
+    /// Notes that call `id` was sent again, on `via`; `false` if nobody waits for it any more.
+    fn resent(&self, id: u64, via: LinkId) -> bool {
+        lock(&self.pending).get_mut(&id).map(|p| p.via = via).is_some()
+    }
+
+    /// Whether call `id` still waits for its reply.
+    fn is_pending(&self, id: u64) -> bool {
+        lock(&self.pending).contains_key(&id)
     }
 
     /// Fails every call whose destination has no route any more.
     pub(crate) fn fail_unroutable(&self, mut routable: impl FnMut(NodeId) -> bool) {
-        self.fail_where("no route to the node running the call", |d| !routable(d));
+        self.fail_where("no route to the node running the call", |p| !routable(p.dst));
     }
 
     /// Fails every pending call.
@@ -187,7 +205,7 @@ impl Mesh {
             return Err(CallError::unavailable(format!("no route to node {dst}")));
         };
         inner.count_for_shortcut(dst, tx.peer().node_id != to_link(dst), now);
-        let (id, rx) = inner.calls.insert(dst, inner.config.max_pending_calls)?;
+        let (id, rx) = inner.calls.insert(dst, tx.id(), inner.config.max_pending_calls)?;
         let mut guard = PendingGuard { inner: inner.clone(), id, dst, armed: true };
         // Encoded straight from the call's parts: no owned copies of its strings first.
         let caller = principal_to_wire(&call.meta.caller);
@@ -359,6 +377,65 @@ impl Inner {
         });
     }
 
+    /// Sends on the frames a closed link never wrote ([`LinkSender::take_unsent`]): none reached
+    /// the link's peer, so none is lost for want of a resend. A call of this node's goes out
+    /// again on the route there is now, or fails `unavailable` at once (it surely did not run);
+    /// another node's call goes on, or its caller is answered `unavailable` at once; replies,
+    /// cancels and events go on as a switch passes them. Gossip is left: the core sends its
+    /// state again.
+    pub(super) fn send_unsent(self: &Arc<Self>, frames: Vec<Bytes>) {
+        for raw in frames {
+            let frame = match frame::decode(&raw, usize::MAX) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(error = %e, "an unsent frame does not decode");
+                    continue;
+                }
+            };
+            match frame {
+                Frame::Call(c) if to_core(c.route.src) == self.id => self.resend_call(&c.route, c.call_id, raw),
+                Frame::Call(c) => {
+                    let (route, call_id) = (c.route, c.call_id);
+                    if self.forward(&route, Frame::Call(c), false).is_err()
+                        && let Some(back) = self.route_or_lingering(to_core(route.src))
+                    {
+                        let e =
+                            CallError::unavailable("the link towards the called node closed before the call went on");
+                        self.reply(&route, &back, call_id, Err(e));
+                    }
+                }
+                Frame::Reply(r) => self.forward_reply(r),
+                Frame::Cancel(c) => {
+                    let route = c.route;
+                    let _best_effort = self.forward(&route, Frame::Cancel(c), true);
+                }
+                Frame::Event(e) => {
+                    let route = e.route;
+                    let _at_most_once = self.forward(&route, Frame::Event(e), false);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends this node's call `call_id` again, as `raw`, on the route towards `route.dst` there
+    /// is now; fails it `unavailable` if there is none or it has no room.
+    fn resend_call(&self, route: &Route, call_id: u64, raw: Bytes) {
+        if !self.calls.is_pending(call_id) {
+            return;
+        }
+        let dst = to_core(route.dst);
+        if let Some(tx) = self.route_to(dst)
+            && tx.try_send_raw(raw).is_ok()
+        {
+            self.calls.resent(call_id, tx.id());
+            tracing::debug!(node = %dst, call = call_id, "a call its link never sent went out on another");
+            return;
+        }
+        let e = format!("the link towards node {dst} closed before the call was sent, and no other route has room");
+        self.calls.complete(call_id, Err(CallError::unavailable(e)));
+    }
+
     /// Switches a routed frame for another node on as the bytes it came in (its hop count
     /// raised), without decoding and encoding it again: what a switch does with almost every
     /// frame. One that cannot go on (hop limit, no route, a congested link) takes the decoding
@@ -454,9 +531,17 @@ impl Inner {
         };
         let route = Route { src: to_link(self.id), dst: to.src, hops: 0 };
         let frame = Frame::Reply(Reply { route, call_id, result });
-        // Prefer the shortest path; a caller we have no record of yet is answered on the link the
-        // call came in on.
-        let tx = self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone());
+        // Back the way the call came, while that link is in the table: the call just crossed
+        // it, and the caller's own choice of path says which of our links to it it still trusts.
+        // A caller that has given up on its direct link to us (it broke, as the caller saw it)
+        // sends through a switch, and a reply on that link, which this node may not yet know to
+        // be broken, would be lost. Otherwise (the link is being let go of) the shortest path,
+        // and the link the call came on when there is none.
+        let tx = if self.is_current(via) {
+            via.clone()
+        } else {
+            self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone())
+        };
         (tx, frame)
     }
 

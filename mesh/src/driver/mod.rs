@@ -567,7 +567,8 @@ impl Inner {
         }
         let via = lock(&self.return_paths).via(dst, Instant::now());
         let lingering = lock(&self.lingering);
-        lingering.get(&dst).or_else(|| via.and_then(|v| lingering.get(&v))).map(|(_, tx)| tx.clone())
+        let open = |v: &NodeId| lingering.get(v).filter(|(_, tx)| !tx.is_closed());
+        open(&dst).or_else(|| via.as_ref().and_then(open)).map(|(_, tx)| tx.clone())
     }
 
     /// Notes that a call from `src` came in on the link to `via`: frames for `src` that find no
@@ -578,6 +579,12 @@ impl Inner {
             tracing::debug!(node = %src, %via, "return path learned from a call, with no route to its caller");
             self.routes_touched();
         }
+    }
+
+    /// Whether `tx` is the link in the table for its peer (not one being let go of).
+    pub(crate) fn is_current(&self, tx: &LinkSender) -> bool {
+        let links = self.links.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        links.get(&to_core(tx.peer().node_id)).is_some_and(|e| e.tx.id() == tx.id())
     }
 
     pub(crate) fn sender(&self, peer: NodeId) -> Option<LinkSender> {
@@ -707,6 +714,10 @@ impl Inner {
                             | DisconnectReason::PeerGone
                             | DisconnectReason::Leaving
                             | DisconnectReason::Protocol => {
+                                if reason != DisconnectReason::Leaving {
+                                    // Given up on as broken: see `LinkFrames::on_closed`.
+                                    self.calls.fail_via(e.tx.id(), LINK_BROKE);
+                                }
                                 tokio::spawn(async move {
                                     e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
                                 });
@@ -819,6 +830,12 @@ impl Inner {
         });
     }
 }
+
+/// Why a call that went out on a link that broke (a transport error, or heartbeats or the
+/// core's probes timed out) fails: the link may have lost the call or its reply, and a reply
+/// coming some other way is not to be counted on, so the call fails now, as a broken connection
+/// fails its requests, instead of waiting for its deadline.
+const LINK_BROKE: &str = "the link the call went out on broke; the call may or may not have run";
 
 /// How long a link replaced by another to the same peer, or pruned, stays open for frames
 /// already on it or sent before the peer heard.
@@ -939,6 +956,19 @@ impl FrameHandler for LinkFrames {
             let now = inner.now();
             inner.core().handle_link_down(now, peer, reason);
             inner.flush();
+        }
+        if inner.shutdown.is_cancelled() {
+            return;
+        }
+        // Frames still queued were never written: they go out on the routes there are now.
+        let unsent = self.tx.take_unsent();
+        if !unsent.is_empty() {
+            tracing::debug!(%peer, frames = unsent.len(), "sending on what the closed link never wrote");
+            inner.send_unsent(unsent);
+        }
+        // A link that broke may have lost what it had written (see `LINK_BROKE`).
+        if reason != LinkDownReason::Closed {
+            inner.calls.fail_via(self.tx.id(), LINK_BROKE);
         }
     }
 }
