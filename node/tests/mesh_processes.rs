@@ -1,6 +1,7 @@
 //! `gearmesh start` processes on loopback forming a mesh, as an operator runs them: joining by
 //! seeds over WSS and QUIC, a call reaching the one node that hosts a gear, a replica killed with
-//! -9 while calls run, and its restart rejoining.
+//! -9 while calls run, and its restart rejoining; a stopped (frozen) process detected, and back
+//! when resumed.
 
 mod common;
 
@@ -84,6 +85,41 @@ async fn processes_mesh_over_wss_and_quic_and_survive_a_kill_9() {
     let p2 = start(&["--name", "p2", "--gears", "echo", "--seed", &p1.link("wss://")]).await;
     wait_replicas(&http, p1.url(), "echo", 2).await;
     drop((p1, p2, p3, p4));
+}
+
+/// A stopped process (SIGSTOP: its sockets stay open, nothing answers) is a frozen peer: the
+/// node linked to it notices through heartbeats, drops the link, and a call made to the stopped
+/// node's gear meanwhile fails `unavailable` instead of hanging to its deadline. Resumed
+/// (SIGCONT), the node comes back and serves again without a restart.
+#[tokio::test]
+async fn a_stopped_process_is_detected_and_rejoins_when_resumed() {
+    let a = start(&["--name", "st-a", "--gears", "kv"]).await;
+    let b = start(&["--name", "st-b", "--gears", "echo", "--seed", &a.link("wss://")]).await;
+    let http = dev_ca_client();
+    wait_replicas(&http, a.url(), "echo", 1).await;
+    assert_eq!(call(&http, a.url(), "echo/echo", json!("before")).await, (200, None));
+    let links_of_a = || async {
+        let v = view(&http, a.url()).await;
+        let me = v["me"].clone();
+        v["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == me))
+            .and_then(|n| n["links"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    wait_until("a links to b", || async { links_of_a().await == 1 }).await;
+
+    signal(&b.proc.child, "STOP");
+    // Made while b is frozen: it must end (within its 10 s deadline) as `unavailable`.
+    let (status, code) = call(&http, a.url(), "echo/echo", json!("frozen")).await;
+    assert_eq!((status, code.as_deref()), (503, Some("unavailable")), "a call to a frozen node");
+    wait_until("a drops its link to the frozen b", || async { links_of_a().await == 0 }).await;
+
+    signal(&b.proc.child, "CONT");
+    wait_until("b serves again", || async { call(&http, a.url(), "echo/echo", json!("after")).await == (200, None) })
+        .await;
+    wait_until("a links to b again", || async { links_of_a().await == 1 }).await;
+    drop((a, b));
 }
 
 /// Polls `check` until it holds, or panics with `what` after 20 s.
