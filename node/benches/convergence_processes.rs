@@ -3,7 +3,8 @@
 //! links. Converged: every process's `GET /v1/nodes` shows all N nodes alive with every node's
 //! gears. Reports the time from the last process's start (it printed its address) to
 //! convergence, then kills one process (SIGKILL) and reports the time until every other one has
-//! declared it dead, for a few rounds.
+//! declared it dead, then does the same for a process stopped with SIGSTOP (frozen: its
+//! connections stay open and silent), for a few rounds.
 //!
 //! ```sh
 //! cargo bench -p gearmesh --bench convergence_processes
@@ -72,6 +73,36 @@ async fn declared_dead(http: &reqwest::Client, url: &str, name: &str) -> bool {
     nodes.iter().filter(|x| x["name"] == name).all(|x| x["state"] == "dead" || x["state"] == "left")
 }
 
+/// Polls every process but those in `skip` until each holds `procs[victim]` dead; whether all
+/// did within 60 s.
+async fn until_dead_everywhere(
+    http: &reqwest::Client,
+    procs: &[(Child, String)],
+    skip: &[usize],
+    victim: usize,
+) -> bool {
+    let name = format!("p{victim}");
+    let started = Instant::now();
+    let mut gone: Vec<bool> = (0..procs.len()).map(|i| skip.contains(&i)).collect();
+    while gone.iter().any(|g| !g) && started.elapsed() < Duration::from_secs(60) {
+        for (i, (_, url)) in procs.iter().enumerate() {
+            if !gone[i] {
+                gone[i] = declared_dead(http, url, &name).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gone.iter().all(|g| *g)
+}
+
+fn report(round: usize, what: &str, all: bool, since: Instant) {
+    println!(
+        "round {round}: {what} was {} {:.0} ms after the signal",
+        if all { "declared dead everywhere" } else { "NOT declared dead everywhere within 60 s:" },
+        since.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     gearmesh::install_crypto_provider();
@@ -119,28 +150,22 @@ async fn main() {
             last_started.elapsed().as_secs_f64() * 1000.0,
         );
         if converged {
-            // Kill one process (SIGKILL: no leave announced) and time until every other one
-            // has declared it dead (or forgotten it).
+            // Kill one process (SIGKILL: no leave announced; the kernel resets its connections)
+            // and time until every other one has declared it dead (or forgotten it).
             let victim = n / 2;
-            let victim_name = format!("p{victim}");
             let _ = procs[victim].0.kill().await;
             let killed = Instant::now();
-            let mut gone = vec![false; n];
-            gone[victim] = true;
-            while gone.iter().any(|g| !g) && killed.elapsed() < Duration::from_secs(60) {
-                for (i, (_, url)) in procs.iter().enumerate() {
-                    if !gone[i] {
-                        gone[i] = declared_dead(&http, url, &victim_name).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let all = gone.iter().all(|g| *g);
-            println!(
-                "round {round}: a killed process was {} {:.0} ms after the kill",
-                if all { "declared dead everywhere" } else { "NOT declared dead everywhere within 60 s:" },
-                killed.elapsed().as_secs_f64() * 1000.0
-            );
+            let gone = until_dead_everywhere(&http, &procs, &[victim], victim).await;
+            report(round, "a killed process", gone, killed);
+            // Then stop another (SIGSTOP: its connections stay open and silent, as for a machine
+            // that vanished), so only heartbeats and probes can tell.
+            let frozen = (victim + 1) % n;
+            let pid = procs[frozen].0.id().expect("running").to_string();
+            let stopped = std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill ran");
+            assert!(stopped.success(), "SIGSTOP sent");
+            let froze = Instant::now();
+            let gone = until_dead_everywhere(&http, &procs, &[victim, frozen], frozen).await;
+            report(round, "a stopped (frozen) process", gone, froze);
         }
         for (mut child, _) in procs {
             let _ = child.kill().await;

@@ -263,6 +263,12 @@ impl Core {
         }
     }
 
+    /// When the first link still open will have been silent for longer than `link_timeout`.
+    pub(super) fn next_link_deadline(&self) -> Option<Time> {
+        let after = self.config.link_timeout + std::time::Duration::from_millis(1);
+        self.links.values().map(|l| l.last_heard + after).min()
+    }
+
     /// Closes links that were silent for `link_timeout` and suspects their peers.
     pub(super) fn check_links(&mut self, now: Time) {
         let timeout = self.config.link_timeout;

@@ -292,12 +292,14 @@ impl Core {
             return;
         }
         self.check_suspicions(now);
+        // At its own deadline, not the next tick's: a silent link is given up `link_timeout`
+        // after it fell silent, and suspicion starts up to one gossip interval sooner.
+        self.check_links(now);
         if now < self.next_tick {
             self.finish(now);
             return;
         }
         self.next_tick = now + self.config.gossip_interval;
-        self.check_links(now);
         if self.own_dirty && now >= self.next_publish {
             self.next_publish = now + self.config.publish_interval;
             self.publish_own();
@@ -456,6 +458,9 @@ impl Core {
         let mut t = self.next_tick;
         if self.routes_urgent {
             t = t.min(self.next_urgent_route);
+        }
+        if let Some(silent) = self.next_link_deadline() {
+            t = t.min(silent);
         }
         Some(self.next_suspicion_deadline().map_or(t, |d| d.min(t)))
     }
