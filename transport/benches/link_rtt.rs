@@ -6,6 +6,8 @@
 //! TLS. Run unpinned and pinned:
 //!   cargo bench -p gearmesh-transport --bench link_rtt
 //!   taskset -c 0 cargo bench -p gearmesh-transport --bench link_rtt
+//! `GEARMESH_BENCH_TURNS=20` measures the round trips with the systems taking turns instead of
+//! one row after another (see `link_rtt/turns.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +22,9 @@ use gearmesh_transport::{
     Route, https,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+#[path = "link_rtt/turns.rs"]
+mod turns;
 
 const RTT_ROUNDS: usize = 10_000;
 
@@ -138,6 +143,21 @@ fn raw_quic_server(resolver: Arc<CertResolver>) -> quinn::Endpoint {
 /// The raw quinn ping-pong: one bidirectional stream, `size`-byte messages (the floor under
 /// QUIC links, which add framing, a control stream each way and the link driver).
 async fn raw_quic_rtt(addr: SocketAddr, ca: &DevCa, size: usize) -> (f64, f64, f64) {
+    let (_ep, conn, send, recv) = raw_quic_connect(addr, ca).await;
+    tokio::spawn(async move {
+        let (p50, p99) = ping_pong(&mut tokio::io::join(recv, send), size).await;
+        conn.close(0u32.into(), b"done");
+        (p50, p99, 0.0)
+    })
+    .await
+    .expect("round-trip task")
+}
+
+/// A quinn connection to the raw echo server at `addr`, with one bidirectional stream open.
+async fn raw_quic_connect(
+    addr: SocketAddr,
+    ca: &DevCa,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.add(ca.cert_der()).expect("root");
     let mut tls = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -147,13 +167,7 @@ async fn raw_quic_rtt(addr: SocketAddr, ca: &DevCa, size: usize) -> (f64, f64, f
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = ep.connect(addr, "localhost").expect("connect").await.expect("handshake");
     let (send, recv) = conn.open_bi().await.expect("stream");
-    tokio::spawn(async move {
-        let (p50, p99) = ping_pong(&mut tokio::io::join(recv, send), size).await;
-        conn.close(0u32.into(), b"done");
-        (p50, p99, 0.0)
-    })
-    .await
-    .expect("round-trip task")
+    (ep, conn, send, recv)
 }
 
 /// Echoes length-prefixed messages (a little-endian `u32` length, then that many bytes) until
@@ -468,6 +482,10 @@ fn main() {
     }
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    if let Some(turns) = std::env::var("GEARMESH_BENCH_TURNS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        rt.block_on(interleaved(&servers, &client, &ca, turns));
+        return;
+    }
     let rows = rt.block_on(async {
         let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(&client)).expect("quic");
         let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep.clone());
@@ -552,5 +570,73 @@ fn main() {
             r.fps,
             r.fps * r.size as f64 / 1e6
         );
+    }
+}
+
+/// The interleaved mode (`GEARMESH_BENCH_TURNS=N`, see [`turns`]): round trips only, the rows
+/// `GEARMESH_BENCH_ONLY` picks among tls, wss, wss-handler, raw-quic and quic, each size in turn.
+async fn interleaved(servers: &Servers, client: &ClientTls, ca: &DevCa, turns: usize) {
+    let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(client)).expect("quic");
+    let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep.clone());
+    let handler_dialer = Dialer::new(setup(HANDLER_ECHO_PEER.0[0]), client.clone()).with_quic(quic_ep);
+    let only = std::env::var("GEARMESH_BENCH_ONLY").ok();
+    let want = |row: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w == row));
+    let sizes: Vec<usize> = std::env::var("GEARMESH_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![64, 4096]);
+    let wss_url = format!("wss://localhost:{}", servers.wss_addr.port());
+    let quic_url = format!("quic://localhost:{}", servers.quic_addr.port());
+    let mut quinn_conns = Vec::new();
+    let mut systems = Vec::new();
+    for &size in &sizes {
+        if want("tls") {
+            let s = tls_client(servers.tls_addr, client).await;
+            systems.push(turns::Turns::spawn("raw TLS over TCP", size, turns::StreamPing::new(s, size)));
+        }
+        if want("wss") {
+            let link = dialer.dial(&wss_url).await.expect("link");
+            systems.push(turns::Turns::spawn("WSS link", size, turns::LinkPing { link, frame: gossip(size) }));
+        }
+        if want("wss-handler") {
+            let link = handler_dialer.dial(&wss_url).await.expect("link");
+            let ping = turns::LinkPing { link, frame: gossip(size) };
+            systems.push(turns::Turns::spawn("WSS link, echo in the handler", size, ping));
+        }
+        if want("raw-quic") {
+            let (ep, conn, send, recv) = raw_quic_connect(servers.raw_quic_addr, ca).await;
+            let ping = turns::StreamPing::new(tokio::io::join(recv, send), size);
+            systems.push(turns::Turns::spawn("raw quinn stream", size, ping));
+            quinn_conns.push((ep, conn));
+        }
+        if want("quic") {
+            let link = dialer.dial(&quic_url).await.expect("link");
+            let ping = turns::LinkPing { link, frame: gossip(size) };
+            systems.push(turns::Turns::spawn("QUIC link, control stream", size, ping));
+        }
+    }
+    let rounds = rtt_rounds();
+    let samples = turns::take_turns(&systems, WARMUP, rounds, turns).await;
+    println!("interleaved: {turns} turns of {} round trips per system, order rotating", rounds / turns.max(1));
+    println!("| system | frame | p50 RTT | x raw TLS | x raw quinn | p99 RTT |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let p50_of = |system: &str, size: usize| {
+        systems.iter().zip(&samples).find(|(t, _)| t.system == system && t.size == size).map(|(_, s)| pct(s, 0.5))
+    };
+    for (t, s) in systems.iter().zip(&samples) {
+        let p50 = pct(s, 0.5);
+        let ratio = |floor: Option<f64>| floor.map_or_else(|| "-".to_owned(), |f| format!("{:.2}x", p50 / f));
+        println!(
+            "| {} | {} B | {:.1} us | {} | {} | {:.1} us |",
+            t.system,
+            t.size,
+            p50,
+            ratio(p50_of("raw TLS over TCP", t.size)),
+            ratio(p50_of("raw quinn stream", t.size)),
+            pct(s, 0.99)
+        );
+    }
+    for (_ep, conn) in quinn_conns {
+        conn.close(0u32.into(), b"done");
     }
 }
