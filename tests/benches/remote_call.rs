@@ -17,6 +17,12 @@
 //!     cargo bench -p gearmesh-tests --bench remote_call
 //!     taskset -c 0 cargo bench -p gearmesh-tests --bench remote_call
 //!
+//! `GEARMESH_BENCH_TURNS=N` measures instead, between processes and one call in flight, the
+//! raw WSS echo, the relay, a direct call and a call through one switching hop with all four
+//! connections open at once and the four taking turns, N times over (see
+//! `transport/benches/link_rtt/turns.rs`): each p50 then comes from samples spread over the
+//! whole run, so the ratios do not carry the machine's drift between rows.
+//!
 //! `GEARMESH_BENCH_QUICK=1` runs a few hundred calls per row (a smoke run, not a measurement).
 //! `GEARMESH_BENCH_ONLY` (sections `floor`, `wss`, `quic`, `hop`, `procs`, `procs-wss`, ...),
 //! `GEARMESH_BENCH_DEPTHS` (1, 16, 256) and `GEARMESH_BENCH_CALLS` pick rows for profiling.
@@ -37,6 +43,10 @@ use gearmesh::{
 };
 use gearmesh_transport::tls::{CertResolver, ClientTls, ClientTrust, DevCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[allow(dead_code)]
+#[path = "../../transport/benches/link_rtt/turns.rs"]
+mod turns;
 
 /// The body size of a call and of an echo frame (length prefix included for the echo).
 const SIZE: usize = 64;
@@ -855,6 +865,87 @@ async fn mesh_rows(dir: &Path, floors: &[Floor], procs: bool) {
     }
 }
 
+/// A message sent on a raw WebSocket and its echo received.
+struct WsPing {
+    ws: tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    msg: Bytes,
+}
+
+impl turns::RoundTrip for WsPing {
+    async fn once(&mut self) {
+        use futures::{SinkExt, StreamExt};
+        self.ws.send(tokio_tungstenite::tungstenite::Message::Binary(self.msg.clone())).await.expect("send");
+        self.ws.next().await.expect("open").expect("echo");
+    }
+}
+
+/// One call to `bench.ping`.
+struct CallPing {
+    ctx: Ctx,
+    body: Bytes,
+}
+
+impl turns::RoundTrip for CallPing {
+    async fn once(&mut self) {
+        let _: Bytes = self.ctx.call("bench", "ping", &self.body).await.expect("call");
+    }
+}
+
+/// The interleaved mode (`GEARMESH_BENCH_TURNS`): between processes, one call in flight.
+async fn interleaved(dir: &Path, turn_count: usize) {
+    let dev_ca = DevCa::load_or_create(dir).expect("CA");
+    let client = ClientTls::new(&ClientTrust::dev_ca(&dev_ca)).expect("client tls");
+    let env = [("GEARMESH_BENCH_DIR", dir.display().to_string())];
+    let (wss_child, wss_addr) = spawn_child("wss-echo", &env);
+    let relay_env = [env[0].clone(), ("GEARMESH_BENCH_UPSTREAM", wss_addr.clone())];
+    let (relay_child, relay_addr) = spawn_child("wss-relay", &relay_env);
+    let b = Remote::spawn_process(dir, "b-wss", None, Shape::Wss, true);
+    let hop_b = Remote::spawn_process(dir, "b-hop", None, Shape::Wss, false);
+    let _hop_c = Remote::spawn_process(dir, "c-hop", Some(hop_b.link("wss://")), Shape::OneLink, true);
+    let a = start(config(dir, "a", vec![b.link("wss://")], |c| Shape::Wss.apply(c)), vec![]).await;
+    let hop_a = start(config(dir, "a-hop", vec![hop_b.link("wss://")], |c| Shape::OneLink.apply(c)), vec![]).await;
+    wait_route(&a, "bench", 1).await;
+    wait_route(&hop_a, "bench", 2).await;
+    let msg = Bytes::from(vec![0xabu8; SIZE]);
+    let body = Bytes::from(vec![0xcd; SIZE]);
+    let ws = |addr: String| {
+        let (client, msg) = (client.clone(), msg.clone());
+        async move { WsPing { ws: wss_connect(addr.parse().expect("address"), &client).await, msg } }
+    };
+    let systems = [
+        turns::Turns::spawn("raw WSS echo (floor)", SIZE, ws(wss_addr).await),
+        turns::Turns::spawn("raw WSS echo through a relay (hop floor)", SIZE, ws(relay_addr).await),
+        turns::Turns::spawn(
+            "direct call, WSS link",
+            SIZE,
+            CallPing { ctx: a.ctx(Principal::anonymous()), body: body.clone() },
+        ),
+        turns::Turns::spawn(
+            "one switching hop, WSS links",
+            SIZE,
+            CallPing { ctx: hop_a.ctx(Principal::anonymous()), body },
+        ),
+    ];
+    let (n, warm) = rounds();
+    let samples = turns::take_turns(&systems, warm, n, turn_count).await;
+    let p50: Vec<f64> = samples.iter().map(|s| pct(s, 0.5)).collect();
+    println!(
+        "interleaved, separate processes, 1 in flight: {turn_count} turns of {} each, order rotating",
+        n / turn_count.max(1)
+    );
+    println!("| system | p50 | x WSS floor | x relay floor | p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    for (i, (t, s)) in systems.iter().zip(&samples).enumerate() {
+        let relay = if i >= 1 { format!("{:.2}x", p50[i] / p50[1]) } else { "-".to_owned() };
+        println!("| {} | {:.1} us | {:.2}x | {relay} | {:.1} us |", t.system, p50[i], p50[i] / p50[0], pct(s, 0.99));
+    }
+    a.shutdown().await;
+    hop_a.shutdown().await;
+    for child in [relay_child, wss_child] {
+        stop_child(child);
+    }
+}
+
 fn main() {
     if child_main() {
         return;
@@ -870,6 +961,10 @@ fn main() {
     let echo = Echoes { tls: tls_echo_server(resolver), wss, relay, relay_cpu };
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    if let Some(t) = std::env::var("GEARMESH_BENCH_TURNS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        rt.block_on(interleaved(dir.path(), t));
+        return;
+    }
     rt.block_on(async move {
         let (n, _) = rounds();
         println!(
