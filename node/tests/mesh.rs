@@ -179,7 +179,9 @@ async fn nodes_not_linked_directly_reach_each_other_through_switches() {
 /// Known residue: about one run in thirty under load still loses one call in some 20,000-40,000
 /// (cause not yet located; see docs/mesh.md). Before the return paths, lingering links and the
 /// `Prune` notice, every run lost one or two. So a run that loses one is run once more, and the
-/// test fails if the second run loses any.
+/// test fails if the second run loses any. `GEARMESH_TEST_TRACE=PATH` writes the mesh's and the
+/// links' debug log of this test binary to `PATH.<pid>`, and a lost call is printed with its id
+/// and the time it was made, for finding the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_call_is_lost_while_the_mesh_forms_and_prunes_links() {
     no_call_lost_while_forming("wss").await;
@@ -213,6 +215,19 @@ async fn forming_mesh_calls(transport: &'static str) -> (u64, u64, u64) {
     };
 
     const NODES: usize = 6;
+    if let Ok(path) = std::env::var("GEARMESH_TEST_TRACE") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{path}.{}", std::process::id()))
+            .expect("trace file");
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .with_env_filter("gearmesh_mesh=debug,gearmesh_transport=debug")
+            .try_init();
+    }
+    let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
     let limit = |c: &mut NodeConfig| {
         c.mesh.min_links = 1;
@@ -242,13 +257,18 @@ async fn forming_mesh_calls(transport: &'static str) -> (u64, u64, u64) {
             while !stop.load(Ordering::Relaxed) {
                 let g = k % NODES;
                 k += 1;
+                let began = t0.elapsed();
                 match ctx.call_with::<_, String>(&format!("g{g}"), "who", &Value::Null, options.clone()).await {
                     Ok(who) => {
                         assert_eq!(who, format!("n{g}"));
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) if e.code().as_str() == "timeout" => {
-                        eprintln!("lost: {} -> g{g}: {e}", node.mesh().id());
+                        eprintln!(
+                            "lost: {} -> g{g} (made {began:?} after start, wall {:?}): {e}",
+                            node.mesh().id(),
+                            std::time::SystemTime::now()
+                        );
                         lost.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -272,6 +292,16 @@ async fn forming_mesh_calls(transport: &'static str) -> (u64, u64, u64) {
     let (ok, failed_fast, lost) =
         (ok.load(Ordering::Relaxed), failed_fast.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
     eprintln!("calls: {ok} answered, {failed_fast} failed at once, {lost} lost; {switched} frames switched");
+    if lost > 0 {
+        for n in &nodes {
+            let view = n.mesh().view();
+            eprintln!(
+                "node {} = {}",
+                view.me,
+                view.nodes.iter().find(|v| v.id == view.me).map_or("?", |v| v.name.as_str())
+            );
+        }
+    }
     assert!(ok > 100 && switched > 0, "calls ran, some through switches: {ok} answered, {switched} frames switched");
     // Every link the mesh made is over the transport asked for. A node may be between links
     // for a moment (its last one pruned or timed out on a busy machine, the next being dialed).

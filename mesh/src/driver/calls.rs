@@ -240,9 +240,10 @@ impl Mesh {
                 guard.armed = inner.calls.remove(id).is_some();
                 result
             }
-            Err(_elapsed) => {
-                Err(CallError::timeout(format!("{}/{} on node {dst} did not reply in time", call.gear, call.port)))
-            }
+            Err(_elapsed) => Err(CallError::timeout(format!(
+                "{}/{} on node {dst} did not reply in time (call {id})",
+                call.gear, call.port
+            ))),
         }
     }
 
@@ -471,6 +472,7 @@ impl Inner {
         let ok = route.hops <= self.config.max_hops;
         if !ok {
             Counters::bump(&self.counters.frames_dropped);
+            tracing::debug!(src = %to_core(route.src), dst = %to_core(route.dst), "routed frame dropped at the hop limit");
         }
         ok
     }
@@ -540,7 +542,9 @@ impl Inner {
         let tx = if self.is_current(via) {
             via.clone()
         } else {
-            self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone())
+            let tx = self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone());
+            tracing::debug!(caller = %to_core(to.src), call = call_id, next = %tx.peer().node_id, "reply not on the call's own link (let go of)");
+            tx
         };
         (tx, frame)
     }

@@ -568,7 +568,11 @@ impl Inner {
         let via = lock(&self.return_paths).via(dst, Instant::now());
         let lingering = lock(&self.lingering);
         let open = |v: &NodeId| lingering.get(v).filter(|(_, tx)| !tx.is_closed());
-        open(&dst).or_else(|| via.as_ref().and_then(open)).map(|(_, tx)| tx.clone())
+        let tx = open(&dst).or_else(|| via.as_ref().and_then(open)).map(|(_, tx)| tx.clone());
+        if let Some(t) = &tx {
+            tracing::debug!(node = %dst, via = %t.peer().node_id, "an answer with no route takes a lingering link");
+        }
+        tx
     }
 
     /// Notes that a call from `src` came in on the link to `via`: frames for `src` that find no
