@@ -678,22 +678,18 @@ async fn call_over_a_link_that_breaks(scheme: &str) {
     let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], b_port));
     let proxy = if scheme == "quic" { proxy::udp(upstream).await } else { proxy::tcp(upstream).await };
     let a = node(dir.path(), "a", &[], vec![], vec![format!("{scheme}://127.0.0.1:{}", proxy.addr.port())]).await;
-    let linked = |n: &RunningNode, peer: &RunningNode| {
+    // `n`'s own link to `peer`, once it has an RTT.
+    let link = |n: &RunningNode, peer: &RunningNode| {
         let (view, peer) = (n.mesh().view(), peer.mesh().id().to_string());
-        view.nodes.iter().any(|x| x.id == view.me && x.links.iter().any(|l| l.peer == peer && l.rtt_us.is_some()))
+        let me = view.nodes.into_iter().find(|x| x.id == view.me)?;
+        me.links.into_iter().find(|l| l.peer == peer && l.rtt_us.is_some())
     };
     eventually("a links to b (through the proxy) and to c", 15, || {
-        sees(&a, &["hang"]) && linked(&a, &b) && linked(&a, &c) && linked(&b, &c)
+        sees(&a, &["hang"]) && link(&a, &b).is_some() && link(&a, &c).is_some() && link(&b, &c).is_some()
     })
     .await;
-    let view = a.mesh().view();
-    let to_b = view
-        .nodes
-        .iter()
-        .filter(|x| x.id == view.me)
-        .flat_map(|x| &x.links)
-        .find(|l| l.peer == b.mesh().id().to_string());
-    assert_eq!(to_b.and_then(|l| l.transport.as_deref()), Some(scheme), "a's link to b is the proxied one");
+    let to_b = link(&a, &b).and_then(|l| l.transport);
+    assert_eq!(to_b.as_deref(), Some(scheme), "a's link to b is the proxied one");
     let ctx = a.ctx(Principal::anonymous());
     let long = CallOptions::default().timeout(Duration::from_secs(120));
     let call = {

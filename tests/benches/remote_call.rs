@@ -891,14 +891,29 @@ impl turns::RoundTrip for CallPing {
     }
 }
 
-/// The interleaved mode (`GEARMESH_BENCH_TURNS`): between processes, one call in flight.
-async fn interleaved(dir: &Path, turn_count: usize) {
+/// The floors' echo servers (TLS, WSS, and the relay to the WSS echo), each in a process of its
+/// own (this binary again), and a client trusting the CA in `dir`. Stop the processes with
+/// [`stop_child`].
+fn floor_processes(dir: &Path) -> (ClientTls, Echoes, [Child; 3]) {
     let dev_ca = DevCa::load_or_create(dir).expect("CA");
     let client = ClientTls::new(&ClientTrust::dev_ca(&dev_ca)).expect("client tls");
     let env = [("GEARMESH_BENCH_DIR", dir.display().to_string())];
+    let (tls_child, tls_addr) = spawn_child("tls-echo", &env);
     let (wss_child, wss_addr) = spawn_child("wss-echo", &env);
     let relay_env = [env[0].clone(), ("GEARMESH_BENCH_UPSTREAM", wss_addr.clone())];
     let (relay_child, relay_addr) = spawn_child("wss-relay", &relay_env);
+    let echo = Echoes {
+        tls: tls_addr.parse().expect("TLS echo address"),
+        wss: wss_addr.parse().expect("WSS echo address"),
+        relay: relay_addr.parse().expect("relay address"),
+        relay_cpu: Middle::Process(relay_child.id()),
+    };
+    (client, echo, [relay_child, tls_child, wss_child])
+}
+
+/// The interleaved mode (`GEARMESH_BENCH_TURNS`): between processes, one call in flight.
+async fn interleaved(dir: &Path, turn_count: usize) {
+    let (client, echo, children) = floor_processes(dir);
     let b = Remote::spawn_process(dir, "b-wss", None, Shape::Wss, true);
     let hop_b = Remote::spawn_process(dir, "b-hop", None, Shape::Wss, false);
     let _hop_c = Remote::spawn_process(dir, "c-hop", Some(hop_b.link("wss://")), Shape::OneLink, true);
@@ -908,13 +923,13 @@ async fn interleaved(dir: &Path, turn_count: usize) {
     wait_route(&hop_a, "bench", 2).await;
     let msg = Bytes::from(vec![0xabu8; SIZE]);
     let body = Bytes::from(vec![0xcd; SIZE]);
-    let ws = |addr: String| {
+    let ws = |addr: SocketAddr| {
         let (client, msg) = (client.clone(), msg.clone());
-        async move { WsPing { ws: wss_connect(addr.parse().expect("address"), &client).await, msg } }
+        async move { WsPing { ws: wss_connect(addr, &client).await, msg } }
     };
     let systems = [
-        turns::Turns::spawn("raw WSS echo (floor)", SIZE, ws(wss_addr).await),
-        turns::Turns::spawn("raw WSS echo through a relay (hop floor)", SIZE, ws(relay_addr).await),
+        turns::Turns::spawn("raw WSS echo (floor)", SIZE, ws(echo.wss).await),
+        turns::Turns::spawn("raw WSS echo through a relay (hop floor)", SIZE, ws(echo.relay).await),
         turns::Turns::spawn(
             "direct call, WSS link",
             SIZE,
@@ -941,9 +956,7 @@ async fn interleaved(dir: &Path, turn_count: usize) {
     }
     a.shutdown().await;
     hop_a.shutdown().await;
-    for child in [relay_child, wss_child] {
-        stop_child(child);
-    }
+    children.into_iter().for_each(stop_child);
 }
 
 fn main() {
@@ -952,6 +965,11 @@ fn main() {
     }
     gearmesh::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    if let Some(t) = std::env::var("GEARMESH_BENCH_TURNS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        rt.block_on(interleaved(dir.path(), t));
+        return;
+    }
     let ca = DevCa::generate().expect("CA");
     let cert = ca.issue(&["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("cert");
     let resolver = CertResolver::from_cert(&cert).expect("resolver");
@@ -960,11 +978,6 @@ fn main() {
     let (relay, relay_cpu) = wss_relay_server(Arc::clone(&resolver), wss, client.clone());
     let echo = Echoes { tls: tls_echo_server(resolver), wss, relay, relay_cpu };
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    if let Some(t) = std::env::var("GEARMESH_BENCH_TURNS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        rt.block_on(interleaved(dir.path(), t));
-        return;
-    }
     rt.block_on(async move {
         let (n, _) = rounds();
         println!(
@@ -980,23 +993,9 @@ fn main() {
         // The same between separate processes: the floors' echo servers and the other nodes
         // run in processes of their own (this binary again), node A stays here.
         if ["floor", "wss", "quic", "hop"].iter().any(|s| section_in(true, s)) {
-            let dev_ca = DevCa::load_or_create(dir.path()).expect("CA");
-            let client = ClientTls::new(&ClientTrust::dev_ca(&dev_ca)).expect("client tls");
-            let env = [("GEARMESH_BENCH_DIR", dir.path().display().to_string())];
-            let (tls_child, tls_addr) = spawn_child("tls-echo", &env);
-            let (wss_child, wss_addr) = spawn_child("wss-echo", &env);
-            let relay_env = [env[0].clone(), ("GEARMESH_BENCH_UPSTREAM", wss_addr.clone())];
-            let (relay_child, relay_addr) = spawn_child("wss-relay", &relay_env);
-            let echo = Echoes {
-                tls: tls_addr.parse().expect("TLS echo address"),
-                wss: wss_addr.parse().expect("WSS echo address"),
-                relay: relay_addr.parse().expect("relay address"),
-                relay_cpu: Middle::Process(relay_child.id()),
-            };
+            let (client, echo, children) = floor_processes(dir.path());
             let floors = measure_floors(&echo, &client, true).await;
-            for child in [relay_child, tls_child, wss_child] {
-                stop_child(child);
-            }
+            children.into_iter().for_each(stop_child);
             mesh_rows(dir.path(), &floors, true).await;
         }
     });

@@ -310,6 +310,28 @@ async fn link_rtt_in_task(link: &mut Link, frame: &Frame) -> (f64, f64) {
     rounds.p50_p99()
 }
 
+/// The link dialers: one whose links the echo servers answer from a task reading `recv()`, one
+/// ([`HANDLER_ECHO_PEER`]) whose links they answer from the link's handler. Both dial QUIC too.
+fn dialers(client: &ClientTls) -> (Dialer, Dialer) {
+    let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(client)).expect("quic");
+    let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep.clone());
+    (dialer, Dialer::new(setup(HANDLER_ECHO_PEER.0[0]), client.clone()).with_quic(quic_ep))
+}
+
+/// Whether the row `row` runs: `GEARMESH_BENCH_ONLY=tls,mem,wss,wss-handler,raw-quic,quic,
+/// quic-handler,quic-call` picks rows (for profiling one path); all of them when unset.
+fn want(row: &str) -> bool {
+    std::env::var("GEARMESH_BENCH_ONLY").map_or(true, |o| o.split(',').any(|w| w == row))
+}
+
+/// The frame sizes: `GEARMESH_BENCH_SIZES=64` picks some; 64 and 4096 B when unset.
+fn sizes() -> Vec<usize> {
+    std::env::var("GEARMESH_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![64, 4096])
+}
+
 /// `GEARMESH_BENCH_RTT_ONLY=1` skips the throughput runs (for profiling the round trip alone).
 fn rtt_only() -> bool {
     std::env::var_os("GEARMESH_BENCH_RTT_ONLY").is_some()
@@ -487,19 +509,9 @@ fn main() {
         return;
     }
     let rows = rt.block_on(async {
-        let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(&client)).expect("quic");
-        let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep.clone());
-        let handler_dialer = Dialer::new(setup(HANDLER_ECHO_PEER.0[0]), client.clone()).with_quic(quic_ep);
+        let (dialer, handler_dialer) = dialers(&client);
         let mut rows = Vec::new();
-        // `GEARMESH_BENCH_ONLY=tls,mem,wss,wss-handler,raw-quic,quic,quic-handler,quic-call` picks rows (for profiling one path);
-        // `GEARMESH_BENCH_SIZES=64` picks frame sizes.
-        let only = std::env::var("GEARMESH_BENCH_ONLY").ok();
-        let want = |row: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w == row));
-        let sizes: Vec<usize> = std::env::var("GEARMESH_BENCH_SIZES")
-            .ok()
-            .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
-            .unwrap_or_else(|| vec![64, 4096]);
-        for size in sizes {
+        for size in sizes() {
             // Alternate the systems within one run.
             if want("tls") {
                 let (p50, p99, fps) = tls_rtt(servers.tls_addr, &client, size).await;
@@ -576,15 +588,8 @@ fn main() {
 /// The interleaved mode (`GEARMESH_BENCH_TURNS=N`, see [`turns`]): round trips only, the rows
 /// `GEARMESH_BENCH_ONLY` picks among tls, wss, wss-handler, raw-quic and quic, each size in turn.
 async fn interleaved(servers: &Servers, client: &ClientTls, ca: &DevCa, turns: usize) {
-    let quic_ep = QuicEndpoint::bind("127.0.0.1:0".parse().expect("addr"), None, Some(client)).expect("quic");
-    let dialer = Dialer::new(setup(1), client.clone()).with_quic(quic_ep.clone());
-    let handler_dialer = Dialer::new(setup(HANDLER_ECHO_PEER.0[0]), client.clone()).with_quic(quic_ep);
-    let only = std::env::var("GEARMESH_BENCH_ONLY").ok();
-    let want = |row: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w == row));
-    let sizes: Vec<usize> = std::env::var("GEARMESH_BENCH_SIZES")
-        .ok()
-        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![64, 4096]);
+    let (dialer, handler_dialer) = dialers(client);
+    let sizes = sizes();
     let wss_url = format!("wss://localhost:{}", servers.wss_addr.port());
     let quic_url = format!("quic://localhost:{}", servers.quic_addr.port());
     let mut quinn_conns = Vec::new();

@@ -117,9 +117,11 @@ impl CallTable {
         self.fail_where(message, |p| p.via == link);
     }
 
-    /// Notes that call `id` was sent again, on `via`; `false` if nobody waits for it any more.
-    fn resent(&self, id: u64, via: LinkId) -> bool {
-        lock(&self.pending).get_mut(&id).map(|p| p.via = via).is_some()
+    /// Notes that call `id`, if anyone still waits for it, was sent again on `via`.
+    fn resent(&self, id: u64, via: LinkId) {
+        if let Some(p) = lock(&self.pending).get_mut(&id) {
+            p.via = via;
+        }
     }
 
     /// Whether call `id` still waits for its reply.

@@ -835,8 +835,8 @@ impl Inner {
     }
 }
 
-/// Why a call that went out on a link that broke (a transport error, or heartbeats or the
-/// core's probes timed out) fails: the link may have lost the call or its reply, and a reply
+/// Why a call that went out on a link that broke (a transport error, or the transport's
+/// heartbeats or the core's `link_timeout` gave up on it) fails: the link may have lost the call or its reply, and a reply
 /// coming some other way is not to be counted on, so the call fails now, as a broken connection
 /// fails its requests, instead of waiting for its deadline.
 const LINK_BROKE: &str = "the link the call went out on broke; the call may or may not have run";

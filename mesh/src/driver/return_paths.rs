@@ -6,8 +6,8 @@
 //! towards its callee but know no route back to the caller when the reply comes. Without help it
 //! would drop the reply, and the caller would wait for its deadline. So a switch remembers the
 //! link the calls from each caller came in on, and sends frames for a caller that find no route
-//! (the reply, first of all) back over it. The callee does the same with the link a call came
-//! in on.
+//! (the reply, first of all) back over it. The callee answers on the link a call came in on
+//! (see `Inner::reply_frame`).
 //!
 //! Pure data, driven with explicit instants: the driver tells it of switched calls (see
 //! `LinkFrames::note_switched_call`) and asks it only when neither a link nor the core has a
