@@ -23,6 +23,8 @@ use gearmesh_transport::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+#[path = "link_rtt/proto.rs"]
+mod proto;
 #[path = "link_rtt/turns.rs"]
 mod turns;
 
@@ -45,6 +47,7 @@ struct Servers {
     wss_addr: SocketAddr,
     quic_addr: SocketAddr,
     raw_quic_addr: SocketAddr,
+    proto_addr: SocketAddr,
 }
 
 /// Starts the echo servers on their own thread; returns their addresses.
@@ -81,7 +84,11 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
             let quic_addr = quic.local_addr().expect("addr");
             tokio::spawn(quic.serve(link_acceptor));
             // Raw quinn echo: one bidirectional stream, length-prefixed messages.
-            let raw_quic = raw_quic_server(resolver_for_raw);
+            let raw_config = raw_quic_server_config(resolver_for_raw);
+            let raw_proto = proto::ProtoSide::bind(Some(Arc::new(raw_config.clone())));
+            let proto_addr = raw_proto.local_addr();
+            tokio::spawn(raw_proto.serve_echo());
+            let raw_quic = quinn::Endpoint::server(raw_config, "127.0.0.1:0".parse().expect("addr")).expect("raw quic");
             let raw_quic_addr = raw_quic.local_addr().expect("addr");
             tokio::spawn(async move {
                 while let Some(incoming) = raw_quic.accept().await {
@@ -92,7 +99,7 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
                     });
                 }
             });
-            tx.send(Servers { tls_addr, wss_addr, quic_addr, raw_quic_addr }).expect("report");
+            tx.send(Servers { tls_addr, wss_addr, quic_addr, raw_quic_addr, proto_addr }).expect("report");
             while let Some(link) = incoming.accept().await {
                 let in_handler = link.peer().node_id == HANDLER_ECHO_PEER;
                 let (tx, mut rx) = link.split();
@@ -132,12 +139,21 @@ impl FrameHandler for HandlerEcho {
 /// ALPN of the raw quinn floor (any value both ends agree on).
 const RAW_ALPN: &[u8] = b"bench";
 
-/// A plain quinn server endpoint with quinn's default transport settings.
-fn raw_quic_server(resolver: Arc<CertResolver>) -> quinn::Endpoint {
+/// The raw quinn floors' server config: quinn's default transport settings.
+fn raw_quic_server_config(resolver: Arc<CertResolver>) -> quinn::ServerConfig {
     let tls = gearmesh_transport::tls::server_config(resolver, &[RAW_ALPN]).expect("tls");
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic tls");
-    let cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")).expect("raw quic endpoint")
+    quinn::ServerConfig::with_crypto(Arc::new(crypto))
+}
+
+/// The raw quinn floors' client config: trusts `ca`, quinn's default transport settings.
+fn raw_quic_client_config(ca: &DevCa) -> quinn::ClientConfig {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(ca.cert_der()).expect("root");
+    let mut tls = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    tls.alpn_protocols = vec![RAW_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    quinn::ClientConfig::new(Arc::new(crypto))
 }
 
 /// The raw quinn ping-pong: one bidirectional stream, `size`-byte messages (the floor under
@@ -158,13 +174,8 @@ async fn raw_quic_connect(
     addr: SocketAddr,
     ca: &DevCa,
 ) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    roots.add(ca.cert_der()).expect("root");
-    let mut tls = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    tls.alpn_protocols = vec![RAW_ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    ep.set_default_client_config(raw_quic_client_config(ca));
     let conn = ep.connect(addr, "localhost").expect("connect").await.expect("handshake");
     let (send, recv) = conn.open_bi().await.expect("stream");
     (ep, conn, send, recv)
@@ -447,7 +458,7 @@ fn resolver(ca: &DevCa) -> Arc<CertResolver> {
 fn serve_child(ca_dir: &std::path::Path) {
     let ca = DevCa::load_or_create(ca_dir).expect("ca");
     let s = start_servers(resolver(&ca));
-    println!("{} {} {} {}", s.tls_addr, s.wss_addr, s.quic_addr, s.raw_quic_addr);
+    println!("{} {} {} {} {}", s.tls_addr, s.wss_addr, s.quic_addr, s.raw_quic_addr, s.proto_addr);
     let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
 }
 
@@ -466,7 +477,8 @@ impl ServerProcess {
         let out = child.stdout.take().expect("stdout");
         std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("addresses");
         let a: Vec<SocketAddr> = line.split_whitespace().map(|a| a.parse().expect("address")).collect();
-        let servers = Servers { tls_addr: a[0], wss_addr: a[1], quic_addr: a[2], raw_quic_addr: a[3] };
+        let servers =
+            Servers { tls_addr: a[0], wss_addr: a[1], quic_addr: a[2], raw_quic_addr: a[3], proto_addr: a[4] };
         (ServerProcess(child), servers)
     }
 }
@@ -586,7 +598,8 @@ fn main() {
 }
 
 /// The interleaved mode (`GEARMESH_BENCH_TURNS=N`, see [`turns`]): round trips only, the rows
-/// `GEARMESH_BENCH_ONLY` picks among tls, wss, wss-handler, raw-quic and quic, each size in turn.
+/// `GEARMESH_BENCH_ONLY` picks among tls, wss, wss-handler, raw-quic, raw-proto and quic, each size
+/// in turn.
 async fn interleaved(servers: &Servers, client: &ClientTls, ca: &DevCa, turns: usize) {
     let (dialer, handler_dialer) = dialers(client);
     let sizes = sizes();
@@ -613,6 +626,10 @@ async fn interleaved(servers: &Servers, client: &ClientTls, ca: &DevCa, turns: u
             let ping = turns::StreamPing::new(tokio::io::join(recv, send), size);
             systems.push(turns::Turns::spawn("raw quinn stream", size, ping));
             quinn_conns.push((ep, conn));
+        }
+        if want("raw-proto") {
+            let side = proto::ProtoSide::bind(None).connect(servers.proto_addr, raw_quic_client_config(ca)).await;
+            systems.push(turns::Turns::spawn("quinn-proto from one task", size, proto::ProtoPing::new(side, size)));
         }
         if want("quic") {
             let link = dialer.dial(&quic_url).await.expect("link");
