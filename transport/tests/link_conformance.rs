@@ -541,6 +541,52 @@ async fn frames_queued_when_the_link_closes_are_handed_back_unsent(t: Transport)
     assert_eq!(a.try_send(&big(0)), Err(TrySendError::Send(SendError::Closed)));
 }
 
+/// Frames the peer writes until it hears our close are still read and delivered (the close is a
+/// handshake, as WebSocket's and TCP's are): a link closed in an orderly way while the peer
+/// sends loses nothing. Each frame the peer sent is delivered here or handed back to it unsent.
+async fn an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it(t: Transport) {
+    let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    let (a_tx, mut a_rx) = a.split();
+    let b_tx = b.sender().clone();
+    // The peer sends numbered calls until its link closes.
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while b_tx.send(&call(sent, Bytes::from_static(b"0123456789abcdef"))).await.is_ok() {
+            sent += 1;
+            if sent.is_multiple_of(8) {
+                tokio::task::yield_now().await;
+            }
+        }
+        (sent, b_tx.take_unsent().len() as u64)
+    });
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while let Ok(Some(Ok(f))) = tokio::time::timeout(WAIT, a_rx.recv()).await {
+            let Frame::Call(c) = f else { panic!("not a call: {f:?}") };
+            ids.push(c.call_id);
+        }
+        ids
+    });
+    // Close while the peer is in full flow.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reason = tokio::time::timeout(WAIT, a_tx.close(CloseCode::NORMAL, "done")).await.expect("closes");
+    assert_eq!(reason.initiator, Initiator::Local);
+    let (sent, unsent) = tokio::time::timeout(WAIT, sender).await.expect("the peer's sender ends").expect("sender");
+    let mut ids = tokio::time::timeout(WAIT, reader).await.expect("the reader ends").expect("reader");
+    assert!(ids.len() > 10, "frames flowed before the close ({} read)", ids.len());
+    // QUIC does not keep calls in order across streams; each arrives once.
+    ids.sort_unstable();
+    let read = ids.len() as u64;
+    ids.dedup();
+    assert_eq!(ids.len() as u64, read, "no frame twice");
+    assert_eq!(
+        read + unsent,
+        sent,
+        "{sent} frames sent: {read} delivered and {unsent} handed back unsent; the rest were lost in the close"
+    );
+    assert!(ids.iter().copied().eq(0..read), "the frames delivered are the first {read} sent");
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -558,6 +604,7 @@ macro_rules! suite {
 suite!(
     frames_flow_both_ways,
     frames_queued_when_the_link_closes_are_handed_back_unsent,
+    an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it,
     a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes,
     a_panicking_handler_closes_its_link_and_hears_on_closed,
     a_handler_takes_the_routed_frames_it_asks_for_raw_and_a_malformed_one_closes_the_link,

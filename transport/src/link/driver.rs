@@ -177,10 +177,21 @@ async fn run<T: WireTx, R: WireRx>(
         if outcome.tell_peer {
             let close = Frame::Close(Close { code: outcome.reason.code, reason: outcome.reason.reason.clone() });
             let mut buf = BytesMut::new();
+            let mut told = false;
             if close.encode(&mut buf, config.max_frame_len).is_ok() {
                 let sent = tokio::time::timeout(config.close_timeout, tx.send(buf.freeze(), FrameKind::Close)).await;
-                if !matches!(sent, Ok(Ok(()))) {
+                told = matches!(sent, Ok(Ok(())));
+                if !told {
                     tracing::debug!(%peer, "could not send the close frame");
+                }
+            }
+            // An orderly close is a handshake: the peer may have written frames before it read
+            // ours, and they are read and delivered until its side ends (its close, or the
+            // connection's end), for at most the close timeout. Stopping at once lost them.
+            if told && outcome.reason.code.is_orderly() {
+                let drain = read_loop(&mut rx, &in_tx, &handler, &shared, &config, &clock);
+                if tokio::time::timeout(config.close_timeout, drain).await.is_err() {
+                    tracing::debug!(%peer, "the peer did not end its side within the close timeout");
                 }
             }
         }
