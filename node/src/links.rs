@@ -34,7 +34,7 @@ use gearmesh_mesh::{Config as CoreConfig, Mesh, MeshConfig};
 use gearmesh_transport::{
     AcceptConfig, Acceptor, Dialer, Hello, LinkSetup, NodeId,
     acme::{Acme, AcmeConfig},
-    quic::QuicEndpoint,
+    quic::{QuicEndpoint, QuicError},
     tls::{CertResolver, ClientTls, ClientTrust, DevCa, NodeCert, TlsError, load_certs},
 };
 
@@ -70,13 +70,22 @@ pub enum LinksError {
     #[error("ACME: {0}")]
     Acme(#[from] gearmesh_transport::acme::AcmeError),
     /// The QUIC endpoint could not be bound on the node's port number.
-    #[error("QUIC on {addr}: {reason}")]
+    #[error("QUIC on {addr}: {source}")]
     Quic {
         /// The UDP address.
         addr: SocketAddr,
         /// Why.
-        reason: String,
+        source: QuicError,
     },
+}
+
+impl LinksError {
+    /// Whether the UDP port with the node's TCP port number is taken by another socket (a node
+    /// that picked its TCP port at random then picks another: see `Node::start`).
+    pub(crate) fn udp_port_taken(&self) -> bool {
+        matches!(self, LinksError::Quic { source: QuicError::Socket { source, .. }, .. }
+            if source.kind() == std::io::ErrorKind::AddrInUse)
+    }
 }
 
 /// The TLS a node serves and trusts.
@@ -293,7 +302,7 @@ pub(crate) fn start_mesh(
                 };
                 let serving = server.is_some();
                 let endpoint = QuicEndpoint::bind(udp, server, Some(&t.client))
-                    .map_err(|e| LinksError::Quic { addr: udp, reason: e.to_string() })?;
+                    .map_err(|source| LinksError::Quic { addr: udp, source })?;
                 if serving {
                     tokio::spawn(endpoint.clone().serve(acceptor.clone()));
                 }
@@ -333,4 +342,25 @@ pub(crate) fn start_mesh(
     let mesh = Mesh::start(id, addrs.clone(), mesh_config, host, dialer, incoming, config.seeds.clone());
     let link_router = if config.mesh.no_listen { axum::Router::new() } else { acceptor.router() };
     Ok(MeshParts { mesh, link_router, quic, addrs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quic_error(kind: std::io::ErrorKind) -> LinksError {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        LinksError::Quic { addr, source: QuicError::Socket { addr, source: std::io::Error::from(kind) } }
+    }
+
+    #[test]
+    fn only_a_udp_address_in_use_counts_as_a_taken_port() {
+        assert!(quic_error(std::io::ErrorKind::AddrInUse).udp_port_taken());
+        assert!(!quic_error(std::io::ErrorKind::PermissionDenied).udp_port_taken());
+        assert!(
+            !LinksError::Quic { addr: "127.0.0.1:9".parse().expect("addr"), source: QuicError::Tls("x".into()) }
+                .udp_port_taken()
+        );
+        assert!(!LinksError::NoDataDir.udp_port_taken());
+    }
 }

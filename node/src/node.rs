@@ -70,6 +70,10 @@ pub enum BuildError {
     },
 }
 
+/// Ports a node listening on a random port tries before giving up when the UDP port of the
+/// same number is taken each time (see [`Node::start`]).
+const PORT_ATTEMPTS: u32 = 8;
+
 /// Starting a node failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -373,26 +377,40 @@ impl Node {
             tracing::info!(gear = %meta.name, version = %meta.version, ports = meta.ports.len(), "gear hosted");
         }
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let node_id = NodeId::random();
         let id = node_id.to_string();
         let name = config.name.clone().unwrap_or_else(|| format!("node-{}", &id[..8]));
-        let mut tls = links::node_tls(&config, local_addr)?;
+        // QUIC listens on the UDP port with the TCP port's number. A port picked at random
+        // (`listen` port 0) is free for TCP but may be taken for UDP (by another process's QUIC
+        // client endpoint, say): then another one is picked, a few times at most.
+        let mut attempts = 0;
+        let (listener, local_addr, tls, acme, acme_http, parts) = loop {
+            attempts += 1;
+            let listener = TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+            let local_addr =
+                listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+            let mut tls = links::node_tls(&config, local_addr)?;
+            let acme = tls.as_mut().and_then(|t| t.acme.take());
+            let acme_http = match (&acme, config.tls.acme_http_listen) {
+                (Some(_), Some(addr)) => {
+                    Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
+                }
+                _ => None,
+            };
+            match links::start_mesh(&config, node_id, &name, local_addr, tls.as_ref(), host.clone(), auth.as_ref()) {
+                Ok(parts) => break (listener, local_addr, tls, acme, acme_http, parts),
+                Err(e) if e.udp_port_taken() && config.listen.port() == 0 && attempts < PORT_ATTEMPTS => {
+                    tracing::debug!(port = local_addr.port(), "UDP port taken; picking another port");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         if tls.is_none() {
             tracing::warn!("TLS IS OFF (insecure development mode): HTTP and mesh links are plaintext");
         }
-        let acme = tls.as_mut().and_then(|t| t.acme.take());
-        let acme_http = match (&acme, config.tls.acme_http_listen) {
-            (Some(_), Some(addr)) => {
-                Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
-            }
-            _ => None,
-        };
         let acme_parts = acme.as_ref().map(|a| AcmeParts { status: a.status(), http01: a.http01() });
-        let parts = links::start_mesh(&config, node_id, &name, local_addr, tls.as_ref(), host.clone(), auth.as_ref())?;
         if let Some(a) = &auth {
             parts.mesh.set_authorizer(Arc::new(authn::MeshAuthorizer(a.clone())));
         }

@@ -322,6 +322,31 @@ async fn forming_mesh_calls(transport: &'static str) -> (u64, u64, u64) {
     (ok, failed_fast, lost)
 }
 
+/// QUIC listens on the UDP port with the TCP port's number. A port given in the config whose
+/// UDP twin is taken is a clear error naming QUIC and the address (a node on port 0 picks
+/// another port instead).
+#[tokio::test]
+async fn a_fixed_port_whose_udp_twin_is_taken_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    gearmesh::install_crypto_provider();
+    // A UDP port whose TCP twin is free (tried a few times: another process may hold it).
+    for _ in 0..20 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        if std::net::TcpListener::bind(addr).is_err() {
+            continue;
+        }
+        let mut config = NodeConfig { listen: addr, insecure_dev: true, ..NodeConfig::default() };
+        config.tls.data_dir = Some(dir.path().to_owned());
+        let started = gearmesh::Node::builder().config(config).build().expect("valid").start().await;
+        let Err(err) = started else { panic!("started although the UDP port is taken") };
+        let err = err.to_string();
+        assert!(err.contains(&format!("QUIC on {addr}")) && err.to_lowercase().contains("in use"), "{err}");
+        return;
+    }
+    panic!("no UDP port with a free TCP twin in 20 tries");
+}
+
 #[tokio::test]
 async fn a_quic_seed_works_and_a_node_from_another_ca_is_kept_out() {
     let dir = tempfile::tempdir().expect("tempdir");
