@@ -330,7 +330,8 @@ fn dialers(client: &ClientTls) -> (Dialer, Dialer) {
 }
 
 /// Whether the row `row` runs: `GEARMESH_BENCH_ONLY=tls,mem,wss,wss-handler,raw-quic,quic,
-/// quic-handler,quic-call` picks rows (for profiling one path); all of them when unset.
+/// quic-handler,quic-call` picks rows (for profiling one path), and `raw-proto` in the
+/// interleaved mode; all of them when unset.
 fn want(row: &str) -> bool {
     std::env::var("GEARMESH_BENCH_ONLY").map_or(true, |o| o.split(',').any(|w| w == row))
 }
