@@ -539,12 +539,13 @@ impl Inner {
         // it, and the caller's own choice of path says which of our links to it it still trusts.
         // A caller that has given up on its direct link to us (it broke, as the caller saw it)
         // sends through a switch, and a reply on that link, which this node may not yet know to
-        // be broken, would be lost. Otherwise (the link is being let go of) the shortest path,
-        // and the link the call came on when there is none.
+        // be broken, would be lost. Otherwise (the link is being let go of) the way answers go
+        // (`route_or_lingering`: a lingering link to the caller first), and the link the call
+        // came on when there is none.
         let tx = if self.is_current(via) {
             via.clone()
         } else {
-            let tx = self.route_to(to_core(to.src)).unwrap_or_else(|| via.clone());
+            let tx = self.route_or_lingering(to_core(to.src)).unwrap_or_else(|| via.clone());
             tracing::debug!(caller = %to_core(to.src), call = call_id, next = %tx.peer().node_id, "reply not on the call's own link (let go of)");
             tx
         };

@@ -557,11 +557,24 @@ impl Inner {
         self.sender(hop)
     }
 
-    /// The sender for the next hop towards `dst`, or, if there is none, a lingering link (see
-    /// [`Inner::lingering`]) to `dst` itself or to the node a call from `dst` came through: for
-    /// replies and cancels, whose loss would leave a caller waiting for its deadline. New calls
-    /// never take a lingering link, which closes soon (they fail `unavailable` at once instead).
+    /// The link for an answer (a reply or a cancel) to `dst`, whose loss would leave a caller
+    /// waiting for its deadline: a link of ours to `dst`; else a lingering one (see
+    /// [`Inner::lingering`]) straight to `dst`; else the next hop towards `dst`; else a lingering
+    /// link to the node a call from `dst` came through. New calls never take a lingering link,
+    /// which closes soon (they fail `unavailable` at once instead).
+    ///
+    /// The lingering link to `dst` comes before the route: just after this node let that link
+    /// go, the other nodes still route to `dst` through this node (their records say the link
+    /// is there) while this node's own route now leads away from it, so a frame would go round
+    /// until the hop limit dropped it. A lost reply, which the forming-mesh test caught.
     pub(crate) fn route_or_lingering(&self, dst: NodeId) -> Option<LinkSender> {
+        if let Some(tx) = self.sender(dst) {
+            return Some(tx);
+        }
+        let straight = lock(&self.lingering).get(&dst).filter(|(_, tx)| !tx.is_closed()).map(|(_, tx)| tx.clone());
+        if straight.is_some() {
+            return straight;
+        }
         if let Some(tx) = self.route_to(dst) {
             return Some(tx);
         }
@@ -808,7 +821,16 @@ impl Inner {
             Some(None) => {}
         }
         let (next_hops, learned) = (NextHops::default(), FastMap::default());
-        rx.into_handler(Box::new(LinkFrames { inner: self.clone(), peer, generation, tx, next_hops, learned }));
+        let answer_hops = NextHops { answers: true, ..NextHops::default() };
+        rx.into_handler(Box::new(LinkFrames {
+            inner: self.clone(),
+            peer,
+            generation,
+            tx,
+            next_hops,
+            answer_hops,
+            learned,
+        }));
     }
 
     /// Closes a link that lost its place in the table after [`RETIRE_LINGER`]: nothing new is
@@ -817,6 +839,8 @@ impl Inner {
     fn retire(self: &Arc<Self>, peer: NodeId, tx: LinkSender, why: &'static str) {
         let token = self.link_generation.fetch_add(1, Ordering::Relaxed);
         lock(&self.lingering).insert(peer, (token, tx.clone()));
+        // Answers for `peer` take this link now (`route_or_lingering`): cached hops must see it.
+        self.routes_touched();
         let inner = self.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -853,6 +877,8 @@ struct LinkFrames {
     generation: u64,
     tx: LinkSender,
     next_hops: NextHops,
+    /// The same for replies and cancels, which may take lingering links.
+    answer_hops: NextHops,
     /// Callers whose calls this link brought, and when [`Inner::return_paths`] last heard of it
     /// (at most [`NextHops::CAP`], then it starts again).
     learned: FastMap<NodeId, Instant>,
@@ -865,6 +891,9 @@ struct LinkFrames {
 /// the frame's fallback to the decoding path, which looks the route up afresh.
 #[derive(Default)]
 struct NextHops {
+    /// The hops of answers (replies, cancels: [`Inner::route_or_lingering`]), not of calls and
+    /// events ([`Inner::route_to`]).
+    answers: bool,
     epoch: u64,
     next: FastMap<NodeId, Option<LinkSender>>,
 }
@@ -879,7 +908,11 @@ impl NextHops {
             self.next.clear();
             self.epoch = epoch;
         }
-        self.next.entry(dst).or_insert_with(|| inner.route_to(dst)).as_ref()
+        let answers = self.answers;
+        self.next
+            .entry(dst)
+            .or_insert_with(|| if answers { inner.route_or_lingering(dst) } else { inner.route_to(dst) })
+            .as_ref()
     }
 }
 
@@ -927,10 +960,15 @@ impl FrameHandler for LinkFrames {
     }
 
     fn on_raw(&mut self, route: Route, raw: Bytes) {
-        if frame::peek_header(&raw, usize::MAX).is_ok_and(|h| h.is_some_and(|h| h.kind == FrameKind::Call)) {
+        let kind = frame::peek_header(&raw, usize::MAX).ok().flatten().map(|h| h.kind);
+        if kind == Some(FrameKind::Call) {
             self.note_switched_call(to_core(route.src));
         }
-        let next = self.next_hops.get(&self.inner, to_core(route.dst));
+        let next = if matches!(kind, Some(FrameKind::Reply | FrameKind::Cancel)) {
+            self.answer_hops.get(&self.inner, to_core(route.dst))
+        } else {
+            self.next_hops.get(&self.inner, to_core(route.dst))
+        };
         self.inner.switch_raw(self.peer, &self.tx, next, route, raw);
     }
 
