@@ -309,10 +309,10 @@ impl Inner {
     /// Sends a routed frame one hop further. Never waits: a switch must not hold up the link the
     /// frame came on.
     /// `answer`: the frame answers a call (a reply, or a cancel), so a lingering link may carry
-    /// it when nothing else does (see [`Inner::route_or_lingering`]).
-    fn forward(&self, route: &Route, frame: Frame, answer: bool) -> Result<(), Unforwarded> {
+    /// it (see [`Inner::route_or_lingering`]); `came_from`: the peer it came from, if switched.
+    fn forward(&self, route: &Route, frame: Frame, answer: bool, came_from: Option<NodeId>) -> Result<(), Unforwarded> {
         let dst = to_core(route.dst);
-        let next = if answer { self.route_or_lingering(dst) } else { self.route_to(dst) };
+        let next = if answer { self.route_or_lingering(dst, came_from) } else { self.route_to(dst) };
         let result = match next {
             Some(tx) => tx.try_send(&frame).map_err(|e| match e {
                 TrySendError::Full => Unforwarded::Congested,
@@ -333,10 +333,10 @@ impl Inner {
     /// [`HOLD_REPLY_FOR`] and [`MAX_HELD_REPLY_BYTES`] over all held replies: a burst then delays
     /// replies instead of losing them, which would leave their callers waiting for their
     /// deadlines. Beyond those bounds it is dropped and counted.
-    fn forward_reply(self: &Arc<Self>, r: Reply) {
+    fn forward_reply(self: &Arc<Self>, r: Reply, came_from: Option<NodeId>) {
         let dst = to_core(r.route.dst);
         let frame = Frame::Reply(r);
-        let tx = match self.route_or_lingering(dst) {
+        let tx = match self.route_or_lingering(dst, came_from) {
             Some(tx) => tx,
             None => {
                 Counters::bump(&self.counters.frames_dropped);
@@ -399,22 +399,22 @@ impl Inner {
                 Frame::Call(c) if to_core(c.route.src) == self.id => self.resend_call(&c.route, c.call_id, raw),
                 Frame::Call(c) => {
                     let (route, call_id) = (c.route, c.call_id);
-                    if self.forward(&route, Frame::Call(c), false).is_err()
-                        && let Some(back) = self.route_or_lingering(to_core(route.src))
+                    if self.forward(&route, Frame::Call(c), false, None).is_err()
+                        && let Some(back) = self.route_or_lingering(to_core(route.src), None)
                     {
                         let e =
                             CallError::unavailable("the link towards the called node closed before the call went on");
                         self.reply(&route, &back, call_id, Err(e));
                     }
                 }
-                Frame::Reply(r) => self.forward_reply(r),
+                Frame::Reply(r) => self.forward_reply(r, None),
                 Frame::Cancel(c) => {
                     let route = c.route;
-                    let _best_effort = self.forward(&route, Frame::Cancel(c), true);
+                    let _best_effort = self.forward(&route, Frame::Cancel(c), true, None);
                 }
                 Frame::Event(e) => {
                     let route = e.route;
-                    let _at_most_once = self.forward(&route, Frame::Event(e), false);
+                    let _at_most_once = self.forward(&route, Frame::Event(e), false, None);
                 }
                 _ => {}
             }
@@ -545,7 +545,7 @@ impl Inner {
         let tx = if self.is_current(via) {
             via.clone()
         } else {
-            let tx = self.route_or_lingering(to_core(to.src)).unwrap_or_else(|| via.clone());
+            let tx = self.route_or_lingering(to_core(to.src), None).unwrap_or_else(|| via.clone());
             tracing::debug!(caller = %to_core(to.src), call = call_id, next = %tx.peer().node_id, "reply not on the call's own link (let go of)");
             tx
         };
@@ -561,7 +561,7 @@ impl Inner {
             } else {
                 let route = c.route;
                 let call_id = c.call_id;
-                if let Err(why) = self.forward(&route, Frame::Call(c), false) {
+                if let Err(why) = self.forward(&route, Frame::Call(c), false, None) {
                     Counters::bump(&self.counters.calls_refused);
                     // The caller hears at once instead of waiting for its deadline.
                     let e = match why {
@@ -644,10 +644,11 @@ impl Inner {
         }
     }
 
-    pub(super) fn on_reply(self: &Arc<Self>, mut r: Reply) {
+    /// A reply that came from `peer`: this node's own, or one to switch on.
+    pub(super) fn on_reply(self: &Arc<Self>, peer: NodeId, mut r: Reply) {
         if to_core(r.route.dst) != self.id {
             if self.hop(&mut r.route) {
-                self.forward_reply(r);
+                self.forward_reply(r, Some(peer));
             }
             return;
         }
@@ -660,11 +661,12 @@ impl Inner {
         self.calls.complete(r.call_id, result);
     }
 
-    pub(super) fn on_cancel(&self, mut c: Cancel) {
+    /// A cancel that came from `peer`: for a call running here, or one to switch on.
+    pub(super) fn on_cancel(&self, peer: NodeId, mut c: Cancel) {
         if to_core(c.route.dst) != self.id {
             if self.hop(&mut c.route) {
                 let route = c.route;
-                let _dropped = self.forward(&route, Frame::Cancel(c), true);
+                let _dropped = self.forward(&route, Frame::Cancel(c), true, Some(peer));
             }
             return;
         }
@@ -681,7 +683,7 @@ impl Inner {
         if to_core(e.route.dst) != self.id {
             if self.hop(&mut e.route) {
                 let route = e.route;
-                let _dropped = self.forward(&route, Frame::Event(e), false);
+                let _dropped = self.forward(&route, Frame::Event(e), false, None);
             }
             return;
         }

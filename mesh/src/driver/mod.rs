@@ -567,7 +567,12 @@ impl Inner {
     /// go, the other nodes still route to `dst` through this node (their records say the link
     /// is there) while this node's own route now leads away from it, so a frame would go round
     /// until the hop limit dropped it. A lost reply, which the forming-mesh test caught.
-    pub(crate) fn route_or_lingering(&self, dst: NodeId) -> Option<LinkSender> {
+    ///
+    /// `came_from`: the peer the answer came from, when it is switched here. A route that sends
+    /// it straight back there (split horizon) is such a loop for a node beyond the one let go
+    /// of; the most recently lingering link, the way such frames went until a moment ago, is
+    /// taken instead.
+    pub(crate) fn route_or_lingering(&self, dst: NodeId, came_from: Option<NodeId>) -> Option<LinkSender> {
         if let Some(tx) = self.sender(dst) {
             return Some(tx);
         }
@@ -576,6 +581,20 @@ impl Inner {
             return straight;
         }
         if let Some(tx) = self.route_to(dst) {
+            if let Some(from) = came_from
+                && from != dst
+                && to_core(tx.peer().node_id) == from
+            {
+                let lingering = lock(&self.lingering);
+                let newest = lingering
+                    .iter()
+                    .filter(|(peer, (_, t))| **peer != from && !t.is_closed())
+                    .max_by_key(|(_, (token, _))| *token);
+                if let Some((_, (_, other))) = newest {
+                    tracing::debug!(node = %dst, back = %from, via = %other.peer().node_id, "an answer that would go back the way it came takes a lingering link");
+                    return Some(other.clone());
+                }
+            }
             return Some(tx);
         }
         let via = lock(&self.return_paths).via(dst, Instant::now());
@@ -901,8 +920,9 @@ struct NextHops {
 impl NextHops {
     const CAP: usize = 64;
 
-    /// The sender towards `dst`'s next hop, if there is a route.
-    fn get(&mut self, inner: &Inner, dst: NodeId) -> Option<&LinkSender> {
+    /// The sender towards `dst`'s next hop, if there is a route, for a frame that came from
+    /// `from`.
+    fn get(&mut self, inner: &Inner, dst: NodeId, from: NodeId) -> Option<&LinkSender> {
         let epoch = inner.routes_epoch.load(Ordering::Acquire);
         if epoch != self.epoch || (self.next.len() >= Self::CAP && !self.next.contains_key(&dst)) {
             self.next.clear();
@@ -911,7 +931,7 @@ impl NextHops {
         let answers = self.answers;
         self.next
             .entry(dst)
-            .or_insert_with(|| if answers { inner.route_or_lingering(dst) } else { inner.route_to(dst) })
+            .or_insert_with(|| if answers { inner.route_or_lingering(dst, Some(from)) } else { inner.route_to(dst) })
             .as_ref()
     }
 }
@@ -928,7 +948,7 @@ impl LinkFrames {
             return;
         }
         let now = Instant::now();
-        let unroutable = self.next_hops.get(&self.inner, src).is_none();
+        let unroutable = self.next_hops.get(&self.inner, src, self.peer).is_none();
         let due = self.learned.get(&src).is_none_or(|at| now.saturating_duration_since(*at) >= RELEARN);
         if unroutable || due {
             if self.learned.len() >= NextHops::CAP && !self.learned.contains_key(&src) {
@@ -965,9 +985,9 @@ impl FrameHandler for LinkFrames {
             self.note_switched_call(to_core(route.src));
         }
         let next = if matches!(kind, Some(FrameKind::Reply | FrameKind::Cancel)) {
-            self.answer_hops.get(&self.inner, to_core(route.dst))
+            self.answer_hops.get(&self.inner, to_core(route.dst), self.peer)
         } else {
-            self.next_hops.get(&self.inner, to_core(route.dst))
+            self.next_hops.get(&self.inner, to_core(route.dst), self.peer)
         };
         self.inner.switch_raw(self.peer, &self.tx, next, route, raw);
     }
@@ -1027,8 +1047,8 @@ impl Inner {
                 self.flush();
             }
             Frame::Call(c) => self.on_call(from, c),
-            Frame::Reply(r) => self.on_reply(r),
-            Frame::Cancel(c) => self.on_cancel(c),
+            Frame::Reply(r) => self.on_reply(peer, r),
+            Frame::Cancel(c) => self.on_cancel(peer, c),
             Frame::Event(e) => self.on_event(e),
             other => tracing::debug!(%peer, kind = ?other.kind(), "unexpected frame on a mesh link"),
         }
