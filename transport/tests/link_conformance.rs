@@ -587,6 +587,51 @@ async fn an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it(t: Trans
     assert!(ids.iter().copied().eq(0..read), "the frames delivered are the first {read} sent");
 }
 
+/// Frames written before a close arrive before it: the side that closes sends calls without
+/// pause and then closes, and the peer reads every frame sent that was not handed back unsent,
+/// and then the close. Over QUIC each call has a stream of its own and the close travels on the
+/// control stream, so the close must not overtake them.
+async fn frames_written_before_a_close_arrive_before_it(t: Transport) {
+    let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
+    let (b_tx, mut b_rx) = b.split();
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, b_rx.recv()).await {
+                Ok(Some(Ok(Frame::Call(c)))) => ids.push(c.call_id),
+                Ok(Some(Ok(f))) => panic!("not a call: {f:?}"),
+                Ok(Some(Err(e))) => panic!("the close is orderly: {e}"),
+                Ok(None) => break,
+                Err(_) => panic!("the reader waited in vain"),
+            }
+        }
+        drop(b_tx);
+        ids
+    });
+    let mut sent = 0u64;
+    for round in 0..20u64 {
+        for _ in 0..(5 + round * 3) {
+            a.send(&call(sent, Bytes::from_static(b"0123456789abcdef"))).await.expect("open");
+            sent += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    // The last burst right before the close.
+    for _ in 0..50 {
+        a.send(&call(sent, Bytes::from_static(b"0123456789abcdef"))).await.expect("open");
+        sent += 1;
+    }
+    let reason = tokio::time::timeout(WAIT, a.close(CloseCode::NORMAL, "done")).await.expect("closes");
+    assert_eq!(reason.initiator, Initiator::Local);
+    let unsent = a.sender().take_unsent().len() as u64;
+    let mut ids = tokio::time::timeout(WAIT, reader).await.expect("the reader ends").expect("reader");
+    ids.sort_unstable();
+    let read = ids.len() as u64;
+    ids.dedup();
+    assert_eq!(ids.len() as u64, read, "no frame twice");
+    assert_eq!(read + unsent, sent, "{sent} sent: {read} delivered before the close and {unsent} handed back");
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -605,6 +650,7 @@ suite!(
     frames_flow_both_ways,
     frames_queued_when_the_link_closes_are_handed_back_unsent,
     an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it,
+    frames_written_before_a_close_arrive_before_it,
     a_sender_stuck_on_a_peer_that_stopped_reading_returns_when_the_link_closes,
     a_panicking_handler_closes_its_link_and_hears_on_closed,
     a_handler_takes_the_routed_frames_it_asks_for_raw_and_a_malformed_one_closes_the_link,

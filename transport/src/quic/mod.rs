@@ -231,6 +231,7 @@ fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
         accepting: None,
         control: None,
         ended: None,
+        held_close: None,
     };
     let tx = QuicTx {
         conn,
@@ -382,6 +383,10 @@ struct QuicRx {
     control: Option<Pending<(quinn::RecvStream, Item)>>,
     /// The connection ended like this; delivered once the streams being read are done.
     ended: Option<Item>,
+    /// The peer's close frame, held back until every frame stream it opened before it has
+    /// been read: the close travels on the control stream and can overtake them, and the link
+    /// stops reading at a close (the frames were lost).
+    held_close: Option<Bytes>,
 }
 
 /// One step of [`QuicRx::recv`].
@@ -389,6 +394,8 @@ enum Step {
     Stream(StreamOut),
     Control(quinn::RecvStream, Item),
     Accepted(Result<quinn::RecvStream, quinn::ConnectionError>),
+    /// The held close, now that no stream of the peer's is left to read.
+    Close,
     End,
 }
 
@@ -416,6 +423,11 @@ impl QuicRx {
                 self.accepting = None;
                 return Poll::Ready(Step::Accepted(r));
             }
+            // No stream of the peer's waits to be accepted: the streams it opened before its
+            // close are all being read, or read.
+            if self.held_close.is_some() && self.readers.is_empty() {
+                return Poll::Ready(Step::Close);
+            }
         }
         Poll::Pending
     }
@@ -433,6 +445,15 @@ impl WireRx for QuicRx {
                 Step::Stream(StreamOut::Control(stream)) => {
                     self.control = Some(Box::pin(read_control(stream, self.max)));
                 }
+                Step::Control(_, Ok(Some(bytes)))
+                    if frame::peek_header(&bytes, usize::MAX)
+                        .is_ok_and(|h| h.is_some_and(|h| h.kind == FrameKind::Close)) =>
+                {
+                    // Nothing follows a close on the control stream; the frame streams opened
+                    // before it are read first (see `held_close`).
+                    self.held_close = Some(bytes);
+                }
+                Step::Close => return Ok(self.held_close.take()),
                 Step::Control(stream, item) => {
                     if matches!(item, Ok(Some(_))) {
                         self.control = Some(Box::pin(read_control(stream, self.max)));
@@ -452,7 +473,10 @@ impl WireRx for QuicRx {
                         other => Err(io_err(other)),
                     });
                 }
-                Step::End => return self.ended.take().unwrap_or(Ok(None)),
+                Step::End => match self.held_close.take() {
+                    Some(close) => return Ok(Some(close)),
+                    None => return self.ended.take().unwrap_or(Ok(None)),
+                },
             }
         }
     }
