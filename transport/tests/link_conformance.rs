@@ -557,6 +557,8 @@ async fn an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it(t: Trans
                 tokio::task::yield_now().await;
             }
         }
+        // A link that takes no more frames says it is closed, even while it still reads.
+        assert!(b_tx.is_closed(), "a send failed, so the link is closed");
         (sent, b_tx.take_unsent().len() as u64)
     });
     let reader = tokio::spawn(async move {

@@ -453,9 +453,10 @@ impl LinkSender {
         self.shared.id
     }
 
-    /// Whether the link has closed (nothing sent on it from now on arrives).
+    /// Whether the link has closed, or is closing and takes nothing more (nothing sent on it
+    /// from now on arrives). A closing link may still be reading what its peer wrote.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.borrow().is_some()
+        self.out.is_closed() || self.shared.closed.borrow().is_some()
     }
 
     /// The frames that were still in the send queue when the link closed, as encoded, in the
