@@ -13,7 +13,8 @@ use gearmesh_gears::{
     WireBody, host::Start,
 };
 use gearmesh_transport::{
-    BodyKind, Call, CallRef, Cancel, Event, Frame, LinkId, LinkSender, Reply, ReplyResult, Route, TrySendError, frame,
+    BodyKind, Call, CallRef, Cancel, Event, Frame, LinkId, LinkSender, Reply, ReplyResult, Route, SendError,
+    TrySendError, frame,
 };
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
@@ -314,6 +315,10 @@ impl Inner {
         let dst = to_core(route.dst);
         let next = if answer { self.route_or_lingering(dst, came_from) } else { self.route_to(dst) };
         let result = match next {
+            Some(tx) if answer => self.try_answer(tx, &frame, dst, came_from).1.map_err(|e| match e {
+                TrySendError::Full => Unforwarded::Congested,
+                _ => Unforwarded::NoRoute,
+            }),
             Some(tx) => tx.try_send(&frame).map_err(|e| match e {
                 TrySendError::Full => Unforwarded::Congested,
                 _ => Unforwarded::NoRoute,
@@ -344,13 +349,36 @@ impl Inner {
                 return;
             }
         };
-        match tx.try_send(&frame) {
-            Ok(()) => Counters::bump(&self.counters.frames_forwarded),
-            Err(TrySendError::Full) => self.hold_reply(tx, frame, true),
-            Err(e) => {
+        match self.try_answer(tx, &frame, dst, came_from) {
+            (_, Ok(())) => Counters::bump(&self.counters.frames_forwarded),
+            (tx, Err(TrySendError::Full)) => self.hold_reply(tx, frame, true),
+            (_, Err(e)) => {
                 Counters::bump(&self.counters.frames_dropped);
                 tracing::debug!(node = %dst, error = %e, "reply not forwarded");
             }
+        }
+    }
+
+    /// Queues `frame`, an answer for `dst`, on `tx` without waiting; if `tx` turns out to be
+    /// closing (chosen a moment before its close: a lingering link, say), once more on the link
+    /// chosen afresh, which passes it over. Returns the link last tried and how it went.
+    fn try_answer(
+        &self,
+        tx: LinkSender,
+        frame: &Frame,
+        dst: NodeId,
+        came_from: Option<NodeId>,
+    ) -> (LinkSender, Result<(), TrySendError>) {
+        match tx.try_send(frame) {
+            Err(TrySendError::Send(SendError::Closed)) => match self.route_or_lingering(dst, came_from) {
+                Some(next) if next.id() != tx.id() => {
+                    tracing::debug!(node = %dst, "an answer's link closed as it was sent; another takes it");
+                    let sent = next.try_send(frame);
+                    (next, sent)
+                }
+                _ => (tx, Err(TrySendError::Send(SendError::Closed))),
+            },
+            other => (tx, other),
         }
     }
 
@@ -483,10 +511,10 @@ impl Inner {
     /// that meets a full queue is held as a switched one is ([`Inner::forward_reply`]).
     fn reply(self: &Arc<Self>, to: &Route, via: &LinkSender, call_id: u64, result: Result<Payload, CallError>) {
         let (tx, frame) = self.reply_frame(to, via, call_id, result);
-        match tx.try_send(&frame) {
-            Ok(()) => {}
-            Err(TrySendError::Full) => self.hold_reply(tx, frame, false),
-            Err(e) => tracing::debug!(error = %e, "reply dropped; the caller will time out"),
+        match self.try_answer(tx, &frame, to_core(to.src), None) {
+            (_, Ok(())) => {}
+            (tx, Err(TrySendError::Full)) => self.hold_reply(tx, frame, false),
+            (_, Err(e)) => tracing::debug!(error = %e, "reply dropped; the caller will time out"),
         }
     }
 
@@ -502,14 +530,14 @@ impl Inner {
     ) {
         let (tx, frame) = self.reply_frame(to, via, call_id, result);
         // The common case needs no timer.
-        match tx.try_send(&frame) {
-            Ok(()) => return,
-            Err(TrySendError::Full) => {}
-            Err(e) => {
+        let tx = match self.try_answer(tx, &frame, to_core(to.src), None) {
+            (_, Ok(())) => return,
+            (tx, Err(TrySendError::Full)) => tx,
+            (_, Err(e)) => {
                 tracing::debug!(error = %e, "reply not sent: the link closed");
                 return;
             }
-        }
+        };
         match tokio::time::timeout_at(deadline, tx.send(&frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "reply not sent: the link closed"),
