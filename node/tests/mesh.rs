@@ -178,7 +178,7 @@ async fn nodes_not_linked_directly_reach_each_other_through_switches() {
 ///
 /// Before the return paths, lingering links and the `Prune` notice, every run lost one or two.
 /// A rarer loss (one full-suite run in 5 to 30) had four causes, found with the trace below and
-/// fixed on 2026-12-02 (docs/mesh.md, "No call lost"); five traced full-suite runs after the
+/// fixed on 2026-12-02 (docs/mesh.md, "No call lost"); eight traced full-suite runs after the
 /// last fix lost none. A run that loses a call is still run once more, and the test fails if
 /// the second run loses any. `GEARMESH_TEST_TRACE=PATH` writes the mesh's and the links' debug
 /// log of this test binary to `PATH.<pid>`, and a lost call is printed with its id and the time
