@@ -561,16 +561,25 @@ async fn an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it(t: Trans
         assert!(b_tx.is_closed(), "a send failed, so the link is closed");
         (sent, b_tx.take_unsent().len() as u64)
     });
+    let read_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = read_so_far.clone();
     let reader = tokio::spawn(async move {
         let mut ids = Vec::new();
         while let Ok(Some(Ok(f))) = tokio::time::timeout(WAIT, a_rx.recv()).await {
             let Frame::Call(c) = f else { panic!("not a call: {f:?}") };
             ids.push(c.call_id);
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         ids
     });
-    // Close while the peer is in full flow.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Close while the peer is in full flow (once some frames have arrived, however slow the
+    // machine).
+    let flowing = async {
+        while read_so_far.load(std::sync::atomic::Ordering::Relaxed) <= 10 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(WAIT, flowing).await.expect("frames flow");
     let reason = tokio::time::timeout(WAIT, a_tx.close(CloseCode::NORMAL, "done")).await.expect("closes");
     assert_eq!(reason.initiator, Initiator::Local);
     let (sent, unsent) = tokio::time::timeout(WAIT, sender).await.expect("the peer's sender ends").expect("sender");

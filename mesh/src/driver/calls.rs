@@ -315,14 +315,13 @@ impl Inner {
         let dst = to_core(route.dst);
         let next = if answer { self.route_or_lingering(dst, came_from) } else { self.route_to(dst) };
         let result = match next {
-            Some(tx) if answer => self.try_answer(tx, &frame, dst, came_from).1.map_err(|e| match e {
-                TrySendError::Full => Unforwarded::Congested,
-                _ => Unforwarded::NoRoute,
-            }),
-            Some(tx) => tx.try_send(&frame).map_err(|e| match e {
-                TrySendError::Full => Unforwarded::Congested,
-                _ => Unforwarded::NoRoute,
-            }),
+            Some(tx) => {
+                let sent = if answer { self.try_answer(tx, &frame, dst, came_from).1 } else { tx.try_send(&frame) };
+                sent.map_err(|e| match e {
+                    TrySendError::Full => Unforwarded::Congested,
+                    _ => Unforwarded::NoRoute,
+                })
+            }
             None => Err(Unforwarded::NoRoute),
         };
         let counter = if result.is_ok() { &self.counters.frames_forwarded } else { &self.counters.frames_dropped };

@@ -576,9 +576,8 @@ impl Inner {
         if let Some(tx) = self.sender(dst) {
             return Some(tx);
         }
-        let straight = lock(&self.lingering).get(&dst).filter(|(_, tx)| !tx.is_closed()).map(|(_, tx)| tx.clone());
-        if straight.is_some() {
-            return straight;
+        if let Some(tx) = self.lingering_to(dst) {
+            return Some(tx);
         }
         if let Some(tx) = self.route_to(dst) {
             if let Some(from) = came_from
@@ -597,14 +596,17 @@ impl Inner {
             }
             return Some(tx);
         }
-        let via = lock(&self.return_paths).via(dst, Instant::now());
-        let lingering = lock(&self.lingering);
-        let open = |v: &NodeId| lingering.get(v).filter(|(_, tx)| !tx.is_closed());
-        let tx = open(&dst).or_else(|| via.as_ref().and_then(open)).map(|(_, tx)| tx.clone());
-        if let Some(t) = &tx {
-            tracing::debug!(node = %dst, via = %t.peer().node_id, "an answer with no route takes a lingering link");
+        let via = lock(&self.return_paths).via(dst, Instant::now())?;
+        let tx = self.lingering_to(via);
+        if tx.is_some() {
+            tracing::debug!(node = %dst, %via, "an answer with no route takes a lingering link");
         }
         tx
+    }
+
+    /// The lingering link to `peer`, if there is one that still takes frames.
+    fn lingering_to(&self, peer: NodeId) -> Option<LinkSender> {
+        lock(&self.lingering).get(&peer).filter(|(_, tx)| !tx.is_closed()).map(|(_, tx)| tx.clone())
     }
 
     /// Notes that a call from `src` came in on the link to `via`: frames for `src` that find no
@@ -840,7 +842,7 @@ impl Inner {
             Some(None) => {}
         }
         let (next_hops, learned) = (NextHops::default(), FastMap::default());
-        let answer_hops = NextHops { answers: true, ..NextHops::default() };
+        let answer_hops = NextHops { answers_from: Some(peer), ..NextHops::default() };
         rx.into_handler(Box::new(LinkFrames {
             inner: self.clone(),
             peer,
@@ -910,9 +912,9 @@ struct LinkFrames {
 /// the frame's fallback to the decoding path, which looks the route up afresh.
 #[derive(Default)]
 struct NextHops {
-    /// The hops of answers (replies, cancels: [`Inner::route_or_lingering`]), not of calls and
-    /// events ([`Inner::route_to`]).
-    answers: bool,
+    /// `Some(peer)`: the hops of answers (replies, cancels: [`Inner::route_or_lingering`]) that
+    /// came from `peer`; `None`: of calls and events ([`Inner::route_to`]).
+    answers_from: Option<NodeId>,
     epoch: u64,
     next: FastMap<NodeId, Option<LinkSender>>,
 }
@@ -920,18 +922,20 @@ struct NextHops {
 impl NextHops {
     const CAP: usize = 64;
 
-    /// The sender towards `dst`'s next hop, if there is a route, for a frame that came from
-    /// `from`.
-    fn get(&mut self, inner: &Inner, dst: NodeId, from: NodeId) -> Option<&LinkSender> {
+    /// The sender towards `dst`'s next hop, if there is a route.
+    fn get(&mut self, inner: &Inner, dst: NodeId) -> Option<&LinkSender> {
         let epoch = inner.routes_epoch.load(Ordering::Acquire);
         if epoch != self.epoch || (self.next.len() >= Self::CAP && !self.next.contains_key(&dst)) {
             self.next.clear();
             self.epoch = epoch;
         }
-        let answers = self.answers;
+        let answers_from = self.answers_from;
         self.next
             .entry(dst)
-            .or_insert_with(|| if answers { inner.route_or_lingering(dst, Some(from)) } else { inner.route_to(dst) })
+            .or_insert_with(|| match answers_from {
+                Some(_) => inner.route_or_lingering(dst, answers_from),
+                None => inner.route_to(dst),
+            })
             .as_ref()
     }
 }
@@ -948,7 +952,7 @@ impl LinkFrames {
             return;
         }
         let now = Instant::now();
-        let unroutable = self.next_hops.get(&self.inner, src, self.peer).is_none();
+        let unroutable = self.next_hops.get(&self.inner, src).is_none();
         let due = self.learned.get(&src).is_none_or(|at| now.saturating_duration_since(*at) >= RELEARN);
         if unroutable || due {
             if self.learned.len() >= NextHops::CAP && !self.learned.contains_key(&src) {
@@ -985,9 +989,9 @@ impl FrameHandler for LinkFrames {
             self.note_switched_call(to_core(route.src));
         }
         let next = if matches!(kind, Some(FrameKind::Reply | FrameKind::Cancel)) {
-            self.answer_hops.get(&self.inner, to_core(route.dst), self.peer)
+            self.answer_hops.get(&self.inner, to_core(route.dst))
         } else {
-            self.next_hops.get(&self.inner, to_core(route.dst), self.peer)
+            self.next_hops.get(&self.inner, to_core(route.dst))
         };
         self.inner.switch_raw(self.peer, &self.tx, next, route, raw);
     }
