@@ -88,7 +88,7 @@ fn start_servers(resolver: Arc<CertResolver>) -> Servers {
             let raw_proto = proto::ProtoSide::bind(Some(Arc::new(raw_config.clone())));
             let proto_addr = raw_proto.local_addr();
             tokio::spawn(raw_proto.serve_echo());
-            let raw_quic = quinn::Endpoint::server(raw_config, "127.0.0.1:0".parse().expect("addr")).expect("raw quic");
+            let raw_quic = raw_quic_endpoint(Some(raw_config));
             let raw_quic_addr = raw_quic.local_addr().expect("addr");
             tokio::spawn(async move {
                 while let Some(incoming) = raw_quic.accept().await {
@@ -139,21 +139,51 @@ impl FrameHandler for HandlerEcho {
 /// ALPN of the raw quinn floor (any value both ends agree on).
 const RAW_ALPN: &[u8] = b"bench";
 
-/// The raw quinn floors' server config: quinn's default transport settings.
+/// The raw quinn floors' transport settings: quinn's defaults, but for the datagram size, which
+/// may grow as far as the links' may ([`gearmesh_transport::quic::MAX_UDP_PAYLOAD`]), so that
+/// the floors and the links send the same datagrams. (Only ping-pongs run on the raw floors:
+/// one frame in flight never makes a batch larger than one `sendmsg` takes.)
+fn raw_quic_transport() -> Arc<quinn::TransportConfig> {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(gearmesh_transport::quic::MAX_UDP_PAYLOAD);
+    let mut t = quinn::TransportConfig::default();
+    t.mtu_discovery_config(Some(mtu));
+    Arc::new(t)
+}
+
+/// The raw quinn floors' endpoint settings: datagrams as large as the links'.
+pub(crate) fn raw_quic_endpoint_config() -> quinn::EndpointConfig {
+    let mut e = quinn::EndpointConfig::default();
+    e.max_udp_payload_size(gearmesh_transport::quic::MAX_UDP_PAYLOAD).expect("payload size");
+    e
+}
+
+/// A raw quinn endpoint on loopback, accepting with `server` if given.
+fn raw_quic_endpoint(server: Option<quinn::ServerConfig>) -> quinn::Endpoint {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    let runtime = quinn::default_runtime().expect("runtime");
+    quinn::Endpoint::new(raw_quic_endpoint_config(), server, socket, runtime).expect("raw quic endpoint")
+}
+
+/// The raw quinn floors' server config.
 fn raw_quic_server_config(resolver: Arc<CertResolver>) -> quinn::ServerConfig {
     let tls = gearmesh_transport::tls::server_config(resolver, &[RAW_ALPN]).expect("tls");
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic tls");
-    quinn::ServerConfig::with_crypto(Arc::new(crypto))
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(raw_quic_transport());
+    config
 }
 
-/// The raw quinn floors' client config: trusts `ca`, quinn's default transport settings.
+/// The raw quinn floors' client config: trusts `ca`.
 fn raw_quic_client_config(ca: &DevCa) -> quinn::ClientConfig {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.add(ca.cert_der()).expect("root");
     let mut tls = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     tls.alpn_protocols = vec![RAW_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    quinn::ClientConfig::new(Arc::new(crypto))
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(raw_quic_transport());
+    config
 }
 
 /// The raw quinn ping-pong: one bidirectional stream, `size`-byte messages (the floor under
@@ -174,7 +204,7 @@ async fn raw_quic_connect(
     addr: SocketAddr,
     ca: &DevCa,
 ) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    let mut ep = raw_quic_endpoint(None);
     ep.set_default_client_config(raw_quic_client_config(ca));
     let conn = ep.connect(addr, "localhost").expect("connect").await.expect("handshake");
     let (send, recv) = conn.open_bi().await.expect("stream");

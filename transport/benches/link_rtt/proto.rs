@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
-use quinn_proto::{self as proto, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, StreamId};
+use quinn_proto::{self as proto, ConnectionHandle, DatagramEvent, Dir, Endpoint, StreamId};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::time::Sleep;
@@ -86,7 +86,7 @@ impl ProtoSide {
         // socket cannot (as in `gearmesh_transport::quic`'s socket).
         #[allow(deprecated)]
         let socket = AsyncFd::with_interest(std_socket, Interest::READABLE).expect("reactor");
-        let endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), server.clone(), true, None);
+        let endpoint = Endpoint::new(Arc::new(super::raw_quic_endpoint_config()), server.clone(), true, None);
         let timer = Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600)));
         ProtoSide {
             socket,

@@ -12,6 +12,19 @@
 //! through a second, temporary registration of a duplicate descriptor, dropped as soon as it
 //! fires.
 //!
+//! Datagrams may be as large as [`super::MAX_UDP_PAYLOAD`] where the path carries them (loopback
+//! does). Two limits of the kernel's then need care, and this socket takes them:
+//! - One `sendmsg` with segmentation offload (GSO) carries at most one UDP datagram's worth of
+//!   bytes (65,507). quinn batches up to ten segments of the path's size, which for large
+//!   datagrams is far more; the kernel refuses such a batch as "message too long", which
+//!   quinn-udp takes for a lost path-MTU probe, so every datagram in it would vanish, again at
+//!   every resend. A batch larger than the limit is sent in several calls here.
+//! - quinn gives each receive slot room for "largest datagram × segments per receive", which for
+//!   65 KB datagrams and the 64 segments of receive offload (GRO) would be 4 MB a slot, 128 MB
+//!   an endpoint. A coalesced receive holds at most 64 KiB whatever the datagram size, so the
+//!   segments per receive are reported as no more than the slot quinn would give Ethernet-sized
+//!   datagrams needs.
+//!
 //! A receive that fills fewer slots than it offered has drained the socket, so the read
 //! readiness is cleared at once instead of being learned from one more `EAGAIN` call. A datagram
 //! that arrives after the receive raises a new edge in the reactor, so none is missed.
@@ -37,6 +50,14 @@ pub(super) struct ReadWatchedSocket {
     full: AtomicBool,
 }
 
+/// The most bytes one `sendmsg` may carry: the largest UDP payload over IPv4 (65,535 less the
+/// IPv4 and UDP headers).
+const SEND_MAX_BYTES: usize = 65_507;
+
+/// The room a receive slot gets: what quinn gives Ethernet-sized datagrams (1,472 bytes) times
+/// GRO's 64 segments, which holds any coalesced receive.
+const RECV_SLOT_BYTES: usize = 1_472 * 64;
+
 impl ReadWatchedSocket {
     /// Wraps a bound socket (made non-blocking here). Must run inside a tokio runtime.
     pub(super) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
@@ -53,11 +74,29 @@ impl AsyncUdpSocket for ReadWatchedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
-        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.full.store(true, Ordering::Relaxed);
+        let segment = match transmit.segment_size {
+            Some(segment) if segment > 0 && transmit.contents.len() > SEND_MAX_BYTES => segment,
+            _ => return self.send(transmit),
+        };
+        // A batch too large for one call: as many whole segments per call as fit.
+        let per_call = (SEND_MAX_BYTES / segment).max(1) * segment;
+        for (i, contents) in transmit.contents.chunks(per_call).enumerate() {
+            let part = Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents,
+                segment_size: Some(segment),
+                src_ip: transmit.src_ip,
+            };
+            match self.send(&part) {
+                Ok(()) => {}
+                // Part of the batch is out: the rest counts as lost (QUIC sends it again) rather
+                // than having quinn send the whole batch again, the part that went out included.
+                Err(e) if i > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
         }
-        sent
+        Ok(())
     }
 
     fn poll_recv(
@@ -92,11 +131,24 @@ impl AsyncUdpSocket for ReadWatchedSocket {
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
+        // quinn allots min(largest datagram, 64 KiB) × this to each receive slot.
+        let datagram = usize::from(super::MAX_UDP_PAYLOAD).min(64 * 1024);
+        self.state.gro_segments().min(RECV_SLOT_BYTES.div_ceil(datagram)).max(1)
     }
 
     fn may_fragment(&self) -> bool {
         self.state.may_fragment()
+    }
+}
+
+impl ReadWatchedSocket {
+    /// One `sendmsg` (or the batch quinn-udp makes of it); notes a full buffer for [`Writable`].
+    fn send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.full.store(true, Ordering::Relaxed);
+        }
+        sent
     }
 }
 
@@ -228,5 +280,43 @@ mod tests {
             a.try_send(&transmit(to, &[i; 8])).expect("send");
             assert_eq!(recv_one(&b).await, vec![i; 8]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_one_send_carries_arrives_whole() {
+        let (a, b) = (bound(), bound());
+        if a.max_transmit_segments() < 3 {
+            eprintln!("no segmentation offload here: quinn never hands this socket a batch");
+            return;
+        }
+        let to = b.local_addr().expect("addr");
+        // Three 30,000-byte datagrams in one batch: 90,000 bytes, more than one sendmsg takes.
+        let segment = 30_000;
+        let contents: Vec<u8> = (0..3 * segment).map(|i| u8::try_from(i / segment + 1).expect("small")).collect();
+        let batch =
+            Transmit { destination: to, ecn: None, contents: &contents, segment_size: Some(segment), src_ip: None };
+        a.try_send(&batch).expect("send");
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        while got.len() < 3 {
+            let mut buf = vec![0u8; 128 * 1024];
+            let mut meta = [RecvMeta::default()];
+            let recv = std::future::poll_fn(|cx| b.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta));
+            tokio::time::timeout(WAKE, recv).await.expect("every datagram of the batch arrives").expect("recv");
+            // Receive offload may hand several datagrams over as one, `stride` bytes each.
+            got.extend(buf[..meta[0].len].chunks(meta[0].stride).map(<[u8]>::to_vec));
+        }
+        let want: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; segment]).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn receive_slots_hold_any_coalesced_receive_without_growing_with_the_datagram_size() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+        let _guard = rt.enter();
+        let socket = ReadWatchedSocket::new(s).expect("socket");
+        let slot = socket.max_receive_segments() * usize::from(super::super::MAX_UDP_PAYLOAD);
+        assert!(slot >= 64 * 1024, "a slot of {slot} bytes may not hold a coalesced receive");
+        assert!(slot <= 2 * RECV_SLOT_BYTES, "a slot of {slot} bytes: 32 of them per endpoint");
     }
 }

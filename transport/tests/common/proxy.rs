@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 pub struct Proxy {
     pub addr: SocketAddr,
     hole: Arc<AtomicBool>,
+    /// The largest datagram the UDP proxy has forwarded, either way (0 for TCP).
+    largest: Arc<AtomicUsize>,
     _task: AbortOnDrop,
 }
 
@@ -28,6 +30,11 @@ impl Drop for AbortOnDrop {
 impl Proxy {
     pub fn blackhole(&self) {
         self.hole.store(true, Ordering::SeqCst);
+    }
+
+    /// The largest datagram forwarded so far, either way (UDP only).
+    pub fn largest_datagram(&self) -> usize {
+        self.largest.load(Ordering::SeqCst)
     }
 }
 
@@ -74,7 +81,7 @@ pub async fn tcp(upstream: SocketAddr) -> Proxy {
             conns.spawn(pipe(ur, dw, h.clone()));
         }
     });
-    Proxy { addr, hole, _task: AbortOnDrop(task) }
+    Proxy { addr, hole, largest: Arc::default(), _task: AbortOnDrop(task) }
 }
 
 /// A UDP proxy for one client.
@@ -85,6 +92,8 @@ pub async fn udp(upstream: SocketAddr) -> Proxy {
     back.connect(upstream).await.expect("connect");
     let hole = Arc::new(AtomicBool::new(false));
     let h = hole.clone();
+    let largest = Arc::new(AtomicUsize::new(0));
+    let seen = largest.clone();
     let task = tokio::spawn(async move {
         let mut client: Option<SocketAddr> = None;
         let mut a = vec![0u8; 65536];
@@ -93,6 +102,7 @@ pub async fn udp(upstream: SocketAddr) -> Proxy {
             tokio::select! {
                 r = front.recv_from(&mut a) => {
                     let Ok((n, from)) = r else { return };
+                    seen.fetch_max(n, Ordering::SeqCst);
                     client = Some(from);
                     if !h.load(Ordering::SeqCst) {
                         let _sent = back.send(&a[..n]).await;
@@ -100,6 +110,7 @@ pub async fn udp(upstream: SocketAddr) -> Proxy {
                 }
                 r = back.recv(&mut b) => {
                     let Ok(n) = r else { return };
+                    seen.fetch_max(n, Ordering::SeqCst);
                     if let (Some(c), false) = (client, h.load(Ordering::SeqCst)) {
                         let _sent = front.send_to(&b[..n], c).await;
                     }
@@ -107,5 +118,5 @@ pub async fn udp(upstream: SocketAddr) -> Proxy {
             }
         }
     });
-    Proxy { addr, hole, _task: AbortOnDrop(task) }
+    Proxy { addr, hole, largest, _task: AbortOnDrop(task) }
 }
