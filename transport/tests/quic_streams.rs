@@ -1,5 +1,6 @@
-//! On QUIC a large frame does not delay small frames sent after it, and a path that carries large
-//! datagrams (loopback) gets them.
+//! On QUIC a large frame does not delay small frames sent after it, a path that carries large
+//! datagrams (loopback) gets them, and a close does not overtake the frames sent before it even
+//! where datagrams overtake one another.
 
 mod common;
 
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use common::net::{pki, quic_client, quic_server};
 use common::{Transport, connect, proxy, setup};
 use gearmesh_transport::quic::MAX_UDP_PAYLOAD;
-use gearmesh_transport::{AcceptConfig, Acceptor, BodyKind, Call, Dialer, Frame, Route};
+use gearmesh_transport::{AcceptConfig, Acceptor, BodyKind, Call, CloseCode, Dialer, Frame, Route};
 
 fn call(id: u64, len: usize) -> Frame {
     Frame::Call(Call {
@@ -79,5 +80,48 @@ async fn on_loopback_a_4_kib_frame_comes_to_travel_in_one_datagram() {
             Ok(Some(Ok(Frame::Call(c)))) => assert_eq!(c.body.len(), len),
             other => panic!("a {len}-byte frame did not arrive: {other:?}"),
         }
+    }
+}
+
+/// Each call travels on a stream of its own and the close on the control stream, so on a path
+/// that reorders datagrams the close can arrive before the first datagram of a call's stream.
+/// The peer must still read every call sent before the close (or the sender gets it back
+/// unsent). Several rounds, as the reordering is random.
+#[tokio::test]
+async fn frames_written_before_a_close_arrive_before_it_on_a_path_that_reorders() {
+    let pki = pki();
+    let (acceptor, mut incoming) = Acceptor::new(setup(2), AcceptConfig::default());
+    let (ep, _server) = quic_server(&acceptor, pki.resolver.clone());
+    let proxy = proxy::udp_reordering(ep.local_addr().expect("addr"), Duration::from_millis(3)).await;
+    let dialer = Dialer::new(setup(1), pki.client.clone()).with_quic(quic_client(&pki.client));
+    for round in 0..10 {
+        let a = dialer.dial(&format!("quic://127.0.0.1:{}", proxy.addr.port())).await.expect("dial through the proxy");
+        let b = incoming.accept().await.expect("accepted");
+        let (b_tx, mut b_rx) = b.split();
+        let reader = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), b_rx.recv()).await {
+                    Ok(Some(Ok(Frame::Call(c)))) => ids.push(c.call_id),
+                    Ok(Some(Ok(f))) => panic!("not a call: {f:?}"),
+                    Ok(Some(Err(e))) => panic!("the close is orderly: {e}"),
+                    Ok(None) => break,
+                    Err(_) => panic!("the reader waited in vain"),
+                }
+            }
+            drop(b_tx);
+            ids
+        });
+        let sent = 200u64;
+        for id in 0..sent {
+            a.send(&call(id, 16)).await.expect("send");
+        }
+        a.close(CloseCode::NORMAL, "done").await;
+        let unsent = a.sender().take_unsent().len() as u64;
+        let mut ids =
+            tokio::time::timeout(Duration::from_secs(20), reader).await.expect("the reader ends").expect("reader");
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len() as u64 + unsent, sent, "round {round}: {} delivered, {unsent} handed back", ids.len());
     }
 }

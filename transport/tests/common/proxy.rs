@@ -86,14 +86,43 @@ pub async fn tcp(upstream: SocketAddr) -> Proxy {
 
 /// A UDP proxy for one client.
 pub async fn udp(upstream: SocketAddr) -> Proxy {
-    let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    udp_with_jitter(upstream, None).await
+}
+
+/// A UDP proxy for one client that holds each datagram for a random time up to `jitter` before
+/// forwarding it, so that datagrams overtake one another as they may on a real network.
+pub async fn udp_reordering(upstream: SocketAddr, jitter: std::time::Duration) -> Proxy {
+    udp_with_jitter(upstream, Some(jitter)).await
+}
+
+async fn udp_with_jitter(upstream: SocketAddr, jitter: Option<std::time::Duration>) -> Proxy {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
     let addr = front.local_addr().expect("addr");
-    let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
     back.connect(upstream).await.expect("connect");
     let hole = Arc::new(AtomicBool::new(false));
     let h = hole.clone();
     let largest = Arc::new(AtomicUsize::new(0));
     let seen = largest.clone();
+    // Forwards `datagram` through `via` (to `to`, or its connected peer), now or after a jitter.
+    let forward = move |via: Arc<UdpSocket>, datagram: Vec<u8>, to: Option<SocketAddr>| async move {
+        let send = async move {
+            let _sent = match to {
+                Some(to) => via.send_to(&datagram, to).await,
+                None => via.send(&datagram).await,
+            };
+        };
+        match jitter {
+            Some(max) => {
+                let wait = max.mul_f64(rand::random::<f64>());
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    send.await;
+                });
+            }
+            None => send.await,
+        }
+    };
     let task = tokio::spawn(async move {
         let mut client: Option<SocketAddr> = None;
         let mut a = vec![0u8; 65536];
@@ -105,14 +134,14 @@ pub async fn udp(upstream: SocketAddr) -> Proxy {
                     seen.fetch_max(n, Ordering::SeqCst);
                     client = Some(from);
                     if !h.load(Ordering::SeqCst) {
-                        let _sent = back.send(&a[..n]).await;
+                        forward(back.clone(), a[..n].to_vec(), None).await;
                     }
                 }
                 r = back.recv(&mut b) => {
                     let Ok(n) = r else { return };
                     seen.fetch_max(n, Ordering::SeqCst);
                     if let (Some(c), false) = (client, h.load(Ordering::SeqCst)) {
-                        let _sent = front.send_to(&b[..n], c).await;
+                        forward(front.clone(), b[..n].to_vec(), Some(c)).await;
                     }
                 }
             }
