@@ -44,8 +44,9 @@ async fn large_frame_does_not_delay_small_ones() {
     assert_eq!(order.last(), Some(&0), "the large frame arrives after all the small ones: {order:?}");
 }
 
-/// Links start with 1,200-byte datagrams and probe for larger ones. Loopback carries 65 KB, so
-/// after a moment a 4 KiB frame travels in one datagram; seen from a UDP proxy between the ends.
+/// Links start with 1,200-byte datagrams and probe for larger ones, up to [`MAX_UDP_PAYLOAD`].
+/// Loopback carries 65 KB, so after a moment a 4 KiB frame travels in one datagram; seen from a
+/// UDP proxy between the ends.
 #[tokio::test]
 async fn on_loopback_a_4_kib_frame_comes_to_travel_in_one_datagram() {
     let pki = pki();

@@ -15,15 +15,16 @@
 //! Datagrams may be as large as [`super::MAX_UDP_PAYLOAD`] where the path carries them (loopback
 //! does). Two limits of the kernel's then need care, and this socket takes them:
 //! - One `sendmsg` with segmentation offload (GSO) carries at most one UDP datagram's worth of
-//!   bytes (65,507). quinn batches up to ten segments of the path's size, which for large
-//!   datagrams is far more; the kernel refuses such a batch as "message too long", which
+//!   bytes (65,507). quinn batches up to ten segments of the path's size, 89,520 bytes for 9 KB
+//!   datagrams; the kernel refuses such a batch as "message too long", which
 //!   quinn-udp takes for a lost path-MTU probe, so every datagram in it would vanish, again at
 //!   every resend. A batch larger than the limit is sent in several calls here.
 //! - quinn gives each receive slot room for "largest datagram × segments per receive", which for
-//!   65 KB datagrams and the 64 segments of receive offload (GRO) would be 4 MB a slot, 128 MB
+//!   9 KB datagrams and the 64 segments of receive offload (GRO) would be 573 KB a slot, 18 MB
 //!   an endpoint. A coalesced receive holds at most 64 KiB whatever the datagram size, so the
 //!   segments per receive are reported as no more than the slot quinn would give Ethernet-sized
-//!   datagrams needs.
+//!   datagrams get. (Fewer would be worse than waste: a coalesced receive larger than its slot
+//!   is cut short, and the link crawls on resends.)
 //!
 //! A receive that fills fewer slots than it offered has drained the socket, so the read
 //! readiness is cleared at once instead of being learned from one more `EAGAIN` call. A datagram
