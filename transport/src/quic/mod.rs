@@ -52,7 +52,14 @@ pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// whole datagram's room free before every send, however small the packet, and with 65 KB
 /// datagrams many small calls in flight went a third slower (97k calls/s at 256 in flight
 /// against 161k; at this size, no difference beyond the noise).
+///
+/// Unix only, where the endpoint's socket (`socket.rs`) splits a send batch the kernel would
+/// refuse at this size; elsewhere quinn's own socket and default bound (1,452) stay.
+#[cfg(unix)]
 pub const MAX_UDP_PAYLOAD: u16 = 8_952;
+/// See the Unix version: quinn's default bound, where quinn's own socket sends.
+#[cfg(not(unix))]
+pub const MAX_UDP_PAYLOAD: u16 = 1_452;
 
 /// Why a QUIC endpoint could not be created.
 #[derive(Debug, thiserror::Error)]
