@@ -25,6 +25,10 @@ use crate::NodeId;
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Bytes before the payload: version (1), kind (1), payload length (4, little-endian).
 pub const HEADER_LEN: usize = 6;
+/// Feature bit in [`Hello::features`]: the sender reads QUIC batch streams (small routed frames
+/// that were queued together, sharing one stream; see `docs/protocol.md`). Links set it
+/// themselves and send batches only to a peer that set it.
+pub const FEATURE_QUIC_BATCHES: u32 = 1;
 /// Default limit on a frame's total length (header included): 16 MiB.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 

@@ -150,6 +150,7 @@ pub(crate) async fn exchange<T: WireTx, R: WireRx>(
 ) -> Result<PeerInfo, HandshakeError> {
     let mut ours = setup.hello.clone();
     ours.version = u16::from(frame::PROTOCOL_VERSION);
+    ours.features |= frame::FEATURE_QUIC_BATCHES;
     if let Some(mint) = &setup.token_source {
         ours.token = mint();
     }
@@ -160,6 +161,7 @@ pub(crate) async fn exchange<T: WireTx, R: WireRx>(
     peer.node_id = theirs.node_id;
     peer.incarnation = theirs.incarnation;
     peer.features = theirs.features;
+    tx.peer_features(theirs.features);
     peer.listen_addrs = theirs.listen_addrs.clone();
     let verdict = if theirs.version != u16::from(frame::PROTOCOL_VERSION) {
         Err(HandshakeError::Version(theirs.version))

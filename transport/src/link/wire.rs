@@ -44,6 +44,9 @@ pub(crate) trait WireTx: Send + 'static {
 
     /// Flushes and closes the sending direction (best effort).
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// The feature bits of the peer's hello (`frame::FEATURE_*`), once it has arrived.
+    fn peer_features(&mut self, _features: u32) {}
 }
 
 /// Receives encoded frames.

@@ -2,7 +2,10 @@
 //!
 //! Stream layout (see `docs/protocol.md`): each side opens one ordered control stream (type byte
 //! 0) for hello, ping, pong, gossip and close, and one unidirectional stream per call, reply,
-//! cancel or event (type byte 1), so a large body never holds up later small frames.
+//! cancel or event (type byte 1), so a large body never holds up later small frames. Small
+//! routed frames that were queued together, as many as fit in one datagram, share a batch
+//! stream (type byte 2) when the peer reads them: they travel in the same packet either way, so
+//! sharing a stream costs them no independence and saves quinn a stream each.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -31,6 +34,9 @@ use crate::tls::{CertResolver, ClientTls, TlsError, quic_server_config};
 
 const STREAM_CONTROL: u8 = 0;
 const STREAM_FRAME: u8 = 1;
+const STREAM_BATCH: u8 = 2;
+/// The most bytes a batch stream may carry: the sender fills one datagram at most, far less.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Frames larger than this are written by a separate task so the link's writer moves on.
 const SPAWN_WRITE_ABOVE: usize = 64 * 1024;
 /// Large frames being written at once per link.
@@ -263,6 +269,7 @@ fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
         control: None,
         ended: None,
         held_close: None,
+        batched: VecDeque::new(),
     };
     let tx = QuicTx {
         conn,
@@ -271,6 +278,7 @@ fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
         control_out: VecDeque::new(),
         routed_out: VecDeque::new(),
         stream_out: None,
+        batches: false,
     };
     (tx, rx)
 }
@@ -288,8 +296,10 @@ struct QuicTx {
     control_out: VecDeque<Bytes>,
     /// Routed frames waiting for a stream of their own.
     routed_out: VecDeque<Bytes>,
-    /// A frame stream opened and not yet fully written: its type byte and frame.
-    stream_out: Option<(quinn::SendStream, [Bytes; 2])>,
+    /// A frame or batch stream opened and not yet fully written: its type byte and frames.
+    stream_out: Option<(quinn::SendStream, Vec<Bytes>)>,
+    /// The peer reads batch streams ([`frame::FEATURE_QUIC_BATCHES`] in its hello).
+    batches: bool,
 }
 
 fn io_err(e: impl std::fmt::Display) -> WireError {
@@ -347,9 +357,44 @@ impl QuicTx {
                 continue;
             }
             let stream = self.conn.open_uni().await.map_err(io_err)?;
-            let Some(frame) = self.routed_out.pop_front() else { return Ok(()) };
-            self.stream_out = Some((stream, [Bytes::from_static(&[STREAM_FRAME]), frame]));
+            let chunks = match self.take_batch() {
+                Some(batch) => batch,
+                None => {
+                    let Some(frame) = self.routed_out.pop_front() else { return Ok(()) };
+                    vec![Bytes::from_static(&[STREAM_FRAME]), frame]
+                }
+            };
+            self.stream_out = Some((stream, chunks));
         }
+    }
+
+    /// A batch stream's bytes (its type byte, then frames): the frames at the head of the queue
+    /// that fit in one datagram together, if there are two or more and the peer reads batches.
+    /// Frames in one datagram share its fate whatever their streams, so the batch keeps each
+    /// frame as independent of a lost packet as a stream of its own would.
+    fn take_batch(&mut self) -> Option<Vec<Bytes>> {
+        if !self.batches || self.routed_out.len() < 2 {
+            return None;
+        }
+        // Room in a datagram of the path's current size, less the packet's header, its
+        // authentication tag and the stream frame's header, with some to spare.
+        let room = usize::from(self.conn.stats().path.current_mtu).saturating_sub(64);
+        let mut total = 1;
+        let n = self
+            .routed_out
+            .iter()
+            .take_while(|f| {
+                total += f.len();
+                total <= room
+            })
+            .count();
+        if n < 2 {
+            return None;
+        }
+        let mut batch = Vec::with_capacity(n + 1);
+        batch.push(Bytes::from_static(&[STREAM_BATCH]));
+        batch.extend(self.routed_out.drain(..n));
+        Some(batch)
     }
 }
 
@@ -365,9 +410,23 @@ impl WireTx for QuicTx {
         self.write_queued().await
     }
 
+    async fn feed(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
+        if kind.is_routed() && self.batches {
+            // Written at the flush, so that frames fed together may share a batch stream.
+            self.routed_out.push_back(frame);
+            return Ok(());
+        }
+        self.send(frame, kind).await
+    }
+
     async fn flush(&mut self) -> Result<(), WireError> {
-        // Bytes quinn has taken are on their way; only frames left by a dropped write wait.
+        // Bytes quinn has taken are on their way; frames fed since the last flush, or left by
+        // a dropped write, wait.
         self.write_queued().await
+    }
+
+    fn peer_features(&mut self, features: u32) {
+        self.batches = features & frame::FEATURE_QUIC_BATCHES != 0;
     }
 
     async fn shutdown(&mut self) {
@@ -391,6 +450,8 @@ type Item = Result<Option<Bytes>, WireError>;
 enum StreamOut {
     /// A frame stream's frame (or why it could not be read).
     Frame(Item),
+    /// A batch stream's frames, in order.
+    Batch(VecDeque<Bytes>),
     /// The stream is the peer's control stream: read it frame by frame from now on.
     Control(quinn::RecvStream),
     /// A stream that ended before its type byte: nothing to deliver.
@@ -418,6 +479,8 @@ struct QuicRx {
     /// been read: the close travels on the control stream and can overtake them, and the link
     /// stops reading at a close (the frames were lost).
     held_close: Option<Bytes>,
+    /// Frames of a batch stream read and not yet delivered.
+    batched: VecDeque<Bytes>,
 }
 
 /// One step of [`QuicRx::recv`].
@@ -467,8 +530,12 @@ impl QuicRx {
 impl WireRx for QuicRx {
     async fn recv(&mut self) -> Result<Option<Bytes>, WireError> {
         loop {
+            if let Some(frame) = self.batched.pop_front() {
+                return Ok(Some(frame));
+            }
             match std::future::poll_fn(|cx| self.poll_step(cx)).await {
                 Step::Stream(StreamOut::Frame(item)) => return item,
+                Step::Stream(StreamOut::Batch(frames)) => self.batched = frames,
                 Step::Stream(StreamOut::Nothing) => {}
                 Step::Stream(StreamOut::Control(_)) if self.control.is_some() => {
                     return Err(WireError::Protocol("a second QUIC control stream".into()));
@@ -528,8 +595,37 @@ async fn read_stream(mut s: quinn::RecvStream, max: usize) -> StreamOut {
             }
             Err(e) => Err(io_err(e)),
         }),
+        STREAM_BATCH => match s.read_to_end(MAX_BATCH_BYTES).await {
+            Ok(b) => match split_batch(Bytes::from(b), max) {
+                Ok(frames) => StreamOut::Batch(frames),
+                Err(e) => StreamOut::Frame(Err(e)),
+            },
+            Err(quinn::ReadToEndError::TooLong) => {
+                StreamOut::Frame(Err(WireError::Protocol(format!("a QUIC batch stream over {MAX_BATCH_BYTES} bytes"))))
+            }
+            Err(e) => StreamOut::Frame(Err(io_err(e))),
+        },
         other => StreamOut::Frame(Err(WireError::Protocol(format!("unknown QUIC stream type {other}")))),
     }
+}
+
+/// Cuts a batch stream's bytes into its frames, by their headers. The frames themselves are
+/// checked where every frame is, when the link decodes them.
+fn split_batch(mut bytes: Bytes, max: usize) -> Result<VecDeque<Bytes>, WireError> {
+    let mut frames = VecDeque::new();
+    while !bytes.is_empty() {
+        let h = frame::peek_header(&bytes, max)?
+            .ok_or(WireError::Decode(DecodeError::Truncated { needed: HEADER_LEN, have: bytes.len() }))?;
+        let len = h.frame_len();
+        if bytes.len() < len {
+            return Err(WireError::Decode(DecodeError::Truncated { needed: len, have: bytes.len() }));
+        }
+        frames.push_back(bytes.split_to(len));
+    }
+    if frames.is_empty() {
+        return Err(WireError::Protocol("an empty QUIC batch stream".into()));
+    }
+    Ok(frames)
 }
 
 /// Reads the next frame of the control stream and gives the stream back; `Ok(None)` when the
