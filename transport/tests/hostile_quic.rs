@@ -12,9 +12,7 @@ use bytes::Bytes;
 use common::net::{pki, quic_client, quic_server};
 use common::setup;
 use gearmesh_transport::frame::FEATURE_QUIC_BATCHES;
-use gearmesh_transport::{
-    AcceptConfig, Acceptor, BodyKind, Call, CloseCode, Dialer, Frame, Hello, Link, LinkError, Route, tls::DevCa,
-};
+use gearmesh_transport::{AcceptConfig, Acceptor, CloseCode, Dialer, Frame, Hello, Link, LinkError, tls::DevCa};
 
 async fn raw_quic(ca: &DevCa, addr: std::net::SocketAddr) -> quinn::Connection {
     let mut roots = rustls::RootCertStore::empty();
@@ -29,6 +27,16 @@ async fn raw_quic(ca: &DevCa, addr: std::net::SocketAddr) -> quinn::Connection {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     ep.connect(addr, "localhost").expect("connect").await.expect("handshake")
+}
+
+/// Opens the raw client's control stream and says hello as node 9 with `features`; the stream
+/// is returned to be kept open.
+async fn say_hello(conn: &quinn::Connection, features: u32) -> quinn::SendStream {
+    let mut control = conn.open_uni().await.expect("control");
+    control.write_all(&[0]).await.expect("type");
+    let hello = Frame::Hello(Hello { version: 1, features, ..common::hello(9) });
+    control.write_all(&encoded(&hello)).await.expect("hello");
+    control
 }
 
 fn encoded(f: &Frame) -> Bytes {
@@ -51,10 +59,7 @@ async fn expect_protocol_error(stream_type: u8, payload: &'static [u8]) {
     let mut good_server_side = incoming.accept().await.expect("accepted");
 
     let conn = raw_quic(&pki.ca, addr).await;
-    let mut control = conn.open_uni().await.expect("control");
-    control.write_all(&[0]).await.expect("type");
-    let hello = Frame::Hello(Hello { version: 1, ..common::hello(9) });
-    control.write_all(&encoded(&hello)).await.expect("hello");
+    let _control = say_hello(&conn, 0).await;
     let mut evil =
         tokio::time::timeout(Duration::from_secs(5), incoming.accept()).await.expect("hello accepted").expect("link");
     let mut s = conn.open_uni().await.expect("stream");
@@ -107,18 +112,7 @@ async fn an_empty_batch_stream_closes_only_that_link() {
 }
 
 fn call(id: u64) -> Frame {
-    Frame::Call(Call {
-        route: Route::default(),
-        call_id: id,
-        deadline_ms: 1000,
-        trace_id: 0,
-        caller: "user:a".into(),
-        scopes: vec![],
-        gear: "g".into(),
-        port: "p".into(),
-        body_kind: BodyKind::Bytes,
-        body: Bytes::from_static(b"0123456789abcdef"),
-    })
+    common::call(id, Bytes::from_static(b"0123456789abcdef"))
 }
 
 /// A raw quinn client that said hello with `features`, and the acceptor's link to it.
@@ -129,10 +123,7 @@ async fn raw_peer(features: u32) -> (quinn::Connection, Link, Vec<Box<dyn std::a
     let (acceptor, mut incoming) = Acceptor::new(setup, AcceptConfig::default());
     let (ep, server) = quic_server(&acceptor, pki.resolver.clone());
     let conn = raw_quic(&pki.ca, ep.local_addr().expect("addr")).await;
-    let mut control = conn.open_uni().await.expect("control");
-    control.write_all(&[0]).await.expect("type");
-    let hello = Frame::Hello(Hello { version: 1, features, ..common::hello(9) });
-    control.write_all(&encoded(&hello)).await.expect("hello");
+    let control = say_hello(&conn, features).await;
     let link =
         tokio::time::timeout(Duration::from_secs(5), incoming.accept()).await.expect("hello accepted").expect("link");
     (conn, link, vec![Box::new(server), Box::new(ep), Box::new(control), Box::new(acceptor)])

@@ -6,28 +6,13 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Transport, connect, setup};
+use common::{Transport, call, connect, setup, spawn_call_reader};
 use gearmesh_transport::{
-    BodyKind, Call, CloseCode, Event, Frame, FrameHandler, Initiator, LinkError, NodeId, Reply, ReplyResult, Route,
+    BodyKind, CloseCode, Event, Frame, FrameHandler, Initiator, LinkError, NodeId, Reply, ReplyResult, Route,
     SendError, TrySendError,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn call(id: u64, body: Bytes) -> Frame {
-    Frame::Call(Call {
-        route: Route { src: NodeId([1; 16]), dst: NodeId([2; 16]), hops: 0 },
-        call_id: id,
-        deadline_ms: 1000,
-        trace_id: u128::from(id) << 64,
-        caller: "user:alice".into(),
-        scopes: vec!["a".into()],
-        gear: "billing".into(),
-        port: "charge".into(),
-        body_kind: BodyKind::Bytes,
-        body,
-    })
-}
 
 async fn recv(link: &mut gearmesh_transport::Link) -> Frame {
     match tokio::time::timeout(WAIT, link.recv()).await {
@@ -604,21 +589,7 @@ async fn an_orderly_close_loses_nothing_the_peer_sent_before_hearing_it(t: Trans
 /// control stream, so the close must not overtake them.
 async fn frames_written_before_a_close_arrive_before_it(t: Transport) {
     let (a, b, _f) = connect(t, setup(1), setup(2)).await.expect("connect");
-    let (b_tx, mut b_rx) = b.split();
-    let reader = tokio::spawn(async move {
-        let mut ids = Vec::new();
-        loop {
-            match tokio::time::timeout(WAIT, b_rx.recv()).await {
-                Ok(Some(Ok(Frame::Call(c)))) => ids.push(c.call_id),
-                Ok(Some(Ok(f))) => panic!("not a call: {f:?}"),
-                Ok(Some(Err(e))) => panic!("the close is orderly: {e}"),
-                Ok(None) => break,
-                Err(_) => panic!("the reader waited in vain"),
-            }
-        }
-        drop(b_tx);
-        ids
-    });
+    let reader = spawn_call_reader(b, WAIT);
     let mut sent = 0u64;
     for round in 0..20u64 {
         for _ in 0..(5 + round * 3) {

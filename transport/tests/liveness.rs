@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::net::{pki, quic_client, quic_server, wss_server};
+use common::net::{QuicViaProxy, pki, wss_server};
 use common::{proxy, setup};
 use gearmesh_transport::{AcceptConfig, Acceptor, CloseCode, Dialer, Link};
 
@@ -42,15 +42,7 @@ async fn wss_frozen_peer_is_detected() {
 
 #[tokio::test]
 async fn quic_frozen_peer_is_detected() {
-    let pki = pki();
-    let (acceptor, mut incoming) = Acceptor::new(setup(2), AcceptConfig::default());
-    let (ep, _server) = quic_server(&acceptor, pki.resolver.clone());
-    let proxy = proxy::udp(ep.local_addr().expect("addr")).await;
-    let a = Dialer::new(setup(1), pki.client.clone())
-        .with_quic(quic_client(&pki.client))
-        .dial(&format!("quic://127.0.0.1:{}", proxy.addr.port()))
-        .await
-        .expect("dial through proxy");
-    let b = incoming.accept().await.expect("accepted");
-    assert_detects_frozen(a, b, proxy).await;
+    let mut via = QuicViaProxy::new(setup(1), setup(2), None).await;
+    let (a, b) = via.connect().await;
+    assert_detects_frozen(a, b, via.proxy).await;
 }

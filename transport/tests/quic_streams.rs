@@ -7,24 +7,13 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::net::{pki, quic_client, quic_server};
-use common::{Transport, connect, proxy, setup};
+use common::net::QuicViaProxy;
+use common::{Transport, connect, setup, spawn_call_reader};
 use gearmesh_transport::quic::MAX_UDP_PAYLOAD;
-use gearmesh_transport::{AcceptConfig, Acceptor, BodyKind, Call, CloseCode, Dialer, Frame, Route};
+use gearmesh_transport::{CloseCode, Frame};
 
 fn call(id: u64, len: usize) -> Frame {
-    Frame::Call(Call {
-        route: Route::default(),
-        call_id: id,
-        deadline_ms: 1000,
-        trace_id: 0,
-        caller: "user:a".into(),
-        scopes: vec![],
-        gear: "g".into(),
-        port: "p".into(),
-        body_kind: BodyKind::Bytes,
-        body: Bytes::from(vec![0u8; len]),
-    })
+    common::call(id, Bytes::from(vec![0u8; len]))
 }
 
 #[tokio::test]
@@ -49,16 +38,9 @@ async fn large_frame_does_not_delay_small_ones() {
 /// UDP proxy between the ends.
 #[tokio::test]
 async fn on_loopback_a_4_kib_frame_comes_to_travel_in_one_datagram() {
-    let pki = pki();
-    let (acceptor, mut incoming) = Acceptor::new(setup(2), AcceptConfig::default());
-    let (ep, _server) = quic_server(&acceptor, pki.resolver.clone());
-    let proxy = proxy::udp(ep.local_addr().expect("addr")).await;
-    let a = Dialer::new(setup(1), pki.client.clone())
-        .with_quic(quic_client(&pki.client))
-        .dial(&format!("quic://127.0.0.1:{}", proxy.addr.port()))
-        .await
-        .expect("dial through the proxy");
-    let mut b = incoming.accept().await.expect("accepted");
+    let mut via = QuicViaProxy::new(setup(1), setup(2), None).await;
+    let (a, mut b) = via.connect().await;
+    let proxy = &via.proxy;
     let frame_len = 4096;
     let mut sent = 0u64;
     // Bounded so that a path MTU that never grows fails the test instead of hanging it.
@@ -90,29 +72,10 @@ async fn on_loopback_a_4_kib_frame_comes_to_travel_in_one_datagram() {
 /// unsent). Several rounds, as the reordering is random.
 #[tokio::test]
 async fn frames_written_before_a_close_arrive_before_it_on_a_path_that_reorders() {
-    let pki = pki();
-    let (acceptor, mut incoming) = Acceptor::new(setup(2), AcceptConfig::default());
-    let (ep, _server) = quic_server(&acceptor, pki.resolver.clone());
-    let proxy = proxy::udp_reordering(ep.local_addr().expect("addr"), Duration::from_millis(3)).await;
-    let dialer = Dialer::new(setup(1), pki.client.clone()).with_quic(quic_client(&pki.client));
+    let mut via = QuicViaProxy::new(setup(1), setup(2), Some(Duration::from_millis(3))).await;
     for round in 0..10 {
-        let a = dialer.dial(&format!("quic://127.0.0.1:{}", proxy.addr.port())).await.expect("dial through the proxy");
-        let b = incoming.accept().await.expect("accepted");
-        let (b_tx, mut b_rx) = b.split();
-        let reader = tokio::spawn(async move {
-            let mut ids = Vec::new();
-            loop {
-                match tokio::time::timeout(Duration::from_secs(10), b_rx.recv()).await {
-                    Ok(Some(Ok(Frame::Call(c)))) => ids.push(c.call_id),
-                    Ok(Some(Ok(f))) => panic!("not a call: {f:?}"),
-                    Ok(Some(Err(e))) => panic!("the close is orderly: {e}"),
-                    Ok(None) => break,
-                    Err(_) => panic!("the reader waited in vain"),
-                }
-            }
-            drop(b_tx);
-            ids
-        });
+        let (a, b) = via.connect().await;
+        let reader = spawn_call_reader(b, Duration::from_secs(10));
         let sent = 200u64;
         for id in 0..sent {
             a.send(&call(id, 16)).await.expect("send");

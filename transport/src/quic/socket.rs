@@ -21,10 +21,11 @@
 //!   every resend. A batch larger than the limit is sent in several calls here.
 //! - quinn gives each receive slot room for "largest datagram × segments per receive", which for
 //!   9 KB datagrams and the 64 segments of receive offload (GRO) would be 573 KB a slot, 18 MB
-//!   an endpoint. A coalesced receive holds at most 64 KiB whatever the datagram size, so the
-//!   segments per receive are reported as no more than the slot quinn would give Ethernet-sized
-//!   datagrams get. (Fewer would be worse than waste: a coalesced receive larger than its slot
-//!   is cut short, and the link crawls on resends.)
+//!   an endpoint. A coalesced receive is no larger whatever the datagram size, so the segments
+//!   per receive are reported as few as keep each slot at least the size quinn gives
+//!   Ethernet-sized datagrams, which holds any coalesced receive. (A smaller slot would be worse
+//!   than waste: a coalesced receive larger than its slot is cut short, and the link crawls on
+//!   resends.)
 //!
 //! A receive that fills fewer slots than it offered has drained the socket, so the read
 //! readiness is cleared at once instead of being learned from one more `EAGAIN` call. A datagram
@@ -66,6 +67,15 @@ impl ReadWatchedSocket {
         socket.set_nonblocking(true)?;
         let io = register(socket, Interest::READABLE)?;
         Ok(ReadWatchedSocket { io, state, full: AtomicBool::new(false) })
+    }
+
+    /// One `sendmsg` (or the batch quinn-udp makes of it); notes a full buffer for [`Writable`].
+    fn send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.full.store(true, Ordering::Relaxed);
+        }
+        sent
     }
 }
 
@@ -139,17 +149,6 @@ impl AsyncUdpSocket for ReadWatchedSocket {
 
     fn may_fragment(&self) -> bool {
         self.state.may_fragment()
-    }
-}
-
-impl ReadWatchedSocket {
-    /// One `sendmsg` (or the batch quinn-udp makes of it); notes a full buffer for [`Writable`].
-    fn send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
-        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.full.store(true, Ordering::Relaxed);
-        }
-        sent
     }
 }
 
@@ -317,7 +316,12 @@ mod tests {
         let _guard = rt.enter();
         let socket = ReadWatchedSocket::new(s).expect("socket");
         let slot = socket.max_receive_segments() * usize::from(super::super::MAX_UDP_PAYLOAD);
-        assert!(slot >= 64 * 1024, "a slot of {slot} bytes may not hold a coalesced receive");
+        if socket.state.gro_segments() > 1 {
+            assert!(slot >= RECV_SLOT_BYTES, "a slot of {slot} bytes may not hold a coalesced receive");
+        } else {
+            // Without receive offload nothing is coalesced: a slot holds one datagram.
+            assert!(slot >= usize::from(super::super::MAX_UDP_PAYLOAD), "a slot of {slot} bytes");
+        }
         assert!(slot <= 2 * RECV_SLOT_BYTES, "a slot of {slot} bytes: 32 of them per endpoint");
     }
 }

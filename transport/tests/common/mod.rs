@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use gearmesh_transport::{Hello, Link, LinkConfig, LinkSetup, NodeId, memory};
+use bytes::Bytes;
+use gearmesh_transport::{BodyKind, Call, Frame, Hello, Link, LinkConfig, LinkSetup, NodeId, Route, memory};
 
 /// The transports the conformance suite runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,42 @@ pub fn fast_config() -> LinkConfig {
 
 pub fn setup(tag: u8) -> LinkSetup {
     LinkSetup::new(hello(tag)).with_config(fast_config())
+}
+
+/// A call frame from node 1 to node 2 with `body`.
+pub fn call(id: u64, body: Bytes) -> Frame {
+    Frame::Call(Call {
+        route: Route { src: NodeId([1; 16]), dst: NodeId([2; 16]), hops: 0 },
+        call_id: id,
+        deadline_ms: 1000,
+        trace_id: u128::from(id) << 64,
+        caller: "user:alice".into(),
+        scopes: vec!["a".into()],
+        gear: "billing".into(),
+        port: "charge".into(),
+        body_kind: BodyKind::Bytes,
+        body,
+    })
+}
+
+/// Reads `link`'s calls until it ends in an orderly close, and returns their ids in arrival
+/// order. Panics on any other frame, on an error, or when nothing comes for `wait`.
+pub fn spawn_call_reader(link: Link, wait: Duration) -> tokio::task::JoinHandle<Vec<u64>> {
+    let (tx, mut rx) = link.split();
+    tokio::spawn(async move {
+        let mut ids = Vec::new();
+        loop {
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(Ok(Frame::Call(c)))) => ids.push(c.call_id),
+                Ok(Some(Ok(f))) => panic!("not a call: {f:?}"),
+                Ok(Some(Err(e))) => panic!("the close is orderly: {e}"),
+                Ok(None) => break,
+                Err(_) => panic!("the reader waited in vain"),
+            }
+        }
+        drop(tx);
+        ids
+    })
 }
 
 /// Connects `a` (dialing) to `b` (accepting) over `t`.

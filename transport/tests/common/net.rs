@@ -10,6 +10,7 @@ use gearmesh_transport::tls::{CertResolver, ClientTls, ClientTrust, DevCa};
 use gearmesh_transport::{AcceptConfig, Acceptor, Dialer, Incoming, Link, LinkSetup, https};
 
 use super::Fixture;
+use super::proxy::{self, Proxy};
 
 /// Aborts a task when dropped.
 pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
@@ -96,4 +97,41 @@ pub async fn connect_quic(a: LinkSetup, b: LinkSetup) -> Result<(Link, Link, Fix
         lb,
         Fixture { guards: vec![Box::new(server), Box::new(incoming), Box::new(server_ep), Box::new(client_ep)] },
     ))
+}
+
+/// A QUIC server reached through a UDP proxy on loopback, for tests that watch or disturb the
+/// datagrams between the ends.
+pub struct QuicViaProxy {
+    pub proxy: Proxy,
+    dialer: Dialer,
+    incoming: Incoming,
+    _guards: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+impl QuicViaProxy {
+    /// `a` dials, `b` accepts; the proxy holds each datagram up to `jitter` if given (see
+    /// [`proxy::udp_reordering`]).
+    pub async fn new(a: LinkSetup, b: LinkSetup, jitter: Option<Duration>) -> Self {
+        let pki = pki();
+        let (acceptor, incoming) = Acceptor::new(b, AcceptConfig::default());
+        let (ep, server) = quic_server(&acceptor, pki.resolver.clone());
+        let upstream = ep.local_addr().expect("addr");
+        let proxy = match jitter {
+            Some(jitter) => proxy::udp_reordering(upstream, jitter).await,
+            None => proxy::udp(upstream).await,
+        };
+        let dialer = Dialer::new(a, pki.client.clone()).with_quic(quic_client(&pki.client));
+        QuicViaProxy { proxy, dialer, incoming, _guards: vec![Box::new(server), Box::new(ep), Box::new(acceptor)] }
+    }
+
+    /// A new link pair through the proxy: the dialing end, then the accepting end.
+    pub async fn connect(&mut self) -> (Link, Link) {
+        let a = self
+            .dialer
+            .dial(&format!("quic://127.0.0.1:{}", self.proxy.addr.port()))
+            .await
+            .expect("dial through the proxy");
+        let b = accept_one(&mut self.incoming).await.expect("accepted");
+        (a, b)
+    }
 }
