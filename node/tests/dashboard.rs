@@ -92,7 +92,7 @@ async fn mesh_with(count: usize, tweak: impl FnOnce(&mut NodeConfig)) -> Mesh {
     let mesh = Mesh { nodes, key: generated.key, _dir: dir };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !mesh.converged() {
-        assert!(Instant::now() < deadline, "the nodes did not see each other's gears within 30 s");
+        assert!(Instant::now() < deadline, "the nodes did not see each other's gears within 30 s: {}", mesh.views());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     mesh
@@ -109,6 +109,20 @@ impl Mesh {
             let gears = view.nodes.iter().map(|x| x.gears.len()).sum::<usize>();
             alive == self.nodes.len() && gears == all_gears
         })
+    }
+
+    /// What each node sees (each known node's name, state, gear count and links), for a failure.
+    fn views(&self) -> String {
+        let seen = |n: &RunningNode| {
+            let view = n.mesh().view();
+            let nodes: Vec<String> = view
+                .nodes
+                .iter()
+                .map(|x| format!("{} {} {} gears {} links", x.name, x.state, x.gears.len(), x.links.len()))
+                .collect();
+            format!("{} sees [{}]", n.name(), nodes.join(", "))
+        };
+        self.nodes.iter().map(seen).collect::<Vec<_>>().join("; ")
     }
 
     /// A token for the page: it may watch and call.
