@@ -680,22 +680,9 @@ async fn a_call_whose_quic_link_breaks_fails_at_once_instead_of_waiting_for_its_
 
 async fn call_over_a_link_that_breaks(scheme: &str) {
     use gearmesh::gears::{CallOptions, ErrorCode};
-    use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
+    use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().expect("tempdir");
-    let started = Arc::new(AtomicUsize::new(0));
-    let hang = {
-        let started = started.clone();
-        Gear::new("hang")
-            .port("forever", move |_ctx: Ctx, _: Value| {
-                let started = started.clone();
-                async move {
-                    started.fetch_add(1, Ordering::SeqCst);
-                    std::future::pending::<()>().await;
-                    Ok(0u64)
-                }
-            })
-            .port("now", |_ctx: Ctx, x: u64| async move { Ok(x + 1) })
-    };
+    let (hang, started) = hang_gear();
     let c = node(dir.path(), "c", &[], vec![], vec![]).await;
     // The call on b never ends: its shutdown need not wait long for it.
     let b = node_with(dir.path(), "b", &[], vec![hang], vec![wss(&c)], |c| c.calls.drain_timeout_ms = 200).await;
@@ -750,6 +737,108 @@ async fn call_over_a_link_that_breaks(scheme: &str) {
     for n in [a, b, c] {
         n.shutdown().await;
     }
+}
+
+/// A call that a third node switches, over a link of that node's that then breaks, fails
+/// `unavailable` at once too: the caller cannot see that link, the switch can. Nodes a and c
+/// reach each other only through s (a keeps one link; c cannot be dialed and links to s,
+/// through a proxy, and to t). The proxy starts dropping everything while a's call runs on c:
+/// s gives up on its link to c and answers the call's caller, although c stays reachable
+/// through t. Before switches kept track of the calls they pass on, the call waited for its
+/// deadline.
+#[tokio::test]
+async fn a_call_switched_over_a_link_that_breaks_fails_at_once() {
+    switched_call_over_a_link_that_breaks("wss").await;
+}
+
+/// The same with the link from c to s over QUIC, through a UDP proxy.
+#[tokio::test]
+async fn a_call_switched_over_a_quic_link_that_breaks_fails_at_once() {
+    switched_call_over_a_link_that_breaks("quic").await;
+}
+
+async fn switched_call_over_a_link_that_breaks(scheme: &str) {
+    use gearmesh::gears::{CallOptions, ErrorCode};
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hang, started) = hang_gear();
+    let s = node(dir.path(), "s", &[], vec![], vec![]).await;
+    let t = node(dir.path(), "t", &[], vec![], vec![wss(&s)]).await;
+    let s_addr = s.link_addrs().iter().find(|u| u.starts_with(&format!("{scheme}://"))).expect("s's address").clone();
+    let s_port: u16 = s_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("s's port");
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], s_port));
+    let proxy = if scheme == "quic" { proxy::udp(upstream).await } else { proxy::tcp(upstream).await };
+    let through_proxy = format!("{scheme}://127.0.0.1:{}", proxy.addr.port());
+    let c = node_with(dir.path(), "c", &[], vec![hang], vec![through_proxy, wss(&t)], |c| {
+        (c.mesh.min_links, c.mesh.max_links, c.mesh.no_listen) = (2, 2, true);
+        // The call on c never ends: its shutdown need not wait long for it.
+        c.calls.drain_timeout_ms = 200;
+    })
+    .await;
+    let a = node_with(dir.path(), "a", &[], vec![], vec![wss(&s)], one_link_undialable).await;
+    let linked = |n: &RunningNode, peer: &RunningNode| {
+        let (view, peer) = (n.mesh().view(), peer.mesh().id().to_string());
+        view.nodes
+            .into_iter()
+            .find(|x| x.id == view.me)
+            .is_some_and(|me| me.links.iter().any(|l| l.peer == peer && l.rtt_us.is_some()))
+    };
+    eventually("a links to s only; c to s (through the proxy) and to t", 15, || {
+        sees(&a, &["hang"]) && linked(&a, &s) && linked(&c, &s) && linked(&c, &t) && !linked(&a, &c) && !linked(&a, &t)
+    })
+    .await;
+    let switched_before = s.mesh().stats().frames_forwarded;
+    let ctx = a.ctx(Principal::anonymous());
+    let long = CallOptions::default().timeout(Duration::from_secs(120));
+    let call = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.call_with::<_, u64>("hang", "forever", &Value::Null, long).await })
+    };
+    eventually("the call runs on c", 10, || started.load(Ordering::SeqCst) == 1).await;
+    assert!(s.mesh().stats().frames_forwarded > switched_before, "s switched the call");
+    proxy.blackhole();
+    let failed = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call fails when the switch's link breaks, long before its deadline")
+        .expect("task");
+    let e = failed.expect_err("no reply can come");
+    assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
+    assert!(e.to_string().contains("broke"), "the switch says why: {e}");
+    // c was reachable all along, through t: a call made now is answered.
+    let soon = CallOptions::default().timeout(Duration::from_secs(20));
+    let mut tries = 0;
+    let answered = loop {
+        match ctx.call_with::<_, u64>("hang", "now", &1u64, soon.clone()).await {
+            Err(e) if e.code() == ErrorCode::Unavailable && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other.expect("c answers through t"),
+        }
+    };
+    assert_eq!(answered, 2);
+    for n in [a, c, t, s] {
+        n.shutdown().await;
+    }
+}
+
+/// The gear `hang`: its port `forever` never returns (and counts the calls that started it),
+/// its port `now` returns its argument plus one.
+fn hang_gear() -> (Gear, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
+    let started = Arc::new(AtomicUsize::new(0));
+    let counted = started.clone();
+    let gear = Gear::new("hang")
+        .port("forever", move |_ctx: Ctx, _: Value| {
+            let started = counted.clone();
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(0u64)
+            }
+        })
+        .port("now", |_ctx: Ctx, x: u64| async move { Ok(x + 1) });
+    (gear, started)
 }
 
 /// A link to `node` from a test posing as a node of its own (a fresh id), over `url` (WSS or

@@ -13,8 +13,9 @@ use gearmesh_gears::{
     WireBody, host::Start,
 };
 use gearmesh_transport::{
-    BodyKind, Call, CallRef, Cancel, Event, Frame, LinkId, LinkSender, Reply, ReplyResult, Route, SendError,
-    TrySendError, frame,
+    BodyKind, Call, CallRef, Cancel, Event, Frame, FrameKind, LinkId, LinkSender, Reply, ReplyResult, Route, SendError,
+    TrySendError,
+    frame::{self, PeekedCall},
 };
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 
@@ -313,10 +314,22 @@ impl Inner {
     /// it (see [`Inner::route_or_lingering`]); `came_from`: the peer it came from, if switched.
     fn forward(&self, route: &Route, frame: Frame, answer: bool, came_from: Option<NodeId>) -> Result<(), Unforwarded> {
         let dst = to_core(route.dst);
+        if let Frame::Cancel(c) = &frame {
+            // Its caller gave up on it: a link that breaks now owes the caller nothing.
+            self.settle_switched(to_core(c.route.src), c.call_id);
+        }
         let next = if answer { self.route_or_lingering(dst, came_from) } else { self.route_to(dst) };
         let result = match next {
             Some(tx) => {
-                let sent = if answer { self.try_answer(tx, &frame, dst, came_from).1 } else { tx.try_send(&frame) };
+                let sent = if answer {
+                    self.try_answer(tx, &frame, dst, came_from).1
+                } else {
+                    let sent = tx.try_send(&frame);
+                    if let (Ok(()), Frame::Call(c)) = (&sent, &frame) {
+                        self.note_switched(route, c.call_id, c.deadline_ms, &tx);
+                    }
+                    sent
+                };
                 sent.map_err(|e| match e {
                     TrySendError::Full => Unforwarded::Congested,
                     _ => Unforwarded::NoRoute,
@@ -339,6 +352,7 @@ impl Inner {
     /// deadlines. Beyond those bounds it is dropped and counted.
     fn forward_reply(self: &Arc<Self>, r: Reply, came_from: Option<NodeId>) {
         let dst = to_core(r.route.dst);
+        self.settle_switched(dst, r.call_id);
         let frame = Frame::Reply(r);
         let tx = match self.route_or_lingering(dst, came_from) {
             Some(tx) => tx,
@@ -471,12 +485,14 @@ impl Inner {
     /// frame. One that cannot go on (hop limit, no route, a congested link) takes the decoding
     /// path instead, which counts it and answers a call with an error at once.
     /// `next`: the link towards `route.dst`'s next hop.
+    /// `call`: what [`frame::peek_call`] read from `raw` (`None` for an event).
     pub(super) fn switch_raw(
         self: &Arc<Self>,
         peer: NodeId,
         from: &LinkSender,
         next: Option<&LinkSender>,
         route: Route,
+        call: Option<PeekedCall>,
         raw: Bytes,
     ) {
         let hops = route.hops.saturating_add(1);
@@ -486,6 +502,18 @@ impl Inner {
             let mut bytes = BytesMut::from(&raw[..]);
             if frame::set_hops(&mut bytes, hops) && tx.try_send_raw(bytes.freeze()).is_ok() {
                 Counters::bump(&self.counters.frames_forwarded);
+                match call {
+                    Some(PeekedCall { kind: FrameKind::Call, call_id, deadline_ms }) => {
+                        self.note_switched(&route, call_id, deadline_ms.unwrap_or(0), tx);
+                    }
+                    Some(PeekedCall { kind: FrameKind::Reply, call_id, .. }) => {
+                        self.settle_switched(to_core(route.dst), call_id);
+                    }
+                    Some(PeekedCall { kind: FrameKind::Cancel, call_id, .. }) => {
+                        self.settle_switched(to_core(route.src), call_id);
+                    }
+                    _ => {}
+                }
                 return;
             }
         }
@@ -493,6 +521,55 @@ impl Inner {
         match frame::decode(&raw, usize::MAX) {
             Ok(f) => self.on_frame(peer, from, f),
             Err(e) => tracing::debug!(%peer, error = %e, "routed frame does not decode"),
+        }
+    }
+
+    /// Notes a call for another node that went out on `via` (see [`super::switched`]).
+    fn note_switched(&self, route: &Route, call_id: u64, deadline_ms: u32, via: &LinkSender) {
+        let caller = to_core(route.src);
+        if caller == self.id {
+            // This node's own call: its call table knows the link (`CallTable::fail_via`).
+            return;
+        }
+        let deadline = std::time::Duration::from_millis(u64::from(deadline_ms));
+        let tracked =
+            lock(&self.switched).note(caller, to_core(route.dst), call_id, via.id(), deadline, Instant::now());
+        if !tracked {
+            tracing::debug!(%caller, call = call_id, "switched call not tracked: the table is full");
+        }
+    }
+
+    /// A switched call was answered or cancelled.
+    fn settle_switched(&self, caller: NodeId, call_id: u64) {
+        lock(&self.switched).settle(caller, call_id);
+    }
+
+    /// Forgets the switched calls that went out on `link`, which closed in order: the peer read
+    /// everything written on it, and answers come back some other way.
+    pub(super) fn forget_switched(&self, link: LinkId) {
+        drop(lock(&self.switched).take_link(link, Instant::now()));
+    }
+
+    /// Answers `unavailable` at once, to their callers, the switched calls that went out on
+    /// `link`, which broke on its way to `peer`: the call or its reply may have been lost with
+    /// it, and the callers, who do not see this link, would otherwise wait for their deadlines.
+    pub(super) fn fail_switched(self: &Arc<Self>, link: LinkId, peer: NodeId) {
+        let calls = lock(&self.switched).take_link(link, Instant::now());
+        if !calls.is_empty() {
+            tracing::debug!(%peer, calls = calls.len(), "switched calls fail: their link broke");
+        }
+        for s in calls {
+            let Some(back) = self.route_or_lingering(s.caller, None) else {
+                tracing::debug!(caller = %s.caller, call = s.call_id, "no way back to tell a caller its link broke");
+                continue;
+            };
+            let e = CallError::unavailable(format!(
+                "the link from node {} towards node {peer}, which the call to node {} took, broke; \
+                 the call may or may not have run",
+                self.id, s.callee
+            ));
+            let route = Route { src: to_link(s.caller), dst: to_link(s.callee), hops: 0 };
+            self.reply(&route, &back, s.call_id, Err(e));
         }
     }
 

@@ -23,6 +23,7 @@ mod calls;
 mod return_paths;
 mod shortcuts;
 mod strategy;
+mod switched;
 
 pub use shortcuts::ShortcutPolicy;
 
@@ -292,6 +293,9 @@ pub(crate) struct Inner {
     /// The links the calls from each caller came in on, learned from the calls this node
     /// switched: the way back to a caller no route leads to (yet, or any more).
     return_paths: Mutex<return_paths::ReturnPaths>,
+    /// Calls this node switched on and has not seen answered, by the link each went out on: a
+    /// link that breaks fails them at once (see [`switched`]).
+    switched: Mutex<switched::SwitchedCalls>,
     /// Links let go of (pruned, refused as full, or replaced) while they linger open: their
     /// peers still read them, so a reply for a peer that has no other way goes on one as a last
     /// resort instead of being dropped. At most one per peer; each leaves after
@@ -359,6 +363,7 @@ impl Mesh {
             shortcuts: Mutex::default(),
             shortcuts_active: AtomicBool::new(false),
             return_paths: Mutex::default(),
+            switched: Mutex::default(),
             lingering: Mutex::default(),
             held_reply_bytes: AtomicUsize::new(0),
             authorizer: std::sync::OnceLock::new(),
@@ -755,6 +760,7 @@ impl Inner {
                                 if reason != DisconnectReason::Leaving {
                                     // Given up on as broken: see `LinkFrames::on_closed`.
                                     self.calls.fail_via(e.tx.id(), LINK_BROKE);
+                                    self.fail_switched(e.tx.id(), peer);
                                 }
                                 tokio::spawn(async move {
                                     e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
@@ -984,7 +990,9 @@ impl FrameHandler for LinkFrames {
     }
 
     fn on_raw(&mut self, route: Route, raw: Bytes) {
-        let kind = frame::peek_header(&raw, usize::MAX).ok().flatten().map(|h| h.kind);
+        // Calls, replies and cancels; `None` for events.
+        let call = frame::peek_call(&raw);
+        let kind = call.map(|c| c.kind);
         if kind == Some(FrameKind::Call) {
             self.note_switched_call(to_core(route.src));
         }
@@ -993,7 +1001,7 @@ impl FrameHandler for LinkFrames {
         } else {
             self.next_hops.get(&self.inner, to_core(route.dst))
         };
-        self.inner.switch_raw(self.peer, &self.tx, next, route, raw);
+        self.inner.switch_raw(self.peer, &self.tx, next, route, call, raw);
     }
 
     fn on_closed(&mut self, close: &CloseReason) {
@@ -1032,9 +1040,13 @@ impl FrameHandler for LinkFrames {
             tracing::debug!(%peer, frames = unsent.len(), "sending on what the closed link never wrote");
             inner.send_unsent(unsent);
         }
-        // A link that broke may have lost what it had written (see `LINK_BROKE`).
-        if reason != LinkDownReason::Closed {
+        // A link that broke may have lost what it had written (see `LINK_BROKE`): the calls
+        // that went out on it fail now, this node's own and those it switched for others.
+        if reason == LinkDownReason::Closed {
+            inner.forget_switched(self.tx.id());
+        } else {
             inner.calls.fail_via(self.tx.id(), LINK_BROKE);
+            inner.fail_switched(self.tx.id(), peer);
         }
     }
 }

@@ -108,6 +108,33 @@ pub fn peek_route(buf: &[u8]) -> Result<Option<Route>, DecodeError> {
     Ok(Some(Route { src: NodeId(src), dst: NodeId(dst), hops: r[32] }))
 }
 
+/// The call an encoded call, reply or cancel is about, without decoding the rest: its call id,
+/// and for a call also its remaining deadline in milliseconds. `None` for other kinds and for
+/// bytes too short to hold those fields (a frame checked by [`validate_routed`] never is). A
+/// switch uses it to keep track of the calls it passes on. Never panics.
+pub fn peek_call(buf: &[u8]) -> Option<PeekedCall> {
+    let header = peek_header(buf, usize::MAX).ok().flatten()?;
+    let at = HEADER_LEN + ROUTE_LEN;
+    let call_id = u64::from_le_bytes(buf.get(at..at + 8)?.try_into().ok()?);
+    let deadline_ms = match header.kind {
+        FrameKind::Call => Some(u32::from_le_bytes(buf.get(at + 8..at + 12)?.try_into().ok()?)),
+        FrameKind::Reply | FrameKind::Cancel => None,
+        _ => return None,
+    };
+    Some(PeekedCall { kind: header.kind, call_id, deadline_ms })
+}
+
+/// What [`peek_call`] reads from a call, reply or cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeekedCall {
+    /// [`FrameKind::Call`], [`FrameKind::Reply`] or [`FrameKind::Cancel`].
+    pub kind: FrameKind,
+    /// The call's id (unique per calling node).
+    pub call_id: u64,
+    /// A call's remaining deadline in milliseconds; `None` for a reply or a cancel.
+    pub deadline_ms: Option<u32>,
+}
+
 /// Rewrites the hop count of an encoded routed frame in place; returns false (and changes
 /// nothing) if `buf` is not a routed frame.
 pub fn set_hops(buf: &mut [u8], hops: u8) -> bool {

@@ -15,7 +15,10 @@ use std::fmt;
 
 use bytes::Bytes;
 
-pub use decode::{DecodeError, Header, decode, decode_slice, peek_header, peek_route, set_hops, validate_routed};
+pub use decode::{
+    DecodeError, Header, PeekedCall, decode, decode_slice, peek_call, peek_header, peek_route, set_hops,
+    validate_routed,
+};
 pub(crate) use encode::encode_raw_kind;
 pub use encode::{CallRef, EncodeError};
 

@@ -200,6 +200,29 @@ fn peek_route_and_set_hops() {
 }
 
 #[test]
+fn peek_call_reads_the_call_id_and_a_calls_deadline_of_every_sample() {
+    for f in samples() {
+        let b = enc(&f);
+        let expected = match &f {
+            Frame::Call(c) => {
+                Some(PeekedCall { kind: FrameKind::Call, call_id: c.call_id, deadline_ms: Some(c.deadline_ms) })
+            }
+            Frame::Reply(r) => Some(PeekedCall { kind: FrameKind::Reply, call_id: r.call_id, deadline_ms: None }),
+            Frame::Cancel(c) => Some(PeekedCall { kind: FrameKind::Cancel, call_id: c.call_id, deadline_ms: None }),
+            _ => None,
+        };
+        assert_eq!(peek_call(&b), expected, "{:?}", f.kind());
+        // Every prefix too short for the fields reads as nothing, without a panic.
+        if expected.is_some() {
+            let need = HEADER_LEN + encode::ROUTE_LEN + if f.kind() == FrameKind::Call { 12 } else { 8 };
+            for cut in 0..need {
+                assert_eq!(peek_call(&b[..cut]), None, "{:?} cut at {cut}", f.kind());
+            }
+        }
+    }
+}
+
+#[test]
 fn validate_routed_accepts_routed_frames_only() {
     for f in samples() {
         let b = enc(&f);
