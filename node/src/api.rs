@@ -307,6 +307,16 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
         ("gearmesh_mesh_events_received_total", "Events from other nodes delivered here.", st.events_received),
         ("gearmesh_mesh_frames_forwarded_total", "Routed frames switched on to another node.", st.frames_forwarded),
         ("gearmesh_mesh_frames_dropped_total", "Frames dropped (no route, hop limit, full queue).", st.frames_dropped),
+        (
+            "gearmesh_mesh_switched_calls_failed_total",
+            "Calls switched for other nodes failed unavailable because their link broke.",
+            st.switched_calls_failed,
+        ),
+        (
+            "gearmesh_mesh_switched_calls_untracked_total",
+            "Calls switched untracked because the table of switched calls was full.",
+            st.switched_calls_untracked,
+        ),
         ("gearmesh_mesh_call_attempts_total", "Call attempts by the strategy layer.", rs.attempts),
         ("gearmesh_mesh_call_retries_total", "Retries and re-routes within the retry budget.", rs.retries),
         ("gearmesh_mesh_call_retries_refused_total", "Retries the retry budget refused.", rs.retries_refused),

@@ -804,6 +804,7 @@ async fn switched_call_over_a_link_that_breaks(scheme: &str) {
     let e = failed.expect_err("no reply can come");
     assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
     assert!(e.to_string().contains("broke"), "the switch says why: {e}");
+    assert_eq!(s.mesh().stats().switched_calls_failed, 1, "s failed the call it switched");
     // c was reachable all along, through t: a call made now is answered.
     let soon = CallOptions::default().timeout(Duration::from_secs(20));
     let mut tries = 0;

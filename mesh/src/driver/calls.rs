@@ -535,6 +535,7 @@ impl Inner {
         let tracked =
             lock(&self.switched).note(caller, to_core(route.dst), call_id, via.id(), deadline, Instant::now());
         if !tracked {
+            Counters::bump(&self.counters.switched_calls_untracked);
             tracing::debug!(%caller, call = call_id, "switched call not tracked: the table is full");
         }
     }
@@ -559,6 +560,7 @@ impl Inner {
             tracing::debug!(%peer, calls = calls.len(), "switched calls fail: their link broke");
         }
         for s in calls {
+            Counters::bump(&self.counters.switched_calls_failed);
             let Some(back) = self.route_or_lingering(s.caller, None) else {
                 tracing::debug!(caller = %s.caller, call = s.call_id, "no way back to tell a caller its link broke");
                 continue;

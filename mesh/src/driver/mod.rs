@@ -131,6 +131,12 @@ pub struct MeshStats {
     pub frames_forwarded: u64,
     /// Frames dropped: no route, too many hops, or a full link queue.
     pub frames_dropped: u64,
+    /// Calls this node switched for others that it failed `unavailable` because the link they
+    /// went out on broke (see `docs/mesh.md`, "A link that breaks").
+    pub switched_calls_failed: u64,
+    /// Calls this node switched without keeping track of them, its table of switched calls
+    /// being full of calls still waited for: a break of their link leaves their callers waiting.
+    pub switched_calls_untracked: u64,
     /// Direct links of this node now.
     pub links: usize,
     /// Known nodes (this one included) by state now: alive, suspect, dead, left.
@@ -147,6 +153,8 @@ pub(crate) struct Counters {
     pub(crate) events_received: AtomicU64,
     pub(crate) frames_forwarded: AtomicU64,
     pub(crate) frames_dropped: AtomicU64,
+    pub(crate) switched_calls_failed: AtomicU64,
+    pub(crate) switched_calls_untracked: AtomicU64,
 }
 
 impl Counters {
@@ -175,6 +183,8 @@ impl Counters {
             events_received: get(&self.events_received),
             frames_forwarded: get(&self.frames_forwarded),
             frames_dropped: get(&self.frames_dropped),
+            switched_calls_failed: get(&self.switched_calls_failed),
+            switched_calls_untracked: get(&self.switched_calls_untracked),
         }
     }
 }
