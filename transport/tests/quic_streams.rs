@@ -70,6 +70,35 @@ async fn on_loopback_a_4_kib_frame_comes_to_travel_in_one_datagram() {
 /// that reorders datagrams the close can arrive before the first datagram of a call's stream.
 /// The peer must still read every call sent before the close (or the sender gets it back
 /// unsent). Several rounds, as the reordering is random.
+/// The frame written last before an orderly close arrives even when its datagram is lost and
+/// the close's is not. The close travels on the control stream and the frame on a stream of
+/// its own; the receiver, holding the close back until no stream of the peer's waits to be
+/// accepted, cannot know of a stream none of whose bytes arrived, and nothing opened after it
+/// tells. So the sender writes the close only once the peer has acknowledged every frame
+/// stream it opened.
+#[tokio::test]
+async fn the_last_frame_before_a_close_arrives_when_its_datagram_is_lost() {
+    let mut via = QuicViaProxy::new(setup(1), setup(2), None).await;
+    for round in 0..5 {
+        let (a, b) = via.connect().await;
+        let reader = spawn_call_reader(b, Duration::from_secs(10));
+        a.send(&call(0, 16)).await.expect("send");
+        // Settled: the next large datagram from a is the frame's.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        via.proxy.drop_next_datagrams_over(1_000, 2);
+        a.send(&call(1, 2_000)).await.expect("send");
+        // Long enough for the frame's datagram to leave (and be lost) before the close is
+        // written, so that the close travels in a datagram of its own; far shorter than
+        // quinn's probe timeout, after which it would send the frame again first anyway.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        a.close(CloseCode::NORMAL, "done").await;
+        let ids =
+            tokio::time::timeout(Duration::from_secs(20), reader).await.expect("the reader ends").expect("reader");
+        assert_eq!(via.proxy.dropped_datagrams(), 2 * (round + 1), "round {round}: the frame's datagrams were lost");
+        assert!(ids.contains(&1), "round {round}: the frame written before the close was lost: {ids:?}");
+    }
+}
+
 #[tokio::test]
 async fn frames_written_before_a_close_arrive_before_it_on_a_path_that_reorders() {
     let mut via = QuicViaProxy::new(setup(1), setup(2), Some(Duration::from_millis(3))).await;

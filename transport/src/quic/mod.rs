@@ -18,8 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 
 #[cfg(unix)]
@@ -43,6 +43,10 @@ const SPAWN_WRITE_ABOVE: usize = 64 * 1024;
 const MAX_LARGE_WRITES: usize = 16;
 /// Frame streams read at once per link; bounds the memory a peer can make us buffer.
 const MAX_STREAM_READERS: usize = 8;
+/// Streams of the peer's that may be open at once (QUIC's stream credit), each way. A stream
+/// holds one until its reader has read it all, so a stream not yet acknowledged is always
+/// among the last this many opened (see [`QuicTx::written`]).
+const MAX_UNI_STREAMS: u32 = 1024;
 /// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
 pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// The largest UDP payload a QUIC link sends, once the path has shown it carries it.
@@ -102,7 +106,7 @@ pub struct QuicEndpoint {
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_uni_streams(1024u32.into())
+    t.max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
         .max_concurrent_bidi_streams(0u32.into())
         .stream_receive_window((2u32 * 1024 * 1024).into())
         .receive_window((16u32 * 1024 * 1024).into())
@@ -279,6 +283,9 @@ fn wire(conn: quinn::Connection, max_frame_len: usize) -> (QuicTx, QuicRx) {
         routed_out: VecDeque::new(),
         stream_out: None,
         batches: false,
+        written: VecDeque::new(),
+        large_written: Arc::default(),
+        close_orderly: None,
     };
     (tx, rx)
 }
@@ -300,6 +307,17 @@ struct QuicTx {
     stream_out: Option<(quinn::SendStream, Vec<Bytes>)>,
     /// The peer reads batch streams ([`frame::FEATURE_QUIC_BATCHES`] in its hello).
     batches: bool,
+    /// The frame and batch streams written, newest last, at most [`MAX_UNI_STREAMS`] (older ones
+    /// were acknowledged: see there). The shutdown ends the connection only once the peer has
+    /// acknowledged each. quinn drops what is unacknowledged when a connection closes, and the
+    /// peer cannot wait for a stream none of whose bytes reached it (say the frame written last
+    /// before the close, in a datagram lost and sent again after it): without this, that frame
+    /// was lost although the close was orderly.
+    written: VecDeque<quinn::SendStream>,
+    /// The same for the large frames written by tasks of their own.
+    large_written: Arc<std::sync::Mutex<Vec<quinn::SendStream>>>,
+    /// Whether the close frame sent, if any, was orderly.
+    close_orderly: Option<bool>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> WireError {
@@ -332,7 +350,12 @@ impl QuicTx {
                     stream.write_chunks(chunks).await.map_err(io_err)?;
                 }
                 let finished = stream.finish().map_err(io_err);
-                self.stream_out = None;
+                if let Some((stream, _)) = self.stream_out.take() {
+                    if self.written.len() >= MAX_UNI_STREAMS as usize {
+                        self.written.pop_front();
+                    }
+                    self.written.push_back(stream);
+                }
                 finished?;
             }
             let Some(len) = self.routed_out.front().map(Bytes::len) else { return Ok(()) };
@@ -341,6 +364,7 @@ impl QuicTx {
                 let permit = Arc::clone(&self.large).acquire_owned().await.map_err(io_err)?;
                 let mut stream = self.conn.open_uni().await.map_err(io_err)?;
                 let Some(frame) = self.routed_out.pop_front() else { return Ok(()) };
+                let written = Arc::clone(&self.large_written);
                 tokio::spawn(async move {
                     let r = async {
                         stream
@@ -349,8 +373,16 @@ impl QuicTx {
                             .map_err(io_err)?;
                         stream.finish().map_err(io_err)
                     };
-                    if let Err(e) = r.await {
-                        tracing::debug!(error = %e, "large QUIC frame not delivered");
+                    match r.await {
+                        Err(e) => tracing::debug!(error = %e, "large QUIC frame not delivered"),
+                        Ok(()) => {
+                            let mut written = written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            // Acknowledged ones go first; the rest are at most the peer's credit.
+                            if written.len() >= MAX_LARGE_WRITES {
+                                written.retain(|s| s.stopped().now_or_never().is_none());
+                            }
+                            written.push(stream);
+                        }
                     }
                     drop(permit);
                 });
@@ -365,6 +397,21 @@ impl QuicTx {
                 }
             };
             self.stream_out = Some((stream, chunks));
+        }
+    }
+
+    /// Waits until the peer has acknowledged every frame and batch stream written so far (see
+    /// [`QuicTx::written`]): large frames still being written first, then each stream's
+    /// acknowledgement (at once for most, long acknowledged). The caller bounds the wait.
+    /// Cancel-safe: a stream leaves the list once acknowledged.
+    async fn wait_acknowledged(&mut self) {
+        let _writes_done = self.large.acquire_many(MAX_LARGE_WRITES as u32).await;
+        let large = std::mem::take(&mut *self.large_written.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.written.extend(large);
+        while let Some(stream) = self.written.front() {
+            // An error (the connection ended, the stream was stopped) ends the wait for it too.
+            let _acked_or_gone = stream.stopped().await;
+            self.written.pop_front();
         }
     }
 
@@ -402,6 +449,17 @@ impl WireTx for QuicTx {
     const DIRECT: bool = true;
 
     async fn send(&mut self, frame: Bytes, kind: FrameKind) -> Result<(), WireError> {
+        if kind == FrameKind::Close {
+            // An orderly close goes out only once every frame written before it has reached the
+            // peer (see `written`). Another (an error, a silent peer) does not wait.
+            let orderly =
+                matches!(frame::decode(&frame, usize::MAX), Ok(frame::Frame::Close(c)) if c.code.is_orderly());
+            self.close_orderly = Some(orderly);
+            if orderly {
+                self.write_queued().await?;
+                self.wait_acknowledged().await;
+            }
+        }
         if kind.is_routed() {
             self.routed_out.push_back(frame);
         } else {
@@ -432,6 +490,11 @@ impl WireTx for QuicTx {
     async fn shutdown(&mut self) {
         if let Err(e) = self.write_queued().await {
             tracing::trace!(error = %e, "frames left at shutdown");
+        }
+        // As before an orderly close frame; also when the peer closed first (it reads on until
+        // the connection ends). Not after a close for an error.
+        if self.close_orderly != Some(false) {
+            self.wait_acknowledged().await;
         }
         if let Some(mut s) = self.control.take()
             && s.finish().is_ok()

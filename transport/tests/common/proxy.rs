@@ -15,6 +15,10 @@ pub struct Proxy {
     hole: Arc<AtomicBool>,
     /// The largest datagram the UDP proxy has forwarded, either way (0 for TCP).
     largest: Arc<AtomicUsize>,
+    /// UDP: the next datagrams from the client larger than `.0` bytes are dropped, `.1` of them.
+    drop_over: Arc<std::sync::Mutex<(usize, usize)>>,
+    /// UDP: datagrams dropped that way.
+    dropped: Arc<AtomicUsize>,
     _task: AbortOnDrop,
 }
 
@@ -35,6 +39,19 @@ impl Proxy {
     /// The largest datagram forwarded so far, either way (UDP only).
     pub fn largest_datagram(&self) -> usize {
         self.largest.load(Ordering::SeqCst)
+    }
+
+    /// Drops the next `count` datagrams from the client larger than `bytes` (UDP only): lost
+    /// packets, aimed at those that carry a large frame (and its retransmissions).
+    #[allow(dead_code, reason = "not every test binary that includes this file loses a packet")]
+    pub fn drop_next_datagrams_over(&self, bytes: usize, count: usize) {
+        *self.drop_over.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (bytes, count);
+    }
+
+    /// Datagrams dropped by [`Proxy::drop_next_datagram_over`].
+    #[allow(dead_code, reason = "not every test binary that includes this file loses a packet")]
+    pub fn dropped_datagrams(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
     }
 }
 
@@ -81,7 +98,14 @@ pub async fn tcp(upstream: SocketAddr) -> Proxy {
             conns.spawn(pipe(ur, dw, h.clone()));
         }
     });
-    Proxy { addr, hole, largest: Arc::default(), _task: AbortOnDrop(task) }
+    Proxy {
+        addr,
+        hole,
+        largest: Arc::default(),
+        drop_over: Arc::default(),
+        dropped: Arc::default(),
+        _task: AbortOnDrop(task),
+    }
 }
 
 /// A UDP proxy for one client.
@@ -104,6 +128,8 @@ async fn udp_with_jitter(upstream: SocketAddr, jitter: Option<std::time::Duratio
     let h = hole.clone();
     let largest = Arc::new(AtomicUsize::new(0));
     let seen = largest.clone();
+    let (drop_over, dropped) = (Arc::new(std::sync::Mutex::new((0, 0))), Arc::new(AtomicUsize::new(0)));
+    let (lose_over, lost) = (drop_over.clone(), dropped.clone());
     // Forwards `datagram` through `via` (to `to`, or its connected peer), now or after a jitter.
     let forward = move |via: Arc<UdpSocket>, datagram: Vec<u8>, to: Option<SocketAddr>| async move {
         let send = async move {
@@ -133,6 +159,14 @@ async fn udp_with_jitter(upstream: SocketAddr, jitter: Option<std::time::Duratio
                     let Ok((n, from)) = r else { return };
                     seen.fetch_max(n, Ordering::SeqCst);
                     client = Some(from);
+                    {
+                        let mut lose = lose_over.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if lose.1 > 0 && n > lose.0 {
+                            lose.1 -= 1;
+                            lost.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                    }
                     if !h.load(Ordering::SeqCst) {
                         forward(back.clone(), a[..n].to_vec(), None).await;
                     }
@@ -147,5 +181,5 @@ async fn udp_with_jitter(upstream: SocketAddr, jitter: Option<std::time::Duratio
             }
         }
     });
-    Proxy { addr, hole, largest, _task: AbortOnDrop(task) }
+    Proxy { addr, hole, largest, drop_over, dropped, _task: AbortOnDrop(task) }
 }
