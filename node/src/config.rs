@@ -342,6 +342,10 @@ pub struct MeshLinksConfig {
     pub shortcut_calls: u32,
     /// The window `shortcut_calls` are counted in.
     pub shortcut_window_ms: u64,
+    /// A call, reply or event this node would switch after it has crossed this many links is
+    /// not passed on (a call is answered `unavailable`): loops while routes settle end there.
+    /// 0: this node switches nothing for other nodes.
+    pub max_hops: u8,
 }
 
 impl Default for MeshLinksConfig {
@@ -358,6 +362,7 @@ impl Default for MeshLinksConfig {
             shortcut_calls: gearmesh_mesh::ShortcutPolicy::default().calls,
             shortcut_window_ms: u64::try_from(gearmesh_mesh::ShortcutPolicy::default().window.as_millis())
                 .unwrap_or(u64::MAX),
+            max_hops: gearmesh_mesh::MeshConfig::default().max_hops,
         }
     }
 }

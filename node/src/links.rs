@@ -332,6 +332,7 @@ pub(crate) fn start_mesh(
     let mesh_config = MeshConfig {
         core,
         default_timeout: std::time::Duration::from_millis(config.calls.default_timeout_ms),
+        max_hops: config.mesh.max_hops,
         resilience: config.resilience.to_mesh(),
         shortcuts: gearmesh_mesh::ShortcutPolicy {
             calls: config.mesh.shortcut_calls,

@@ -823,6 +823,32 @@ async fn switched_call_over_a_link_that_breaks(scheme: &str) {
     }
 }
 
+/// Failures the mesh answers on the way to a replica (no route, a switch's hop limit, a
+/// switch's broken link) say nothing of the replica's health, so they do not open its circuit
+/// breaker: a breaker opened by them kept a gear that had just become reachable failing for
+/// seconds more. a reaches c's gear only through s, which switches nothing (`max_hops = 0`), so
+/// s answers every call `unavailable`. Far past the breaker's threshold (20 calls in its
+/// window, half of them failing), every call is still tried and answered by s.
+#[tokio::test]
+async fn failures_on_the_way_do_not_open_the_replicas_circuit_breaker() {
+    use gearmesh::gears::ErrorCode;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = node_with(dir.path(), "s", &[], vec![], vec![], |c| c.mesh.max_hops = 0).await;
+    let c = node(dir.path(), "c", &["echo"], vec![], vec![wss(&s)]).await;
+    let a = node_with(dir.path(), "a", &[], vec![], vec![wss(&s)], one_link_undialable).await;
+    eventually("a sees echo", 15, || sees(&a, &["echo"])).await;
+    let ctx = a.ctx(Principal::anonymous());
+    for i in 0..60 {
+        let e = ctx.call::<_, Value>("echo", "echo", &json!(i)).await.expect_err("s switches nothing");
+        assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
+        assert!(e.to_string().contains("hop limit"), "call {i} was answered by s, not refused by a breaker: {e}");
+    }
+    assert_eq!(a.mesh().resilience_stats().breaker_rejections, 0, "no attempt was skipped on an open breaker");
+    for n in [a, c, s] {
+        n.shutdown().await;
+    }
+}
+
 /// The gear `hang`: its port `forever` never returns (and counts the calls that started it),
 /// its port `now` returns its argument plus one.
 fn hang_gear() -> (Gear, std::sync::Arc<std::sync::atomic::AtomicUsize>) {

@@ -22,13 +22,30 @@ use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 use super::{Counters, FastMap, Inner, Mesh, lock, to_core, to_link};
 use crate::core::NodeId;
 
+/// How a call to another node failed.
+#[derive(Debug)]
+pub(crate) struct RemoteError {
+    pub(crate) error: CallError,
+    /// The mesh on the way answered, not the called node: this node had no route, or a switch
+    /// had none, met the hop limit or a congested link, or lost the link the call took. Such a
+    /// failure says nothing of the called replica's health, so its circuit breaker does not
+    /// count it (as Envoy's outlier detection counts only what a host itself answers).
+    pub(crate) on_the_way: bool,
+}
+
+impl From<CallError> for RemoteError {
+    fn from(error: CallError) -> Self {
+        RemoteError { error, on_the_way: false }
+    }
+}
+
 /// One outgoing call waiting for its reply.
 #[derive(Debug)]
 pub(crate) struct Pending {
     dst: NodeId,
     /// The link the call went out on.
     via: LinkId,
-    tx: oneshot::Sender<Result<Payload, CallError>>,
+    tx: oneshot::Sender<Result<Payload, RemoteError>>,
 }
 
 /// Outgoing calls by id, and calls from other nodes running here.
@@ -79,7 +96,7 @@ impl CallTable {
         dst: NodeId,
         via: LinkId,
         max: usize,
-    ) -> Result<(u64, oneshot::Receiver<Result<Payload, CallError>>), CallError> {
+    ) -> Result<(u64, oneshot::Receiver<Result<Payload, RemoteError>>), CallError> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut pending = lock(&self.pending);
@@ -98,7 +115,16 @@ impl CallTable {
     fn complete(&self, id: u64, result: Result<Payload, CallError>) {
         if let Some(p) = self.remove(id) {
             // The caller may have given up already; then nobody wants the reply.
-            let _delivered = p.tx.send(result);
+            let _delivered = p.tx.send(result.map_err(RemoteError::from));
+        }
+    }
+
+    /// Completes call `id` with a reply that node `from` sent: the called node, or a switch on
+    /// the way that answered an error for it (see [`RemoteError::on_the_way`]).
+    fn complete_reply(&self, id: u64, from: NodeId, result: Result<Payload, CallError>) {
+        if let Some(p) = self.remove(id) {
+            let on_the_way = from != p.dst;
+            let _delivered = p.tx.send(result.map_err(|error| RemoteError { error, on_the_way }));
         }
     }
 
@@ -197,16 +223,17 @@ impl Mesh {
         dst: NodeId,
         call: GearCall<'_>,
         deadline: Instant,
-    ) -> Result<Payload, CallError> {
+    ) -> Result<Payload, RemoteError> {
         let inner = &self.inner;
         let now = Instant::now();
         let remaining_ms = deadline.saturating_duration_since(now).as_millis();
         if remaining_ms == 0 {
-            return Err(CallError::timeout("the deadline passed before the call was sent"));
+            return Err(CallError::timeout("the deadline passed before the call was sent").into());
         }
         let (kind, body) = wire_to_kind(call.arg.to_wire()?);
         let Some(tx) = inner.route_to(dst) else {
-            return Err(CallError::unavailable(format!("no route to node {dst}")));
+            let error = CallError::unavailable(format!("no route to node {dst}"));
+            return Err(RemoteError { error, on_the_way: true });
         };
         inner.count_for_shortcut(dst, tx.peer().node_id != to_link(dst), now);
         let (id, rx) = inner.calls.insert(dst, tx.id(), inner.config.max_pending_calls)?;
@@ -236,7 +263,7 @@ impl Mesh {
             tx.send_raw(frame)
                 .await
                 .map_err(|e| CallError::unavailable(format!("link towards node {dst} failed: {e}")))?;
-            rx.await.unwrap_or_else(|_| Err(CallError::unavailable(format!("node {dst} went away"))))
+            rx.await.unwrap_or_else(|_| Err(CallError::unavailable(format!("node {dst} went away")).into()))
         })
         .await;
         match outcome {
@@ -247,7 +274,8 @@ impl Mesh {
             Err(_elapsed) => Err(CallError::timeout(format!(
                 "{}/{} on node {dst} did not reply in time (call {id})",
                 call.gear, call.port
-            ))),
+            ))
+            .into()),
         }
     }
 
@@ -764,7 +792,7 @@ impl Inner {
             ReplyResult::Err(bytes) => Err(serde_json::from_slice::<CallError>(&bytes)
                 .unwrap_or_else(|_| CallError::new(ErrorCode::Internal, "the remote error did not decode"))),
         };
-        self.calls.complete(r.call_id, result);
+        self.calls.complete_reply(r.call_id, to_core(r.route.src), result);
     }
 
     /// A cancel that came from `peer`: for a call running here, or one to switch on.

@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::{sync::futures::Notified, time::Instant};
 
-use super::{FastMap, Mesh, Replicas, lock};
+use super::{FastMap, Mesh, Replicas, calls::RemoteError, lock};
 use crate::{
     breaker::{Breaker, BreakerConfig, BreakerState, BudgetConfig, Ewma, RetryBudget, backoff},
     core::{MeshEvent, NodeId, Time},
@@ -469,9 +469,9 @@ impl Mesh {
     }
 
     /// Runs one attempt on `dst` (this node or another).
-    async fn attempt(&self, dst: NodeId, call: GearCall<'_>, deadline: Instant) -> Result<Payload, CallError> {
+    async fn attempt(&self, dst: NodeId, call: GearCall<'_>, deadline: Instant) -> Result<Payload, RemoteError> {
         self.inner.resilience.attempts.fetch_add(1, Ordering::Relaxed);
-        if dst == self.inner.id { self.run_here(call).await } else { self.call_node(dst, call, deadline).await }
+        if dst == self.inner.id { Ok(self.run_here(call).await?) } else { self.call_node(dst, call, deadline).await }
     }
 
     /// The nodes that can run `gear` now: every routable replica, and this node when
@@ -585,16 +585,21 @@ impl Mesh {
             let mut guard = InFlight::begin(res, gear, dst);
             let started = clock;
             let result = self.attempt(dst, call.clone_parts(), deadline).await;
-            guard.recorded = true;
+            // A failure on the way (no route, a switch's error) says nothing of the replica:
+            // its breaker does not count it (a half-open probe slot goes back unused).
+            let on_the_way = matches!(&result, Err(f) if f.on_the_way);
+            guard.recorded = !on_the_way;
             drop(guard);
             clock = Instant::now();
-            let failure = result.as_ref().err().filter(|e| is_replica_failure(e));
-            let took = clock.saturating_duration_since(started);
-            let changed = res.record(gear, dst, inner.time_at(clock), failure.is_some(), took);
-            self.breaker_changed(gear, dst, changed);
+            if !on_the_way {
+                let failure = result.as_ref().err().filter(|f| is_replica_failure(&f.error));
+                let took = clock.saturating_duration_since(started);
+                let changed = res.record(gear, dst, inner.time_at(clock), failure.is_some(), took);
+                self.breaker_changed(gear, dst, changed);
+            }
             let e = match result {
                 Ok(p) => return Ok(p),
-                Err(e) => e,
+                Err(f) => f.error,
             };
             let may_retry = match classify(&e, clock >= deadline) {
                 Failure::Final => false,
@@ -641,7 +646,7 @@ impl Mesh {
             let next = tokio::time::timeout_at(deadline, pending.next()).await;
             let Ok(Some((node, result))) = next else { break };
             answered.push(node);
-            let entry = match result.and_then(Payload::into_wire) {
+            let entry = match result.map_err(|f| f.error).and_then(Payload::into_wire) {
                 Ok(WireBody::Json(b)) => match serde_json::from_slice::<Value>(&b) {
                     Ok(v) => {
                         ok += 1;
@@ -689,8 +694,8 @@ impl Mesh {
                     WireBody::Bytes(b) => Arg::bytes(b),
                 };
                 let c = GearCall { gear: &gear, port: &port, arg, meta };
-                if let Err(e) = mesh.attempt(n, c, deadline).await {
-                    tracing::debug!(gear, port, node = %n, error = %e, "broadcast call failed");
+                if let Err(f) = mesh.attempt(n, c, deadline).await {
+                    tracing::debug!(gear, port, node = %n, error = %f.error, "broadcast call failed");
                 }
             });
         }
