@@ -128,21 +128,30 @@ impl CallTable {
         }
     }
 
-    fn fail_where(&self, message: &str, mut pred: impl FnMut(&Pending) -> bool) {
-        let ids: Vec<u64> = lock(&self.pending).iter().filter(|(_, p)| pred(p)).map(|(id, _)| *id).collect();
-        for id in ids {
-            self.complete(id, Err(CallError::unavailable(message)));
+    /// Fails with `unavailable` every call `pred` picks; `on_the_way(p)`: see
+    /// [`RemoteError::on_the_way`].
+    fn fail_where(&self, message: &str, mut pred: impl FnMut(&Pending) -> bool, on_the_way: impl Fn(&Pending) -> bool) {
+        let failed: Vec<Pending> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = pending.iter().filter(|(_, p)| pred(p)).map(|(id, _)| *id).collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for p in failed {
+            let error = RemoteError { error: CallError::unavailable(message), on_the_way: on_the_way(&p) };
+            // The caller may have given up already.
+            let _delivered = p.tx.send(Err(error));
         }
     }
 
     /// Fails every call to `dst` with `unavailable`.
     pub(crate) fn fail_to(&self, dst: NodeId, message: &str) {
-        self.fail_where(message, |p| p.dst == dst);
+        self.fail_where(message, |p| p.dst == dst, |_| false);
     }
 
-    /// Fails every call that went out on `link` with `unavailable`.
-    pub(crate) fn fail_via(&self, link: LinkId, message: &str) {
-        self.fail_where(message, |p| p.via == link);
+    /// Fails every call that went out on `link`, a link to `peer`, with `unavailable`. For a
+    /// call to another node than `peer`, the link was a switch's: a failure on the way.
+    pub(crate) fn fail_via(&self, link: LinkId, peer: NodeId, message: &str) {
+        self.fail_where(message, |p| p.via == link, |p| p.dst != peer);
     }
 
     /// Notes that call `id`, if anyone still waits for it, was sent again on `via`.
@@ -159,12 +168,13 @@ impl CallTable {
 
     /// Fails every call whose destination has no route any more.
     pub(crate) fn fail_unroutable(&self, mut routable: impl FnMut(NodeId) -> bool) {
-        self.fail_where("no route to the node running the call", |p| !routable(p.dst));
+        // The node itself is gone (declared dead, or cut off): counted against it.
+        self.fail_where("no route to the node running the call", |p| !routable(p.dst), |_| false);
     }
 
     /// Fails every pending call.
     pub(crate) fn fail_all(&self, message: &str) {
-        self.fail_where(message, |_| true);
+        self.fail_where(message, |_| true, |_| false);
     }
 }
 
@@ -831,6 +841,32 @@ impl Inner {
         if let Err(err) = self.host.publish_local(&p) {
             tracing::debug!(error = %err, "event from another node rejected");
         }
+    }
+}
+
+#[cfg(test)]
+mod fail_via_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broken_link_to_a_switch_fails_its_calls_as_failures_on_the_way() {
+        let (switch, callee) = (NodeId::from_bytes([1; 16]), NodeId::from_bytes([2; 16]));
+        let (link, _peer) = gearmesh_transport::Link::pair();
+        let (other, _peer2) = gearmesh_transport::Link::pair();
+        let (via, elsewhere) = (link.sender().id(), other.sender().id());
+        let table = CallTable::default();
+        let (_, through) = table.insert(callee, via, 10).expect("room");
+        let (_, to_switch) = table.insert(switch, via, 10).expect("room");
+        let (_, untouched) = table.insert(callee, elsewhere, 10).expect("room");
+        table.fail_via(via, switch, "broke");
+        let on_the_way = |r: Result<Result<Payload, RemoteError>, _>| match r {
+            Ok(Err(f)) => (f.error.code(), f.on_the_way),
+            other => panic!("not failed: {other:?}"),
+        };
+        assert_eq!(on_the_way(through.await), (ErrorCode::Unavailable, true), "the call went through the switch");
+        assert_eq!(on_the_way(to_switch.await), (ErrorCode::Unavailable, false), "the call was to the switch itself");
+        assert_eq!(lock(&table.pending).len(), 1, "the call on another link still waits");
+        drop(untouched);
     }
 }
 
