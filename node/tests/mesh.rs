@@ -679,61 +679,27 @@ async fn a_call_whose_quic_link_breaks_fails_at_once_instead_of_waiting_for_its_
 }
 
 async fn call_over_a_link_that_breaks(scheme: &str) {
-    use gearmesh::gears::{CallOptions, ErrorCode};
-    use std::sync::atomic::Ordering;
+    use gearmesh::gears::ErrorCode;
     let dir = tempfile::tempdir().expect("tempdir");
     let (hang, started) = hang_gear();
     let c = node(dir.path(), "c", &[], vec![], vec![]).await;
     // The call on b never ends: its shutdown need not wait long for it.
     let b = node_with(dir.path(), "b", &[], vec![hang], vec![wss(&c)], |c| c.calls.drain_timeout_ms = 200).await;
-    let b_addr = b.link_addrs().iter().find(|u| u.starts_with(&format!("{scheme}://"))).expect("b's address").clone();
-    let b_port: u16 = b_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("b's port");
-    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], b_port));
-    let proxy = if scheme == "quic" { proxy::udp(upstream).await } else { proxy::tcp(upstream).await };
-    let a = node(dir.path(), "a", &[], vec![], vec![format!("{scheme}://127.0.0.1:{}", proxy.addr.port())]).await;
-    // `n`'s own link to `peer`, once it has an RTT.
-    let link = |n: &RunningNode, peer: &RunningNode| {
-        let (view, peer) = (n.mesh().view(), peer.mesh().id().to_string());
-        let me = view.nodes.into_iter().find(|x| x.id == view.me)?;
-        me.links.into_iter().find(|l| l.peer == peer && l.rtt_us.is_some())
-    };
+    let (proxy, through_proxy) = proxied(&b, scheme).await;
+    let a = node(dir.path(), "a", &[], vec![], vec![through_proxy]).await;
     eventually("a links to b (through the proxy) and to c", 15, || {
-        sees(&a, &["hang"]) && link(&a, &b).is_some() && link(&a, &c).is_some() && link(&b, &c).is_some()
+        sees(&a, &["hang"]) && own_link(&a, &b).is_some() && own_link(&a, &c).is_some() && own_link(&b, &c).is_some()
     })
     .await;
-    let to_b = link(&a, &b).and_then(|l| l.transport);
+    let to_b = own_link(&a, &b).and_then(|l| l.transport);
     assert_eq!(to_b.as_deref(), Some(scheme), "a's link to b is the proxied one");
     let ctx = a.ctx(Principal::anonymous());
-    let long = CallOptions::default().timeout(Duration::from_secs(120));
-    let call = {
-        let ctx = ctx.clone();
-        let long = long.clone();
-        tokio::spawn(async move { ctx.call_with::<_, u64>("hang", "forever", &Value::Null, long).await })
-    };
-    eventually("the call runs on b", 10, || started.load(Ordering::SeqCst) == 1).await;
-    proxy.blackhole();
-    let failed = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("the call fails when its link breaks, long before its deadline")
-        .expect("task");
-    let e = failed.expect_err("no reply can come");
+    let e = hanging_call_when_the_proxy_breaks(&ctx, &started, &proxy).await;
     assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
     // b was reachable all along, through c. This call is made at once, while b may not have
     // noticed yet that its end of the link is dead: b answers the way the call came, not on it.
-    // A lost reply shows as a timeout. A moment with no route to b (links still settling on a
-    // busy machine) fails `unavailable` at once and is tried again.
-    let soon = CallOptions::default().timeout(Duration::from_secs(20));
-    let mut tries = 0;
-    let through_c = loop {
-        match ctx.call_with::<_, u64>("hang", "now", &1u64, soon.clone()).await {
-            Err(e) if e.code() == ErrorCode::Unavailable && tries < 50 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => break other.expect("b answers through c"),
-        }
-    };
-    assert_eq!(through_c, 2);
+    // A lost reply shows as a timeout.
+    assert_eq!(hang_now(&ctx).await.expect("b answers through c"), 2);
     for n in [a, b, c] {
         n.shutdown().await;
     }
@@ -758,17 +724,12 @@ async fn a_call_switched_over_a_quic_link_that_breaks_fails_at_once() {
 }
 
 async fn switched_call_over_a_link_that_breaks(scheme: &str) {
-    use gearmesh::gears::{CallOptions, ErrorCode};
-    use std::sync::atomic::Ordering;
+    use gearmesh::gears::ErrorCode;
     let dir = tempfile::tempdir().expect("tempdir");
     let (hang, started) = hang_gear();
     let s = node(dir.path(), "s", &[], vec![], vec![]).await;
     let t = node(dir.path(), "t", &[], vec![], vec![wss(&s)]).await;
-    let s_addr = s.link_addrs().iter().find(|u| u.starts_with(&format!("{scheme}://"))).expect("s's address").clone();
-    let s_port: u16 = s_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("s's port");
-    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], s_port));
-    let proxy = if scheme == "quic" { proxy::udp(upstream).await } else { proxy::tcp(upstream).await };
-    let through_proxy = format!("{scheme}://127.0.0.1:{}", proxy.addr.port());
+    let (proxy, through_proxy) = proxied(&s, scheme).await;
     let c = node_with(dir.path(), "c", &[], vec![hang], vec![through_proxy, wss(&t)], |c| {
         (c.mesh.min_links, c.mesh.max_links, c.mesh.no_listen) = (2, 2, true);
         // The call on c never ends: its shutdown need not wait long for it.
@@ -776,48 +737,20 @@ async fn switched_call_over_a_link_that_breaks(scheme: &str) {
     })
     .await;
     let a = node_with(dir.path(), "a", &[], vec![], vec![wss(&s)], one_link_undialable).await;
-    let linked = |n: &RunningNode, peer: &RunningNode| {
-        let (view, peer) = (n.mesh().view(), peer.mesh().id().to_string());
-        view.nodes
-            .into_iter()
-            .find(|x| x.id == view.me)
-            .is_some_and(|me| me.links.iter().any(|l| l.peer == peer && l.rtt_us.is_some()))
-    };
+    let linked = |n: &RunningNode, peer: &RunningNode| own_link(n, peer).is_some();
     eventually("a links to s only; c to s (through the proxy) and to t", 15, || {
         sees(&a, &["hang"]) && linked(&a, &s) && linked(&c, &s) && linked(&c, &t) && !linked(&a, &c) && !linked(&a, &t)
     })
     .await;
     let switched_before = s.mesh().stats().frames_forwarded;
     let ctx = a.ctx(Principal::anonymous());
-    let long = CallOptions::default().timeout(Duration::from_secs(120));
-    let call = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move { ctx.call_with::<_, u64>("hang", "forever", &Value::Null, long).await })
-    };
-    eventually("the call runs on c", 10, || started.load(Ordering::SeqCst) == 1).await;
+    let e = hanging_call_when_the_proxy_breaks(&ctx, &started, &proxy).await;
     assert!(s.mesh().stats().frames_forwarded > switched_before, "s switched the call");
-    proxy.blackhole();
-    let failed = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("the call fails when the switch's link breaks, long before its deadline")
-        .expect("task");
-    let e = failed.expect_err("no reply can come");
     assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
     assert!(e.to_string().contains("broke"), "the switch says why: {e}");
     assert_eq!(s.mesh().stats().switched_calls_failed, 1, "s failed the call it switched");
     // c was reachable all along, through t: a call made now is answered.
-    let soon = CallOptions::default().timeout(Duration::from_secs(20));
-    let mut tries = 0;
-    let answered = loop {
-        match ctx.call_with::<_, u64>("hang", "now", &1u64, soon.clone()).await {
-            Err(e) if e.code() == ErrorCode::Unavailable && tries < 50 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => break other.expect("c answers through t"),
-        }
-    };
-    assert_eq!(answered, 2);
+    assert_eq!(hang_now(&ctx).await.expect("c answers through t"), 2);
     for n in [a, c, t, s] {
         n.shutdown().await;
     }
@@ -846,6 +779,63 @@ async fn failures_on_the_way_do_not_open_the_replicas_circuit_breaker() {
     assert_eq!(a.mesh().resilience_stats().breaker_rejections, 0, "no attempt was skipped on an open breaker");
     for n in [a, c, s] {
         n.shutdown().await;
+    }
+}
+
+/// A proxy (TCP, or UDP for QUIC) in front of `node`'s `scheme` address, and the seed that
+/// dials `node` through it.
+async fn proxied(node: &RunningNode, scheme: &str) -> (proxy::Proxy, String) {
+    let addr = node.link_addrs().iter().find(|u| u.starts_with(&format!("{scheme}://"))).expect("address").clone();
+    let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let proxy = if scheme == "quic" { proxy::udp(upstream).await } else { proxy::tcp(upstream).await };
+    let seed = format!("{scheme}://127.0.0.1:{}", proxy.addr.port());
+    (proxy, seed)
+}
+
+/// `n`'s own link to `peer`, once it has an RTT.
+fn own_link(n: &RunningNode, peer: &RunningNode) -> Option<gearmesh_mesh::LinkView> {
+    let (view, peer) = (n.mesh().view(), peer.mesh().id().to_string());
+    let me = view.nodes.into_iter().find(|x| x.id == view.me)?;
+    me.links.into_iter().find(|l| l.peer == peer && l.rtt_us.is_some())
+}
+
+/// Calls `hang/forever` (see [`hang_gear`]) from `ctx` with a 120 s deadline, and once it runs
+/// makes `proxy` drop everything: the call's error, which must come long before the deadline.
+async fn hanging_call_when_the_proxy_breaks(
+    ctx: &Ctx,
+    started: &std::sync::atomic::AtomicUsize,
+    proxy: &proxy::Proxy,
+) -> gearmesh::gears::CallError {
+    use gearmesh::gears::CallOptions;
+    let long = CallOptions::default().timeout(Duration::from_secs(120));
+    let call = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.call_with::<_, u64>("hang", "forever", &Value::Null, long).await })
+    };
+    eventually("the call runs", 10, || started.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+    proxy.blackhole();
+    let failed = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call fails when a link on its way breaks, long before its deadline")
+        .expect("task");
+    failed.expect_err("no reply can come")
+}
+
+/// `hang/now` from `ctx`, made at once; a moment with no route (links still settling on a busy
+/// machine) fails `unavailable` at once and is tried again.
+async fn hang_now(ctx: &Ctx) -> Result<u64, gearmesh::gears::CallError> {
+    use gearmesh::gears::{CallOptions, ErrorCode};
+    let soon = CallOptions::default().timeout(Duration::from_secs(20));
+    let mut tries = 0;
+    loop {
+        match ctx.call_with::<_, u64>("hang", "now", &1u64, soon.clone()).await {
+            Err(e) if e.code() == ErrorCode::Unavailable && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -66,10 +66,6 @@ async fn on_loopback_a_4_kib_frame_comes_to_travel_in_one_datagram() {
     }
 }
 
-/// Each call travels on a stream of its own and the close on the control stream, so on a path
-/// that reorders datagrams the close can arrive before the first datagram of a call's stream.
-/// The peer must still read every call sent before the close (or the sender gets it back
-/// unsent). Several rounds, as the reordering is random.
 /// The frame written last before an orderly close arrives even when its datagram is lost and
 /// the close's is not. The close travels on the control stream and the frame on a stream of
 /// its own; the receiver, holding the close back until no stream of the peer's waits to be
@@ -99,6 +95,10 @@ async fn the_last_frame_before_a_close_arrives_when_its_datagram_is_lost() {
     }
 }
 
+/// Each call travels on a stream of its own and the close on the control stream, so on a path
+/// that reorders datagrams the close can arrive before the first datagram of a call's stream.
+/// The peer must still read every call sent before the close (or the sender gets it back
+/// unsent). Several rounds, as the reordering is random.
 #[tokio::test]
 async fn frames_written_before_a_close_arrive_before_it_on_a_path_that_reorders() {
     let mut via = QuicViaProxy::new(setup(1), setup(2), Some(Duration::from_millis(3))).await;

@@ -589,10 +589,18 @@ impl Inner {
         drop(lock(&self.switched).take_link(link, Instant::now()));
     }
 
+    /// Fails the calls that went out on `link`, a link to `peer` given up on as broken (it may
+    /// have lost them or their replies; see `LINK_BROKE`): this node's own, and those it
+    /// switched for others.
+    pub(super) fn fail_calls_over(self: &Arc<Self>, link: LinkId, peer: NodeId) {
+        self.calls.fail_via(link, peer, super::LINK_BROKE);
+        self.fail_switched(link, peer);
+    }
+
     /// Answers `unavailable` at once, to their callers, the switched calls that went out on
     /// `link`, which broke on its way to `peer`: the call or its reply may have been lost with
     /// it, and the callers, who do not see this link, would otherwise wait for their deadlines.
-    pub(super) fn fail_switched(self: &Arc<Self>, link: LinkId, peer: NodeId) {
+    fn fail_switched(self: &Arc<Self>, link: LinkId, peer: NodeId) {
         let calls = lock(&self.switched).take_link(link, Instant::now());
         if !calls.is_empty() {
             tracing::debug!(%peer, calls = calls.len(), "switched calls fail: their link broke");

@@ -769,8 +769,7 @@ impl Inner {
                             | DisconnectReason::Protocol => {
                                 if reason != DisconnectReason::Leaving {
                                     // Given up on as broken: see `LinkFrames::on_closed`.
-                                    self.calls.fail_via(e.tx.id(), peer, LINK_BROKE);
-                                    self.fail_switched(e.tx.id(), peer);
+                                    self.fail_calls_over(e.tx.id(), peer);
                                 }
                                 tokio::spawn(async move {
                                     e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
@@ -1055,8 +1054,7 @@ impl FrameHandler for LinkFrames {
         if reason == LinkDownReason::Closed {
             inner.forget_switched(self.tx.id());
         } else {
-            inner.calls.fail_via(self.tx.id(), peer, LINK_BROKE);
-            inner.fail_switched(self.tx.id(), peer);
+            inner.fail_calls_over(self.tx.id(), peer);
         }
     }
 }

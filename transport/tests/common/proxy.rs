@@ -48,7 +48,7 @@ impl Proxy {
         *self.drop_over.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (bytes, count);
     }
 
-    /// Datagrams dropped by [`Proxy::drop_next_datagram_over`].
+    /// Datagrams dropped by [`Proxy::drop_next_datagrams_over`].
     #[allow(dead_code, reason = "not every test binary that includes this file loses a packet")]
     pub fn dropped_datagrams(&self) -> usize {
         self.dropped.load(Ordering::SeqCst)
