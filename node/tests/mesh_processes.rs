@@ -14,8 +14,7 @@ use std::{
 };
 
 use common::{
-    dev_ca_client,
-    mesh::{call, metric, start, view, wait_replicas},
+    mesh::{Ca, call, metric, view, wait_replicas},
     signal,
 };
 use serde_json::json;
@@ -32,12 +31,13 @@ async fn wait_calls(counts: &[Arc<AtomicUsize>], since: &[usize], n: usize) {
 
 #[tokio::test]
 async fn processes_mesh_over_wss_and_quic_and_survive_a_kill_9() {
-    let p1 = start(&["--name", "p1", "--gears", "kv"]).await;
-    let p2 = start(&["--name", "p2", "--gears", "echo", "--seed", &p1.link("wss://")]).await;
-    let p3 = start(&["--name", "p3", "--gears", "echo", "--seed", &p1.link("quic://")]).await;
+    let ca = Ca::new("kill-9");
+    let p1 = ca.start(&["--name", "p1", "--gears", "kv"]).await;
+    let p2 = ca.start(&["--name", "p2", "--gears", "echo", "--seed", &p1.link("wss://")]).await;
+    let p3 = ca.start(&["--name", "p3", "--gears", "echo", "--seed", &p1.link("quic://")]).await;
     // Only p4 hosts users; it joined through p3 over QUIC.
-    let p4 = start(&["--name", "p4", "--gears", "users", "--seed", &p3.link("quic://")]).await;
-    let http = dev_ca_client();
+    let p4 = ca.start(&["--name", "p4", "--gears", "users", "--seed", &p3.link("quic://")]).await;
+    let http = ca.client();
     wait_replicas(&http, p1.url(), "echo", 2).await;
     wait_replicas(&http, p1.url(), "users", 1).await;
 
@@ -82,7 +82,7 @@ async fn processes_mesh_over_wss_and_quic_and_survive_a_kill_9() {
     );
 
     // p2 restarts (a new process, a new incarnation) and rejoins.
-    let p2 = start(&["--name", "p2", "--gears", "echo", "--seed", &p1.link("wss://")]).await;
+    let p2 = ca.start(&["--name", "p2", "--gears", "echo", "--seed", &p1.link("wss://")]).await;
     wait_replicas(&http, p1.url(), "echo", 2).await;
     drop((p1, p2, p3, p4));
 }
@@ -93,9 +93,10 @@ async fn processes_mesh_over_wss_and_quic_and_survive_a_kill_9() {
 /// (SIGCONT), the node comes back and serves again without a restart.
 #[tokio::test]
 async fn a_stopped_process_is_detected_and_rejoins_when_resumed() {
-    let a = start(&["--name", "st-a", "--gears", "kv"]).await;
-    let b = start(&["--name", "st-b", "--gears", "echo", "--seed", &a.link("wss://")]).await;
-    let http = dev_ca_client();
+    let ca = Ca::new("stopped");
+    let a = ca.start(&["--name", "st-a", "--gears", "kv"]).await;
+    let b = ca.start(&["--name", "st-b", "--gears", "echo", "--seed", &a.link("wss://")]).await;
+    let http = ca.client();
     wait_replicas(&http, a.url(), "echo", 1).await;
     assert_eq!(call(&http, a.url(), "echo/echo", json!("before")).await, (200, None));
     let links_of_a = || async {
@@ -137,12 +138,13 @@ where
 
 #[tokio::test]
 async fn processes_deliver_events_only_to_nodes_that_listen() {
+    let ca = Ca::new("events");
     // a hosts audit (listens to orders.placed and billing.charged); b publishes; c listens to
     // nothing. b joined over WSS, c over QUIC.
-    let a = start(&["--name", "ev-a", "--gears", "audit"]).await;
-    let b = start(&["--name", "ev-b", "--gears", "echo", "--seed", &a.link("wss://")]).await;
-    let c = start(&["--name", "ev-c", "--gears", "kv", "--seed", &a.link("quic://")]).await;
-    let http = dev_ca_client();
+    let a = ca.start(&["--name", "ev-a", "--gears", "audit"]).await;
+    let b = ca.start(&["--name", "ev-b", "--gears", "echo", "--seed", &a.link("wss://")]).await;
+    let c = ca.start(&["--name", "ev-c", "--gears", "kv", "--seed", &a.link("quic://")]).await;
+    let http = ca.client();
     for n in [&a, &b, &c] {
         wait_replicas(&http, n.url(), "audit", 1).await;
         wait_replicas(&http, n.url(), "kv", 1).await;

@@ -9,10 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    data_dir, dev_ca_client,
-    mesh::{Node, call, metric, start, view},
-};
+use common::mesh::{Ca, Node, call, metric, view};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -46,8 +43,8 @@ async fn converged(http: &reqwest::Client, url: &str, n: usize, max_links: usize
 #[tokio::test]
 async fn ten_processes_converge_and_switch_calls_across_hops() {
     const MAX_LINKS: usize = 3;
-    let config = data_dir().join("ten-nodes.toml");
-    std::fs::create_dir_all(data_dir()).expect("data dir");
+    let ca = Ca::new("ten");
+    let config = ca.dir().join("ten-nodes.toml");
     std::fs::write(&config, format!("[mesh]\nmin_links = 2\nmax_links = {MAX_LINKS}\n")).expect("config");
     let config = config.to_string_lossy().into_owned();
 
@@ -64,9 +61,9 @@ async fn ten_processes_converge_and_switch_calls_across_hops() {
         if i % 2 == 1 {
             args.extend(["--dial", "quic"]);
         }
-        nodes.push(start(&args).await);
+        nodes.push(ca.start(&args).await);
     }
-    let http = dev_ca_client();
+    let http = ca.client();
 
     let deadline = Instant::now() + Duration::from_secs(60);
     for n in &nodes {

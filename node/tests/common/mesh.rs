@@ -1,29 +1,62 @@
 //! Helpers for tests that run several `gearmesh start` processes as a mesh: starting a node,
 //! reading its view of the mesh and its metrics, calling through it.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{Proc, spawn};
+use super::{Proc, client_trusting, data_dir, spawn};
+
+/// The development CA (data directory) of one test's processes. Tests run at once, and a node
+/// keeps redialing the addresses it knew; were the CA shared, a process of one test could link to
+/// another test's process that got a freed port, and the two meshes would merge. With a CA each,
+/// the TLS handshake between them fails.
+pub(crate) struct Ca {
+    dir: PathBuf,
+}
+
+impl Ca {
+    /// The CA named `test`, created by the first process started in it.
+    pub(crate) fn new(test: &str) -> Self {
+        let dir = data_dir().join(test);
+        std::fs::create_dir_all(&dir).expect("data dir");
+        Self { dir }
+    }
+
+    /// Its directory, for files the test's processes read (configuration).
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Starts `gearmesh start --listen 127.0.0.1:0 --insecure-dev ARGS` with this CA.
+    pub(crate) async fn start(&self, args: &[&str]) -> Node {
+        let dir = self.dir.to_string_lossy();
+        let proc = spawn(
+            &[&["start", "--listen", "127.0.0.1:0", "--insecure-dev"][..], args].concat(),
+            &[("GEARMESH_DATA_DIR", &dir)],
+        )
+        .await;
+        let links = proc
+            .line
+            .split([' ', '(', ')'])
+            .filter(|w| w.starts_with("wss://") || w.starts_with("quic://"))
+            .map(str::to_owned)
+            .collect();
+        Node { proc, links }
+    }
+
+    /// An HTTPS client trusting this CA (once a process has started in it: that writes it).
+    pub(crate) fn client(&self) -> reqwest::Client {
+        client_trusting(&self.dir.join(gearmesh::DEV_CA_CERT_FILE))
+    }
+}
 
 /// A node process started with `gearmesh start --listen 127.0.0.1:0 --insecure-dev ARGS`.
 pub(crate) struct Node {
     pub(crate) proc: Proc,
     /// Its link URLs (`wss://...`, `quic://...`), from its "listening on" line.
     pub(crate) links: Vec<String>,
-}
-
-pub(crate) async fn start(args: &[&str]) -> Node {
-    let proc = spawn(&[&["start", "--listen", "127.0.0.1:0", "--insecure-dev"][..], args].concat(), &[]).await;
-    let links = proc
-        .line
-        .split([' ', '(', ')'])
-        .filter(|w| w.starts_with("wss://") || w.starts_with("quic://"))
-        .map(str::to_owned)
-        .collect();
-    Node { proc, links }
 }
 
 impl Node {
