@@ -90,14 +90,21 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// The error of a call: a stable [`ErrorCode`], a human-readable message and, for
-/// [`ErrorCode::App`], the port's own code.
+/// The error of a call: a stable [`ErrorCode`], a human-readable message, for
+/// [`ErrorCode::App`] the port's own code, and whether the port surely did not run
+/// ([`CallError::not_run`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallError {
     code: ErrorCode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     app_code: Option<String>,
     message: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    not_run: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 macro_rules! constructors {
@@ -114,12 +121,12 @@ macro_rules! constructors {
 impl CallError {
     /// An error with the given code and message. For [`ErrorCode::App`] prefer [`CallError::app`].
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, app_code: None, message: message.into() }
+        Self { code, app_code: None, message: message.into(), not_run: false }
     }
 
     /// A port's own error: `code` is the application's stable code, e.g. `"insufficient_funds"`.
     pub fn app(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::App, app_code: Some(code.into()), message: message.into() }
+        Self { code: ErrorCode::App, app_code: Some(code.into()), message: message.into(), not_run: false }
     }
 
     constructors! {
@@ -154,6 +161,33 @@ impl CallError {
     /// The human-readable message.
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// Whether the port surely did not run: the call was refused before any port saw it (no
+    /// route to a replica, a switch's hop limit, a full queue on the way or at the replica, a
+    /// link that closed before the call was written). Such a call may be sent again, to any
+    /// replica, whatever the port; the mesh does so itself within the call's retry budget, as
+    /// gRPC retries a call the server never saw. `false` says nothing: the port may have run.
+    ///
+    /// Only the mesh and the host set it. An error a port returns never carries it, even one the
+    /// port got from a call of its own (the host clears it): that port did run.
+    pub fn not_run(&self) -> bool {
+        self.not_run
+    }
+
+    /// Marks the error as one from a call that surely did not run (see [`CallError::not_run`]).
+    /// For the mesh and hosts, which refuse calls before they run.
+    #[must_use]
+    pub fn mark_not_run(mut self) -> Self {
+        self.not_run = true;
+        self
+    }
+
+    /// The error as a port returns it: [`CallError::not_run`] cleared, since the port ran.
+    #[must_use]
+    pub(crate) fn returned_by_a_port(mut self) -> Self {
+        self.not_run = false;
+        self
     }
 
     /// Adds context in front of the message, keeping the code.
@@ -202,6 +236,17 @@ mod tests {
         assert_eq!(v["app_code"], "insufficient_funds");
         let back: CallError = serde_json::from_value(v).expect("deserialize");
         assert_eq!(back, a);
+        // The not-run mark travels when set, and is absent (false) otherwise.
+        let refused = CallError::unavailable("no route").mark_not_run();
+        let v = serde_json::to_value(&refused).expect("serialize");
+        assert_eq!(v["not_run"], true);
+        let back: CallError = serde_json::from_value(v).expect("deserialize");
+        assert!(back.not_run());
+        assert!(
+            !serde_json::from_value::<CallError>(serde_json::json!({"code": "unavailable", "message": "m"}))
+                .expect("deserialize")
+                .not_run()
+        );
     }
 
     #[test]

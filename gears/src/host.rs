@@ -351,7 +351,7 @@ impl Host {
             Box::pin(std::future::ready(r))
         };
         let Some(front) = self.front() else {
-            return fail(&port, CallError::unavailable("node is shutting down"));
+            return fail(&port, CallError::unavailable("node is shutting down").mark_not_run());
         };
         // The timer clock is read only when the deadline is not one a host already capped.
         let deadline = match call.meta.deadline {

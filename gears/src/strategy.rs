@@ -56,8 +56,9 @@ pub enum Retry {
     IfIdempotent,
     /// The caller knows the call is safe to repeat: retry like an idempotent port.
     Yes,
-    /// Never retry (a replica that shed the call as `overloaded` is still routed around, as the
-    /// port did not run).
+    /// Never retry (a call that surely did not run, shed as `overloaded` or refused on the way
+    /// with [`CallError::not_run`](crate::CallError::not_run), is still sent again: no port
+    /// runs twice).
     No,
 }
 

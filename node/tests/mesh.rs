@@ -775,8 +775,46 @@ async fn failures_on_the_way_do_not_open_the_replicas_circuit_breaker() {
         let e = ctx.call::<_, Value>("echo", "echo", &json!(i)).await.expect_err("s switches nothing");
         assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
         assert!(e.to_string().contains("hop limit"), "call {i} was answered by s, not refused by a breaker: {e}");
+        assert!(e.not_run(), "s refused the call before any port saw it: {e}");
     }
     assert_eq!(a.mesh().resilience_stats().breaker_rejections, 0, "no attempt was skipped on an open breaker");
+    for n in [a, c, s] {
+        n.shutdown().await;
+    }
+}
+
+/// A call the mesh refused on the way surely did not run (`CallError::not_run`), so the caller
+/// sends it again, to another replica, even to a port that is not idempotent (gRPC's transparent
+/// retry). `count/hit` (not idempotent) runs on s and on c; a reaches c only through s, which
+/// switches nothing (`max_hops = 0`). Every call a makes succeeds on s, whichever replica it
+/// chose first; none runs on c. Without the mark, a call that chose c failed `unavailable`.
+#[tokio::test]
+async fn a_call_refused_on_the_way_is_sent_again_whatever_the_port() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (on_s, ran_on_s) = count_gear();
+    let s = node_with(dir.path(), "s", &[], vec![on_s], vec![], |c| c.mesh.max_hops = 0).await;
+    let (on_c, ran_on_c) = count_gear();
+    let c = node(dir.path(), "c", &[], vec![on_c], vec![wss(&s)]).await;
+    let a = node_with(dir.path(), "a", &[], vec![], vec![wss(&s)], one_link_undialable).await;
+    let routed_replicas = || {
+        let view = a.mesh().view();
+        view.nodes.iter().filter(|n| n.route.is_some() && n.gears.iter().any(|g| g.name == "count")).count()
+    };
+    eventually("a routes to both replicas of count", 15, || routed_replicas() == 2).await;
+    let ctx = a.ctx(Principal::anonymous());
+    const CALLS: usize = 20;
+    for i in 0..CALLS {
+        let r = ctx.call::<_, usize>("count", "hit", &json!(i)).await;
+        assert!(r.is_ok(), "call {i} was sent again to s: {r:?}");
+        // Paced within the retry budget (10 retries a second).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ran_on_s.load(Ordering::SeqCst), CALLS, "every call ran once, on s");
+    assert_eq!(ran_on_c.load(Ordering::SeqCst), 0, "s switched nothing to c");
+    let stats = a.mesh().resilience_stats();
+    assert!(stats.retries >= 1, "some calls chose c first and were refused on the way: {stats:?}");
+    assert_eq!(stats.retries_refused, 0);
     for n in [a, c, s] {
         n.shutdown().await;
     }

@@ -53,7 +53,8 @@ impl PortState {
             return Err(CallError::overloaded(format!(
                 "{}/{} is at its concurrency limit ({})",
                 self.identity.name, self.name, self.max_concurrency
-            )));
+            ))
+            .mark_not_run());
         }
         Ok(InFlight(Arc::clone(self)))
     }
@@ -149,7 +150,8 @@ where
         };
         let port = &run.guard.0;
         let result = match this.inner.poll(cx) {
-            Poll::Ready(Ok(r)) => r,
+            // The port ran, whatever a call of its own told it.
+            Poll::Ready(Ok(r)) => r.map_err(CallError::returned_by_a_port),
             Poll::Ready(Err(panic)) => Err(panicked(&port.identity.name, port.name.as_str(), &panic)),
             Poll::Pending => {
                 let deadline = run.deadline;

@@ -159,6 +159,7 @@ async fn past_the_concurrency_limit_callers_get_overloaded_at_once() {
     }
     let e = root(&host).call::<_, String>("narrow", "hold", &()).await.expect_err("overloaded");
     assert_eq!(e.code(), ErrorCode::Overloaded);
+    assert!(e.not_run(), "refused before the port ran: {e}");
     gate.notify_one();
     assert_eq!(first.await.expect("join").expect("first call"), "done");
     assert_eq!(host.in_flight(), 0);
@@ -294,4 +295,17 @@ fn invalid_gears_are_refused_with_a_reason() {
     assert!(matches!(host.add_gear(Gear::new("g")), Err(GearError::DuplicateGear(_))));
     let listens = Gear::new("l").listen("t", |_c: Ctx, _e: serde_json::Value| async move { Ok(()) });
     assert!(matches!(host.add_gear(listens), Err(GearError::NoRuntime(_))));
+}
+
+#[tokio::test]
+async fn a_port_that_ran_never_says_it_did_not_run() {
+    let host = Host::new(HostConfig::default(), None);
+    // A call of the port's own was refused before it ran; the port passes that error on.
+    host.add_gear(Gear::new("relay").port("pass", |_ctx: Ctx, _: ()| async move {
+        Err::<(), _>(CallError::unavailable("no route to the next gear").mark_not_run())
+    }))
+    .expect("hosted");
+    let e = root(&host).call::<_, ()>("relay", "pass", &()).await.expect_err("fails");
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+    assert!(!e.not_run(), "relay/pass ran: its caller must not send the call again as if it had not");
 }

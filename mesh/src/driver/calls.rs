@@ -101,7 +101,9 @@ impl CallTable {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut pending = lock(&self.pending);
         if pending.len() >= max {
-            return Err(CallError::overloaded(format!("{max} remote calls are already waiting for replies")));
+            return Err(
+                CallError::overloaded(format!("{max} remote calls are already waiting for replies")).mark_not_run()
+            );
         }
         pending.insert(id, Pending { dst, via, tx });
         Ok((id, rx))
@@ -242,7 +244,7 @@ impl Mesh {
         }
         let (kind, body) = wire_to_kind(call.arg.to_wire()?);
         let Some(tx) = inner.route_to(dst) else {
-            let error = CallError::unavailable(format!("no route to node {dst}"));
+            let error = CallError::unavailable(format!("no route to node {dst}")).mark_not_run();
             return Err(RemoteError { error, on_the_way: true });
         };
         inner.count_for_shortcut(dst, tx.peer().node_id != to_link(dst), now);
@@ -482,7 +484,8 @@ impl Inner {
                         && let Some(back) = self.route_or_lingering(to_core(route.src), None)
                     {
                         let e =
-                            CallError::unavailable("the link towards the called node closed before the call went on");
+                            CallError::unavailable("the link towards the called node closed before the call went on")
+                                .mark_not_run();
                         self.reply(&route, &back, call_id, Err(e));
                     }
                 }
@@ -515,7 +518,7 @@ impl Inner {
             return;
         }
         let e = format!("the link towards node {dst} closed before the call was sent, and no other route has room");
-        self.calls.complete(call_id, Err(CallError::unavailable(e)));
+        self.calls.complete(call_id, Err(CallError::unavailable(e).mark_not_run()));
     }
 
     /// Switches a routed frame for another node on as the bytes it came in (its hop count
@@ -708,7 +711,7 @@ impl Inner {
         if to_core(c.route.dst) != self.id {
             if !self.hop(&mut c.route) {
                 // Dropped at the hop limit (routes still settling): fail fast, not at the deadline.
-                let e = CallError::unavailable("no stable route to the node yet (hop limit reached)");
+                let e = CallError::unavailable("no stable route to the node yet (hop limit reached)").mark_not_run();
                 self.reply(&c.route, from, c.call_id, Err(e));
             } else {
                 let route = c.route;
@@ -723,7 +726,8 @@ impl Inner {
                             self.id,
                             to_core(route.dst)
                         )),
-                    };
+                    }
+                    .mark_not_run();
                     self.reply(&route, from, call_id, Err(e));
                 }
             }
@@ -738,7 +742,7 @@ impl Inner {
         }
         if lock(&self.calls.inbound).len() >= self.config.max_inbound_calls {
             Counters::bump(&self.counters.calls_refused);
-            let e = CallError::overloaded("this node runs too many calls from other nodes");
+            let e = CallError::overloaded("this node runs too many calls from other nodes").mark_not_run();
             self.reply(&c.route, from, c.call_id, Err(e));
             return;
         }
@@ -763,7 +767,9 @@ impl Inner {
                 // The caller's strategy routes around a busy replica.
                 Ok(Start::Busy(_, e)) => Err(e),
                 Ok(Start::NotHosted(call)) => {
-                    Err(CallError::not_found(format!("gear {:?} is not hosted on node {}", call.gear, inner.id)))
+                    // Gone from here (a graceful leave); another replica may take it.
+                    Err(CallError::not_found(format!("gear {:?} is not hosted on node {}", call.gear, inner.id))
+                        .mark_not_run())
                 }
             };
             let observer = inner.call_observer.read().ok().and_then(|o| o.clone());

@@ -346,6 +346,11 @@ pub enum Failure {
     /// before the caller's deadline): the port may or may not have run; retried only for
     /// idempotent ports (or when the caller asks).
     Transient,
+    /// The call surely did not run ([`CallError::not_run`]: no route yet, a switch's hop limit,
+    /// a link that closed before the call was written, a replica the gear just left): retried
+    /// after a backoff, whatever the port, as gRPC retries a call the server never saw. Routes
+    /// that are still forming get the backoff's time to settle.
+    NotRun,
     /// Anything else (the port's own error, a bad request, not found, forbidden, internal):
     /// never retried.
     Final,
@@ -358,6 +363,7 @@ pub fn classify(e: &CallError, caller_deadline_passed: bool) -> Failure {
     }
     match e.code() {
         ErrorCode::Overloaded => Failure::Shed,
+        ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::NotFound if e.not_run() => Failure::NotRun,
         ErrorCode::Unavailable | ErrorCode::Timeout => Failure::Transient,
         _ => Failure::Final,
     }
@@ -410,8 +416,12 @@ impl Mesh {
                     let retry = call.clone_parts();
                     let local = self.run_here(call).await;
                     match local {
-                        Err(e) if e.code() == ErrorCode::Overloaded && self.gear_is_remote(retry.gear) => {
-                            // Shed here: another replica may take it (the port did not run).
+                        Err(e)
+                            if (e.code() == ErrorCode::Overloaded || e.not_run())
+                                && self.gear_is_remote(retry.gear) =>
+                        {
+                            // Shed or refused here (the port did not run): another replica may
+                            // take it.
                             self.unary(retry, Order::Spread, false).await
                         }
                         other => other,
@@ -464,7 +474,9 @@ impl Mesh {
         match self.inner.host.start(call) {
             Start::Running(fut) => fut.await,
             Start::Busy(_, e) => Err(e),
-            Start::NotHosted(call) => Err(CallError::unavailable(format!("gear {:?} left this node", call.gear))),
+            Start::NotHosted(call) => {
+                Err(CallError::unavailable(format!("gear {:?} left this node", call.gear)).mark_not_run())
+            }
         }
     }
 
@@ -480,7 +492,7 @@ impl Mesh {
     async fn candidates(&self, gear: &str, include_here: bool, deadline: Instant) -> Result<Vec<NodeId>, CallError> {
         let inner = &self.inner;
         let here = include_here && inner.host.has_gear(gear);
-        let unreachable = || CallError::unavailable(format!("no node hosting {gear:?} can be reached"));
+        let unreachable = || CallError::unavailable(format!("no node hosting {gear:?} can be reached")).mark_not_run();
         // Only a call that finds no route yet reads the clock or waits for a route change.
         let mut route_wait: Option<Instant> = None;
         let mut waiter: Option<Pin<Box<Notified<'_>>>> = None;
@@ -580,6 +592,7 @@ impl Mesh {
             let Some(dst) = chosen else {
                 return Err(last_error.unwrap_or_else(|| {
                     CallError::unavailable(format!("every replica of {gear:?} is failing (circuit breakers open)"))
+                        .mark_not_run()
                 }));
             };
             let mut guard = InFlight::begin(res, gear, dst);
@@ -606,6 +619,8 @@ impl Mesh {
                 // A shard's key belongs to its owner: do not move it elsewhere while it sheds load.
                 Failure::Shed => !matches!(order, Order::Shard(_)),
                 Failure::Transient => *idempotent.get_or_insert_with(|| self.is_idempotent(gear, port)),
+                // Like a shed call: the port did not run, so no port runs twice.
+                Failure::NotRun => true,
             };
             if !may_retry || attempt == res.config.max_attempts || !lock(&res.budget).withdraw(inner.time_at(clock)) {
                 return Err(e);
@@ -613,7 +628,7 @@ impl Mesh {
             if !failed.contains(&dst) {
                 failed.push(dst);
             }
-            if matches!(classify(&e, false), Failure::Transient) {
+            if matches!(classify(&e, false), Failure::Transient | Failure::NotRun) {
                 let wait = backoff(attempt, res.config.backoff_base, res.config.backoff_cap, rand::random::<f64>());
                 if clock + wait >= deadline {
                     return Err(e);
@@ -836,9 +851,14 @@ mod tests {
     }
 
     #[test]
-    fn only_shed_and_transient_failures_are_retryable() {
+    fn only_shed_transient_and_not_run_failures_are_retryable() {
         assert_eq!(classify(&CallError::overloaded("x"), false), Failure::Shed);
+        assert_eq!(classify(&CallError::overloaded("x").mark_not_run(), false), Failure::Shed);
         assert_eq!(classify(&CallError::unavailable("x"), false), Failure::Transient);
+        assert_eq!(classify(&CallError::unavailable("x").mark_not_run(), false), Failure::NotRun);
+        assert_eq!(classify(&CallError::not_found("x").mark_not_run(), false), Failure::NotRun);
+        assert_eq!(classify(&CallError::not_found("x"), false), Failure::Final);
+        assert_eq!(classify(&CallError::unavailable("x").mark_not_run(), true), Failure::Final);
         assert_eq!(classify(&CallError::timeout("x"), false), Failure::Transient);
         assert_eq!(classify(&CallError::timeout("x"), true), Failure::Final, "never past the deadline");
         assert_eq!(classify(&CallError::bad_request("x"), false), Failure::Final);
