@@ -218,6 +218,7 @@ async fn node_info(State(s): State<Shared>) -> Json<serde_json::Value> {
     Json(json!({
         "id": s.id,
         "name": s.name,
+        "mesh": s.config.mesh.name,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": s.started.elapsed().as_secs_f64(),
         "started_at_unix": started_unix,

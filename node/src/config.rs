@@ -310,10 +310,23 @@ pub enum DialTransport {
     Quic,
 }
 
+/// The name of a mesh whose nodes set none (`[mesh] name`, `--mesh-name`).
+pub const DEFAULT_MESH_NAME: &str = "default";
+
+/// Whether `name` may name a mesh: 1 to 64 ASCII letters, digits, `-`, `_` and `.`.
+fn is_mesh_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// Mesh link settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeshLinksConfig {
+    /// The mesh's name (default [`DEFAULT_MESH_NAME`]): a node links only to nodes of the same
+    /// name (checked in the hello, before the link starts), so two meshes that trust one CA (a
+    /// development CA, a company CA) never merge through an address one of them still redials.
+    /// Up to 64 letters, digits, `-`, `_` and `.`.
+    pub name: String,
     /// The host name or address other nodes dial this node at (default: the listening address,
     /// or `localhost` when that is unspecified).
     pub advertise_host: Option<String>,
@@ -351,6 +364,7 @@ pub struct MeshLinksConfig {
 impl Default for MeshLinksConfig {
     fn default() -> Self {
         Self {
+            name: DEFAULT_MESH_NAME.to_owned(),
             advertise_host: None,
             quic: true,
             dial: DialTransport::Wss,
@@ -500,6 +514,12 @@ impl NodeConfig {
                 reason: "\"quic\" needs mesh.quic on and TLS (QUIC is always encrypted)".into(),
             });
         }
+        if !is_mesh_name(&self.mesh.name) {
+            return Err(ConfigError::Invalid {
+                key: "mesh.name",
+                reason: format!("{:?}: 1 to 64 letters, digits, '-', '_' and '.'", self.mesh.name),
+            });
+        }
         if self.mesh.min_links > self.mesh.max_links {
             return Err(ConfigError::Invalid {
                 key: "mesh.min_links",
@@ -602,6 +622,17 @@ mod tests {
         assert!(e.to_string().contains("default_timeout_ms"), "{e}");
         let e = NodeConfig::from_toml("[calls]\nmax_timeout_ms = 0").expect_err("range");
         assert!(e.to_string().contains("calls.max_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_mesh_name_is_a_short_plain_word() {
+        assert_eq!(NodeConfig::default().mesh.name, DEFAULT_MESH_NAME);
+        let c = NodeConfig::from_toml("[mesh]\nname = \"prod-eu.1_b\"").expect("valid");
+        assert_eq!(c.mesh.name, "prod-eu.1_b");
+        for bad in ["", "two words", "naïve", &"x".repeat(65)] {
+            let e = NodeConfig::from_toml(&format!("[mesh]\nname = {bad:?}")).expect_err("invalid");
+            assert!(e.to_string().contains("mesh.name"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -31,8 +31,8 @@ mod node;
 pub mod pipeline;
 
 pub use config::{
-    CallsConfig, ConfigError, DialTransport, HttpConfig, InterfaceConfig, LogFormat, MeshLinksConfig, NodeConfig,
-    ResilienceSettings, TlsConfig, TlsMode,
+    CallsConfig, ConfigError, DEFAULT_MESH_NAME, DialTransport, HttpConfig, InterfaceConfig, LogFormat,
+    MeshLinksConfig, NodeConfig, ResilienceSettings, TlsConfig, TlsMode,
 };
 pub use gearmesh_auth as auth;
 pub use gearmesh_gears as gears;

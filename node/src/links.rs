@@ -270,6 +270,7 @@ pub(crate) fn start_mesh(
         token,
         listen_addrs: addrs.clone(),
         features: 0,
+        mesh: config.mesh.name.clone(),
     };
     let link_config = gearmesh_transport::LinkConfig { send_queue: config.mesh.send_queue, ..Default::default() };
     let mut setup = LinkSetup::new(hello).with_config(link_config);

@@ -97,6 +97,9 @@ struct StartArgs {
     /// redirects everything else to HTTPS.
     #[arg(long, env = "GEARMESH_ACME_HTTP_LISTEN")]
     acme_http_listen: Option<SocketAddr>,
+    /// The mesh's name: links only to nodes of the same name [default: default].
+    #[arg(long, env = "GEARMESH_MESH_NAME")]
+    mesh_name: Option<String>,
     /// The host name other nodes dial this node at [default: the listening address].
     #[arg(long, env = "GEARMESH_ADVERTISE_HOST")]
     advertise_host: Option<String>,
@@ -251,6 +254,9 @@ impl StartArgs {
         }
         if self.data_dir.is_some() {
             c.tls.data_dir = self.data_dir;
+        }
+        if let Some(v) = self.mesh_name {
+            c.mesh.name = v;
         }
         if self.advertise_host.is_some() {
             c.mesh.advertise_host = self.advertise_host;

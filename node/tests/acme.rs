@@ -224,6 +224,7 @@ async fn dial_link(root: &str, url: &str) -> tokio::sync::watch::Receiver<bool> 
         token: Bytes::new(),
         listen_addrs: Vec::new(),
         features: 0,
+        mesh: gearmesh::DEFAULT_MESH_NAME.into(),
     };
     let client = ClientTls::new(&ClientTrust::Ca(der_certs(root))).expect("client tls");
     let mut dialer = Dialer::new(LinkSetup::new(hello), client.clone());
@@ -526,6 +527,7 @@ async fn renewal_keeps_wss_and_quic_links_opened_before_the_swap() {
         token: Bytes::new(),
         listen_addrs: Vec::new(),
         features: 0,
+        mesh: gearmesh::DEFAULT_MESH_NAME.into(),
     };
     let (acceptor, mut incoming) = Acceptor::new(LinkSetup::new(hello), AcceptConfig::default());
     let shutdown = CancellationToken::new();

@@ -902,12 +902,24 @@ async fn raw_link(
     node: &RunningNode,
     url: &str,
 ) -> (gearmesh_transport::NodeId, gearmesh_transport::LinkSender, gearmesh_transport::LinkReceiver) {
+    raw_link_in(node, url, gearmesh::DEFAULT_MESH_NAME).await.expect("a raw link")
+}
+
+/// [`raw_link`], posing as a node of mesh `mesh`.
+async fn raw_link_in(
+    node: &RunningNode,
+    url: &str,
+    mesh: &str,
+) -> Result<
+    (gearmesh_transport::NodeId, gearmesh_transport::LinkSender, gearmesh_transport::LinkReceiver),
+    gearmesh_transport::DialError,
+> {
     use gearmesh_transport::{
         Dialer, Hello, LinkSetup, NodeId,
         tls::{ClientTls, ClientTrust, load_certs},
     };
     let me = NodeId::random();
-    let hello = Hello { node_id: me, incarnation: 1, ..Hello::default() };
+    let hello = Hello { node_id: me, incarnation: 1, mesh: mesh.into(), ..Hello::default() };
     let trust = ClientTrust::Ca(load_certs(node.dev_ca_cert().expect("dev CA")).expect("CA"));
     let quic = gearmesh_transport::quic::QuicEndpoint::bind(
         "127.0.0.1:0".parse().expect("addr"),
@@ -916,8 +928,25 @@ async fn raw_link(
     )
     .expect("quic endpoint");
     let dialer = Dialer::new(LinkSetup::new(hello), ClientTls::new(&trust).expect("tls")).with_quic(quic);
-    let (tx, rx) = dialer.dial(url).await.expect("a raw link").split();
-    (me, tx, rx)
+    let (tx, rx) = dialer.dial(url).await?.split();
+    Ok((me, tx, rx))
+}
+
+/// Nodes of two meshes that trust one CA never link: the hello names the sender's mesh
+/// (`[mesh] name`), and a node refuses a peer of another, as a NATS server refuses a route from
+/// another cluster, over WSS and QUIC alike.
+#[tokio::test]
+async fn a_node_refuses_links_from_another_mesh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node_with(dir.path(), "a", &["echo"], vec![], vec![], |c| c.mesh.name = "blue".into()).await;
+    let quic = a.link_addrs().iter().find(|u| u.starts_with("quic://")).expect("quic address").clone();
+    for url in [wss(&a), quic] {
+        let Err(e) = raw_link_in(&a, &url, "green").await else { panic!("{url}: a node of mesh green linked") };
+        let e = e.to_string();
+        assert!(e.contains("\"blue\"") && e.contains("\"green\""), "{url}: the refusal names both meshes: {e}");
+        raw_link_in(&a, &url, "blue").await.expect("a node of its own mesh links");
+    }
+    a.shutdown().await;
 }
 
 /// A node that keeps the one link it dials and cannot be dialed itself (a small mesh would

@@ -117,6 +117,22 @@ async fn hello_check_can_refuse(t: Transport) {
     connect(t, good, picky).await.expect("accepted");
 }
 
+async fn nodes_of_two_meshes_do_not_link(t: Transport) {
+    let mut other = setup(2);
+    other.hello.mesh = "staging".into();
+    let err = connect(t, setup(1), other.clone()).await.err().expect("refused");
+    assert!(err.contains("mesh \"test\"") && err.contains("mesh \"staging\""), "{err}");
+    // Either side refuses: the dialer of the other mesh too.
+    let err = connect(t, other, setup(2)).await.err().expect("refused");
+    assert!(err.contains("staging"), "{err}");
+    // A mesh's own nodes link.
+    let mut same = setup(1);
+    same.hello.mesh = "staging".into();
+    let mut peer = setup(2);
+    peer.hello.mesh = "staging".into();
+    connect(t, same, peer).await.expect("one mesh");
+}
+
 async fn a_token_source_mints_a_fresh_token_for_every_handshake(t: Transport) {
     use std::sync::{
         Arc, Mutex,
@@ -646,6 +662,7 @@ suite!(
     abnormal_close_is_reported_once,
     dropping_a_link_closes_the_peer,
     hello_check_can_refuse,
+    nodes_of_two_meshes_do_not_link,
     a_token_source_mints_a_fresh_token_for_every_handshake,
     rtt_is_estimated,
     back_pressure_then_try_send_full,

@@ -180,6 +180,7 @@ pub fn decode(buf: &Bytes, max_len: usize) -> Result<Frame, DecodeError> {
                 buf.slice(r.range("token", n)?)
             },
             listen_addrs: r.list("listen_addrs")?,
+            mesh: r.string("mesh")?,
         }),
         FrameKind::Ping => Frame::Ping { seq: r.u64("seq")?, sent_at_micros: r.u64("sent_at_micros")? },
         FrameKind::Pong => Frame::Pong { seq: r.u64("seq")?, echo: r.u64("echo")? },

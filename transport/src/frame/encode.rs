@@ -105,7 +105,10 @@ impl Frame {
     /// Checks that every field fits its length prefix.
     fn check(&self) -> Result<(), EncodeError> {
         match self {
-            Frame::Hello(h) => check_list("listen_addrs", &h.listen_addrs),
+            Frame::Hello(h) => {
+                check_list("listen_addrs", &h.listen_addrs)?;
+                check_str("mesh", &h.mesh)
+            }
             Frame::Call(c) => c.borrowed().check(),
             Frame::Event(e) => {
                 check_str("topic", &e.topic)?;
@@ -132,6 +135,7 @@ impl Frame {
                 buf.put_u32_le(h.token.len() as u32);
                 buf.put_slice(&h.token);
                 put_list(buf, &h.listen_addrs);
+                put_str(buf, &h.mesh);
             }
             Frame::Ping { seq, sent_at_micros } => {
                 buf.put_u64_le(*seq);
@@ -293,7 +297,7 @@ impl CallRef<'_> {
 }
 
 fn hello_len(h: &Hello) -> usize {
-    2 + 16 + 8 + 4 + 4 + h.token.len() + 2 + h.listen_addrs.iter().map(|s| str_len(s)).sum::<usize>()
+    2 + 16 + 8 + 4 + 4 + h.token.len() + 2 + h.listen_addrs.iter().map(|s| str_len(s)).sum::<usize>() + str_len(&h.mesh)
 }
 
 /// The kind of an already-encoded, already-validated frame (gossip if unreadable).

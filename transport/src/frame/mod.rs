@@ -126,6 +126,10 @@ pub struct Hello {
     pub listen_addrs: Vec<String>,
     /// Feature bits the sender supports.
     pub features: u32,
+    /// The name of the mesh the sender belongs to. A link between nodes of two meshes is refused
+    /// in the handshake, even when both trust the same CA (an address one mesh knew and another
+    /// mesh's node now holds).
+    pub mesh: String,
 }
 
 impl fmt::Debug for Hello {
@@ -137,6 +141,7 @@ impl fmt::Debug for Hello {
             .field("token", &format_args!("<{} bytes redacted>", self.token.len()))
             .field("listen_addrs", &self.listen_addrs)
             .field("features", &self.features)
+            .field("mesh", &self.mesh)
             .finish()
     }
 }

@@ -18,6 +18,7 @@ pub(crate) fn samples() -> Vec<Frame> {
             token: Bytes::from_static(b"eyJhbGciOi.x.y"),
             listen_addrs: vec!["wss://a:1".into(), "quic://a:1".into()],
             features: 0b101,
+            mesh: "prod-eu".into(),
         }),
         Frame::Hello(Hello::default()),
         Frame::Ping { seq: 1, sent_at_micros: u64::MAX },
@@ -180,7 +181,8 @@ fn huge_list_count_does_not_allocate() {
     let f = Frame::Hello(Hello::default());
     let mut v = enc(&f).to_vec();
     let n = v.len();
-    v[n - 2..].copy_from_slice(&u16::MAX.to_le_bytes());
+    // The count comes before the (empty) mesh name's two length bytes.
+    v[n - 4..n - 2].copy_from_slice(&u16::MAX.to_le_bytes());
     assert_eq!(decode_slice(&v, MAX), Err(DecodeError::FieldOverrun("listen_addrs")));
 }
 

@@ -94,6 +94,14 @@ pub enum HandshakeError {
     /// The peer speaks another protocol version.
     #[error("peer speaks protocol version {0}")]
     Version(u16),
+    /// The peer belongs to another mesh ([`Hello::mesh`]).
+    #[error("peer belongs to mesh {theirs:?}, this node to mesh {ours:?}")]
+    OtherMesh {
+        /// Our mesh's name.
+        ours: String,
+        /// The peer's.
+        theirs: String,
+    },
     /// The peer's first frame was not a hello.
     #[error("expected a hello, got {0:?}")]
     Unexpected(FrameKind),
@@ -165,6 +173,8 @@ pub(crate) async fn exchange<T: WireTx, R: WireRx>(
     peer.listen_addrs = theirs.listen_addrs.clone();
     let verdict = if theirs.version != u16::from(frame::PROTOCOL_VERSION) {
         Err(HandshakeError::Version(theirs.version))
+    } else if theirs.mesh != ours.mesh {
+        Err(HandshakeError::OtherMesh { ours: ours.mesh.clone(), theirs: theirs.mesh.clone() })
     } else if let Some(check) = &setup.check {
         check.check(&theirs, &peer).map_err(HandshakeError::Rejected)
     } else {

@@ -27,6 +27,7 @@ pub fn hello(tag: u8) -> Hello {
         token: bytes::Bytes::from_static(b"secret-token"),
         listen_addrs: vec![format!("wss://node{tag}:443")],
         features: 0,
+        mesh: "test".into(),
     }
 }
 
