@@ -72,6 +72,10 @@ pub struct CallMeta {
     pub strategy: Option<Strategy>,
     /// Whether this call may be retried.
     pub retry: Retry,
+    /// How long one attempt of this call may take on one replica before it is given up and, if
+    /// a retry is allowed, made again on another (Envoy's per-try timeout); `None`: the node's
+    /// default (`[resilience] per_try_timeout_ms`). Never past `deadline`.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl CallMeta {
@@ -83,7 +87,15 @@ impl CallMeta {
     /// Metadata for a call that continues the trace `trace_id`, begun elsewhere (a call from
     /// another node): no new trace id is drawn.
     pub fn continuing(caller: Principal, deadline: Option<Instant>, trace_id: TraceId) -> Self {
-        Self { caller, deadline, trace_id, capped: false, strategy: None, retry: Retry::default() }
+        Self {
+            caller,
+            deadline,
+            trace_id,
+            capped: false,
+            strategy: None,
+            retry: Retry::default(),
+            per_try_timeout: None,
+        }
     }
 
     /// Whether the routing fields are the defaults (the fast local path applies).
@@ -116,6 +128,8 @@ pub struct CallOptions {
     pub strategy: Option<Strategy>,
     /// Whether the call may be retried (default: only idempotent ports).
     pub retry: Retry,
+    /// A bound on each attempt (see [`CallMeta::per_try_timeout`]).
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl CallOptions {
@@ -137,6 +151,14 @@ impl CallOptions {
     #[must_use]
     pub fn retry(mut self, r: Retry) -> Self {
         self.retry = r;
+        self
+    }
+
+    /// Bounds each attempt: one that takes longer is given up (its replica told to stop) and,
+    /// where a retry is allowed, made again on another replica, within the call's timeout.
+    #[must_use]
+    pub fn per_try_timeout(mut self, t: Duration) -> Self {
+        self.per_try_timeout = Some(t);
         self
     }
 }
@@ -268,7 +290,7 @@ impl Ctx {
         arg: Arg<'a>,
         options: CallOptions,
     ) -> BoxFuture<'a, Result<Payload, CallError>> {
-        let CallOptions { timeout, strategy, retry } = options;
+        let CallOptions { timeout, strategy, retry, per_try_timeout } = options;
         let deadline = match (self.deadline, timeout) {
             (d, None) => d,
             (None, Some(t)) => Some(Instant::now() + t),
@@ -276,8 +298,15 @@ impl Ctx {
         };
         // An earlier deadline than a capped one is capped too.
         let capped = self.capped && self.deadline.is_some();
-        let meta =
-            CallMeta { caller: self.acting_as().clone(), deadline, trace_id: self.trace_id, capped, strategy, retry };
+        let meta = CallMeta {
+            caller: self.acting_as().clone(),
+            deadline,
+            trace_id: self.trace_id,
+            capped,
+            strategy,
+            retry,
+            per_try_timeout,
+        };
         self.dispatch.call(Call { gear, port, arg, meta })
     }
 

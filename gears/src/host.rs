@@ -423,6 +423,7 @@ async fn run_listener(
             capped: true,
             strategy: None,
             retry: crate::Retry::IfIdempotent,
+            per_try_timeout: None,
         };
         let ctx = Ctx::for_gear(front, me.clone(), meta, deadline);
         let gear = &me.name;

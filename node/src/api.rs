@@ -141,15 +141,40 @@ struct CallQuery {
     gather: Option<String>,
     /// `auto` (idempotent ports only), `yes` or `no`.
     retry: Option<String>,
+    /// A bound on each attempt, in milliseconds.
+    per_try_timeout_ms: Option<u64>,
 }
 
-/// The strategy and retry policy of a call from its query (`None`: the node's defaults).
+/// How a call picks its replicas and retries, as its query or message asks (`None`s: the
+/// node's defaults).
+pub(crate) struct Routing {
+    strategy: Option<Strategy>,
+    retry: Retry,
+    per_try_timeout: Option<Duration>,
+}
+
+impl Routing {
+    /// Whether the call is a broadcast (answered at once, HTTP 202).
+    pub(crate) fn is_broadcast(&self) -> bool {
+        self.strategy == Some(Strategy::Broadcast)
+    }
+
+    /// Puts it in the call's metadata.
+    pub(crate) fn apply(self, meta: &mut CallMeta) {
+        meta.strategy = self.strategy;
+        meta.retry = self.retry;
+        meta.per_try_timeout = self.per_try_timeout;
+    }
+}
+
+/// The routing of a call from its query or message fields.
 pub(crate) fn routing_from(
     strategy: Option<&str>,
     key: Option<&str>,
     gather: Option<&str>,
     retry: Option<&str>,
-) -> Result<(Option<Strategy>, Retry), CallError> {
+    per_try_timeout_ms: Option<u64>,
+) -> Result<Routing, CallError> {
     let strategy = match strategy {
         Some(name) => Some(Strategy::from_parts(name, key, gather)?),
         None if key.is_some() => Some(Strategy::from_parts("shard", key, gather)?),
@@ -157,7 +182,11 @@ pub(crate) fn routing_from(
         None => None,
     };
     let retry = retry.map(str::parse).transpose()?.unwrap_or_default();
-    Ok((strategy, retry))
+    let per_try_timeout = match per_try_timeout_ms {
+        Some(0) => return Err(CallError::bad_request("per_try_timeout_ms must be greater than 0")),
+        ms => ms.map(Duration::from_millis),
+    };
+    Ok(Routing { strategy, retry, per_try_timeout })
 }
 
 async fn call(
@@ -176,12 +205,16 @@ async fn call(
         Some(ms) => Some(Instant::now() + Duration::from_millis(ms)),
         None => None,
     };
-    let (strategy, retry) =
-        routing_from(q.strategy.as_deref(), q.key.as_deref(), q.gather.as_deref(), q.retry.as_deref())?;
-    let status = if strategy == Some(Strategy::Broadcast) { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let routing = routing_from(
+        q.strategy.as_deref(),
+        q.key.as_deref(),
+        q.gather.as_deref(),
+        q.retry.as_deref(),
+        q.per_try_timeout_ms,
+    )?;
+    let status = if routing.is_broadcast() { StatusCode::ACCEPTED } else { StatusCode::OK };
     let mut meta = CallMeta::new(caller, deadline);
-    meta.strategy = strategy;
-    meta.retry = retry;
+    routing.apply(&mut meta);
     if let Some(t) = trace_from(&headers) {
         meta.trace_id = t;
     }

@@ -108,6 +108,10 @@ pub struct ResilienceSettings {
     pub breaker_open_ms: u64,
     /// Probe calls let through while half-open.
     pub breaker_probes: u32,
+    /// How long one attempt of a remote call may take before it is given up and, where a
+    /// retry is allowed, made again on another replica (0: no bound but the call's deadline).
+    /// A call's own `per_try_timeout_ms` wins.
+    pub per_try_timeout_ms: u64,
 }
 
 impl Default for ResilienceSettings {
@@ -125,6 +129,7 @@ impl Default for ResilienceSettings {
             breaker_failure_ratio: r.breaker.failure_ratio,
             breaker_open_ms: ms(r.breaker.open_for),
             breaker_probes: r.breaker.probes,
+            per_try_timeout_ms: r.per_try_timeout.map_or(0, ms),
         }
     }
 }
@@ -150,6 +155,7 @@ impl ResilienceSettings {
                 probes: self.breaker_probes,
                 ..d.breaker
             },
+            per_try_timeout: (self.per_try_timeout_ms > 0).then(|| Duration::from_millis(self.per_try_timeout_ms)),
             ..d
         }
     }
@@ -608,6 +614,9 @@ mod tests {
         assert_eq!((r.max_attempts, r.breaker.min_calls), (1, 5));
         assert_eq!(r.breaker.open_for, Duration::from_millis(250));
         assert_eq!(ResilienceSettings::default().to_mesh(), gearmesh_mesh::ResilienceConfig::default());
+        assert_eq!(r.per_try_timeout, None, "no per-try bound unless set");
+        let c = NodeConfig::from_toml("[resilience]\nper_try_timeout_ms = 750\n").expect("valid");
+        assert_eq!(c.resilience.to_mesh().per_try_timeout, Some(Duration::from_millis(750)));
         let e = NodeConfig::from_toml("[resilience]\nbreaker_failure_ratio = 1.5\n").expect_err("ratio");
         assert!(e.to_string().contains("resilience.breaker_failure_ratio"), "{e}");
         let e = NodeConfig::from_toml("[resilience]\nmax_attempts = 0\n").expect_err("attempts");

@@ -188,6 +188,11 @@ async fn a_call_past_its_deadline_gets_504_timeout() {
     assert_eq!((s, e["error"]["code"].as_str()), (504, Some("timeout")));
     let (s, e) = post(&format!("{url}/v1/call/echo/sleep?timeout_ms=0"), r#"{"ms":1}"#).await;
     assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")));
+    let (s, e) = post(&format!("{url}/v1/call/echo/sleep?per_try_timeout_ms=0"), r#"{"ms":1}"#).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")), "{e}");
+    // The query is read: a valid per-try timeout is taken (the local replica runs the call).
+    let (s, _) = post(&format!("{url}/v1/call/echo/sleep?per_try_timeout_ms=1000"), r#"{"ms":1}"#).await;
+    assert_eq!(s, 200);
     node.shutdown().await;
 }
 

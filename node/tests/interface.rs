@@ -505,10 +505,14 @@ async fn bad_input_gets_an_error_and_the_connection_and_others_go_on() {
         .request(json!({"v": 1, "type": "call", "id": "st", "gear": "echo", "port": "echo", "strategy": "teleport"}))
         .await;
     assert_eq!(e["error"]["code"], "bad_request", "{e}");
+    let e = c
+        .request(json!({"v": 1, "type": "call", "id": "pt", "gear": "echo", "port": "echo", "per_try_timeout_ms": 0}))
+        .await;
+    assert_eq!(e["error"]["code"], "bad_request", "{e}");
 
     // Still usable; a call may name a strategy as over HTTP.
     let r = c
-        .request(json!({"v": 1, "type": "call", "id": "sc", "gear": "echo", "port": "echo", "arg": 7, "strategy": "scatter"}))
+        .request(json!({"v": 1, "type": "call", "id": "sc", "gear": "echo", "port": "echo", "arg": 7, "strategy": "scatter", "per_try_timeout_ms": 5000}))
         .await;
     assert_eq!(r["ok"]["replies"][0]["ok"], 7, "scatter gathers every replica's reply: {r}");
     let r = c.request(json!({"v": 1, "type": "call", "id": "ok", "gear": "echo", "port": "echo", "arg": [1, 2]})).await;

@@ -106,6 +106,60 @@ async fn name_with(n: &RunningNode, s: Strategy) -> String {
     v["node"].as_str().expect("name").to_owned()
 }
 
+/// `stall.get` (idempotent) and `stall.put` (not): each counts the attempts that reach it and
+/// answers the node's name at once, or never when `hang`.
+fn stall(name: &str, hang: bool, started: Arc<AtomicUsize>) -> Gear {
+    let port = move |name: String, started: Arc<AtomicUsize>| {
+        move |_ctx: Ctx, _: Value| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let name = name.clone();
+            async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok(json!(name))
+            }
+        }
+    };
+    Gear::new("stall")
+        .port_with(PortSpec::new("get").idempotent(true), port(name.to_owned(), started.clone()))
+        .port("put", port(name.to_owned(), started))
+}
+
+/// An attempt that outlasts the call's per-try timeout is given up (Envoy's per-try timeout):
+/// a call to an idempotent port is made again on another replica, long before its own deadline;
+/// one to a port that is not idempotent fails `timeout` then, and is not made again. b's
+/// `stall` never answers, c's at once; a calls with a 60 s timeout and a 300 ms per-try one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_its_per_try_timeout_is_given_up_and_made_elsewhere() {
+    let started: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let names = ["a", "b", "c"];
+    let m = mesh3(|i| if i == 0 { vec![] } else { vec![stall(names[i], i == 1, started[i].clone())] }).await;
+    let a = &m.nodes[0];
+    eventually("a routes to both replicas of stall", 15, || sees(a, "stall", 2)).await;
+    let opts = CallOptions::default().timeout(Duration::from_secs(60)).per_try_timeout(Duration::from_millis(300));
+
+    // Spread over b and c until an attempt has gone to b: every call is answered by c.
+    let spread = opts.clone().strategy(Strategy::Spread);
+    let mut calls = 0;
+    while started[1].load(Ordering::SeqCst) == 0 {
+        assert!(calls < 40, "no attempt went to b in {calls} calls");
+        let v: Value = ctx(a).call_with("stall", "get", &json!({}), spread.clone()).await.expect("c answers");
+        assert_eq!(v, json!("c"));
+        calls += 1;
+    }
+
+    // Sharded to b (a key b owns): `put` is tried once, and fails at the per-try timeout.
+    let ids: Vec<NodeId> = m.nodes[1..].iter().map(|n| n.id().parse().expect("node id")).collect();
+    let key = (0..).map(|k| format!("k{k}")).find(|k| rendezvous(k, &ids)[0] == ids[0]).expect("a key of b's");
+    let before = started[1].load(Ordering::SeqCst);
+    let sharded = opts.strategy(Strategy::Shard(Some(key)));
+    let e = ctx(a).call_with::<_, Value>("stall", "put", &json!({}), sharded).await.expect_err("b never answers");
+    assert_eq!(e.code(), gearmesh::gears::ErrorCode::Timeout, "{e}");
+    assert_eq!(started[1].load(Ordering::SeqCst), before + 1, "not idempotent: one attempt only");
+    assert_eq!(started[2].load(Ordering::SeqCst), calls, "each get ran once, on c");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_strategy_across_a_three_node_mesh() {
     let m = mesh3(|_| vec![]).await;

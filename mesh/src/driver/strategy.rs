@@ -52,6 +52,10 @@ pub struct ResilienceConfig {
     pub max_tracked: usize,
     /// A latency sample older than this no longer counts: the replica is tried again as if new.
     pub latency_ttl: Duration,
+    /// How long one attempt may take before it is given up and, where a retry is allowed, made
+    /// again on another replica (a call's own `per_try_timeout` wins); `None`: attempts run to
+    /// the call's deadline.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Default for ResilienceConfig {
@@ -64,6 +68,7 @@ impl Default for ResilienceConfig {
             backoff_cap: Duration::from_millis(500),
             max_tracked: 4096,
             latency_ttl: Duration::from_secs(10),
+            per_try_timeout: None,
         }
     }
 }
@@ -556,6 +561,7 @@ impl Mesh {
         // The clock is read once before each attempt and once after it.
         let mut clock = Instant::now();
         let deadline = call.meta.deadline.unwrap_or(clock + inner.config.default_timeout);
+        let per_try = call.meta.per_try_timeout.or(res.config.per_try_timeout);
         let (gear, port) = (call.gear, call.port);
         let mut idempotent: Option<bool> = match call.meta.retry {
             Retry::Yes => Some(true),
@@ -597,7 +603,14 @@ impl Mesh {
             };
             let mut guard = InFlight::begin(res, gear, dst);
             let started = clock;
-            let result = self.attempt(dst, call.clone_parts(), deadline).await;
+            // An attempt given up at its per-try timeout fails `timeout` before the call's
+            // deadline: a transient failure, retried where a retry is allowed.
+            let try_deadline = per_try.map_or(deadline, |t| deadline.min(clock + t));
+            let mut this_try = call.clone_parts();
+            if per_try.is_some() {
+                this_try.meta.deadline = Some(try_deadline);
+            }
+            let result = self.attempt(dst, this_try, try_deadline).await;
             // A failure on the way (no route, a switch's error) says nothing of the replica:
             // its breaker does not count it (a half-open probe slot goes back unused).
             let on_the_way = matches!(&result, Err(f) if f.on_the_way);

@@ -399,9 +399,22 @@ impl Conn {
                 };
                 self.reply(&v).await
             }
-            ClientMsg::Call { id, gear, port, arg, timeout_ms, strategy, key, gather, retry, .. } => {
-                match crate::api::routing_from(strategy.as_deref(), key.as_deref(), gather.as_deref(), retry.as_deref())
-                {
+            ClientMsg::Call {
+                id,
+                gear,
+                port,
+                arg,
+                timeout_ms,
+                strategy,
+                key,
+                gather,
+                retry,
+                per_try_timeout_ms,
+                ..
+            } => {
+                let (strategy, key, gather, retry) =
+                    (strategy.as_deref(), key.as_deref(), gather.as_deref(), retry.as_deref());
+                match crate::api::routing_from(strategy, key, gather, retry, per_try_timeout_ms) {
                     Ok(routing) => self.call(id, gear, port, &arg, timeout_ms, routing).await,
                     Err(e) => self.reply(&proto::error(Some(&id), &e)).await,
                 }
@@ -522,7 +535,7 @@ impl Conn {
         port: String,
         arg: &Value,
         timeout_ms: Option<u64>,
-        (strategy, retry): (Option<gearmesh_gears::Strategy>, gearmesh_gears::Retry),
+        routing: crate::api::Routing,
     ) -> Result<(), End> {
         let Ok(permit) = self.requests.clone().try_acquire_owned() else {
             let e = CallError::overloaded(format!(
@@ -544,8 +557,7 @@ impl Conn {
             Err(e) => return self.reply(&proto::error(Some(&id), &CallError::bad_request(e.to_string()))).await,
         };
         let mut meta = CallMeta::new(self.grant.principal.clone(), deadline);
-        meta.strategy = strategy;
-        meta.retry = retry;
+        routing.apply(&mut meta);
         let dispatch = self.shared.dispatch();
         let out = self.out_tx.clone();
         self.tasks.spawn(async move {

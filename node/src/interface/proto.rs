@@ -78,6 +78,9 @@ pub(crate) enum ClientMsg {
         /// `auto`, `yes` or `no`.
         #[serde(default)]
         retry: Option<String>,
+        /// A bound on each attempt, in milliseconds.
+        #[serde(default)]
+        per_try_timeout_ms: Option<u64>,
     },
     /// Publishes an event.
     Publish {
