@@ -322,6 +322,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
     let mut text = s.metrics.render();
     s.host.render_metrics(&mut text);
     render_mesh_metrics(&mut text, &s.mesh);
+    render_accept_metrics(&mut text, s.acceptor.stats());
     if let Some(acme) = &s.acme {
         render_acme_metrics(&mut text, &acme.status.borrow());
     }
@@ -372,6 +373,19 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
         write!(out, "# HELP gearmesh_mesh_nodes Known nodes by state.\n# TYPE gearmesh_mesh_nodes gauge\n");
     for (state, n) in ["alive", "suspect", "dead", "left"].iter().zip(st.nodes) {
         let _infallible = writeln!(out, "gearmesh_mesh_nodes{{state=\"{state}\"}} {n}");
+    }
+}
+
+/// The incoming mesh links the acceptor turned away, by reason.
+fn render_accept_metrics(out: &mut String, st: gearmesh_transport::AcceptStats) {
+    use std::fmt::Write as _;
+    let name = "gearmesh_links_refused_total";
+    let _infallible = write!(
+        out,
+        "# HELP {name} Incoming mesh links refused: hello (refused or failed: another mesh or protocol version, a bad token, malformed), timeout (no hello in time), limit (mesh.max_connections reached).\n# TYPE {name} counter\n"
+    );
+    for (reason, v) in [("hello", st.refused_hello), ("timeout", st.handshake_timeouts), ("limit", st.over_limit)] {
+        let _infallible = writeln!(out, "{name}{{reason=\"{reason}\"}} {v}");
     }
 }
 

@@ -222,6 +222,8 @@ pub(crate) struct MeshParts {
     pub(crate) link_router: axum::Router,
     pub(crate) quic: Option<QuicEndpoint>,
     pub(crate) addrs: Vec<String>,
+    /// What the link acceptor turned away, for `/metrics`.
+    pub(crate) acceptor: Acceptor,
 }
 
 /// Creates the acceptor, the dialer, the QUIC endpoint, and starts the mesh driver.
@@ -343,7 +345,7 @@ pub(crate) fn start_mesh(
     };
     let mesh = Mesh::start(id, addrs.clone(), mesh_config, host, dialer, incoming, config.seeds.clone());
     let link_router = if config.mesh.no_listen { axum::Router::new() } else { acceptor.router() };
-    Ok(MeshParts { mesh, link_router, quic, addrs })
+    Ok(MeshParts { mesh, link_router, quic, addrs, acceptor })
 }
 
 #[cfg(test)]

@@ -308,6 +308,8 @@ pub(crate) struct NodeShared {
     pub(crate) scheme: &'static str,
     /// The URLs other nodes dial this one at.
     pub(crate) link_addrs: Vec<String>,
+    /// The mesh link acceptor (for what it turned away).
+    pub(crate) acceptor: gearmesh_transport::Acceptor,
     /// The development CA's certificate file, in TLS `dev` mode.
     pub(crate) dev_ca_cert: Option<PathBuf>,
     /// Token authentication; `None` in insecure development mode (see `authn`).
@@ -448,6 +450,7 @@ impl Node {
             mesh: parts.mesh,
             scheme: if tls.is_some() { "https" } else { "http" },
             link_addrs: parts.addrs,
+            acceptor: parts.acceptor,
             dev_ca_cert: tls.as_ref().and_then(|t| t.dev_ca_cert.clone()),
             auth,
             interface,

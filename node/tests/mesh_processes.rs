@@ -123,6 +123,31 @@ async fn a_stopped_process_is_detected_and_rejoins_when_resumed() {
     drop((a, b));
 }
 
+/// `--mesh-name` keeps two meshes that trust one CA apart: a node of mesh "green" seeded with a
+/// node of mesh "blue" is refused in the hello (the blue node's
+/// `gearmesh_links_refused_total{reason="hello"}` counts it) and joins nothing, while a second
+/// "blue" node seeded the same way joins.
+#[tokio::test]
+async fn a_node_named_for_another_mesh_is_refused_and_joins_nothing() {
+    let ca = Ca::new("names");
+    let a = ca.start(&["--name", "nm-a", "--gears", "kv", "--mesh-name", "blue"]).await;
+    let http = ca.client();
+    let g = ca.start(&["--name", "nm-g", "--gears", "echo", "--mesh-name", "green", "--seed", &a.link("wss://")]).await;
+    let refused = r#"gearmesh_links_refused_total{reason="hello"}"#;
+    wait_until("a refuses g's hello", || async { metric(&http, a.url(), refused).await >= 1.0 }).await;
+    let b = ca.start(&["--name", "nm-b", "--gears", "echo", "--mesh-name", "blue", "--seed", &a.link("quic://")]).await;
+    wait_replicas(&http, a.url(), "echo", 1).await;
+    let nodes = |v: serde_json::Value| v["nodes"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(nodes(view(&http, a.url()).await), 2, "a knows itself and b, never g");
+    assert_eq!(nodes(view(&http, g.url()).await), 1, "g is alone");
+    for (n, mesh) in [(&a, "blue"), (&b, "blue"), (&g, "green")] {
+        let info: serde_json::Value =
+            http.get(format!("{}/v1/node", n.url())).send().await.expect("sent").json().await.expect("json");
+        assert_eq!(info["mesh"], mesh);
+    }
+    drop((a, b, g));
+}
+
 /// Polls `check` until it holds, or panics with `what` after 20 s.
 async fn wait_until<F, Fut>(what: &str, mut check: F)
 where

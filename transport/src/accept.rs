@@ -2,7 +2,10 @@
 //! QUIC endpoint, which limits the number of links, runs the hello exchange with a deadline, and
 //! delivers established links to [`Incoming`].
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -30,6 +33,21 @@ struct Inner {
     setup: LinkSetup,
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<Link>,
+    refused_hello: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    over_limit: AtomicU64,
+}
+
+/// What an [`Acceptor`] turned away since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcceptStats {
+    /// Links whose hello exchange failed: a hello refused (another protocol version, another
+    /// mesh, a token the hello check refused), malformed, or a connection that failed in it.
+    pub refused_hello: u64,
+    /// Links that sent no hello within the handshake timeout.
+    pub handshake_timeouts: u64,
+    /// Links refused because `max_links` were open or handshaking.
+    pub over_limit: u64,
 }
 
 /// Accepts links from any transport; cheap to clone.
@@ -67,7 +85,14 @@ impl Acceptor {
     /// An acceptor answering with `setup` (our hello, config, and the check of peers' hellos).
     pub fn new(setup: LinkSetup, limits: AcceptConfig) -> (Acceptor, Incoming) {
         let (tx, rx) = mpsc::channel(limits.backlog.max(1));
-        let inner = Inner { setup, permits: Arc::new(Semaphore::new(limits.max_links)), tx };
+        let inner = Inner {
+            setup,
+            permits: Arc::new(Semaphore::new(limits.max_links)),
+            tx,
+            refused_hello: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
+            over_limit: AtomicU64::new(0),
+        };
         (Acceptor { inner: Arc::new(inner) }, Incoming { rx })
     }
 
@@ -93,6 +118,16 @@ impl Acceptor {
         self.inner.permits.available_permits()
     }
 
+    /// What this acceptor (and its clones) turned away so far.
+    pub fn stats(&self) -> AcceptStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AcceptStats {
+            refused_hello: get(&self.inner.refused_hello),
+            handshake_timeouts: get(&self.inner.handshake_timeouts),
+            over_limit: get(&self.inner.over_limit),
+        }
+    }
+
     pub(crate) fn setup(&self) -> &LinkSetup {
         &self.inner.setup
     }
@@ -101,6 +136,7 @@ impl Acceptor {
         match Arc::clone(&self.inner.permits).try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
+                self.inner.over_limit.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("refusing a link: too many links");
                 None
             }
@@ -123,10 +159,12 @@ impl Acceptor {
         let peer = match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
+                self.inner.refused_hello.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(?remote, %transport, error = %e, "incoming link refused");
                 return;
             }
             Err(_) => {
+                self.inner.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(?remote, %transport, "incoming link: handshake timed out");
                 let close = crate::Frame::Close(crate::Close {
                     code: crate::CloseCode::HANDSHAKE_TIMEOUT,

@@ -29,7 +29,7 @@ pub mod quic;
 pub mod tls;
 pub mod ws;
 
-pub use accept::{AcceptConfig, Acceptor, Incoming};
+pub use accept::{AcceptConfig, AcceptStats, Acceptor, Incoming};
 pub use dial::{DialError, Dialer, InvalidPeerUrl, PeerUrl, Scheme, resolve_all};
 pub use frame::{
     BodyKind, Call, CallRef, Cancel, Close, CloseCode, DecodeError, EncodeError, Event, Frame, FrameKind, Hello, Reply,

@@ -108,6 +108,18 @@ async fn garbage_after_hello_closes_only_that_link() {
     still_works(&a, &mut b).await;
 }
 
+/// Waits (up to 5 s) until `acceptor`'s stats satisfy `f`: the acceptor counts a refusal right
+/// after telling the peer.
+async fn counted(acceptor: &Acceptor, f: impl Fn(gearmesh_transport::AcceptStats) -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !f(acceptor.stats()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not counted: {:?}", acceptor.stats()));
+}
+
 #[tokio::test]
 async fn garbage_or_text_instead_of_hello_is_refused() {
     let mut s = server(AcceptConfig::default()).await;
@@ -120,6 +132,8 @@ async fn garbage_or_text_instead_of_hello_is_refused() {
     drain(&mut ws).await;
     still_works(&a, &mut b).await;
     assert_eq!(s.acceptor.free_slots(), AcceptConfig::default().max_links - 1, "refused peers hold no slot");
+    counted(&s.acceptor, |st| st.refused_hello == 2).await;
+    assert_eq!((s.acceptor.stats().handshake_timeouts, s.acceptor.stats().over_limit), (0, 0));
 }
 
 #[tokio::test]
@@ -155,6 +169,7 @@ async fn slow_loris_is_cut_off() {
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(acceptor.free_slots(), AcceptConfig::default().max_links);
+    counted(&acceptor, |st| st.handshake_timeouts == 1).await;
 }
 
 #[tokio::test]
@@ -163,6 +178,7 @@ async fn link_limit_is_enforced() {
     let (a, _b) = good_link(&mut s).await;
     let second = Dialer::new(setup(3), s.pki.client.clone()).dial(&format!("wss://127.0.0.1:{}", s.addr.port())).await;
     assert!(matches!(second, Err(DialError::WebSocket { .. })), "{second:?}");
+    assert_eq!(s.acceptor.stats().over_limit, 1);
     a.close(CloseCode::NORMAL, "make room").await;
     tokio::time::timeout(Duration::from_secs(5), async {
         while s.acceptor.free_slots() == 0 {
