@@ -76,6 +76,10 @@ pub struct CallMeta {
     /// a retry is allowed, made again on another (Envoy's per-try timeout); `None`: the node's
     /// default (`[resilience] per_try_timeout_ms`). Never past `deadline`.
     pub per_try_timeout: Option<Duration>,
+    /// How long a spread call that may be retried waits for its first attempt before it sends a
+    /// second one to another replica, keeping both (a hedged request: the first reply wins);
+    /// `None`: the node's default (`[resilience] hedge_ms`, none unless set).
+    pub hedge_after: Option<Duration>,
 }
 
 impl CallMeta {
@@ -95,6 +99,7 @@ impl CallMeta {
             strategy: None,
             retry: Retry::default(),
             per_try_timeout: None,
+            hedge_after: None,
         }
     }
 
@@ -130,6 +135,8 @@ pub struct CallOptions {
     pub retry: Retry,
     /// A bound on each attempt (see [`CallMeta::per_try_timeout`]).
     pub per_try_timeout: Option<Duration>,
+    /// When to hedge (see [`CallMeta::hedge_after`]).
+    pub hedge_after: Option<Duration>,
 }
 
 impl CallOptions {
@@ -159,6 +166,15 @@ impl CallOptions {
     #[must_use]
     pub fn per_try_timeout(mut self, t: Duration) -> Self {
         self.per_try_timeout = Some(t);
+        self
+    }
+
+    /// Hedges the call: if its first attempt has not answered after `t`, a second one goes to
+    /// another replica and the first reply wins (only for ports that may be retried, with the
+    /// `spread` strategy or a remote local-first call; each hedge takes a retry-budget token).
+    #[must_use]
+    pub fn hedge_after(mut self, t: Duration) -> Self {
+        self.hedge_after = Some(t);
         self
     }
 }
@@ -290,7 +306,7 @@ impl Ctx {
         arg: Arg<'a>,
         options: CallOptions,
     ) -> BoxFuture<'a, Result<Payload, CallError>> {
-        let CallOptions { timeout, strategy, retry, per_try_timeout } = options;
+        let CallOptions { timeout, strategy, retry, per_try_timeout, hedge_after } = options;
         let deadline = match (self.deadline, timeout) {
             (d, None) => d,
             (None, Some(t)) => Some(Instant::now() + t),
@@ -306,6 +322,7 @@ impl Ctx {
             strategy,
             retry,
             per_try_timeout,
+            hedge_after,
         };
         self.dispatch.call(Call { gear, port, arg, meta })
     }

@@ -424,6 +424,7 @@ async fn run_listener(
             strategy: None,
             retry: crate::Retry::IfIdempotent,
             per_try_timeout: None,
+            hedge_after: None,
         };
         let ctx = Ctx::for_gear(front, me.clone(), meta, deadline);
         let gear = &me.name;

@@ -143,6 +143,8 @@ struct CallQuery {
     retry: Option<String>,
     /// A bound on each attempt, in milliseconds.
     per_try_timeout_ms: Option<u64>,
+    /// Hedge after this many milliseconds.
+    hedge_ms: Option<u64>,
 }
 
 /// How a call picks its replicas and retries, as its query or message asks (`None`s: the
@@ -151,6 +153,7 @@ pub(crate) struct Routing {
     strategy: Option<Strategy>,
     retry: Retry,
     per_try_timeout: Option<Duration>,
+    hedge_after: Option<Duration>,
 }
 
 impl Routing {
@@ -164,6 +167,7 @@ impl Routing {
         meta.strategy = self.strategy;
         meta.retry = self.retry;
         meta.per_try_timeout = self.per_try_timeout;
+        meta.hedge_after = self.hedge_after;
     }
 }
 
@@ -174,6 +178,7 @@ pub(crate) fn routing_from(
     gather: Option<&str>,
     retry: Option<&str>,
     per_try_timeout_ms: Option<u64>,
+    hedge_ms: Option<u64>,
 ) -> Result<Routing, CallError> {
     let strategy = match strategy {
         Some(name) => Some(Strategy::from_parts(name, key, gather)?),
@@ -186,7 +191,11 @@ pub(crate) fn routing_from(
         Some(0) => return Err(CallError::bad_request("per_try_timeout_ms must be greater than 0")),
         ms => ms.map(Duration::from_millis),
     };
-    Ok(Routing { strategy, retry, per_try_timeout })
+    let hedge_after = match hedge_ms {
+        Some(0) => return Err(CallError::bad_request("hedge_ms must be greater than 0")),
+        ms => ms.map(Duration::from_millis),
+    };
+    Ok(Routing { strategy, retry, per_try_timeout, hedge_after })
 }
 
 async fn call(
@@ -211,6 +220,7 @@ async fn call(
         q.gather.as_deref(),
         q.retry.as_deref(),
         q.per_try_timeout_ms,
+        q.hedge_ms,
     )?;
     let status = if routing.is_broadcast() { StatusCode::ACCEPTED } else { StatusCode::OK };
     let mut meta = CallMeta::new(caller, deadline);
@@ -355,6 +365,7 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
         ("gearmesh_mesh_call_attempts_total", "Call attempts by the strategy layer.", rs.attempts),
         ("gearmesh_mesh_call_retries_total", "Retries and re-routes within the retry budget.", rs.retries),
         ("gearmesh_mesh_call_retries_refused_total", "Retries the retry budget refused.", rs.retries_refused),
+        ("gearmesh_mesh_call_hedges_total", "Hedged attempts started while the first still ran.", rs.hedges),
         (
             "gearmesh_mesh_breaker_rejections_total",
             "Attempts skipped on an open circuit breaker.",

@@ -112,6 +112,10 @@ pub struct ResilienceSettings {
     /// retry is allowed, made again on another replica (0: no bound but the call's deadline).
     /// A call's own `per_try_timeout_ms` wins.
     pub per_try_timeout_ms: u64,
+    /// How long a spread call to a port that may be retried waits for its first attempt
+    /// before it sends a second to another replica, keeping both (0: no hedging). A call's
+    /// own `hedge_ms` wins.
+    pub hedge_ms: u64,
 }
 
 impl Default for ResilienceSettings {
@@ -130,6 +134,7 @@ impl Default for ResilienceSettings {
             breaker_open_ms: ms(r.breaker.open_for),
             breaker_probes: r.breaker.probes,
             per_try_timeout_ms: r.per_try_timeout.map_or(0, ms),
+            hedge_ms: r.hedge_after.map_or(0, ms),
         }
     }
 }
@@ -156,6 +161,7 @@ impl ResilienceSettings {
                 ..d.breaker
             },
             per_try_timeout: (self.per_try_timeout_ms > 0).then(|| Duration::from_millis(self.per_try_timeout_ms)),
+            hedge_after: (self.hedge_ms > 0).then(|| Duration::from_millis(self.hedge_ms)),
             ..d
         }
     }
@@ -617,6 +623,9 @@ mod tests {
         assert_eq!(r.per_try_timeout, None, "no per-try bound unless set");
         let c = NodeConfig::from_toml("[resilience]\nper_try_timeout_ms = 750\n").expect("valid");
         assert_eq!(c.resilience.to_mesh().per_try_timeout, Some(Duration::from_millis(750)));
+        assert_eq!(r.hedge_after, None, "no hedging unless set");
+        let c = NodeConfig::from_toml("[resilience]\nhedge_ms = 40\n").expect("valid");
+        assert_eq!(c.resilience.to_mesh().hedge_after, Some(Duration::from_millis(40)));
         let e = NodeConfig::from_toml("[resilience]\nbreaker_failure_ratio = 1.5\n").expect_err("ratio");
         assert!(e.to_string().contains("resilience.breaker_failure_ratio"), "{e}");
         let e = NodeConfig::from_toml("[resilience]\nmax_attempts = 0\n").expect_err("attempts");

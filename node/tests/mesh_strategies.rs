@@ -126,6 +126,67 @@ fn stall(name: &str, hang: bool, started: Arc<AtomicUsize>) -> Gear {
         .port("put", port(name.to_owned(), started))
 }
 
+/// Counts a port's futures dropped before they ended (cancelled attempts).
+struct DropCount(Arc<AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// `lag.get` (idempotent): answers the node's name after `delay`, or never (`None`); counts
+/// the attempts that start and those dropped unfinished (cancelled by their caller).
+fn lag(name: &str, delay: Option<Duration>, started: Arc<AtomicUsize>, dropped: Arc<AtomicUsize>) -> Gear {
+    let name = name.to_owned();
+    Gear::new("lag").port_with(PortSpec::new("get").idempotent(true), move |_ctx: Ctx, _: Value| {
+        started.fetch_add(1, Ordering::SeqCst);
+        let (name, guard) = (name.clone(), DropCount(dropped.clone()));
+        async move {
+            match delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+            std::mem::forget(guard);
+            Ok(json!(name))
+        }
+    })
+}
+
+/// A hedged call keeps its first attempt and sends a second to another replica when the first
+/// has not answered in time; the first reply wins and the other attempt is cancelled (gRPC's
+/// hedging, Finagle's backup requests). b answers after 400 ms, c never; a hedges after 100 ms.
+/// Whichever replica a call tries first, b answers it and c's attempt is cancelled: every call
+/// starts one attempt on each. A per-try timeout could not do this (it gives the first attempt
+/// up), and without either a call that tried c first waited for its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_call_is_answered_by_whichever_replica_answers_first() {
+    let started: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let dropped: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let delays = [None, Some(Duration::from_millis(400)), None];
+    let names = ["a", "b", "c"];
+    let m =
+        mesh3(|i| if i == 0 { vec![] } else { vec![lag(names[i], delays[i], started[i].clone(), dropped[i].clone())] })
+            .await;
+    let a = &m.nodes[0];
+    eventually("a routes to both replicas of lag", 15, || sees(a, "lag", 2)).await;
+    let opts = CallOptions::default()
+        .timeout(Duration::from_secs(60))
+        .hedge_after(Duration::from_millis(100))
+        .strategy(Strategy::Spread);
+    const CALLS: usize = 8;
+    for i in 0..CALLS {
+        let v: Value = ctx(a).call_with("lag", "get", &json!(i), opts.clone()).await.expect("b answers");
+        assert_eq!(v, json!("b"), "call {i}");
+    }
+    assert_eq!(started[1].load(Ordering::SeqCst), CALLS, "each call ran once on b");
+    assert_eq!(started[2].load(Ordering::SeqCst), CALLS, "and started once on c, first or as the hedge");
+    eventually("c's attempts are cancelled", 10, || dropped[2].load(Ordering::SeqCst) == CALLS).await;
+    assert_eq!(dropped[1].load(Ordering::SeqCst), 0, "b's attempts all finished");
+    let stats = a.mesh().resilience_stats();
+    assert_eq!(stats.hedges, CALLS as u64, "{stats:?}");
+}
+
 /// An attempt that outlasts the call's per-try timeout is given up (Envoy's per-try timeout):
 /// a call to an idempotent port is made again on another replica, long before its own deadline;
 /// one to a port that is not idempotent fails `timeout` then, and is not made again. b's

@@ -8,7 +8,7 @@
 //! `docs/strategies.md` for the choices.
 
 use std::{
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -56,6 +56,11 @@ pub struct ResilienceConfig {
     /// again on another replica (a call's own `per_try_timeout` wins); `None`: attempts run to
     /// the call's deadline.
     pub per_try_timeout: Option<Duration>,
+    /// How long a spread call to a port that may be retried waits for its first attempt
+    /// before it sends a second one to another replica, keeping the first (a hedged request:
+    /// the first reply wins, the other attempt is cancelled); a call's own `hedge_after` wins.
+    /// `None`: no hedging.
+    pub hedge_after: Option<Duration>,
 }
 
 impl Default for ResilienceConfig {
@@ -69,6 +74,7 @@ impl Default for ResilienceConfig {
             max_tracked: 4096,
             latency_ttl: Duration::from_secs(10),
             per_try_timeout: None,
+            hedge_after: None,
         }
     }
 }
@@ -108,6 +114,9 @@ pub struct ResilienceStats {
     pub retries_refused: u64,
     /// Attempts not made because the replica's breaker was open.
     pub breaker_rejections: u64,
+    /// Hedged attempts: second attempts started while the first still ran (also counted in
+    /// `retries`, as each takes a token of the retry budget).
+    pub hedges: u64,
 }
 
 /// The live state: breakers and latencies per (gear, node), in-flight counts per node, the
@@ -121,6 +130,7 @@ pub(crate) struct Resilience {
     budget: Mutex<RetryBudget>,
     attempts: AtomicU64,
     breaker_rejections: AtomicU64,
+    hedges: AtomicU64,
 }
 
 /// The health of every (gear, node) tracked, keyed by gear first so that a call looks its gear
@@ -174,6 +184,7 @@ impl Resilience {
             inflight: Mutex::default(),
             attempts: AtomicU64::new(0),
             breaker_rejections: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
         }
     }
 
@@ -296,6 +307,7 @@ impl Resilience {
             retries,
             retries_refused,
             breaker_rejections: self.breaker_rejections.load(Ordering::Relaxed),
+            hedges: self.hedges.load(Ordering::Relaxed),
         }
     }
 }
@@ -562,6 +574,7 @@ impl Mesh {
         let mut clock = Instant::now();
         let deadline = call.meta.deadline.unwrap_or(clock + inner.config.default_timeout);
         let per_try = call.meta.per_try_timeout.or(res.config.per_try_timeout);
+        let hedge_after = call.meta.hedge_after.or(res.config.hedge_after).filter(|_| matches!(order, Order::Spread));
         let (gear, port) = (call.gear, call.port);
         let mut idempotent: Option<bool> = match call.meta.retry {
             Retry::Yes => Some(true),
@@ -585,44 +598,22 @@ impl Mesh {
                     spread_order(&pool, &res.scores(gear, &pool, now))
                 }
             };
-            // The first candidate whose breaker lets the call through.
-            let mut chosen = None;
-            for n in ordered {
-                let (ok, changed) = res.acquire(gear, n, now);
-                self.breaker_changed(gear, n, changed);
-                if ok {
-                    chosen = Some(n);
-                    break;
-                }
-            }
-            let Some(dst) = chosen else {
+            // The first candidate whose breaker lets the call through; the rest, in order, for
+            // a hedge.
+            let mut ordered = ordered.into_iter();
+            let Some(dst) = self.first_open(gear, &mut ordered, now) else {
                 return Err(last_error.unwrap_or_else(|| {
                     CallError::unavailable(format!("every replica of {gear:?} is failing (circuit breakers open)"))
                         .mark_not_run()
                 }));
             };
-            let mut guard = InFlight::begin(res, gear, dst);
-            let started = clock;
-            // An attempt given up at its per-try timeout fails `timeout` before the call's
-            // deadline: a transient failure, retried where a retry is allowed.
-            let try_deadline = per_try.map_or(deadline, |t| deadline.min(clock + t));
-            let mut this_try = call.clone_parts();
-            if per_try.is_some() {
-                this_try.meta.deadline = Some(try_deadline);
-            }
-            let result = self.attempt(dst, this_try, try_deadline).await;
-            // A failure on the way (no route, a switch's error) says nothing of the replica:
-            // its breaker does not count it (a half-open probe slot goes back unused).
-            let on_the_way = matches!(&result, Err(f) if f.on_the_way);
-            guard.recorded = !on_the_way;
-            drop(guard);
+            let first = self.measured_attempt(dst, call.clone_parts(), deadline, per_try);
+            let hedge = hedge_after.filter(|_| *idempotent.get_or_insert_with(|| self.is_idempotent(gear, port)));
+            let result = match hedge {
+                None => first.await,
+                Some(after) => self.hedged(first, after, &call, &mut ordered, deadline, per_try, &mut failed).await,
+            };
             clock = Instant::now();
-            if !on_the_way {
-                let failure = result.as_ref().err().filter(|f| is_replica_failure(&f.error));
-                let took = clock.saturating_duration_since(started);
-                let changed = res.record(gear, dst, inner.time_at(clock), failure.is_some(), took);
-                self.breaker_changed(gear, dst, changed);
-            }
             let e = match result {
                 Ok(p) => return Ok(p),
                 Err(f) => f.error,
@@ -653,6 +644,109 @@ impl Mesh {
             last_error = Some(e);
         }
         Err(last_error.unwrap_or_else(|| CallError::unavailable("no attempt was made")))
+    }
+
+    /// The first of `ordered` whose breaker lets a call through (its slot taken).
+    fn first_open(&self, gear: &str, ordered: &mut impl Iterator<Item = NodeId>, now: Time) -> Option<NodeId> {
+        let res = &self.inner.resilience;
+        ordered.find(|&n| {
+            let (ok, changed) = res.acquire(gear, n, now);
+            self.breaker_changed(gear, n, changed);
+            ok
+        })
+    }
+
+    /// One attempt on `dst` (whose breaker slot is taken), within its per-try timeout, counted
+    /// in the node's load while it runs and recorded in `dst`'s breaker and latency when it
+    /// ends. Dropped before it ends (a hedge's loser), it records nothing.
+    async fn measured_attempt(
+        &self,
+        dst: NodeId,
+        mut call: GearCall<'_>,
+        deadline: Instant,
+        per_try: Option<Duration>,
+    ) -> Result<Payload, RemoteError> {
+        let inner = &self.inner;
+        let res = &inner.resilience;
+        let mut guard = InFlight::begin(res, call.gear, dst);
+        let gear = call.gear;
+        let started = Instant::now();
+        // An attempt given up at its per-try timeout fails `timeout` before the call's deadline:
+        // a transient failure, retried where a retry is allowed.
+        let try_deadline = per_try.map_or(deadline, |t| deadline.min(started + t));
+        if per_try.is_some() {
+            call.meta.deadline = Some(try_deadline);
+        }
+        let result = self.attempt(dst, call, try_deadline).await;
+        // A failure on the way (no route, a switch's error) says nothing of the replica: its
+        // breaker does not count it (a half-open probe slot goes back unused).
+        let on_the_way = matches!(&result, Err(f) if f.on_the_way);
+        guard.recorded = !on_the_way;
+        drop(guard);
+        if !on_the_way {
+            let now = Instant::now();
+            let failure = result.as_ref().err().filter(|f| is_replica_failure(&f.error));
+            let took = now.saturating_duration_since(started);
+            let changed = res.record(gear, dst, inner.time_at(now), failure.is_some(), took);
+            self.breaker_changed(gear, dst, changed);
+        }
+        result
+    }
+
+    /// Runs `first`; if it has not ended `after` it started, sends a second attempt to the next
+    /// replica of `ordered` whose breaker lets it through (a token of the retry budget taken,
+    /// like a retry) and keeps both: the first success wins and the other attempt is dropped,
+    /// which cancels it on its replica. A failure waits for the other attempt. The second
+    /// replica joins `failed` when the call fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn hedged<'c>(
+        &self,
+        first: impl Future<Output = Result<Payload, RemoteError>>,
+        after: Duration,
+        call: &GearCall<'c>,
+        ordered: &mut impl Iterator<Item = NodeId>,
+        deadline: Instant,
+        per_try: Option<Duration>,
+        failed: &mut Vec<NodeId>,
+    ) -> Result<Payload, RemoteError> {
+        let inner = &self.inner;
+        let res = &inner.resilience;
+        let mut first = pin!(first);
+        let hedge_at = Instant::now() + after;
+        if hedge_at >= deadline {
+            return first.await;
+        }
+        tokio::select! {
+            r = &mut first => return r,
+            () = tokio::time::sleep_until(hedge_at) => {}
+        }
+        let now = inner.time_at(Instant::now());
+        let second = match self.first_open(call.gear, ordered, now) {
+            Some(n) if lock(&res.budget).withdraw(now) => n,
+            Some(n) => {
+                // No budget: give the breaker slot back and wait for the first.
+                res.release(call.gear, n);
+                return first.await;
+            }
+            None => return first.await,
+        };
+        res.hedges.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(gear = call.gear, port = call.port, node = %second, "hedging");
+        let mut second_try = pin!(self.measured_attempt(second, call.clone_parts(), deadline, per_try));
+        let result = tokio::select! {
+            r = &mut first => match r {
+                Ok(p) => Ok(p),
+                Err(_) => second_try.await,
+            },
+            r = &mut second_try => match r {
+                Ok(p) => Ok(p),
+                Err(_) => first.await,
+            },
+        };
+        if result.is_err() && !failed.contains(&second) {
+            failed.push(second);
+        }
+        result
     }
 
     /// Every replica runs the call; replies are gathered until the goal or the deadline.

@@ -410,11 +410,12 @@ impl Conn {
                 gather,
                 retry,
                 per_try_timeout_ms,
+                hedge_ms,
                 ..
             } => {
                 let (strategy, key, gather, retry) =
                     (strategy.as_deref(), key.as_deref(), gather.as_deref(), retry.as_deref());
-                match crate::api::routing_from(strategy, key, gather, retry, per_try_timeout_ms) {
+                match crate::api::routing_from(strategy, key, gather, retry, per_try_timeout_ms, hedge_ms) {
                     Ok(routing) => self.call(id, gear, port, &arg, timeout_ms, routing).await,
                     Err(e) => self.reply(&proto::error(Some(&id), &e)).await,
                 }

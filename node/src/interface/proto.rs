@@ -81,6 +81,9 @@ pub(crate) enum ClientMsg {
         /// A bound on each attempt, in milliseconds.
         #[serde(default)]
         per_try_timeout_ms: Option<u64>,
+        /// Hedge after this many milliseconds.
+        #[serde(default)]
+        hedge_ms: Option<u64>,
     },
     /// Publishes an event.
     Publish {
