@@ -528,6 +528,7 @@ async fn bad_input_gets_an_error_and_the_connection_and_others_go_on() {
     let s = other.request(json!({"v": 1, "type": "status", "id": "st"})).await;
     assert_eq!(s["type"], "status", "{s}");
     assert_eq!(s["node"]["name"], "a");
+    assert_eq!(s["node"]["mesh"], gearmesh::DEFAULT_MESH_NAME);
     a.shutdown().await;
 }
 

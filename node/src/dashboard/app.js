@@ -652,7 +652,7 @@
     }
     switch (m.type) {
       case 'welcome':
-        conn.detail = `via ${m.node ? m.node.name : 'the node'} as ${m.principal}`;
+        conn.detail = `via ${m.node ? m.node.name : 'the node'}${m.node && m.node.mesh ? ` (mesh ${m.node.mesh})` : ''} as ${m.principal}`;
         setStatus('connecting', 'subscribing', conn.detail);
         break;
       case 'snapshot':

@@ -294,7 +294,7 @@ impl Conn {
     async fn serve(&mut self, mut out_rx: mpsc::Receiver<String>) -> Result<std::convert::Infallible, End> {
         let welcome = json!({
             "v": VERSION, "type": "welcome",
-            "node": { "id": self.shared.id, "name": self.shared.name },
+            "node": { "id": self.shared.id, "name": self.shared.name, "mesh": self.shared.config.mesh.name },
             "principal": self.grant.principal.to_string(),
             "scopes": self.grant.scopes.as_ref().map(Scopes::to_strings),
             "insecure_dev": self.grant.scopes.is_none(),
@@ -508,7 +508,7 @@ impl Conn {
         json!({
             "v": VERSION, "type": "status", "id": id,
             "node": {
-                "id": s.id, "name": s.name, "version": env!("CARGO_PKG_VERSION"),
+                "id": s.id, "name": s.name, "mesh": s.config.mesh.name, "version": env!("CARGO_PKG_VERSION"),
                 "uptime_s": s.started.elapsed().as_secs_f64(),
                 "gears": s.host.gears().iter().map(|g| g.name.to_string()).collect::<Vec<_>>(),
                 "calls_in_flight": s.host.in_flight(),
