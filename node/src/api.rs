@@ -362,6 +362,11 @@ fn render_mesh_metrics(out: &mut String, mesh: &gearmesh_mesh::Mesh) {
             "Calls switched untracked because the table of switched calls was full.",
             st.switched_calls_untracked,
         ),
+        (
+            "gearmesh_mesh_dials_refused_total",
+            "Links this node dialed that the peer refused in the hello (another mesh, a token it did not accept).",
+            st.dials_refused,
+        ),
         ("gearmesh_mesh_call_attempts_total", "Call attempts by the strategy layer.", rs.attempts),
         ("gearmesh_mesh_call_retries_total", "Retries and re-routes within the retry budget.", rs.retries),
         ("gearmesh_mesh_call_retries_refused_total", "Retries the retry budget refused.", rs.retries_refused),

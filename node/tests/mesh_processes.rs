@@ -125,8 +125,9 @@ async fn a_stopped_process_is_detected_and_rejoins_when_resumed() {
 
 /// `--mesh-name` keeps two meshes that trust one CA apart: a node of mesh "green" seeded with a
 /// node of mesh "blue" is refused in the hello (the blue node's
-/// `gearmesh_links_refused_total{reason="hello"}` counts it) and joins nothing, while a second
-/// "blue" node seeded the same way joins.
+/// `gearmesh_links_refused_total{reason="hello"}` counts it, and the green node's
+/// `gearmesh_mesh_dials_refused_total`) and joins nothing, while a second "blue" node seeded the
+/// same way joins.
 #[tokio::test]
 async fn a_node_named_for_another_mesh_is_refused_and_joins_nothing() {
     let ca = Ca::new("names");
@@ -135,6 +136,8 @@ async fn a_node_named_for_another_mesh_is_refused_and_joins_nothing() {
     let g = ca.start(&["--name", "nm-g", "--gears", "echo", "--mesh-name", "green", "--seed", &a.link("wss://")]).await;
     let refused = r#"gearmesh_links_refused_total{reason="hello"}"#;
     wait_until("a refuses g's hello", || async { metric(&http, a.url(), refused).await >= 1.0 }).await;
+    let dials_refused = "gearmesh_mesh_dials_refused_total";
+    wait_until("g counts the refusal", || async { metric(&http, g.url(), dials_refused).await >= 1.0 }).await;
     let b = ca.start(&["--name", "nm-b", "--gears", "echo", "--mesh-name", "blue", "--seed", &a.link("quic://")]).await;
     wait_replicas(&http, a.url(), "echo", 1).await;
     let nodes = |v: serde_json::Value| v["nodes"].as_array().map(Vec::len).unwrap_or(0);

@@ -137,10 +137,25 @@ pub struct MeshStats {
     /// Calls this node switched without keeping track of them, its table of switched calls
     /// being full of calls still waited for: a break of their link leaves their callers waiting.
     pub switched_calls_untracked: u64,
+    /// Links this node dialed that the peer refused in the hello: a node of another mesh, a
+    /// link token it did not accept, another protocol version. A configuration error, not a
+    /// network one: the first refusal by each address is logged as a warning.
+    pub dials_refused: u64,
     /// Direct links of this node now.
     pub links: usize,
     /// Known nodes (this one included) by state now: alive, suspect, dead, left.
     pub nodes: [usize; 4],
+}
+
+/// Addresses whose hello refusals are remembered, so each is warned of once.
+const MAX_WARNED_REFUSALS: usize = 1024;
+
+/// Whether a dial failed because the peer refused our hello (a configuration error: another
+/// mesh, a token it does not accept, another protocol version), not for a network reason or
+/// because it has no room for another link.
+fn refused_in_hello(e: &gearmesh_transport::DialError) -> bool {
+    use gearmesh_transport::{CloseCode, DialError, HandshakeError};
+    matches!(e, DialError::Handshake { source: HandshakeError::RefusedByPeer(c), .. } if c.code == CloseCode::REJECTED)
 }
 
 /// The live counters behind [`MeshStats`].
@@ -155,6 +170,7 @@ pub(crate) struct Counters {
     pub(crate) frames_dropped: AtomicU64,
     pub(crate) switched_calls_failed: AtomicU64,
     pub(crate) switched_calls_untracked: AtomicU64,
+    pub(crate) dials_refused: AtomicU64,
 }
 
 impl Counters {
@@ -185,6 +201,7 @@ impl Counters {
             frames_dropped: get(&self.frames_dropped),
             switched_calls_failed: get(&self.switched_calls_failed),
             switched_calls_untracked: get(&self.switched_calls_untracked),
+            dials_refused: get(&self.dials_refused),
         }
     }
 }
@@ -293,6 +310,9 @@ pub(crate) struct Inner {
     /// before are then looked up again (see [`NextHops`]).
     routes_epoch: AtomicU64,
     dialing: Mutex<HashSet<String>>,
+    /// Addresses whose refusal of our hello was logged as a warning (at most
+    /// [`MAX_WARNED_REFUSALS`]; an address leaves when a link to it is made).
+    refused_warned: Mutex<HashSet<String>>,
     pub(crate) calls: calls::CallTable,
     pub(crate) counters: Counters,
     pub(crate) resilience: strategy::Resilience,
@@ -388,6 +408,7 @@ impl Mesh {
             link_generation: AtomicU64::new(0),
             routes_epoch: AtomicU64::new(0),
             dialing: Mutex::default(),
+            refused_warned: Mutex::default(),
             wake: Notify::new(),
             events,
             shutdown: CancellationToken::new(),
@@ -808,7 +829,25 @@ impl Inner {
             let result = inner.dialer.dial(&addr).await;
             lock(&inner.dialing).remove(&addr);
             match result {
-                Ok(link) => inner.on_link(link, Some(addr)),
+                Ok(link) => {
+                    lock(&inner.refused_warned).remove(&addr);
+                    inner.on_link(link, Some(addr));
+                }
+                Err(e) if refused_in_hello(&e) => {
+                    Counters::bump(&inner.counters.dials_refused);
+                    let first = {
+                        let mut warned = lock(&inner.refused_warned);
+                        warned.len() < MAX_WARNED_REFUSALS && warned.insert(addr.clone())
+                    };
+                    if first {
+                        tracing::warn!(%addr, error = %e, "a node refused this node's hello (another mesh name, or a link token it does not accept?)");
+                    } else {
+                        tracing::debug!(%addr, error = %e, "dial refused");
+                    }
+                    let now = inner.now();
+                    inner.core().dial_failed(now, &addr);
+                    inner.flush();
+                }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "dial failed");
                     let now = inner.now();

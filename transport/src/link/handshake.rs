@@ -95,7 +95,7 @@ pub enum HandshakeError {
     #[error("peer speaks protocol version {0}")]
     Version(u16),
     /// The peer belongs to another mesh ([`Hello::mesh`]).
-    #[error("peer belongs to mesh {theirs:?}, this node to mesh {ours:?}")]
+    #[error("the node that sent the hello belongs to mesh {theirs:?}, the node that refused it to mesh {ours:?}")]
     OtherMesh {
         /// Our mesh's name.
         ours: String,
