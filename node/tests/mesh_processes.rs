@@ -14,6 +14,7 @@ use std::{
 };
 
 use common::{
+    freeze,
     mesh::{Ca, call, metric, view, wait_replicas},
     signal,
 };
@@ -110,7 +111,7 @@ async fn a_stopped_process_is_detected_and_rejoins_when_resumed() {
     };
     wait_until("a links to b", || async { links_of_a().await == 1 }).await;
 
-    signal(&b.proc.child, "STOP");
+    freeze(&b.proc.child).await;
     // Made while b is frozen: it must end (within its 10 s deadline) as `unavailable`.
     let (status, code) = call(&http, a.url(), "echo/echo", json!("frozen")).await;
     assert_eq!((status, code.as_deref()), (503, Some("unavailable")), "a call to a frozen node");

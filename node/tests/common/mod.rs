@@ -93,6 +93,31 @@ pub(crate) fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
+/// Freezes a running child (SIGSTOP) and waits until every thread of it has stopped. The kernel
+/// stops a process's threads after `kill` returns, each on its way back to user space, and on
+/// a loaded machine a thread was seen to answer a request sent 10-20 ms after `kill` returned.
+pub(crate) async fn freeze(child: &Child) {
+    signal(child, "STOP");
+    let pid = child.id().expect("running");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(tokio::time::Instant::now() < deadline, "process {pid} did not stop");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Whether every thread of process `pid` is stopped (`T` in `/proc/PID/task/TID/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|task| {
+        // "TID (COMM) STATE ...": COMM may hold spaces and parentheses, so read after the last ')'.
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['T', 't'])))
+            .unwrap_or(false)
+    })
+}
+
 /// An HTTPS client trusting only the CA certificate (PEM) at `ca`.
 pub(crate) fn client_trusting(ca: &Path) -> reqwest::Client {
     let cas = gearmesh_transport::tls::load_certs(ca).expect("CA certificate");
