@@ -76,6 +76,8 @@ pub(crate) async fn run_chromium(bin: &Path, extra: &[String], url: &str) -> Run
             "--virtual-time-budget=10000",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
+        // Its temporary files too (it leaves some behind), so they go with the profile.
+        .env("TMPDIR", profile.path())
         .args(extra)
         .arg(url)
         .stdin(Stdio::null())
@@ -179,6 +181,7 @@ pub(crate) async fn devtools(bin: &Path) -> (Browser, Tab) {
     cmd.args(CHROMIUM_ARGS)
         .arg("--remote-debugging-port=0")
         .arg(format!("--user-data-dir={}", profile.path().display()))
+        .env("TMPDIR", profile.path())
         .arg("about:blank")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
