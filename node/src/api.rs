@@ -187,15 +187,17 @@ pub(crate) fn routing_from(
         None => None,
     };
     let retry = retry.map(str::parse).transpose()?.unwrap_or_default();
-    let per_try_timeout = match per_try_timeout_ms {
-        Some(0) => return Err(CallError::bad_request("per_try_timeout_ms must be greater than 0")),
-        ms => ms.map(Duration::from_millis),
-    };
-    let hedge_after = match hedge_ms {
-        Some(0) => return Err(CallError::bad_request("hedge_ms must be greater than 0")),
-        ms => ms.map(Duration::from_millis),
-    };
+    let per_try_timeout = positive_ms("per_try_timeout_ms", per_try_timeout_ms)?;
+    let hedge_after = positive_ms("hedge_ms", hedge_ms)?;
     Ok(Routing { strategy, retry, per_try_timeout, hedge_after })
+}
+
+/// An optional duration in milliseconds, refused when 0.
+fn positive_ms(field: &str, ms: Option<u64>) -> Result<Option<Duration>, CallError> {
+    match ms {
+        Some(0) => Err(CallError::bad_request(format!("{field} must be greater than 0"))),
+        ms => Ok(ms.map(Duration::from_millis)),
+    }
 }
 
 async fn call(

@@ -833,23 +833,21 @@ impl Inner {
                     lock(&inner.refused_warned).remove(&addr);
                     inner.on_link(link, Some(addr));
                 }
-                Err(e) if refused_in_hello(&e) => {
-                    Counters::bump(&inner.counters.dials_refused);
-                    let first = {
-                        let mut warned = lock(&inner.refused_warned);
-                        warned.len() < MAX_WARNED_REFUSALS && warned.insert(addr.clone())
-                    };
-                    if first {
-                        tracing::warn!(%addr, error = %e, "a node refused this node's hello (another mesh name, or a link token it does not accept?)");
-                    } else {
-                        tracing::debug!(%addr, error = %e, "dial refused");
-                    }
-                    let now = inner.now();
-                    inner.core().dial_failed(now, &addr);
-                    inner.flush();
-                }
                 Err(e) => {
-                    tracing::debug!(%addr, error = %e, "dial failed");
+                    if refused_in_hello(&e) {
+                        Counters::bump(&inner.counters.dials_refused);
+                        let first = {
+                            let mut warned = lock(&inner.refused_warned);
+                            warned.len() < MAX_WARNED_REFUSALS && warned.insert(addr.clone())
+                        };
+                        if first {
+                            tracing::warn!(%addr, error = %e, "a node refused this node's hello (another mesh name, or a link token it does not accept?)");
+                        } else {
+                            tracing::debug!(%addr, error = %e, "dial refused");
+                        }
+                    } else {
+                        tracing::debug!(%addr, error = %e, "dial failed");
+                    }
                     let now = inner.now();
                     inner.core().dial_failed(now, &addr);
                     inner.flush();

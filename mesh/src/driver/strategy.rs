@@ -607,7 +607,7 @@ impl Mesh {
                         .mark_not_run()
                 }));
             };
-            let first = self.measured_attempt(dst, call.clone_parts(), deadline, per_try);
+            let first = self.measured_attempt(dst, call.clone_parts(), clock, deadline, per_try);
             let hedge = hedge_after.filter(|_| *idempotent.get_or_insert_with(|| self.is_idempotent(gear, port)));
             let result = match hedge {
                 None => first.await,
@@ -656,13 +656,14 @@ impl Mesh {
         })
     }
 
-    /// One attempt on `dst` (whose breaker slot is taken), within its per-try timeout, counted
-    /// in the node's load while it runs and recorded in `dst`'s breaker and latency when it
-    /// ends. Dropped before it ends (a hedge's loser), it records nothing.
+    /// One attempt on `dst` (whose breaker slot is taken), `started` now, within its per-try
+    /// timeout, counted in the node's load while it runs and recorded in `dst`'s breaker and
+    /// latency when it ends. Dropped before it ends (a hedge's loser), it records nothing.
     async fn measured_attempt(
         &self,
         dst: NodeId,
         mut call: GearCall<'_>,
+        started: Instant,
         deadline: Instant,
         per_try: Option<Duration>,
     ) -> Result<Payload, RemoteError> {
@@ -670,7 +671,6 @@ impl Mesh {
         let res = &inner.resilience;
         let mut guard = InFlight::begin(res, call.gear, dst);
         let gear = call.gear;
-        let started = Instant::now();
         // An attempt given up at its per-try timeout fails `timeout` before the call's deadline:
         // a transient failure, retried where a retry is allowed.
         let try_deadline = per_try.map_or(deadline, |t| deadline.min(started + t));
@@ -699,11 +699,11 @@ impl Mesh {
     /// which cancels it on its replica. A failure waits for the other attempt. The second
     /// replica joins `failed` when the call fails.
     #[allow(clippy::too_many_arguments)]
-    async fn hedged<'c>(
+    async fn hedged(
         &self,
         first: impl Future<Output = Result<Payload, RemoteError>>,
         after: Duration,
-        call: &GearCall<'c>,
+        call: &GearCall<'_>,
         ordered: &mut impl Iterator<Item = NodeId>,
         deadline: Instant,
         per_try: Option<Duration>,
@@ -720,7 +720,8 @@ impl Mesh {
             r = &mut first => return r,
             () = tokio::time::sleep_until(hedge_at) => {}
         }
-        let now = inner.time_at(Instant::now());
+        let started = Instant::now();
+        let now = inner.time_at(started);
         let second = match self.first_open(call.gear, ordered, now) {
             Some(n) if lock(&res.budget).withdraw(now) => n,
             Some(n) => {
@@ -732,7 +733,7 @@ impl Mesh {
         };
         res.hedges.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(gear = call.gear, port = call.port, node = %second, "hedging");
-        let mut second_try = pin!(self.measured_attempt(second, call.clone_parts(), deadline, per_try));
+        let mut second_try = pin!(self.measured_attempt(second, call.clone_parts(), started, deadline, per_try));
         let result = tokio::select! {
             r = &mut first => match r {
                 Ok(p) => Ok(p),
