@@ -18,8 +18,8 @@
 //!     taskset -c 0 cargo bench -p gearmesh-tests --bench remote_call
 //!
 //! `GEARMESH_BENCH_TURNS=N` measures instead, between processes and one call in flight, the
-//! raw WSS echo, the relay, a direct call and a call through one switching hop with all four
-//! connections open at once and the four taking turns, N times over (see
+//! raw WSS echo, the relay, the same relay in one task, a direct call and a call through one
+//! switching hop with all five connections open at once and the five taking turns, N times over (see
 //! `transport/benches/link_rtt/turns.rs`): each p50 then comes from samples spread over the
 //! whole run, so the ratios do not carry the machine's drift between rows.
 //!
@@ -344,8 +344,14 @@ fn wss_echo_server(resolver: Arc<CertResolver>) -> SocketAddr {
 /// Starts a raw WebSocket-over-TLS relay on its own thread (tokio-tungstenite, as the WSS echo):
 /// every connection it accepts gets a connection of its own to `upstream` (the WSS echo), and
 /// each message is forwarded as it arrives, both ways. A round trip through it crosses loopback
-/// four times, as a call through one switching hop does: the floor of a hop.
-fn wss_relay_server(resolver: Arc<CertResolver>, upstream: SocketAddr, client: ClientTls) -> (SocketAddr, Middle) {
+/// four times, as a call through one switching hop does: the floor of a hop. `one_task`: each
+/// connection is relayed by [`relay_in_one_task`] instead of a task per direction.
+fn wss_relay_server(
+    resolver: Arc<CertResolver>,
+    upstream: SocketAddr,
+    client: ClientTls,
+    one_task: bool,
+) -> (SocketAddr, Middle) {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -364,6 +370,10 @@ fn wss_relay_server(resolver: Arc<CertResolver>, upstream: SocketAddr, client: C
                         return;
                     };
                     let up = wss_connect(upstream, &client).await;
+                    if one_task {
+                        relay_in_one_task(down, up).await;
+                        return;
+                    }
                     let ((down_w, down_r), (up_w, up_r)) = (down.split(), up.split());
                     tokio::spawn(forward(up_r, down_w));
                     forward(down_r, up_w).await;
@@ -372,6 +382,38 @@ fn wss_relay_server(resolver: Arc<CertResolver>, upstream: SocketAddr, client: C
         });
     });
     rx.recv().expect("relay up")
+}
+
+/// Relays binary messages both ways from one task, one at a time: no task switch and no lock
+/// between reading a message and forwarding it, at the price of a flush per message (so only
+/// for sequential round trips).
+async fn relay_in_one_task<A, B>(mut down: A, mut up: B)
+where
+    A: futures::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+        + futures::Sink<WsMessage>
+        + Unpin,
+    B: futures::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+        + futures::Sink<WsMessage>
+        + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    loop {
+        let sent = tokio::select! {
+            m = down.next() => match m {
+                Some(Ok(m)) if m.is_binary() => up.send(m).await.is_ok(),
+                Some(Ok(_)) => true,
+                _ => false,
+            },
+            m = up.next() => match m {
+                Some(Ok(m)) if m.is_binary() => down.send(m).await.is_ok(),
+                Some(Ok(_)) => true,
+                _ => false,
+            },
+        };
+        if !sent {
+            return;
+        }
+    }
 }
 
 /// Forwards binary messages from `from` to `to` until either ends; flushes only when no further
@@ -653,7 +695,7 @@ fn dir_resolver(dir: &Path) -> Arc<CertResolver> {
 }
 
 /// Runs this binary as a child when `GEARMESH_BENCH_ROLE` says so: `tls-echo`, `wss-echo`,
-/// `wss-relay` (to the WSS echo at `GEARMESH_BENCH_UPSTREAM`) or `node`. Returns false when it
+/// `wss-relay` or `wss-relay-one-task` (to the WSS echo at `GEARMESH_BENCH_UPSTREAM`) or `node`. Returns false when it
 /// is the bench itself.
 fn child_main() -> bool {
     let Ok(role) = std::env::var("GEARMESH_BENCH_ROLE") else { return false };
@@ -666,11 +708,12 @@ fn child_main() -> bool {
             println!("{addr}");
             wait_for_parent();
         }
-        "wss-relay" => {
+        "wss-relay" | "wss-relay-one-task" => {
             let upstream = var("GEARMESH_BENCH_UPSTREAM").parse().expect("upstream address");
             let ca = DevCa::load_or_create(&dir).expect("CA");
             let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
-            println!("{}", wss_relay_server(dir_resolver(&dir), upstream, client).0);
+            let one_task = role == "wss-relay-one-task";
+            println!("{}", wss_relay_server(dir_resolver(&dir), upstream, client, one_task).0);
             wait_for_parent();
         }
         "node" => {
@@ -914,6 +957,10 @@ fn floor_processes(dir: &Path) -> (ClientTls, Echoes, [Child; 3]) {
 /// The interleaved mode (`GEARMESH_BENCH_TURNS`): between processes, one call in flight.
 async fn interleaved(dir: &Path, turn_count: usize) {
     let (client, echo, children) = floor_processes(dir);
+    let one_task_env =
+        [("GEARMESH_BENCH_DIR", dir.display().to_string()), ("GEARMESH_BENCH_UPSTREAM", echo.wss.to_string())];
+    let (one_task_child, one_task_relay) = spawn_child("wss-relay-one-task", &one_task_env);
+    let one_task_relay: SocketAddr = one_task_relay.parse().expect("relay address");
     let b = Remote::spawn_process(dir, "b-wss", None, Shape::Wss, true);
     let hop_b = Remote::spawn_process(dir, "b-hop", None, Shape::Wss, false);
     let _hop_c = Remote::spawn_process(dir, "c-hop", Some(hop_b.link("wss://")), Shape::OneLink, true);
@@ -930,6 +977,7 @@ async fn interleaved(dir: &Path, turn_count: usize) {
     let systems = [
         turns::Turns::spawn("raw WSS echo (floor)", SIZE, ws(echo.wss).await),
         turns::Turns::spawn("raw WSS echo through a relay (hop floor)", SIZE, ws(echo.relay).await),
+        turns::Turns::spawn("raw WSS echo through a one-task relay", SIZE, ws(one_task_relay).await),
         turns::Turns::spawn(
             "direct call, WSS link",
             SIZE,
@@ -957,6 +1005,7 @@ async fn interleaved(dir: &Path, turn_count: usize) {
     a.shutdown().await;
     hop_a.shutdown().await;
     children.into_iter().for_each(stop_child);
+    stop_child(one_task_child);
 }
 
 fn main() {
@@ -975,7 +1024,7 @@ fn main() {
     let resolver = CertResolver::from_cert(&cert).expect("resolver");
     let client = ClientTls::new(&ClientTrust::dev_ca(&ca)).expect("client tls");
     let wss = wss_echo_server(Arc::clone(&resolver));
-    let (relay, relay_cpu) = wss_relay_server(Arc::clone(&resolver), wss, client.clone());
+    let (relay, relay_cpu) = wss_relay_server(Arc::clone(&resolver), wss, client.clone(), false);
     let echo = Echoes { tls: tls_echo_server(resolver), wss, relay, relay_cpu };
 
     rt.block_on(async move {
