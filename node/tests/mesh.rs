@@ -1345,3 +1345,39 @@ async fn a_node_that_calls_another_often_through_switches_opens_a_shortcut_to_it
         n.shutdown().await;
     }
 }
+
+/// A mesh on IPv6 loopback: nodes listen on `[::1]`, advertise bracketed addresses, join through
+/// a WSS and a QUIC seed given as IPv6 URLs, and serve a call across both links and over the
+/// HTTP API, with development certificates that name `::1`.
+#[tokio::test]
+async fn nodes_on_ipv6_loopback_form_a_mesh_over_wss_and_quic() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v6 = |c: &mut NodeConfig| c.listen = "[::1]:0".parse().expect("addr");
+    let a = node_with(dir.path(), "a", &["echo"], vec![], vec![], v6).await;
+    for addr in a.link_addrs() {
+        assert!(addr.contains("[::1]:"), "{addr} is not a bracketed IPv6 address");
+    }
+    let quic = a.link_addrs().iter().find(|s| s.starts_with("quic://")).expect("quic addr").clone();
+    let b = node_with(dir.path(), "b", &["kv"], vec![], vec![wss(&a)], v6).await;
+    let c = node_with(dir.path(), "c", &[], vec![], vec![quic], v6).await;
+    eventually("every node sees echo and kv", 15, || {
+        sees(&a, &["echo", "kv"]) && sees(&b, &["echo", "kv"]) && sees(&c, &["echo", "kv"])
+    })
+    .await;
+    for (n, over) in [(&b, "wss"), (&c, "quic")] {
+        let got: Value =
+            n.ctx(Principal::anonymous()).call("echo", "echo", &json!({ "over": over })).await.expect("call");
+        assert_eq!(got, json!({ "over": over }));
+    }
+    // The HTTP API on the same IPv6 listener: c calls echo on a through the mesh.
+    let (status, body) =
+        post(&client(&c), &format!("https://[::1]:{}/v1/call/echo/echo", c.local_addr().port()), json!({"x": 6})).await;
+    assert_eq!((status, body), (200, json!({"x": 6})));
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
