@@ -123,8 +123,9 @@ fn load_dev_ca(dir: &Path) -> Result<(DevCa, PathBuf), LinksError> {
 /// The names a node's development certificate covers.
 fn cert_names(config: &NodeConfig, local: SocketAddr) -> Vec<String> {
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-    if !local.ip().is_unspecified() {
-        names.push(local.ip().to_string());
+    match local.ip() {
+        ip if ip.is_unspecified() => names.extend(route_address(ip).map(|a| a.to_string())),
+        ip => names.push(ip.to_string()),
     }
     if let Some(h) = &config.mesh.advertise_host {
         names.push(h.clone());
@@ -193,10 +194,46 @@ fn advertise_host(config: &NodeConfig, local: SocketAddr) -> String {
         // Peers verify the ACME certificate, which names the domains, not the address.
         return domain.clone();
     }
-    match local.ip() {
-        ip if ip.is_unspecified() => "localhost".to_owned(),
+    let ip = match local.ip() {
+        ip if ip.is_unspecified() => match route_address(ip) {
+            Some(ip) => ip,
+            None => return "localhost".to_owned(),
+        },
+        ip => ip,
+    };
+    match ip {
         IpAddr::V6(ip) => format!("[{ip}]"),
         ip => ip.to_string(),
+    }
+}
+
+/// For a node listening on every interface (`unspecified`: `0.0.0.0`, or `[::]`, which takes
+/// IPv4 too): the address its routing table sends traffic for the outside world from, which is
+/// what peers on other hosts can reach (a pod's or a container's address, a host's primary
+/// address). An IPv4 route is preferred; `None` when there is no route out (only loopback).
+/// Connecting a UDP socket only looks the route up: nothing is sent. NATS advertises every
+/// non-loopback address in this case; one address keeps records small, and `advertise_host`
+/// picks another.
+fn route_address(unspecified: IpAddr) -> Option<IpAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+    // Documentation addresses (RFC 5737, RFC 3849): routed like any outside address.
+    let v4 = || -> std::io::Result<IpAddr> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect((Ipv4Addr::new(192, 0, 2, 1), 9))?;
+        Ok(s.local_addr()?.ip())
+    };
+    let v6 = || -> std::io::Result<IpAddr> {
+        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        s.connect((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9))?;
+        Ok(s.local_addr()?.ip())
+    };
+    // A link-local IPv6 address needs its interface named to be dialed: not one to advertise.
+    let link_local = |ip: &IpAddr| matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+    let usable = |ip: &IpAddr| !ip.is_unspecified() && !ip.is_loopback() && !link_local(ip);
+    let found = v4().ok().filter(usable);
+    match unspecified {
+        IpAddr::V4(_) => found,
+        IpAddr::V6(_) => found.or_else(|| v6().ok().filter(usable)),
     }
 }
 
@@ -237,6 +274,9 @@ pub(crate) fn start_mesh(
     auth: Option<&gearmesh_auth::Auth>,
 ) -> Result<MeshParts, LinksError> {
     let host_name = advertise_host(config, local);
+    if local.ip().is_unspecified() && config.mesh.advertise_host.is_none() && !config.mesh.no_listen {
+        tracing::info!(host = %host_name, "listening on every interface; advertising this host to peers (--advertise-host picks another)");
+    }
     let port = local.port();
     let quic_on = tls.is_some() && config.mesh.quic;
     let mut addrs = vec![match tls {

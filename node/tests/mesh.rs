@@ -1381,3 +1381,33 @@ async fn nodes_on_ipv6_loopback_form_a_mesh_over_wss_and_quic() {
         n.shutdown().await;
     }
 }
+
+/// A node listening on every interface advertises an address of this machine that peers can
+/// dial (the one its routing table sends outside traffic from), not `0.0.0.0` nor, while the
+/// machine has a route out, `localhost`; its development certificate names it, so a peer that
+/// joins through it verifies the node and calls it.
+#[tokio::test]
+async fn a_node_listening_on_every_interface_advertises_an_address_peers_can_dial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let every = |c: &mut NodeConfig| c.listen = "0.0.0.0:0".parse().expect("addr");
+    let a = node_with(dir.path(), "a", &["echo"], vec![], vec![], every).await;
+    let url = wss(&a);
+    let host = url.trim_start_matches("wss://").rsplit_once(':').expect("a port").0.to_owned();
+    // A default IPv4 route: a line of /proc/net/route whose destination is 0.0.0.0.
+    let route_out = std::fs::read_to_string("/proc/net/route")
+        .is_ok_and(|t| t.lines().skip(1).any(|l| l.split_whitespace().nth(1) == Some("00000000")));
+    if route_out {
+        let ip: std::net::IpAddr = host.parse().unwrap_or_else(|_| panic!("{host} is not an address"));
+        assert!(!ip.is_loopback() && !ip.is_unspecified(), "advertised {ip}");
+        std::net::UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("{ip} is not this machine's: {e}"));
+    } else {
+        assert_eq!(host, "localhost", "no route out: the node is reached on this machine");
+    }
+    let b = node(dir.path(), "b", &[], vec![], vec![url]).await;
+    eventually("b sees echo through the advertised address", 15, || sees(&b, &["echo"])).await;
+    let got: Value = b.ctx(Principal::anonymous()).call("echo", "echo", &json!({"to": host})).await.expect("call");
+    assert_eq!(got, json!({ "to": host }));
+    for n in [b, a] {
+        n.shutdown().await;
+    }
+}
