@@ -10,7 +10,7 @@ use std::sync::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
-use crate::link::handshake::{self, LinkSetup, Role};
+use crate::link::handshake::{self, HandshakeError, LinkSetup, Role};
 use crate::link::wire::{WireRx, WireTx};
 use crate::link::{Link, PeerInfo, driver};
 
@@ -158,6 +158,11 @@ impl Acceptor {
         let exchange = handshake::exchange(&mut tx, &mut rx, setup, Role::Acceptor, peer);
         let peer = match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok(p)) => p,
+            Ok(Err(HandshakeError::ToSelf)) => {
+                // Not a refusal: this node dialed one of its own addresses, and its dialer moves on.
+                tracing::debug!(?remote, %transport, "incoming link from this node itself ended");
+                return;
+            }
             Ok(Err(e)) => {
                 self.inner.refused_hello.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(?remote, %transport, error = %e, "incoming link refused");

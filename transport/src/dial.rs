@@ -1,14 +1,17 @@
 //! Dialing links: [`PeerUrl`] (`wss://`, `ws://`, `quic://`) and the [`Dialer`] that connects,
 //! verifies the server's certificate, runs the hello exchange and starts the link.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use crate::link::driver::lock;
 use crate::link::handshake::{self, HandshakeError, LinkSetup, Role};
 use crate::link::wire::{WireRx, WireTx};
 use crate::link::{Link, PeerInfo, TransportKind, driver};
@@ -154,12 +157,19 @@ pub struct Dialer {
     tls: Option<ClientTls>,
     quic: Option<QuicEndpoint>,
     allow_plaintext: bool,
+    /// Addresses whose hello came from this node itself ([`HandshakeError::ToSelf`]), skipped
+    /// from then on: while this node runs, they stay its own. Shared by the dialer's clones.
+    own: Arc<Mutex<HashSet<SocketAddr>>>,
 }
+
+/// At most this many of the node's own addresses are remembered (a node has few; past the
+/// bound, a self-dial costs a hello exchange each time, as before it was learnt).
+const MAX_OWN_ADDRS: usize = 64;
 
 impl Dialer {
     /// A dialer that verifies servers with `tls`.
     pub fn new(setup: LinkSetup, tls: ClientTls) -> Self {
-        Dialer { setup, tls: Some(tls), quic: None, allow_plaintext: false }
+        Dialer { setup, tls: Some(tls), quic: None, allow_plaintext: false, own: Arc::default() }
     }
 
     /// Also allows `ws://` (no TLS). Development on loopback only: logs a warning.
@@ -223,11 +233,21 @@ impl Dialer {
         let timeout = self.setup.config.handshake_timeout;
         let mut last = None;
         for &addr in addrs {
+            if lock(&self.own).contains(&addr) {
+                last = Some(DialError::Handshake { url: format!("{url} at {addr}"), source: HandshakeError::ToSelf });
+                continue;
+            }
             let error = match tokio::time::timeout(timeout, self.dial_addr(addr, url)).await {
                 Ok(Ok(link)) => return Ok(link),
                 Ok(Err(e)) => e,
                 Err(_) => DialError::Timeout(format!("{url} at {addr}")),
             };
+            if matches!(error, DialError::Handshake { source: HandshakeError::ToSelf, .. }) {
+                let mut own = lock(&self.own);
+                if own.len() < MAX_OWN_ADDRS {
+                    own.insert(addr);
+                }
+            }
             if addrs.len() > 1 {
                 tracing::debug!(%url, %addr, %error, "one address of the peer failed; trying the next");
             }

@@ -1,5 +1,6 @@
 //! A peer URL whose host names several addresses is dialed at each in turn until one answers
-//! (a seed such as `wss://localhost:PORT`, or a Kubernetes headless service).
+//! (a seed such as `wss://localhost:PORT`, or a Kubernetes headless service), and one of them
+//! that turns out to be the dialing node itself is passed over.
 
 mod common;
 
@@ -71,4 +72,40 @@ async fn quic_tries_each_address_in_turn_until_one_answers() {
     let link = dialer.dial_addrs(&url, &[silent, live]).await.expect("second address answers");
     assert_eq!(link.peer().node_id, common::hello(2).node_id);
     assert!(incoming.accept().await.is_some());
+}
+
+/// A name that resolves to this node as well as to others (a Kubernetes headless service, which
+/// every pod also seeds from): the address that answers with this node's own hello is passed
+/// over for the next one, and skipped from then on without a handshake.
+#[tokio::test]
+async fn an_address_that_is_the_dialing_node_itself_is_passed_over_and_remembered() {
+    let pki = pki();
+    let (me_acceptor, mut me_incoming) = Acceptor::new(common::setup(1), AcceptConfig::default());
+    let (me, me_server) = wss_server(&me_acceptor, pki.resolver.clone()).await;
+    let (acceptor, mut incoming) = Acceptor::new(common::setup(2), AcceptConfig::default());
+    let (other, _server) = wss_server(&acceptor, pki.resolver.clone()).await;
+    let dialer = Dialer::new(common::setup(1), pki.client.clone());
+    let url: PeerUrl = format!("wss://localhost:{}", other.port()).parse().expect("url");
+
+    let link = dialer.dial_addrs(&url, &[me, other]).await.expect("the other node answers");
+    assert_eq!(link.peer().node_id, common::hello(2).node_id);
+    assert!(incoming.accept().await.is_some());
+    // The node's own end took no link, and counted no refusal: nothing went wrong.
+    let none = tokio::time::timeout(std::time::Duration::from_millis(200), me_incoming.accept()).await;
+    assert!(none.is_err(), "a link to itself was delivered");
+    assert_eq!(me_acceptor.stats().refused_hello, 0);
+
+    // Remembered: with the node's own server gone, its address is still known to be its own
+    // (no connection is tried, so no "connection refused").
+    drop(me_server);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(me).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the node's own server did not close");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let e = dialer.dial_addrs(&url, &[me]).await.expect_err("only itself");
+    assert!(e.to_string().contains("this node's own"), "{e}");
+    // A clone of the dialer (the mesh clones it) shares what was learnt.
+    let e = dialer.clone().dial_addrs(&url, &[me]).await.expect_err("only itself");
+    assert!(e.to_string().contains("this node's own"), "{e}");
 }

@@ -117,13 +117,24 @@ async fn hello_check_can_refuse(t: Transport) {
     connect(t, good, picky).await.expect("accepted");
 }
 
+/// A node that dials one of its own addresses learns so from the hello, and no link starts at
+/// either end (the accepting end delivers none: `connect` would fail waiting for it).
+async fn a_node_that_dials_itself_starts_no_link(t: Transport) {
+    let err = connect(t, setup(1), setup(1)).await.err().expect("no link to itself");
+    assert!(err.contains("this node's own"), "{err}");
+    // Its other peers are unaffected.
+    connect(t, setup(1), setup(2)).await.expect("another node links");
+}
+
 async fn nodes_of_two_meshes_do_not_link(t: Transport) {
     let mut other = setup(2);
     other.hello.mesh = "staging".into();
     let err = connect(t, setup(1), other.clone()).await.err().expect("refused");
     assert!(err.contains("mesh \"test\"") && err.contains("mesh \"staging\""), "{err}");
     // Either side refuses: the dialer of the other mesh too.
-    let err = connect(t, other, setup(2)).await.err().expect("refused");
+    let mut other3 = setup(3);
+    other3.hello.mesh = "staging".into();
+    let err = connect(t, other3, setup(2)).await.err().expect("refused");
     assert!(err.contains("staging"), "{err}");
     // A mesh's own nodes link.
     let mut same = setup(1);
@@ -663,6 +674,7 @@ suite!(
     dropping_a_link_closes_the_peer,
     hello_check_can_refuse,
     nodes_of_two_meshes_do_not_link,
+    a_node_that_dials_itself_starts_no_link,
     a_token_source_mints_a_fresh_token_for_every_handshake,
     rtt_is_estimated,
     back_pressure_then_try_send_full,

@@ -102,6 +102,12 @@ pub enum HandshakeError {
         /// The peer's.
         theirs: String,
     },
+    /// The hello came from this node itself: the address dialed is one of its own (a name that
+    /// resolves to every node of the mesh, this one included, such as a Kubernetes headless
+    /// service, or a seed that names this node). Both ends end the exchange; the dialer goes on
+    /// to the name's next address.
+    #[error("the address is this node's own")]
+    ToSelf,
     /// The peer's first frame was not a hello.
     #[error("expected a hello, got {0:?}")]
     Unexpected(FrameKind),
@@ -171,6 +177,16 @@ pub(crate) async fn exchange<T: WireTx, R: WireRx>(
     peer.features = theirs.features;
     tx.peer_features(theirs.features);
     peer.listen_addrs = theirs.listen_addrs.clone();
+    if theirs.node_id == ours.node_id {
+        // Dialed ourselves. The accepting end answers first, so that the dialing end, which
+        // needs to know (it tries the name's next address), learns it from the hello and not
+        // from a refusal that would read like another node's.
+        if role == Role::Acceptor {
+            send_frame(tx, &Frame::Hello(ours), &setup.config).await?;
+        }
+        tx.shutdown().await;
+        return Err(HandshakeError::ToSelf);
+    }
     let verdict = if theirs.version != u16::from(frame::PROTOCOL_VERSION) {
         Err(HandshakeError::Version(theirs.version))
     } else if theirs.mesh != ours.mesh {
