@@ -28,6 +28,38 @@ enum Command {
     Keygen(cli_auth::KeygenArgs),
     /// Issue tokens: `gearmesh token issue --key mesh.key --sub alice --scope 'call:*' --ttl 1h`.
     Token(cli_auth::TokenArgs),
+    /// The development CA: `gearmesh ca export > dev-ca.pem` prints its certificate for other
+    /// machines (their nodes' `--tls-ca`, clients' `--cacert`).
+    Ca(CaArgs),
+}
+
+#[derive(Debug, Args)]
+struct CaArgs {
+    #[command(subcommand)]
+    command: CaCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the development CA's certificate (PEM; never its key), creating the CA first if
+    /// this machine has none yet.
+    Export {
+        /// The directory of the development CA [default: ~/.local/share/gearmesh].
+        #[arg(long, env = "GEARMESH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// `gearmesh ca export`: the development CA's certificate on standard output.
+fn ca(args: CaArgs) -> Result<()> {
+    let CaCommand::Export { data_dir } = args.command;
+    let dir = data_dir
+        .or_else(gearmesh_transport::tls::DevCa::default_dir)
+        .context("no directory for the development CA: set --data-dir or GEARMESH_DATA_DIR (or HOME)")?;
+    let ca = gearmesh_transport::tls::DevCa::load_or_create(&dir)
+        .with_context(|| format!("the development CA in {}", dir.display()))?;
+    print!("{}", ca.cert_pem());
+    Ok(())
 }
 
 /// Flags of `gearmesh start`. Each can also be set by a `GEARMESH_*` variable or a config key;
@@ -531,6 +563,7 @@ async fn main() -> ExitCode {
         Command::Demo(a) => demo(a).await.map(|()| ExitCode::SUCCESS),
         Command::Keygen(a) => cli_auth::run_keygen(a).map(|()| ExitCode::SUCCESS),
         Command::Token(a) => cli_auth::run_token(a).map(|()| ExitCode::SUCCESS),
+        Command::Ca(a) => ca(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

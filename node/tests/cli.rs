@@ -155,3 +155,55 @@ async fn config_file_env_and_flags_apply_in_order() {
     assert!(info.contains("\"echo\"") && !info.contains("\"kv\""), "env GEARMESH_GEARS beat the file: {info}");
     drop(node);
 }
+
+/// `gearmesh ca export` prints the development CA's certificate, never its key, the same one each
+/// time; and it is what lets nodes of two machines (two data directories, so two development
+/// CAs) mesh: each side starts with the other's exported certificate as `--tls-ca`.
+#[tokio::test]
+async fn ca_export_prints_the_certificate_that_lets_another_machine_trust_this_one() {
+    let (one, two) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let dir = |d: &tempfile::TempDir| d.path().to_str().expect("utf-8 path").to_owned();
+    let export = |d: String| async move {
+        let (code, pem, err) = run(&["ca", "export", "--data-dir", &d], &[]).await;
+        assert_eq!(code, 0, "{err}");
+        pem
+    };
+    let pem_one = export(dir(&one)).await;
+    assert!(pem_one.starts_with("-----BEGIN CERTIFICATE-----"), "{pem_one}");
+    assert!(pem_one.trim_end().ends_with("-----END CERTIFICATE-----"), "{pem_one}");
+    assert!(!pem_one.contains("PRIVATE KEY"), "the key never leaves the machine");
+    assert_eq!(export(dir(&one)).await, pem_one, "the CA is created once");
+    let pem_two = export(dir(&two)).await;
+    assert_ne!(pem_one, pem_two, "another machine, another CA");
+    let (trust_two, trust_one) = (one.path().join("two-ca.pem"), two.path().join("one-ca.pem"));
+    std::fs::write(&trust_two, &pem_two).expect("write");
+    std::fs::write(&trust_one, &pem_one).expect("write");
+
+    let start = |d: String, trust: String, gears: &'static str, seed: Option<String>| async move {
+        let mut args = vec!["start", "--listen", "127.0.0.1:0", "--insecure-dev", "--gears", gears];
+        args.extend(["--data-dir", &d, "--tls-ca", &trust]);
+        if let Some(s) = &seed {
+            args.extend(["--seed", s]);
+        }
+        spawn(&args, &[]).await
+    };
+    let a = start(dir(&one), trust_two.display().to_string(), "echo", None).await;
+    let seed = a.url.replace("https://", "wss://");
+    let b = start(dir(&two), trust_one.display().to_string(), "kv", Some(seed)).await;
+    // b reaches echo, hosted only on a, through the link between the two "machines".
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) =
+            run(&["call", "echo/echo", r#"{"across":true}"#, "--node", &b.url, "--data-dir", &dir(&two)], &[]).await;
+        if code == 0 {
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&out).expect("json"),
+                serde_json::json!({"across": true})
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "b never reached a's gear: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((b, a));
+}
