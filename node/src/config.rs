@@ -545,6 +545,16 @@ impl NodeConfig {
                 reason: "\"off\" (plaintext) is allowed only together with insecure_dev".into(),
             });
         }
+        if self.tls.mode == TlsMode::Off && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                key: "tls.mode",
+                reason: format!(
+                    "\"off\" (plaintext) serves only on loopback, and listen is {}: keep TLS (\"dev\" needs no setup) \
+                     or listen on 127.0.0.1 or [::1]",
+                    self.listen
+                ),
+            });
+        }
         if self.tls.mode == TlsMode::Pem && (self.tls.cert.is_none() || self.tls.key.is_none()) {
             return Err(ConfigError::Invalid {
                 key: "tls.cert",
@@ -651,6 +661,20 @@ mod tests {
             let e = NodeConfig::from_toml(&format!("[mesh]\nname = {bad:?}")).expect_err("invalid");
             assert!(e.to_string().contains("mesh.name"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn plaintext_is_for_development_on_loopback_only() {
+        let off = |listen: &str| format!("insecure_dev = true\nlisten = {listen:?}\n[tls]\nmode = \"off\"");
+        for listen in ["127.0.0.1:7070", "127.0.0.2:0", "[::1]:7070"] {
+            NodeConfig::from_toml(&off(listen)).unwrap_or_else(|e| panic!("{listen}: {e}"));
+        }
+        for listen in ["0.0.0.0:7070", "[::]:7070", "192.0.2.7:7070"] {
+            let e = NodeConfig::from_toml(&off(listen)).expect_err("not loopback");
+            assert!(e.to_string().contains("tls.mode") && e.to_string().contains("loopback"), "{listen}: {e}");
+        }
+        let e = NodeConfig::from_toml("[tls]\nmode = \"off\"").expect_err("no insecure_dev");
+        assert!(e.to_string().contains("insecure_dev"), "{e}");
     }
 
     #[test]

@@ -132,6 +132,10 @@ async fn bad_flags_and_configs_are_clear_errors() {
     let (code, _out, err) = run(&["start", "--config", "/nonexistent/gearmesh.toml"], &[]).await;
     assert_ne!(code, 0);
     assert!(err.contains("cannot read config file /nonexistent/gearmesh.toml"), "{err}");
+    // Plaintext is for development on loopback only: refused before anything listens.
+    let (code, _out, err) = run(&["start", "--insecure-dev", "--tls", "off", "--listen", "0.0.0.0:0"], &[]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("tls.mode") && err.contains("loopback"), "{err}");
 }
 
 #[tokio::test]
