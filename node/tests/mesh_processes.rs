@@ -219,3 +219,70 @@ async fn processes_deliver_events_only_to_nodes_that_listen() {
     assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
     drop((a, b, c));
 }
+
+/// A rolling restart of a replicated gear loses no call. Four callers loop through p1 (echo calls,
+/// short sleeps, and sleeps of 700 ms, longer than a leaving node lingers, so that calls are
+/// running when a replica stops) while each of the two echo replicas in turn is stopped
+/// gracefully (SIGTERM: it announces its leave, takes no new call, finishes those it runs, and
+/// answers them) and started again. Every call succeeds.
+#[tokio::test]
+async fn a_rolling_restart_of_a_replicated_gear_loses_no_call() {
+    let ca = Ca::new("rolling-restart");
+    let p1 = ca.start(&["--name", "p1", "--gears", "kv"]).await;
+    let seed = p1.link("wss://");
+    let replica = |name: &'static str| {
+        let (ca, seed) = (&ca, seed.clone());
+        async move { ca.start(&["--name", name, "--gears", "echo", "--seed", &seed]).await }
+    };
+    let mut replicas = vec![replica("p2").await, replica("p3").await];
+    let http = ca.client();
+    wait_replicas(&http, p1.url(), "echo", 2).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut workers = Vec::new();
+    for (w, count) in counts.iter().enumerate() {
+        let (http, url, stop, count) = (http.clone(), p1.url().to_owned(), stop.clone(), count.clone());
+        workers.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let n = outcomes.len();
+                // Two callers' calls run long, one on each replica as p1 spreads them by load:
+                // one is running on a replica when it stops.
+                let outcome = match (w, n % 2) {
+                    (2 | 3, _) => call(&http, &url, "echo/sleep", json!({"ms": 700})).await,
+                    (_, 0) => call(&http, &url, "echo/echo", json!([w, n])).await,
+                    _ => call(&http, &url, "echo/sleep", json!({"ms": 30})).await,
+                };
+                outcomes.push(outcome);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            outcomes
+        }));
+    }
+    let zero = vec![0; counts.len()];
+    wait_calls(&counts, &zero, 5).await;
+    for (i, name) in ["p2", "p3"].into_iter().enumerate() {
+        // Stopped first, then started again: meanwhile the other replica serves alone.
+        signal(&replicas[i].proc.child, "TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), replicas[i].proc.child.wait())
+            .await
+            .expect("the replica exited")
+            .expect("status");
+        assert!(status.success(), "a graceful stop exits 0: {status:?}");
+        let alone: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        wait_calls(&counts, &alone, 2).await;
+        replicas[i] = replica(name).await;
+        wait_replicas(&http, p1.url(), "echo", 2).await;
+        let now: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        wait_calls(&counts, &now, 3).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await.expect("worker"));
+    }
+    let failed: Vec<_> = all.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(failed.is_empty(), "{} of {} calls failed: {failed:?}", failed.len(), all.len());
+    drop((p1, replicas));
+}

@@ -214,11 +214,15 @@ impl Core {
     pub(super) fn recompute_routes(&mut self, now: Time) {
         self.routes_dirty = false;
         self.routes_urgent = false;
-        // Links of every up node, in a hash map: the search does one lookup per edge.
+        // Links of every node that can be reached, in a hash map: the search does one lookup per
+        // edge. A node that left gracefully is still reached while a path of links to it stays
+        // up (it finishes the calls it runs and its answers to them, and cancels reach it), but
+        // never passed through; new calls choose among up nodes only.
+        let reachable = |s: NodeState| s.is_up() || s == NodeState::Left;
         let mut up: FxHashMap<NodeId, &[NodeId]> = FxHashMap::default();
         up.reserve(self.others.len());
         for (id, e) in &self.others {
-            if e.rec.state.is_up() {
+            if reachable(e.rec.state) {
                 up.insert(*id, e.rec.links.as_slice());
             }
         }
@@ -226,7 +230,7 @@ impl Core {
         routes.reserve(up.len());
         let mut queue: VecDeque<(NodeId, Route)> = VecDeque::new();
         for peer in self.links.keys() {
-            if self.others.get(peer).is_some_and(|e| !e.rec.state.is_up()) {
+            if self.others.get(peer).is_some_and(|e| !reachable(e.rec.state)) {
                 continue;
             }
             let r = Route { next_hop: *peer, hops: 1 };
@@ -234,6 +238,9 @@ impl Core {
             queue.push_back((*peer, r));
         }
         while let Some((u, r)) = queue.pop_front() {
+            if self.others.get(&u).is_some_and(|e| e.rec.state == NodeState::Left) {
+                continue;
+            }
             let Some(ulinks) = up.get(&u) else {
                 continue;
             };

@@ -769,6 +769,11 @@ impl Inner {
         for action in actions {
             match action {
                 Action::Dial { addr } => self.dial(addr),
+                // This node is leaving and its core is done with the links. They stay up until
+                // `stop`, which the node calls once the calls running here have finished: their
+                // answers go back over them (closing at the core's linger lost the answers of
+                // calls that ran longer).
+                Action::Disconnect { reason: DisconnectReason::Leaving, .. } => {}
                 Action::Disconnect { peer, reason } => {
                     let entry = self.links.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
                     self.routes_touched();
@@ -788,10 +793,8 @@ impl Inner {
                             | DisconnectReason::PeerGone
                             | DisconnectReason::Leaving
                             | DisconnectReason::Protocol => {
-                                if reason != DisconnectReason::Leaving {
-                                    // Given up on as broken: see `LinkFrames::on_closed`.
-                                    self.fail_calls_over(e.tx.id(), peer);
-                                }
+                                // Given up on as broken: see `LinkFrames::on_closed`.
+                                self.fail_calls_over(e.tx.id(), peer);
                                 tokio::spawn(async move {
                                     e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
                                 });
@@ -803,9 +806,10 @@ impl Inner {
         }
         for event in events {
             match &event {
-                MeshEvent::NodeLeft { id, graceful } => {
-                    self.calls.fail_to(*id, if *graceful { "the node left the mesh" } else { "the node is dead" });
-                }
+                // A node that left gracefully finishes the calls it runs and answers them; calls
+                // to it fail only if the links to it go before their answers came
+                // (`fail_unroutable`: the core routes to such a node while a path stays up).
+                MeshEvent::NodeLeft { id, graceful: false } => self.calls.fail_to(*id, "the node is dead"),
                 MeshEvent::RoutesChanged => {
                     let core = self.core();
                     self.calls.fail_unroutable(|dst| core.next_hop(dst).is_some());
