@@ -224,15 +224,24 @@ async fn processes_deliver_events_only_to_nodes_that_listen() {
 /// short sleeps, and sleeps of 700 ms, longer than a leaving node lingers, so that calls are
 /// running when a replica stops) while each of the two echo replicas in turn is stopped
 /// gracefully (SIGTERM: it announces its leave, takes no new call, finishes those it runs, and
-/// answers them) and started again. Every call succeeds.
+/// answers them) and started again. Every call succeeds. Over WSS links, and over QUIC.
 #[tokio::test]
 async fn a_rolling_restart_of_a_replicated_gear_loses_no_call() {
-    let ca = Ca::new("rolling-restart");
-    let p1 = ca.start(&["--name", "p1", "--gears", "kv"]).await;
-    let seed = p1.link("wss://");
+    rolling_restart("wss").await;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_over_quic_loses_no_call() {
+    rolling_restart("quic").await;
+}
+
+async fn rolling_restart(transport: &'static str) {
+    let ca = Ca::new(&format!("rolling-restart-{transport}"));
+    let p1 = ca.start(&["--name", "p1", "--gears", "kv", "--dial", transport]).await;
+    let seed = p1.link(&format!("{transport}://"));
     let replica = |name: &'static str| {
         let (ca, seed) = (&ca, seed.clone());
-        async move { ca.start(&["--name", name, "--gears", "echo", "--seed", &seed]).await }
+        async move { ca.start(&["--name", name, "--gears", "echo", "--seed", &seed, "--dial", transport]).await }
     };
     let mut replicas = vec![replica("p2").await, replica("p3").await];
     let http = ca.client();
