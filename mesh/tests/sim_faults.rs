@@ -103,8 +103,12 @@ fn graceful_leave_reroutes_at_once() {
         assert!(routes.iter().all(|(d, r)| *d == id || r.next_hop != id), "node {i} routes through it");
     }
     assert_eq!(sim.stats.declared_dead.get(&id), None);
-    // Its links close after the linger; once the records without them have spread, nobody
-    // reaches it.
+    // Its links stay up past the linger (for the calls it still runs), until its node stops.
+    sim.run_for(700);
+    let linked = live.iter().filter(|&&i| sim.nodes[i].core.links().contains(&id)).count();
+    assert!(linked > 0, "the leaver's links closed before it stopped");
+    // Once they close and the records without them have spread, nobody reaches it.
+    sim.stop_after_leave(leaver);
     sim.run_for(3_000);
     for &i in &live {
         assert!(sim.nodes[i].core.next_hop(id).is_none(), "node {i} still routes to the node that left");

@@ -1411,3 +1411,38 @@ async fn a_node_listening_on_every_interface_advertises_an_address_peers_can_dia
         n.shutdown().await;
     }
 }
+
+/// A node that leaves gracefully finishes the calls it runs, including what they do after its
+/// leave has spread: a call running on b when b shuts down calls a gear on c 700 ms later (past
+/// the 400 ms for which a leaving node's news spreads), and a's call is answered.
+#[tokio::test]
+async fn a_call_running_on_a_leaving_node_still_calls_other_nodes_and_is_answered() {
+    use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
+    let started = Arc::new(AtomicUsize::new(0));
+    let counted = started.clone();
+    let relay = Gear::new("relay").port("later", move |ctx: Ctx, v: Value| {
+        let started = counted.clone();
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            ctx.call::<_, Value>("echo", "echo", &v).await
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &[], vec![], vec![]).await;
+    let b = node(dir.path(), "b", &[], vec![relay], vec![wss(&a)]).await;
+    let c = node(dir.path(), "c", &["echo"], vec![], vec![wss(&a)]).await;
+    eventually("every node sees relay and echo", 15, || {
+        sees(&a, &["relay", "echo"]) && sees(&b, &["relay", "echo"]) && sees(&c, &["relay", "echo"])
+    })
+    .await;
+    let ctx = a.ctx(Principal::anonymous());
+    let call = tokio::spawn(async move { ctx.call::<_, Value>("relay", "later", &json!("through b")).await });
+    eventually("the call runs on b", 10, || started.load(Ordering::SeqCst) == 1).await;
+    b.shutdown().await;
+    let got = call.await.expect("task").expect("answered, though b left while running it");
+    assert_eq!(got, json!("through b"));
+    for n in [c, a] {
+        n.shutdown().await;
+    }
+}

@@ -263,17 +263,28 @@ impl Core {
         }
     }
 
+    /// Whether the link to `peer` is held to `link_timeout`. A node that left gracefully gossips
+    /// no more once its news has spread, yet keeps its links while it finishes its calls: its
+    /// links are watched by the transport's heartbeats alone.
+    fn link_watched(&self, peer: &NodeId) -> bool {
+        self.others.get(peer).is_none_or(|e| e.rec.state != NodeState::Left)
+    }
+
     /// When the first link still open will have been silent for longer than `link_timeout`.
     pub(super) fn next_link_deadline(&self) -> Option<Time> {
         let after = self.config.link_timeout + std::time::Duration::from_millis(1);
-        self.links.values().map(|l| l.last_heard + after).min()
+        self.links.iter().filter(|(p, _)| self.link_watched(p)).map(|(_, l)| l.last_heard + after).min()
     }
 
     /// Closes links that were silent for `link_timeout` and suspects their peers.
     pub(super) fn check_links(&mut self, now: Time) {
         let timeout = self.config.link_timeout;
-        let silent: Vec<NodeId> =
-            self.links.iter().filter(|(_, l)| now.since(l.last_heard) > timeout).map(|(p, _)| *p).collect();
+        let silent: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(p, l)| self.link_watched(p) && now.since(l.last_heard) > timeout)
+            .map(|(p, _)| *p)
+            .collect();
         for peer in silent {
             self.links.remove(&peer);
             self.push_action(super::Action::Disconnect { peer, reason: DisconnectReason::Timeout });

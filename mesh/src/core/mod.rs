@@ -282,11 +282,9 @@ impl Core {
         }
         if let Some(deadline) = self.leaving {
             if now >= deadline {
-                let peers: Vec<NodeId> = self.links.keys().copied().collect();
-                for peer in peers {
-                    self.push_action(Action::Disconnect { peer, reason: DisconnectReason::Leaving });
-                }
-                self.links.clear();
+                // The news has spread: gossip and link upkeep stop. The links stay, and with
+                // them the routes: calls still running here answer over them and make calls of
+                // their own; the driver closes them when its node has finished those calls.
                 self.stopped = true;
             }
             return;
@@ -399,8 +397,10 @@ impl Core {
         d.not_before = Time::from_millis(now.as_millis().saturating_add(delay));
     }
 
-    /// Graceful leave: announce `Left` to every link, keep links for `leave_linger` so the news
-    /// spreads, then ask the driver to close them all. The core does nothing else afterwards.
+    /// Graceful leave: announce `Left` to every link, and after `leave_linger` (time for the news
+    /// to spread) stop gossip and link upkeep. The links stay up, for the calls still running
+    /// here, until the driver closes them (once its node has finished those calls); a link that
+    /// comes up meanwhile is refused (`Disconnect { reason: Leaving }`).
     pub fn leave(&mut self, now: Time) {
         if self.leaving.is_some() {
             return;
@@ -417,6 +417,10 @@ impl Core {
         self.flush(false);
         if self.routes_urgent && now >= self.next_urgent_route {
             self.next_urgent_route = now + URGENT_ROUTE_GAP;
+            self.recompute_routes(now);
+        } else if self.leaving.is_some() && self.routes_dirty {
+            // A leaving node has no ticks any more, yet the calls it still runs call others:
+            // what it hears keeps its routes current.
             self.recompute_routes(now);
         }
     }

@@ -769,11 +769,6 @@ impl Inner {
         for action in actions {
             match action {
                 Action::Dial { addr } => self.dial(addr),
-                // This node is leaving and its core is done with the links. They stay up until
-                // `stop`, which the node calls once the calls running here have finished: their
-                // answers go back over them (closing at the core's linger lost the answers of
-                // calls that ran longer).
-                Action::Disconnect { reason: DisconnectReason::Leaving, .. } => {}
                 Action::Disconnect { peer, reason } => {
                     let entry = self.links.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
                     self.routes_touched();
@@ -793,8 +788,12 @@ impl Inner {
                             | DisconnectReason::PeerGone
                             | DisconnectReason::Leaving
                             | DisconnectReason::Protocol => {
-                                // Given up on as broken: see `LinkFrames::on_closed`.
-                                self.fail_calls_over(e.tx.id(), peer);
+                                // A link refused while this node leaves carried nothing yet;
+                                // the others are given up on as broken: see
+                                // `LinkFrames::on_closed`.
+                                if reason != DisconnectReason::Leaving {
+                                    self.fail_calls_over(e.tx.id(), peer);
+                                }
                                 tokio::spawn(async move {
                                     e.tx.close(CloseCode::NORMAL, &format!("{reason:?}")).await;
                                 });

@@ -204,6 +204,21 @@ impl Sim {
         }
     }
 
+    /// Stops a node that left, as its driver does once the calls it ran have finished: each of
+    /// its links closes in order (seen at the peer after the network's latency), and the node is
+    /// gone.
+    pub fn stop_after_leave(&mut self, i: usize) {
+        self.nodes[i].alive = false;
+        let at = self.now + self.max_latency();
+        let peers: Vec<(usize, usize)> = self.links.keys().filter(|(a, b)| *a == i || *b == i).copied().collect();
+        for (a, b) in peers {
+            let peer = if a == i { b } else { a };
+            let gen_ = self.links[&(a, b)];
+            self.schedule(at, Ev::Close { a, b, gen_ });
+            self.schedule(at, Ev::LinkDown { node: peer, peer: i, reason: LinkDownReason::Closed });
+        }
+    }
+
     /// Freezes a node for `dur_ms`: inputs wait until it resumes; links time out meanwhile if the
     /// pause is longer than the heartbeat timeout.
     pub fn pause(&mut self, i: usize, dur_ms: u64) {
