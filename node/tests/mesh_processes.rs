@@ -21,12 +21,66 @@ use common::{
 use serde_json::json;
 use tokio::time::Instant;
 
-/// Polls until every worker has made at least `n` more calls than it had at `since`.
-async fn wait_calls(counts: &[Arc<AtomicUsize>], since: &[usize], n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while counts.iter().zip(since).any(|(c, s)| c.load(Ordering::Relaxed) < s + n) {
-        assert!(Instant::now() < deadline, "the callers stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// One call's outcome: the HTTP status and the error code, if any.
+type Outcome = (u16, Option<String>);
+
+/// Callers looping through one node, each making calls one after another until stopped.
+struct Callers {
+    stop: Arc<AtomicBool>,
+    counts: Vec<Arc<AtomicUsize>>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
+}
+
+impl Callers {
+    /// `n` callers through the node at `url`; `pick(w, k)` is caller `w`'s `k`th call (a
+    /// `gear/port` and its input).
+    fn start(
+        http: &reqwest::Client,
+        url: &str,
+        n: usize,
+        pick: impl Fn(usize, usize) -> (&'static str, serde_json::Value) + Clone + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let mut workers = Vec::new();
+        for (w, count) in counts.iter().enumerate() {
+            let (http, url, stop, count, pick) =
+                (http.clone(), url.to_owned(), stop.clone(), count.clone(), pick.clone());
+            workers.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let (gear_port, input) = pick(w, outcomes.len());
+                    outcomes.push(call(&http, &url, gear_port, input).await);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                outcomes
+            }));
+        }
+        Self { stop, counts, workers }
+    }
+
+    /// How many calls each caller has made so far.
+    fn made(&self) -> Vec<usize> {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Polls until every caller has made at least `n` more calls than it had at `since`.
+    async fn wait(&self, since: &[usize], n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.made().iter().zip(since).any(|(c, s)| *c < s + n) {
+            assert!(Instant::now() < deadline, "the callers stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the callers: each one's outcomes, in order.
+    async fn finish(self) -> Vec<Vec<Outcome>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for worker in self.workers {
+            all.push(worker.await.expect("caller"));
+        }
+        all
     }
 }
 
@@ -46,31 +100,15 @@ async fn processes_mesh_over_wss_and_quic_and_survive_a_kill_9() {
     assert_eq!((status, err), (200, None), "p1 reached the gear only p4 hosts");
 
     // Four callers loop through p1 while p2, one of the two echo replicas, is killed with -9.
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let mut workers = Vec::new();
-    for (w, count) in counts.iter().enumerate() {
-        let (http, url, stop, count) = (http.clone(), p1.url().to_owned(), stop.clone(), count.clone());
-        workers.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                outcomes.push(call(&http, &url, "echo/echo", json!([w, outcomes.len()])).await);
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            outcomes
-        }));
-    }
-    let zero = vec![0; counts.len()];
-    wait_calls(&counts, &zero, 5).await;
+    let callers = Callers::start(&http, p1.url(), 4, |w, k| ("echo/echo", json!([w, k])));
+    callers.wait(&[0; 4], 5).await;
     signal(&p2.proc.child, "KILL");
     // p1 declares p2 dead (no longer even suspect); from then on, every call must go to p3.
     wait_replicas(&http, p1.url(), "echo", 1).await;
-    let detected: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    wait_calls(&counts, &detected, 8).await;
-    stop.store(true, Ordering::Relaxed);
+    let detected = callers.made();
+    callers.wait(&detected, 8).await;
     let mut all = Vec::new();
-    for (w, worker) in workers.into_iter().enumerate() {
-        let outcomes = worker.await.expect("worker");
+    for (w, outcomes) in callers.finish().await.into_iter().enumerate() {
         // Calls started after p1 saw p2 dead (the last one in flight then may still have failed).
         let after = &outcomes[detected[w] + 1..];
         assert!(after.iter().all(|(s, _)| *s == 200), "after detection every call succeeds: {after:?}");
@@ -247,30 +285,14 @@ async fn rolling_restart(transport: &'static str) {
     let http = ca.client();
     wait_replicas(&http, p1.url(), "echo", 2).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let mut workers = Vec::new();
-    for (w, count) in counts.iter().enumerate() {
-        let (http, url, stop, count) = (http.clone(), p1.url().to_owned(), stop.clone(), count.clone());
-        workers.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let n = outcomes.len();
-                // Two callers' calls run long, one on each replica as p1 spreads them by load:
-                // one is running on a replica when it stops.
-                let outcome = match (w, n % 2) {
-                    (2 | 3, _) => call(&http, &url, "echo/sleep", json!({"ms": 700})).await,
-                    (_, 0) => call(&http, &url, "echo/echo", json!([w, n])).await,
-                    _ => call(&http, &url, "echo/sleep", json!({"ms": 30})).await,
-                };
-                outcomes.push(outcome);
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            outcomes
-        }));
-    }
-    let zero = vec![0; counts.len()];
-    wait_calls(&counts, &zero, 5).await;
+    // Two callers' calls run long, one on each replica as p1 spreads them by load: one is
+    // running on a replica when it stops.
+    let callers = Callers::start(&http, p1.url(), 4, |w, k| match (w, k % 2) {
+        (2 | 3, _) => ("echo/sleep", json!({"ms": 700})),
+        (_, 0) => ("echo/echo", json!([w, k])),
+        _ => ("echo/sleep", json!({"ms": 30})),
+    });
+    callers.wait(&[0; 4], 5).await;
     for (i, name) in ["p2", "p3"].into_iter().enumerate() {
         // Stopped first, then started again: meanwhile the other replica serves alone.
         signal(&replicas[i].proc.child, "TERM");
@@ -279,18 +301,12 @@ async fn rolling_restart(transport: &'static str) {
             .expect("the replica exited")
             .expect("status");
         assert!(status.success(), "a graceful stop exits 0: {status:?}");
-        let alone: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        wait_calls(&counts, &alone, 2).await;
+        callers.wait(&callers.made(), 2).await;
         replicas[i] = replica(name).await;
         wait_replicas(&http, p1.url(), "echo", 2).await;
-        let now: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        wait_calls(&counts, &now, 3).await;
+        callers.wait(&callers.made(), 3).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for worker in workers {
-        all.extend(worker.await.expect("worker"));
-    }
+    let all: Vec<Outcome> = callers.finish().await.into_iter().flatten().collect();
     let failed: Vec<_> = all.iter().filter(|(s, _)| *s != 200).collect();
     assert!(failed.is_empty(), "{} of {} calls failed: {failed:?}", failed.len(), all.len());
     drop((p1, replicas));

@@ -218,12 +218,13 @@ impl Core {
         // edge. A node that left gracefully is still reached while a path of links to it stays
         // up (it finishes the calls it runs and its answers to them, and cancels reach it), but
         // never passed through; new calls choose among up nodes only.
+        // Each node's links, and whether paths may pass through it.
         let reachable = |s: NodeState| s.is_up() || s == NodeState::Left;
-        let mut up: FxHashMap<NodeId, &[NodeId]> = FxHashMap::default();
+        let mut up: FxHashMap<NodeId, (&[NodeId], bool)> = FxHashMap::default();
         up.reserve(self.others.len());
         for (id, e) in &self.others {
             if reachable(e.rec.state) {
-                up.insert(*id, e.rec.links.as_slice());
+                up.insert(*id, (e.rec.links.as_slice(), e.rec.state.is_up()));
             }
         }
         let mut routes: FxHashMap<NodeId, Route> = FxHashMap::default();
@@ -238,17 +239,17 @@ impl Core {
             queue.push_back((*peer, r));
         }
         while let Some((u, r)) = queue.pop_front() {
-            if self.others.get(&u).is_some_and(|e| e.rec.state == NodeState::Left) {
-                continue;
-            }
-            let Some(ulinks) = up.get(&u) else {
+            let Some(&(ulinks, transit)) = up.get(&u) else {
                 continue;
             };
-            for v in *ulinks {
+            if !transit {
+                continue;
+            }
+            for v in ulinks {
                 if *v == self.id || routes.contains_key(v) {
                     continue;
                 }
-                let Some(vlinks) = up.get(v) else {
+                let Some(&(vlinks, _)) = up.get(v) else {
                     continue;
                 };
                 if !vlinks.contains(&u) {

@@ -193,29 +193,27 @@ impl Sim {
     /// Kills a node (like `kill -9`): it stops answering; its links go down at the peers after
     /// the heartbeat timeout.
     pub fn kill(&mut self, i: usize) {
-        self.nodes[i].alive = false;
         let at = self.now + ms(self.net.heartbeat_timeout_ms);
-        let peers: Vec<(usize, usize)> = self.links.keys().filter(|(a, b)| *a == i || *b == i).copied().collect();
-        for (a, b) in peers {
-            let peer = if a == i { b } else { a };
-            let gen_ = self.links[&(a, b)];
-            self.schedule(at, Ev::Close { a, b, gen_ });
-            self.schedule(at, Ev::LinkDown { node: peer, peer: i, reason: LinkDownReason::Timeout });
-        }
+        self.take_down(i, at, LinkDownReason::Timeout);
     }
 
     /// Stops a node that left, as its driver does once the calls it ran have finished: each of
     /// its links closes in order (seen at the peer after the network's latency), and the node is
     /// gone.
     pub fn stop_after_leave(&mut self, i: usize) {
-        self.nodes[i].alive = false;
         let at = self.now + self.max_latency();
+        self.take_down(i, at, LinkDownReason::Closed);
+    }
+
+    /// Node `i` is gone; each of its peers sees its link go down at `at`, for `reason`.
+    fn take_down(&mut self, i: usize, at: Time, reason: LinkDownReason) {
+        self.nodes[i].alive = false;
         let peers: Vec<(usize, usize)> = self.links.keys().filter(|(a, b)| *a == i || *b == i).copied().collect();
         for (a, b) in peers {
             let peer = if a == i { b } else { a };
             let gen_ = self.links[&(a, b)];
             self.schedule(at, Ev::Close { a, b, gen_ });
-            self.schedule(at, Ev::LinkDown { node: peer, peer: i, reason: LinkDownReason::Closed });
+            self.schedule(at, Ev::LinkDown { node: peer, peer: i, reason });
         }
     }
 
